@@ -1,0 +1,3 @@
+from quotameter.cli import app
+
+app(prog_name="quotameter")
