@@ -1,0 +1,87 @@
+"""API key records in Redis (layout in ``quotameter.redis_keys``).
+
+The CLI creates and revokes keys with the synchronous client; the shim looks
+them up with the asyncio client. Only the salted hash is ever stored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+
+from quotameter.keys import NewKey, generate_key, split_key, verify_secret
+from quotameter.errors import KeyFormatError
+from quotameter.redis_keys import RedisKeys
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    customer: str
+    tier: str
+    revoked: bool
+
+
+def create_key(client: redis.Redis, names: RedisKeys, customer: str, tier: str) -> NewKey:
+    new = generate_key()
+    now_ms = int(time.time() * 1000)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(
+            names.api_key(new.key_id),
+            mapping={
+                "customer": customer,
+                "tier": tier,
+                "salt": new.salt_hex,
+                "hash": new.hash_hex,
+                "created_ms": now_ms,
+                "revoked": 0,
+            },
+        )
+        pipe.hset(names.customer(customer), mapping={"tier": tier})
+        pipe.execute()
+    return new
+
+
+def revoke_key(client: redis.Redis, names: RedisKeys, key_id: str) -> bool:
+    """Mark a key revoked. False when no such key exists."""
+    name = names.api_key(key_id)
+    if not client.exists(name):
+        return False
+    client.hset(name, mapping={"revoked": 1, "revoked_ms": int(time.time() * 1000)})
+    return True
+
+
+def list_keys(client: redis.Redis, names: RedisKeys) -> list[KeyRecord]:
+    records = []
+    for name in client.scan_iter(match=names.api_key("*"), count=500):
+        fields = client.hgetall(name)
+        key_id = (name.decode() if isinstance(name, bytes) else name).rsplit(":", 1)[-1]
+        records.append(_record(key_id, fields))
+    return sorted(records, key=lambda r: (r.customer, r.key_id))
+
+
+def _record(key_id: str, fields: dict) -> KeyRecord:
+    get = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
+    return KeyRecord(key_id, get.get("customer", ""), get.get("tier", ""), get.get("revoked", "0") == "1")
+
+
+async def authenticate(client: aioredis.Redis, names: RedisKeys, presented: str) -> KeyRecord | None:
+    """The key's record when the presented key is valid and not revoked, else None."""
+    try:
+        key_id, secret = split_key(presented)
+    except KeyFormatError:
+        return None
+    fields = await client.hgetall(names.api_key(key_id))
+    if not fields:
+        return None
+    record = _record(key_id, fields)
+    salt = fields.get(b"salt", fields.get("salt"))
+    digest = fields.get(b"hash", fields.get("hash"))
+    if isinstance(salt, bytes):
+        salt, digest = salt.decode(), digest.decode()
+    if record.revoked or not verify_secret(secret, salt, digest):
+        return None
+    return record
