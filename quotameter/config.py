@@ -41,15 +41,27 @@ class Tier(_Strict):
     allowed_models: list[str] | None = None
 
 
-class ModelPrice(_Strict):
-    """USD per one million tokens, in force from ``effective_from`` (UTC date)."""
+class Rates(_Strict):
+    """USD per one million tokens of each kind.
+
+    Cached and cache-write tokens are part of the input tokens, reasoning tokens
+    part of the output tokens (as OpenAI reports them); each kind without a
+    rate of its own is priced at its parent's rate.
+    """
+
+    input_per_million_usd: Money
+    output_per_million_usd: Money
+    cached_input_per_million_usd: Money | None = None
+    cache_write_per_million_usd: Money | None = None
+    reasoning_per_million_usd: Money | None = None
+
+
+class ModelPrice(Rates):
+    """A model's rates, in force from ``effective_from`` (UTC date) on."""
 
     model: str = Field(min_length=1)
     aliases: list[str] = []
     effective_from: date = date(1970, 1, 1)
-    input_per_million_usd: Money
-    output_per_million_usd: Money
-    cached_input_per_million_usd: Money | None = None
 
     @property
     def version(self) -> str:
@@ -92,6 +104,9 @@ class Config(BaseSettings):
     billing: Billing = Billing()
     tiers: dict[str, Tier]
     prices: list[ModelPrice] = []
+    # Rates for a model missing from ``prices``; its events are flagged, never
+    # dropped. Without it such events cost 0 and are flagged "unpriced".
+    default_price: Rates | None = None
     upstream: Upstream = Upstream()
     shim: Shim = Shim()
     services: Services = Services()

@@ -48,7 +48,10 @@ class RequestData(BaseModel):
     upstream: str | None = None
     input_tokens: NonNegativeInt = 0
     output_tokens: NonNegativeInt = 0
+    # cached and cache-write tokens are part of input_tokens, reasoning tokens
+    # part of output_tokens, as OpenAI-compatible servers report them.
     cached_tokens: NonNegativeInt = 0
+    cache_write_tokens: NonNegativeInt = 0
     reasoning_tokens: NonNegativeInt = 0
     usage_source: UsageSource = UsageSource.NONE
     streamed: bool = False

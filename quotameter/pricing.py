@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 
-from quotameter.config import ModelPrice
+from quotameter.config import ModelPrice, Rates
 
 COST_QUANTUM = Decimal("1e-12")
 _PER_TOKEN = Decimal(1_000_000)
@@ -28,12 +28,14 @@ class Cost:
 
 
 UNPRICED = "unpriced"
+DEFAULT_PRICE_VERSION = "default"
 
 
 class PriceTable:
     """Looks up the price of a model (by name or alias) in force on a day."""
 
-    def __init__(self, prices: list[ModelPrice]) -> None:
+    def __init__(self, prices: list[ModelPrice], default: Rates | None = None) -> None:
+        self._default = default
         self._by_name: dict[str, list[ModelPrice]] = {}
         for price in prices:
             for name in (price.model, *price.aliases):
@@ -55,17 +57,32 @@ class PriceTable:
         input_tokens: int,
         output_tokens: int,
         cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
     ) -> Cost:
         price = self.lookup(model, on)
-        if price is None:
+        if price is not None:
+            rates: Rates = price
+            version = price.version
+        elif self._default is not None:
+            rates, version = self._default, DEFAULT_PRICE_VERSION
+        else:
             return Cost(Decimal(0), UNPRICED)
+        # The sub-kinds are parts of their parent count; clamp so a bad report
+        # can never price a negative remainder.
         cached = min(cached_tokens, input_tokens)
-        cached_rate = price.cached_input_per_million_usd
-        if cached_rate is None:
-            cached_rate = price.input_per_million_usd
+        cache_write = min(cache_write_tokens, input_tokens - cached)
+        reasoning = min(reasoning_tokens, output_tokens)
+        input_rate, output_rate = rates.input_per_million_usd, rates.output_per_million_usd
         micro = (
-            (input_tokens - cached) * price.input_per_million_usd
-            + cached * cached_rate
-            + output_tokens * price.output_per_million_usd
+            (input_tokens - cached - cache_write) * input_rate
+            + cached * _or(rates.cached_input_per_million_usd, input_rate)
+            + cache_write * _or(rates.cache_write_per_million_usd, input_rate)
+            + (output_tokens - reasoning) * output_rate
+            + reasoning * _or(rates.reasoning_per_million_usd, output_rate)
         )
-        return Cost((micro / _PER_TOKEN).quantize(COST_QUANTUM), price.version)
+        return Cost((micro / _PER_TOKEN).quantize(COST_QUANTUM), version)
+
+
+def _or(rate: Decimal | None, fallback: Decimal) -> Decimal:
+    return fallback if rate is None else rate

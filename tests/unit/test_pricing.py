@@ -52,3 +52,34 @@ def test_a_million_small_costs_sum_exactly():
     table = PriceTable(PRICES)
     one = table.cost("gpt-4o-mini", date(2025, 1, 1), input_tokens=1, output_tokens=1).usd
     assert sum([one] * 1_000_000, Decimal(0)) == Decimal("0.75")
+
+
+def test_every_token_kind_has_its_rate():
+    price = ModelPrice(
+        model="reasoner",
+        input_per_million_usd=Decimal("1"),
+        output_per_million_usd=Decimal("4"),
+        cached_input_per_million_usd=Decimal("0.5"),
+        cache_write_per_million_usd=Decimal("1.25"),
+        reasoning_per_million_usd=Decimal("8"),
+    )
+    cost = PriceTable([price]).cost(
+        "reasoner", date(2026, 1, 1),
+        input_tokens=1000, cached_tokens=200, cache_write_tokens=100, output_tokens=500, reasoning_tokens=300,
+    )
+    # 700×1 + 200×0.5 + 100×1.25 + 200×4 + 300×8 micro-USD
+    assert cost.usd == Decimal("0.004125")
+
+
+def test_sub_kinds_never_exceed_their_parent():
+    cost = PriceTable(PRICES).cost("gpt-4o-mini", date(2025, 1, 1), input_tokens=10, output_tokens=0, cached_tokens=50)
+    assert cost.usd == Decimal("0.00000075")  # all 10 priced as cached, none negative
+
+
+def test_default_price_covers_unknown_models_and_says_so():
+    from quotameter.config import Rates
+    from quotameter.pricing import DEFAULT_PRICE_VERSION
+
+    table = PriceTable(PRICES, default=Rates(input_per_million_usd=Decimal("1"), output_per_million_usd=Decimal("2")))
+    cost = table.cost("mystery", date(2026, 1, 1), input_tokens=1_000_000, output_tokens=1_000_000)
+    assert cost.usd == Decimal("3") and cost.price_version == DEFAULT_PRICE_VERSION
