@@ -1,0 +1,68 @@
+"""Bearer-key authentication with a short in-process cache.
+
+A cache hit saves the HGETALL and the hash check, so an admitted request
+costs one Redis round trip (the admission script). The cache never decides
+revocation: the admission script reads the key's ``revoked`` flag on every
+request, and a revoked key is dropped from here on the spot. What a cached
+record can hold stale for up to ``ttl_s`` is the key's tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import redis.asyncio as aioredis
+
+from gateway_shim.errors import InvalidApiKey
+from gateway_shim.keystore import KeyRecord, authenticate
+from quotameter.redis_keys import RedisKeys
+
+_MISSING = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+_INVALID = "Incorrect API key provided. Create one with 'quotameter keys create'."
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Authenticator:
+    def __init__(self, client: aioredis.Redis, names: RedisKeys, ttl_s: float = 30.0, max_entries: int = 10_000):
+        self._client = client
+        self._names = names
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        # Keyed by a digest of the presented key: the plaintext is not kept.
+        self._cache: dict[bytes, tuple[KeyRecord, float]] = {}
+
+    async def authenticate(self, authorization: str | None) -> KeyRecord:
+        """The key's record, or InvalidApiKey."""
+        token = bearer_token(authorization)
+        if token is None:
+            raise InvalidApiKey(_MISSING)
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest)
+        now = time.monotonic()
+        if cached and cached[1] > now:
+            return cached[0]
+        record = await authenticate(self._client, self._names, token)
+        if record is None:
+            self._cache.pop(digest, None)
+            raise InvalidApiKey(_INVALID)
+        if len(self._cache) >= self._max_entries:
+            self._cache.clear()  # crude, bounded; a busy shim refills it in one TTL
+        self._cache[digest] = (record, now + self._ttl_s)
+        return record
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key (it was found revoked)."""
+        for digest in [d for d, (record, _) in self._cache.items() if record.key_id == key_id]:
+            del self._cache[digest]
+
+    @staticmethod
+    def invalid() -> InvalidApiKey:
+        return InvalidApiKey(_INVALID)

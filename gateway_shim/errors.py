@@ -1,0 +1,103 @@
+"""What can go wrong in the shim, and the one place it becomes an HTTP answer.
+
+    QuotameterError
+    └── ShimError                 an OpenAI-style error body: status, type, code
+        ├── InvalidApiKey         401  missing, unknown or revoked key
+        ├── RouteNotFound         404  not an OpenAI route the shim proxies
+        ├── MalformedRequest      400  the body is not a JSON object
+        ├── RateLimited           429  a tier limit; carries the retry delay
+        ├── UpstreamUnavailable   502  the upstream refused or dropped the connection
+        ├── UpstreamTimeout       504  the upstream did not answer in upstream.timeout_s
+        └── BackendUnavailable    503  Redis is unreachable (the shim fails closed)
+
+Bodies follow OpenAI's shape, so every SDK raises its usual exception:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from quotameter.errors import QuotameterError
+
+
+class ShimError(QuotameterError):
+    """A request the shim answers itself. ``code`` also becomes the event's reason."""
+
+    status = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidApiKey(ShimError):
+    """The presented key is missing, malformed, unknown or revoked. Create one
+    with ``quotameter keys create``."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class RouteNotFound(ShimError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "unknown_url"
+
+
+class MalformedRequest(ShimError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_json"
+
+
+class RateLimited(ShimError):
+    """A tier limit refused the request; retry after ``retry_after_s``."""
+
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamUnavailable(ShimError):
+    """The upstream model server refused the connection or dropped it before
+    answering. Check ``upstream.url`` and that the server is up."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ShimError):
+    """The upstream took longer than ``upstream.timeout_s`` to answer."""
+
+    status = 504
+    error_type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class BackendUnavailable(ShimError):
+    """Redis is unreachable, so nothing can be admitted (fail closed). Check
+    ``services.redis_url``."""
+
+    status = 503
+    error_type = "server_error"
+    code = "quota_backend_unavailable"
+
+
+def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": error.message, "type": error.error_type, "param": None, "code": error.code}}
+    response = web.json_response(body, status=error.status, headers=dict(headers or {}))
+    if isinstance(error, RateLimited):
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return response

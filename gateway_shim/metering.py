@@ -1,0 +1,65 @@
+"""What one request did, gathered while it runs, then turned into its event."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from gateway_shim.keystore import KeyRecord
+from gateway_shim.usage import NO_USAGE, Usage
+from quotameter.events import Decision, RequestData, UsageEvent, new_event_id
+
+
+@dataclass(slots=True)
+class RequestMeter:
+    route: str
+    upstream: str | None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    status: int = 200
+    decision: Decision = Decision.ADMITTED
+    reason: str | None = None
+    model_requested: str | None = None
+    model_served: str | None = None
+    usage: Usage = NO_USAGE
+    streamed: bool = False
+    request_bytes: int = 0
+    response_bytes: int = 0
+    _t0: float = field(default_factory=time.perf_counter)
+    _first_byte_s: float | None = None
+
+    def first_byte(self) -> None:
+        """The first body byte went to the client (time to first token, for streams)."""
+        if self._first_byte_s is None:
+            self._first_byte_s = time.perf_counter() - self._t0
+
+    def to_event(self, source: str, key: KeyRecord) -> UsageEvent:
+        latency_ms = (time.perf_counter() - self._t0) * 1000
+        ttft_ms = None if self._first_byte_s is None else self._first_byte_s * 1000
+        return UsageEvent(
+            id=new_event_id(),
+            source=source,
+            subject=key.customer,
+            time=self.started_at,
+            data=RequestData(
+                api_key_id=key.key_id,  # never the key itself
+                tier=key.tier,
+                route=self.route,
+                status=self.status,
+                decision=self.decision,
+                reason=self.reason,
+                model_requested=self.model_requested,
+                model_served=self.model_served,
+                upstream=self.upstream,
+                input_tokens=self.usage.input_tokens,
+                output_tokens=self.usage.output_tokens,
+                cached_tokens=self.usage.cached_tokens,
+                reasoning_tokens=self.usage.reasoning_tokens,
+                usage_source=self.usage.source,
+                streamed=self.streamed,
+                latency_ms=round(latency_ms, 3),
+                ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
+                request_bytes=self.request_bytes,
+                response_bytes=self.response_bytes,
+            ),
+        )

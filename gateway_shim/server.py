@@ -1,0 +1,88 @@
+"""The shim as a standalone proxy: ``quotameter proxy``.
+
+Shutdown order on SIGINT / SIGTERM matters for metering: stop accepting,
+let in-flight requests finish (their events are emitted as they end), then
+flush the Kafka producer, and only then close Redis and the upstream pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway_shim.admission import Admitter
+from gateway_shim.auth import Authenticator
+from gateway_shim.emitter import EventEmitter
+from gateway_shim.errors import RouteNotFound, error_response
+from gateway_shim.proxy import Proxy
+from gateway_shim.upstream import Upstream
+from quotameter.config import Config
+from quotameter.redis_keys import RedisKeys
+
+log = logging.getLogger("gateway_shim.server")
+SHUTDOWN_TIMEOUT_S = 30.0  # how long in-flight requests (long streams) get to finish
+_PROXY = web.AppKey("proxy", Proxy)
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=32 * 1024 * 1024)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        redis_client = aioredis.Redis.from_url(
+            config.services.redis_url, socket_connect_timeout=3, socket_timeout=5, health_check_interval=30
+        )
+        names = RedisKeys(config.services.redis_prefix)
+        upstream = Upstream(config.upstream)
+        emitter = EventEmitter(config.services.kafka_bootstrap, config.services.events_topic)
+        await upstream.start()
+        await emitter.start()
+        app[_PROXY] = Proxy(config, Authenticator(redis_client, names), Admitter(redis_client, names), upstream, emitter)
+        yield
+        # In-flight requests are done by now (the runner waited for them).
+        await emitter.close()
+        await upstream.close()
+        await redis_client.aclose()
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        return await request.app[_PROXY].handle(request)
+
+    async def healthz(request: web.Request) -> web.Response:
+        # Serving is healthy even while Kafka is away: events are parked meanwhile.
+        events = request.app[_PROXY].emitter.status()
+        return web.json_response({"status": "ok", "instance": config.shim.instance, "events": events})
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(RouteNotFound(f"Unknown request URL: {request.method} {request.path}."))
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+async def _serve(config: Config) -> None:
+    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    await web.TCPSite(runner, config.shim.host, config.shim.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"quotameter proxy listening on http://{config.shim.host}:{config.shim.port}/v1", flush=True)
+    log.info("forwarding to %s as %s", config.upstream.url, config.shim.instance)
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests, then flushing events")
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def serve(config: Config) -> None:
+    """Run the proxy until SIGINT or SIGTERM (blocking); exits 0 after a clean stop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(config))

@@ -1,0 +1,156 @@
+"""The upstream model server: one pooled HTTP session, and the two ways an
+answer comes back through the shim (one JSON body, or a stream of events).
+
+Streams are written to the client event by event as they arrive. A stream
+the upstream cuts short is ended cleanly for the client after the last whole
+event, and what was delivered is counted. A client that goes away stops the
+relay; the tokens it received are still metered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway_shim.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway_shim.metering import RequestMeter
+from gateway_shim.routes import ProxiedRequest
+from gateway_shim.sse import StreamTally
+from gateway_shim.usage import completion_text, counted_usage, model_from, usage_from
+from quotameter.config import Upstream as UpstreamConfig
+
+log = logging.getLogger("gateway_shim.upstream")
+
+# Not passed upstream: hop-by-hop headers, the client's quotameter key, and
+# what aiohttp sets itself (it negotiates compression and decompresses).
+_REQUEST_DROP = frozenset(
+    "host connection keep-alive proxy-authorization proxy-connection te trailer transfer-encoding "
+    "upgrade content-length authorization accept-encoding".split()
+)
+_RESPONSE_DROP = frozenset(
+    "connection keep-alive transfer-encoding content-length content-encoding server date".split()
+)
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.base_url = config.url.rstrip("/")
+        self._authorization = f"Bearer {config.api_key.get_secret_value()}" if config.api_key else None
+        # No total timeout (streams run long); the upstream must connect and keep talking.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def open(self, request: web.Request, path: str, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The upstream's response to ``request`` (its path after /v1 is ``path``)."""
+        assert self._session is not None, "Upstream.start() was not awaited"
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP)
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        url = self.base_url + path + (f"?{request.query_string}" if request.query_string else "")
+        try:
+            response = await self._session.request(request.method, url, data=body or None, headers=headers)
+        except TimeoutError:
+            log.warning("upstream %s did not answer within its timeout", url)
+            raise UpstreamTimeout("The model server did not answer in time. Please retry.") from None
+        except aiohttp.ClientError as exc:
+            # The detail (addresses, errno) is for the operator's log, not the client.
+            log.warning("upstream %s unavailable: %s", url, exc)
+            raise UpstreamUnavailable("The model server is unavailable. Please retry shortly.") from None
+        try:
+            yield response
+        finally:
+            response.release()
+
+
+def _client_headers(upstream: aiohttp.ClientResponse, ours: dict[str, str]) -> CIMultiDict[str]:
+    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
+    headers.update(ours)  # our x-ratelimit-* win over the upstream's own
+    return headers
+
+
+def is_stream(upstream: aiohttp.ClientResponse, proxied: ProxiedRequest) -> bool:
+    return proxied.stream and upstream.status == 200 and upstream.content_type == "text/event-stream"
+
+
+async def relay_body(
+    upstream: aiohttp.ClientResponse, proxied: ProxiedRequest, meter: RequestMeter, headers: dict[str, str]
+) -> web.Response:
+    try:
+        raw = await upstream.read()
+    except TimeoutError:
+        raise UpstreamTimeout("The model server stopped sending its answer. Please retry.") from None
+    except aiohttp.ClientError as exc:
+        log.warning("upstream dropped the connection mid-answer: %s", exc)
+        raise UpstreamUnavailable("The model server dropped the connection. Please retry shortly.") from None
+    meter.status = upstream.status
+    meter.response_bytes = len(raw)
+    if upstream.status >= 400:
+        meter.reason = "upstream_error"  # the upstream's own refusal, passed through as is
+    if upstream.status < 300 and proxied.body is not None:
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            document = None
+        meter.model_served = model_from(document)
+        meter.usage = usage_from(document) or counted_usage(proxied.body, proxied.model, completion_text(document))
+    meter.first_byte()
+    return web.Response(status=upstream.status, body=raw, headers=_client_headers(upstream, headers))
+
+
+async def relay_stream(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    proxied: ProxiedRequest,
+    meter: RequestMeter,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    meter.streamed = True
+    meter.status = upstream.status
+    response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, headers))
+    await response.prepare(request)
+    tally = StreamTally(hide_usage=proxied.usage_injected)
+    chunks = upstream.content.iter_any()
+    while True:
+        try:
+            data = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except (aiohttp.ClientError, TimeoutError):
+            meter.reason = "upstream_stream_cut"
+            break
+        out = tally.feed(data)
+        if not out:
+            continue
+        meter.first_byte()
+        try:
+            await response.write(out)
+        except ConnectionError:  # the client went away
+            meter.reason = "client_disconnected"
+            break
+        meter.response_bytes += len(out)
+    if not tally.done and meter.reason is None:
+        meter.reason = "upstream_stream_cut"  # ended without [DONE]
+    meter.model_served = tally.model
+    # A usage chunk is the exact count; without one, count what the client received.
+    meter.usage = tally.usage or counted_usage(proxied.body, proxied.model, tally.text)
+    if meter.reason != "client_disconnected":
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            meter.reason = "client_disconnected"
+    return response

@@ -1,0 +1,141 @@
+"""The shim's pure parts: SSE tally, usage extraction, routes, admission headers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway_shim.admission import Admission, format_duration
+from gateway_shim.errors import MalformedRequest, RouteNotFound
+from gateway_shim.routes import match_route, read_request
+from gateway_shim.sse import StreamTally, event_data
+from gateway_shim.usage import completion_text, counted_usage, usage_from
+from quotameter.events import UsageSource
+
+
+def _event(document: object, null_usage: bool = False) -> bytes:
+    if isinstance(document, dict) and null_usage:
+        document = {**document, "usage": None}
+    return b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+def _chunk(content: str | None = None, model: str = "m-1") -> dict:
+    delta = {} if content is None else {"content": content}
+    return {"object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": delta}]}
+
+
+USAGE_CHUNK = {"object": "chat.completion.chunk", "model": "m-1", "choices": [], "usage": {
+    "prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+    "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 1},
+}}
+
+
+def test_events_split_across_reads_are_forwarded_whole() -> None:
+    stream = _event(_chunk("Hel")) + _event(_chunk("lo")) + b"data: [DONE]\n\n"
+    tally = StreamTally()
+    forwarded = b"".join(tally.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
+    assert forwarded == stream
+    assert tally.text == "Hello" and tally.done and tally.model == "m-1" and tally.usage is None
+
+
+def test_crlf_delimited_events() -> None:
+    stream = b"data: " + json.dumps(_chunk("a")).encode() + b"\r\n\r\ndata: [DONE]\r\n\r\n"
+    tally = StreamTally()
+    assert tally.feed(stream) == stream
+    assert tally.text == "a" and tally.done
+
+
+def test_usage_chunk_is_read_and_kept_when_the_client_asked() -> None:
+    stream = _event(_chunk("hi"), null_usage=True) + _event(USAGE_CHUNK) + b"data: [DONE]\n\n"
+    tally = StreamTally(hide_usage=False)
+    assert tally.feed(stream) == stream
+    assert tally.usage is not None
+    assert (tally.usage.input_tokens, tally.usage.output_tokens) == (7, 2)
+    assert (tally.usage.cached_tokens, tally.usage.reasoning_tokens) == (4, 1)
+
+
+def test_injected_usage_leaves_no_trace_for_the_client() -> None:
+    upstream = _event(_chunk("hi"), null_usage=True) + _event(USAGE_CHUNK) + b"data: [DONE]\n\n"
+    tally = StreamTally(hide_usage=True)
+    seen = tally.feed(upstream)
+    assert seen == _event(_chunk("hi")) + b"data: [DONE]\n\n"
+    assert tally.usage is not None and tally.usage.output_tokens == 2
+
+
+def test_cut_stream_drops_the_trailing_fragment() -> None:
+    tally = StreamTally()
+    whole = _event(_chunk("one")) + _event(_chunk(" two"))
+    assert tally.feed(whole + b'data: {"choices": [{"delta": {"content": " thr') == whole
+    assert tally.text == "one two" and not tally.done and tally.pending_bytes > 0
+
+
+def test_comments_and_garbage_pass_through_uncounted() -> None:
+    stream = b": keep-alive\n\n" + b"data: {not json\n\n" + _event(_chunk("x"))
+    tally = StreamTally(hide_usage=True)
+    assert tally.feed(stream) == stream
+    assert tally.text == "x" and tally.usage is None
+
+
+def test_event_data_joins_multiline_data() -> None:
+    assert event_data(b"event: x\ndata: a\ndata:b\n\n") == b"a\nb"
+    assert event_data(b": comment\n\n") is None
+
+
+def test_usage_from_each_shape() -> None:
+    chat = usage_from({"usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+    assert chat is not None and (chat.input_tokens, chat.output_tokens, chat.source) == (3, 5, UsageSource.UPSTREAM)
+    responses = usage_from({"response": {"usage": {"input_tokens": 2, "output_tokens": 4}}})
+    assert responses is not None and (responses.input_tokens, responses.output_tokens) == (2, 4)
+    embeddings = usage_from({"usage": {"prompt_tokens": 6, "total_tokens": 6}})
+    assert embeddings is not None and (embeddings.input_tokens, embeddings.output_tokens) == (6, 0)
+    assert usage_from({"usage": None}) is None and usage_from("nope") is None
+    bogus = usage_from({"usage": {"prompt_tokens": -1, "completion_tokens": "7"}})
+    assert bogus is not None and (bogus.input_tokens, bogus.output_tokens) == (0, 0)
+
+
+def test_completion_text_of_bodies_and_chunks() -> None:
+    body = {"choices": [{"message": {"role": "assistant", "content": "a b"}}, {"text": " c"}]}
+    assert completion_text(body) == "a b c"
+    assert completion_text(_chunk("d")) == "d"
+    assert completion_text(None) == ""
+
+
+def test_counted_usage_counts_prompt_and_delivered_text() -> None:
+    usage = counted_usage({"messages": [{"role": "user", "content": "hi"}]}, "gpt-4o", "alpha delta")
+    assert (usage.input_tokens, usage.output_tokens, usage.source) == (8, 2, UsageSource.COUNTED)
+
+
+def test_routes() -> None:
+    assert match_route("POST", "/chat/completions").streams
+    assert match_route("GET", "/models/gpt-4o").name == "/v1/models/{model}"
+    for method, path in [("GET", "/chat/completions"), ("POST", "/nope"), ("GET", "/models/a/b")]:
+        with pytest.raises(RouteNotFound):
+            match_route(method, path)
+
+
+def test_read_request_injects_usage_only_when_needed() -> None:
+    chat = match_route("POST", "/chat/completions")
+    raw = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+    proxied = read_request(chat, raw)
+    assert proxied.stream and proxied.usage_injected and proxied.model == "m"
+    assert json.loads(proxied.upstream_body)["stream_options"] == {"include_usage": True}
+
+    asked = json.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True}}).encode()
+    assert read_request(chat, asked).upstream_body == asked  # the client's bytes, untouched
+    plain = json.dumps({"model": "m", "messages": []}).encode()
+    assert read_request(chat, plain).upstream_body == plain and not read_request(chat, plain).stream
+    for bad in (b"{nope", b"[1, 2]", b"\xff"):
+        with pytest.raises(MalformedRequest):
+            read_request(chat, bad)
+
+
+def test_rate_limit_headers_and_durations() -> None:
+    admission = Admission(admitted=True, revoked=False, limit=3, remaining=2, retry_after_ms=0, reset_ms=20_000)
+    assert admission.headers() == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "20s",
+    }
+    assert Admission(True, False, None, 0, 0, 0).headers() == {}
+    assert [format_duration(ms) for ms in (20, 8571, 60_000, 61_500)] == ["20ms", "8.571s", "1m0s", "1m1.5s"]
