@@ -1,0 +1,97 @@
+"""The ledger in chDB: ClickHouse's engine in-process, MergeTree on disk.
+
+A chDB data directory can be opened by one process at a time (a second one
+fails with "Error initializing EmbeddedServer"): the worker owns it while it
+runs, and other processes read through the worker's web server.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.history import schema
+from pipeline.history.store import HistoryError, QueryRejected, UsageRow
+from quotameter.aggregate import PricedEvent
+
+MAX_QUERY_ROWS = 10_000
+
+
+def _session(target: str):  # noqa: ANN202 - chdb.session.Session
+    from chdb.session import Session
+
+    try:
+        return Session(target)
+    except Exception as exc:  # chDB raises RuntimeError / ChdbError
+        raise HistoryError(f"cannot open the chDB ledger at {target}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ChdbHistory:
+    """``HistoryStore`` over a chDB directory.
+
+    ``read_only=True`` opens an existing directory for reading only (the CLI
+    when no worker runs). Otherwise the directory and table are created, and
+    a second, read-only session serves ``query``: a write that slipped past
+    the SELECT check still fails there.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = Path(path).resolve()
+        self._lock = threading.Lock()
+        if read_only:
+            if not (self.path / "metadata").is_dir():
+                raise HistoryError(f"no chDB ledger at {self.path} (has a worker ever run with this history_dir?)")
+            self._rw = None
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._rw = _session(str(self.path))
+            for statement in schema.DDL:
+                self._run(self._rw, statement)
+        self._ro = _session(f"{self.path}?mode=ro")
+
+    def _run(self, session: Any, sql: str, params: dict[str, str] | None = None, fmt: str = "CSV") -> str:
+        try:
+            result = session.query(sql, fmt, params=params) if params else session.query(sql, fmt)
+        except Exception as exc:
+            raise HistoryError(f"chDB ledger at {self.path}: {_first_line(exc)}") from None
+        return result.bytes().decode() if hasattr(result, "bytes") else str(result)
+
+    def insert_events(self, batch: Sequence[PricedEvent]) -> None:
+        if not batch:
+            return
+        if self._rw is None:
+            raise HistoryError(f"the chDB ledger at {self.path} is open read-only")
+        body = "\n".join(json.dumps(schema.ledger_row(priced)) for priced in batch)
+        with self._lock:
+            self._run(self._rw, schema.INSERT_EVENTS + body)
+
+    def usage(self, customer: str, period: str, tz: str) -> UsageRow:
+        params = schema.usage_params(customer, period, tz)
+        rows = self._json_rows(self._run(self._ro, schema.USAGE, params, fmt="JSONEachRow"))
+        return schema.usage_row(customer, period, rows[0] if rows else None)
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        text = schema.read_only_select(sql)
+        if text is None:
+            raise QueryRejected("only a single SELECT (or WITH … SELECT) statement is allowed, without FORMAT")
+        rows = self._json_rows(self._run(self._ro, text, fmt="JSONEachRow"))
+        return rows[:MAX_QUERY_ROWS]
+
+    @staticmethod
+    def _json_rows(text: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        with self._lock:
+            for session in (self._ro, self._rw):
+                if session is not None:
+                    session.close()
+            self._ro = self._rw = None

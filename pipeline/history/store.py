@@ -1,0 +1,69 @@
+"""The history-store interface, and the async face the worker uses.
+
+Stores are synchronous (chDB and clickhouse-connect both block); the worker
+calls them through ``AsyncHistory``, which runs every call in a thread so the
+event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from quotameter.aggregate import PricedEvent
+from quotameter.errors import QuotameterError
+
+UsageRow = dict[str, Any]  # customer, period, requests, refused, *_tokens, cost_usd (str), events
+
+
+class HistoryError(QuotameterError):
+    """The history store failed or cannot be opened. The message names the
+    store and the cause; check the data directory or the server it names."""
+
+
+class QueryRejected(HistoryError):
+    """A query sent to the read-only endpoint is not a single SELECT. Send one
+    ``SELECT`` (or ``WITH … SELECT``) statement without a trailing FORMAT."""
+
+
+class HistoryStore(Protocol):
+    def insert_events(self, batch: Sequence[PricedEvent]) -> None:
+        """Write one row per event. Idempotent by event id: a retried batch
+        never changes a total (the table is deduplicated by id)."""
+
+    def usage(self, customer: str, period: str, tz: str) -> UsageRow:
+        """Exact totals of the unique events of ``customer`` in billing ``period``."""
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        """Run one read-only SELECT; rows as dicts."""
+
+    def close(self) -> None: ...
+
+
+class AsyncHistory:
+    """Runs a store's blocking calls in threads: one writer thread (inserts
+    stay in order) and one reader thread (queries never wait behind a sink
+    that is retrying)."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-reader")
+
+    async def insert_events(self, batch: Sequence[PricedEvent]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.store.insert_events, batch)
+
+    async def usage(self, customer: str, period: str, tz: str) -> UsageRow:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.usage, customer, period, tz)
+
+    async def query(self, sql: str) -> list[dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.query, sql)
+
+    def close(self) -> None:
+        # Wait for an insert already handed to the writer thread: its events
+        # may be acked already, so it must reach the disk before we exit.
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        self.store.close()

@@ -1,0 +1,78 @@
+"""The worker's HTTP endpoints, served by Faust's web server.
+
+    GET  /healthz                     200 {"status": "ready"} once the worker has
+                                      joined its group and consumes; 503 before
+    GET  /usage?customer=C&period=P   the ledger's exact totals (P = YYYY-MM)
+    POST /query                       body: one read-only SELECT (text, or JSON
+                                      {"sql": …}); 200 {"rows": […]}, 400 if rejected
+
+Other processes cannot open the worker's chDB directory, so they read the
+ledger here (``pipeline.history.reader``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from faust.web import Request, Response, View
+
+from pipeline.app import FaustParts
+from pipeline.history.store import AsyncHistory, HistoryError, QueryRejected
+from quotameter.periods import period_bounds
+
+
+class Readiness:
+    def __init__(self) -> None:
+        self.ready = False
+
+
+def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readiness, tz: str) -> None:
+    app = parts.app
+
+    @app.page("/healthz")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            if not readiness.ready:
+                return self.json({"status": "starting"}, status=503)
+            return self.json({"status": "ready", "app_id": app.conf.id})
+
+    @app.page("/usage")
+    class Usage(View):
+        async def get(self, request: Request) -> Response:
+            customer = request.query.get("customer", "")
+            period = request.query.get("period", "")
+            if not customer:
+                return self.json({"error": "customer is required"}, status=400)
+            try:
+                period_bounds(period, tz)
+            except ValueError as exc:
+                return self.json({"error": str(exc)}, status=400)
+            try:
+                return self.json(await history.usage(customer, period, tz))
+            except HistoryError as exc:
+                return self.json({"error": str(exc)}, status=500)
+
+    @app.page("/query")
+    class Query(View):
+        async def post(self, request: Request) -> Response:
+            sql = _sql_of(await request.text())
+            try:
+                rows = await history.query(sql)
+            except QueryRejected as exc:
+                return self.json({"error": str(exc)}, status=400)
+            except HistoryError as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.json({"rows": rows})
+
+
+def _sql_of(body: str) -> str:
+    stripped = body.strip()
+    if stripped.startswith("{"):
+        try:
+            document: Any = json.loads(stripped)
+        except json.JSONDecodeError:
+            return stripped
+        if isinstance(document, dict) and isinstance(document.get("sql"), str):
+            return document["sql"]
+    return stripped

@@ -1,0 +1,153 @@
+"""Per-batch usage aggregation: priced events → totals per customer and bucket.
+
+Pure functions, no I/O, no clock: the pipeline's Faust agent is a thin loop
+over these, so the arithmetic is tested without a broker.
+
+Delivery is at-least-once, so a batch may repeat events of an earlier one.
+Within one batch duplicates (same event id) are dropped here; across batches
+the ClickHouse ledger (deduplicated by id) is the exact record, and the
+totals built here are a fast cache of it that may run slightly high after a
+crash or a rebalance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from typing import Any
+
+from quotameter.events import Decision, UsageEvent
+from quotameter.periods import minute_of, period_of
+from quotameter.pricing import COST_QUANTUM, Cost, PriceTable
+
+Record = dict[str, Any]  # what a table or Redis holds: ints, and money as a string
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Usage summed over some events. ``requests`` counts admitted events only;
+    ``refused`` counts the rest; ``events`` counts both."""
+
+    requests: int = 0
+    refused: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
+    events: int = 0
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def to_record(self) -> Record:
+        record: Record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["cost_usd"] = format_usd(self.cost_usd)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> Totals:
+        if not record:
+            return cls()
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = record.get(f.name)
+            if raw is None:
+                continue
+            values[f.name] = Decimal(str(raw)) if f.name == "cost_usd" else int(raw)
+        return cls(**values)
+
+
+def format_usd(amount: Decimal) -> str:
+    """Money as a fixed-point string with 12 places (never exponent notation)."""
+    return f"{amount.quantize(COST_QUANTUM):f}"
+
+
+@dataclass(frozen=True, slots=True)
+class PricedEvent:
+    event: UsageEvent
+    cost: Cost
+
+    @property
+    def totals(self) -> Totals:
+        data = self.event.data
+        admitted = data.decision is Decision.ADMITTED
+        return Totals(
+            requests=int(admitted),
+            refused=int(not admitted),
+            input_tokens=data.input_tokens,
+            output_tokens=data.output_tokens,
+            cached_tokens=data.cached_tokens,
+            reasoning_tokens=data.reasoning_tokens,
+            cost_usd=self.cost.usd,
+            events=1,
+        )
+
+
+def price_event(event: UsageEvent, prices: PriceTable) -> PricedEvent:
+    """Price by the model that served the request (else the one requested),
+    at the price in force on the event's UTC day."""
+    data = event.data
+    cost = prices.cost(
+        data.model_served or data.model_requested,
+        event.time.date(),
+        input_tokens=data.input_tokens,
+        output_tokens=data.output_tokens,
+        cached_tokens=data.cached_tokens,
+    )
+    return PricedEvent(event, cost)
+
+
+def unique_by_id(events: Iterable[UsageEvent]) -> list[UsageEvent]:
+    """The events of one batch with repeated ids dropped (first one wins)."""
+    seen: set[str] = set()
+    kept = []
+    for event in events:
+        if event.id not in seen:
+            seen.add(event.id)
+            kept.append(event)
+    return kept
+
+
+def price_batch(events: Iterable[UsageEvent], prices: PriceTable) -> list[PricedEvent]:
+    return [price_event(event, prices) for event in unique_by_id(events)]
+
+
+def totals_by_period(batch: Iterable[PricedEvent], tz: str) -> dict[tuple[str, str], Totals]:
+    """(customer, billing period ``YYYY-MM``) → the batch's totals."""
+    out: dict[tuple[str, str], Totals] = {}
+    for priced in batch:
+        key = (priced.event.customer_id, period_of(priced.event.time, tz))
+        out[key] = out.get(key, Totals()) + priced.totals
+    return out
+
+
+def totals_by_minute(batch: Iterable[PricedEvent]) -> dict[tuple[str, str], Totals]:
+    """(customer, UTC minute start as ISO 8601) → the batch's totals."""
+    out: dict[tuple[str, str], Totals] = {}
+    for priced in batch:
+        key = (priced.event.customer_id, minute_of(priced.event.time).isoformat())
+        out[key] = out.get(key, Totals()) + priced.totals
+    return out
+
+
+def add_to_periods(record: Mapping[str, Any] | None, period: str, delta: Totals) -> Record:
+    """A customer's month-table value (``{period: totals record}``) plus ``delta``."""
+    periods: Record = dict(record or {})
+    periods[period] = (Totals.from_record(periods.get(period)) + delta).to_record()
+    return periods
+
+
+def advance_minute(record: Mapping[str, Any] | None, minute: str, delta: Totals) -> Record:
+    """A customer's current-minute value after adding ``delta`` for ``minute``.
+
+    The value holds one minute: a later minute replaces it, an earlier (late)
+    one leaves it as it is. ISO minutes in UTC sort as strings.
+    """
+    current = dict(record or {})
+    held = current.get("minute")
+    if held is not None and minute < held:
+        return current
+    base = Totals.from_record(current) if held == minute else Totals()
+    return {"minute": minute, **(base + delta).to_record()}
