@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv debian-deps clean
+.PHONY: run test soak venv debian-deps clean
 
 # Debian packages the integration tests drive for real: a headless browser for
 # the built-in dashboard. Installed once, only where missing (needs root).
@@ -33,6 +33,9 @@ run: $(STAMP)
 test: $(STAMP) debian-deps
 	$(BIN)/pytest
 
+## Crash and soak runs (minutes each): SIGKILLed workers while events flow.
+soak: $(STAMP)
+	$(BIN)/pytest -m soak
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

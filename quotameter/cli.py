@@ -62,17 +62,41 @@ def keys_create(
     customer: Annotated[str, typer.Option(help="Customer id the key bills to.")],
     tier: Annotated[str, typer.Option(help="Tier from the config.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print key id, customer and tier too.")] = False,
+    priority: Annotated[str, typer.Option(help="interactive, or batch (waits in the tier's queue).")] = "interactive",
+    requests_per_minute: Annotated[Optional[int], typer.Option(help="This key's own requests/min.")] = None,
+    tokens_per_minute: Annotated[Optional[int], typer.Option(help="This key's own tokens/min.")] = None,
+    concurrent_requests: Annotated[Optional[int], typer.Option(help="This key's own concurrency.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma list: the only models this key may use.")] = None,
     config_path: ConfigOption = None,
 ) -> None:
-    """Create an API key. The key is shown once, on stdout; only its hash is stored."""
-    from gateway_shim.keystore import create_key
+    """Create an API key. The key is shown once, on stdout; only its hash is stored.
+
+    Key limits are checked on top of the customer's: they can only tighten."""
+    from pydantic import ValidationError
+
+    from gateway_shim.keystore import PRIORITIES, create_key
+    from quotameter.config import KeyOverrides
     from quotameter.redis_keys import RedisKeys
 
     config = _config(config_path)
     if tier not in config.tiers:
         raise _fail(f"unknown tier {tier!r}; configured tiers: {', '.join(config.tiers)}", 2)
+    if priority not in PRIORITIES:
+        raise _fail(f"--priority must be one of {', '.join(PRIORITIES)}", 2)
+    values = {
+        "requests_per_minute": requests_per_minute,
+        "tokens_per_minute": tokens_per_minute,
+        "concurrent_requests": concurrent_requests,
+        "allowed_models": [m.strip() for m in models.split(",") if m.strip()] if models else None,
+    }
     try:
-        new = create_key(_redis(config), RedisKeys(config.services.redis_prefix), customer, tier)
+        limits = KeyOverrides(**values) if any(v is not None for v in values.values()) else None
+    except ValidationError as exc:
+        raise _fail(f"invalid key limits: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", 2) from None
+    try:
+        new = create_key(
+            _redis(config), RedisKeys(config.services.redis_prefix), customer, tier, priority=priority, limits=limits
+        )
     except Exception as exc:  # redis.ConnectionError and friends
         raise _fail(f"cannot reach Redis at {config.services.redis_url}: {exc}") from None
     if as_json:
@@ -137,6 +161,65 @@ def usage(
         render_usage(report, Console())
 
 
+@app.command("alerts")
+def alerts(
+    customer: Annotated[Optional[str], typer.Option(help="Only this customer (default: all).")] = None,
+    month: Annotated[Optional[str], typer.Option(help="Billing period YYYY-MM (default: the current one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output: one JSON list.")] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Usage alerts fired in a month, with their delivery state (read from Redis)."""
+    from pipeline.alerts import list_alerts
+    from quotameter.periods import period_bounds
+    from quotameter.redis_keys import RedisKeys
+
+    config = _config(config_path)
+    billing = config.billing
+    period = month or period_of(datetime.now(UTC), billing.timezone, billing.anchor_day)
+    try:
+        period_bounds(period, billing.timezone)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    try:
+        records = list_alerts(_redis(config), RedisKeys(config.services.redis_prefix), customer, period)
+    except Exception as exc:  # redis.ConnectionError and friends
+        raise _fail(f"cannot reach Redis at {config.services.redis_url}: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps(records, sort_keys=True))
+        return
+    if not records:
+        typer.echo(f"no alerts in {period}" + (f" for {customer}" if customer else ""))
+        return
+    for record in records:
+        alert, data = record["alert"], record["alert"]["data"]
+        if data["kind"] == "tokens":
+            usage = f"{data['used_tokens']}/{data['monthly_tokens']} tokens"
+        else:
+            usage = f"${data['spent_usd']}/${data['monthly_budget_usd']}"
+        typer.echo(
+            f"{alert['time']}\t{data['customer']}\t{data['period']}\t{data['kind']} {data['threshold_pct']}%\t"
+            f"{usage}\tkafka={record['kafka']}\twebhook={record['webhook']}\t{alert['id']}"
+        )
+
+
+@app.command("rebuild-state")
+def rebuild_state_command(
+    customer: Annotated[Optional[str], typer.Option(help="Only this customer (default: every customer in the ledger).")] = None,
+    month: Annotated[Optional[str], typer.Option(help="Billing period YYYY-MM (default: the current one).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite Redis even where it is ahead of the ledger.")] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Restore Redis's period totals from the ledger (through the worker when it runs)."""
+    from pipeline.rebuild_cli import rebuild_from_cli
+
+    config = _config(config_path)
+    try:
+        counts, via = rebuild_from_cli(config, customer, month, force)
+    except (QuotameterError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"rebuilt the quota state of {counts['customers']} customer(s) from the ledger ({via})")
+
+
 @app.command("mock-llm")
 def mock_llm(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -181,3 +264,143 @@ def up(
         sys.exit(run_stack(config_path, data_dir, upstream_url))
     except QuotameterError as exc:
         raise _fail(str(exc)) from None
+
+
+dashboards_app = typer.Typer(no_args_is_help=True, help="Build the Grafana dashboards, or push them to a Grafana.")
+app.add_typer(dashboards_app, name="dashboards")
+DatasourceUidOption = Annotated[
+    str, typer.Option("--datasource-uid", help="uid of the grafana-clickhouse-datasource in Grafana.")
+]
+
+
+@dashboards_app.command("build")
+def dashboards_build(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the dashboard JSON files.")],
+    datasource_uid: DatasourceUidOption = "quotameter-clickhouse",
+    config_path: ConfigOption = None,
+) -> None:
+    """Write one Grafana dashboard JSON per dashboard (Billing, Quotas, Operations) into OUT."""
+    from dashboards.catalog import config_constants
+    from dashboards.grafana import write_all
+
+    config = _config(config_path)
+    for path in write_all(out, config_constants(config), datasource_uid):
+        typer.echo(str(path))
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    url: Annotated[str, typer.Option("--url", envvar="GRAFANA_URL", help="Grafana base URL, e.g. http://grafana:3000.")],
+    token: Annotated[
+        str, typer.Option("--token", envvar="GRAFANA_TOKEN", help="A service-account token with the Editor role.")
+    ],
+    datasource_uid: DatasourceUidOption = "quotameter-clickhouse",
+    config_path: ConfigOption = None,
+) -> None:
+    """Push the dashboards into Grafana's 'quotameter' folder (stable uids, overwriting earlier pushes)."""
+    from dashboards.catalog import config_constants
+    from dashboards.grafana import build_all
+    from dashboards.push import push_dashboards
+
+    config = _config(config_path)
+    try:
+        pushed = push_dashboards(url, token, build_all(config_constants(config), datasource_uid))
+    except QuotameterError as exc:
+        raise _fail(str(exc)) from None
+    for line in pushed:
+        typer.echo(line)
+
+
+@app.command("dashboard")
+def dashboard(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8090,
+    config_path: ConfigOption = None,
+) -> None:
+    """Serve the built-in dashboard (Billing, Quotas, Operations) at http://HOST:PORT/dashboard."""
+    from dashboards.server import serve
+
+    config = _config(config_path)
+    try:
+        serve(config, host=host, port=port)
+    except QuotameterError as exc:
+        raise _fail(str(exc)) from None
+
+
+# -- billing export (quotameter/export.py) ------------------------------------
+@app.command("export")
+def export(
+    month: Annotated[str, typer.Option(help="Billing period YYYY-MM.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, json, or stripe (meter events as JSON lines).")] = "csv",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write here (atomically) instead of stdout.")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Export an open month, or Stripe events outside Stripe's time range, anyway.")
+    ] = False,
+    stripe_window: Annotated[
+        Optional[str], typer.Option("--stripe-window", help="hour or day (default: billing.stripe.window).")
+    ] = None,
+    now: Annotated[
+        Optional[datetime], typer.Option(hidden=True, help="Judge finality and Stripe's range as of this UTC time.")
+    ] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Export a month's usage per customer and model for billing, after reconciling
+    the ledger, the invoice lines and Redis's totals (printed on stderr).
+
+    Exit codes: 1 a source failed, 2 bad arguments, 3 refused (open month, or Stripe's
+    time range; --force), 4 reconciliation failed (nothing written)."""
+    import os
+    import tempfile
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quotameter.export import FORMATS, ExportError, ExportRefused, ReconciliationFailed, run_export
+    from quotameter.periods import period_bounds
+
+    config = _config(config_path)
+    if fmt not in FORMATS:
+        raise _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
+    if stripe_window not in (None, "hour", "day"):
+        raise _fail("--stripe-window must be hour or day", 2)
+    try:
+        period_bounds(month, config.billing.timezone, config.billing.anchor_day)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    moment = (now.replace(tzinfo=UTC) if now.tzinfo is None else now) if now else datetime.now(UTC)
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+    tasks: dict[str, object] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step not in tasks:
+            tasks[step] = bar.add_task(step, total=total)
+        bar.update(tasks[step], completed=done, total=total)  # type: ignore[arg-type]
+
+    try:
+        with bar:
+            result = run_export(config, month, fmt, moment, force=force, window=stripe_window, progress=progress)
+    except ExportError as exc:
+        # soft_wrap: long messages stay on one line each, whole numbers intact.
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        code = 4 if isinstance(exc, ReconciliationFailed) else 3 if isinstance(exc, ExportRefused) else 1
+        raise typer.Exit(code) from None
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
+    err.print(
+        f"reconciled {month} ({result.source}): ledger = lines = redis for {result.customers} customer(s)\n"
+        + result.summary,
+        soft_wrap=True, highlight=False, markup=False,
+    )
+    if out is None:
+        sys.stdout.write(result.text)
+        sys.stdout.flush()
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        handle.write(result.text)
+    os.replace(temp, out)
+    err.print(f"wrote {result.lines} {'meter events' if fmt == 'stripe' else 'lines'} to {out}", highlight=False, soft_wrap=True)

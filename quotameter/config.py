@@ -11,11 +11,23 @@ from __future__ import annotations
 import os
 from datetime import date
 from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from quotameter.errors import ConfigError
@@ -30,15 +42,118 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TokenCount(StrEnum):
+    """Which tokens a tokens/min limit counts."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    TOTAL = "total"
+
+
+class RateAlgorithm(StrEnum):
+    """How a per-minute window is enforced. Neither admits 2x at a boundary."""
+
+    GCRA = "gcra"  # smooth: one slot every window/limit, burst up to the limit
+    SLIDING_WINDOW = "sliding_window"  # the previous minute weighted by its overlap
+
+
+class FailMode(StrEnum):
+    OPEN = "open"  # keep serving; an in-process limiter stands in for Redis
+    CLOSED = "closed"  # answer 503 until Redis is back
+
+
+class LimitOverrides(_Strict):
+    """Limits that replace the tier's for one customer (``customers:``) or one
+    key (stored on the key record by ``quotameter keys create``). Unset = inherit."""
+
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    concurrent_requests: PositiveInt | None = None
+    monthly_tokens: PositiveInt | None = None
+    monthly_budget_usd: Money | None = None
+    allowed_models: list[str] | None = None
+
+
+class Customer(LimitOverrides):
+    """One customer's overrides, replacing the tier's values for them."""
+
+
+class KeyOverrides(_Strict):
+    """Limits of one key, checked on top of its customer's (a key can be held
+    tighter, never looser). Period quotas are per customer, so none here."""
+
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    concurrent_requests: PositiveInt | None = None
+    allowed_models: list[str] | None = None
+
+
+class ModelLimits(_Strict):
+    """Limits for one model within a tier, on top of the tier-wide ones."""
+
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    # The worst-case completion reserved when a request names no max_tokens.
+    default_max_tokens: PositiveInt | None = None
+
+
+class FailModes(_Strict):
+    """What each limit kind does while Redis is unreachable."""
+
+    requests_per_minute: FailMode = FailMode.OPEN
+    tokens_per_minute: FailMode = FailMode.OPEN
+    concurrent_requests: FailMode = FailMode.OPEN
+    monthly_tokens: FailMode = FailMode.OPEN
+    monthly_budget_usd: FailMode = FailMode.OPEN
+
+
+class Fallback(_Strict):
+    """Serve a cheaper model instead of refusing once the budget is spent."""
+
+    model: str = Field(min_length=1)
+    # Fallback traffic may spend this much past the budget (0: only what is left).
+    extra_budget_usd: Money = Decimal(0)
+
+
+class BatchQueue(_Strict):
+    """Batch-priority keys wait here (per shim process) instead of getting 429."""
+
+    max_wait_s: float = Field(default=30.0, gt=0)
+    max_depth: PositiveInt = 100
+    # Concurrency slots batch traffic may never take, so interactive requests
+    # find one free instead of waiting behind batch work.
+    interactive_reserved_concurrency: NonNegativeInt = 0
+
+
 class Tier(_Strict):
     """One customer tier. ``None`` on a limit means unlimited."""
 
     requests_per_minute: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
+    tokens_per_minute_counts: TokenCount = TokenCount.TOTAL
+    rate_algorithm: RateAlgorithm = RateAlgorithm.GCRA
+    concurrent_requests: PositiveInt | None = None
     monthly_tokens: PositiveInt | None = None
     monthly_budget_usd: Money | None = None
     upgrade_hint: str = ""
     allowed_models: list[str] | None = None
+    models: dict[str, ModelLimits] = {}
+    default_max_tokens: PositiveInt = 4096
+    quota_status: Literal[402, 429] = 429
+    # End a stream cleanly when it would carry the customer past the budget
+    # or token quota (a request without max_tokens is then admitted with what
+    # is left, and cut there).
+    cut_streams: bool = False
+    fallback: Fallback | None = None
+    queue: BatchQueue | None = None
+    fail_modes: FailModes = FailModes()
+    # A reservation of a request that never finishes stops counting after this;
+    # a settled one (true usage awaiting the pipeline) after settled_ttl_s.
+    reservation_ttl_s: float = Field(default=900.0, gt=0)
+    settled_ttl_s: float = Field(default=3600.0, gt=0)
+    # Usage alerts at these percentages of monthly_tokens and of
+    # monthly_budget_usd; unset = ``alerts.thresholds_pct``, [] = none.
+    alert_thresholds_pct: list[Annotated[int, Field(ge=1, le=1000)]] | None = None
 
 
 class Rates(_Strict):
@@ -68,9 +183,50 @@ class ModelPrice(Rates):
         return f"{self.model}@{self.effective_from.isoformat()}"
 
 
+class StripeExport(_Strict):
+    """``quotameter export --format stripe``: meter events for Stripe Billing."""
+
+    # quotameter customer id -> Stripe customer id (cus_…); an export fails
+    # naming every customer with usage and no entry here.
+    customers: dict[str, Annotated[str, Field(min_length=1)]] = {}
+    # What to meter -> the Stripe meter's event_name ("{model}" in it is
+    # replaced by the model: one meter per model). Quantities: requests, and
+    # the billed token components input, cached_input, cache_write, output,
+    # reasoning (input excludes cached / cache-write, output excludes reasoning).
+    meters: dict[
+        Literal["requests", "input", "cached_input", "cache_write", "output", "reasoning"],
+        Annotated[str, Field(min_length=1, max_length=100)],
+    ] = {
+        "input": "quotameter_input_tokens",
+        "cached_input": "quotameter_cached_input_tokens",
+        "cache_write": "quotameter_cache_write_tokens",
+        "output": "quotameter_output_tokens",
+        "reasoning": "quotameter_reasoning_tokens",
+    }
+    window: Literal["hour", "day"] = "day"
+
+
 class Billing(_Strict):
     currency: str = "USD"
     timezone: str = "UTC"
+    # A period starts on this day of the month at midnight in ``timezone`` (a
+    # day past a short month's end means its last day) and is named for the
+    # month it starts in.
+    anchor_day: int = Field(default=1, ge=1, le=31)
+    # A period is final (exported without --force) this long after it ends,
+    # or after pipeline.late_grace_s if that is longer: late events may land
+    # in it until then.
+    finalize_after_hours: float = Field(default=48.0, ge=0)
+    stripe: StripeExport = StripeExport()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class Upstream(_Strict):
@@ -83,6 +239,17 @@ class Shim(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     instance: str = "shim-1"
+    # Usage events are written ahead to this spool and kept until Kafka has
+    # them (gateway_shim/spool.py). One directory per shim instance.
+    spool_dir: Path = Path("var/spool")
+    spool_max_bytes: PositiveInt = 1024 * 1024 * 1024
+    # Group commit: fdatasync the spool this often (power-loss window); 0 = leave it to the kernel.
+    spool_fsync_interval_ms: int = Field(default=10, ge=0, le=10_000)
+    # Spool full: "refuse" new requests with 503 (nothing served unbilled) or "drop" their events.
+    spool_full: Literal["refuse", "drop"] = "refuse"
+    # Bearer token that may read any customer's GET /v1/usage?customer=ID
+    # (unset: no admin reads). Prefer QUOTAMETER_SHIM__ADMIN_TOKEN.
+    admin_token: SecretStr | None = None
 
 
 class Services(_Strict):
@@ -94,6 +261,58 @@ class Services(_Strict):
     history_dir: Path = Path("var/history")
     worker_url: str = "http://127.0.0.1:6066"
     worker_app_id: str = "quotameter"
+    # The ledger: empty = embedded chDB in history_dir; else a ClickHouse
+    # server, clickhouse://user:password@host:8123/quotameter (clickhouses:// = TLS).
+    history_url: SecretStr = SecretStr("")
+
+
+class Alerts(_Strict):
+    """Usage alerts: each threshold fires once per customer, billing period and
+    kind (tokens, budget) as an event on ``topic`` and a signed webhook."""
+
+    enabled: bool = True
+    thresholds_pct: list[Annotated[int, Field(ge=1, le=1000)]] = [50, 80, 90, 100]
+    topic: str = ""  # empty: "<services.events_topic>.alerts"
+    webhook_url: str = ""  # empty: no webhook, the topic only
+    webhook_secret: SecretStr | None = None  # HMAC-SHA256 key of the signature header
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: PositiveInt = 6
+    webhook_backoff_initial_s: float = Field(default=0.5, gt=0)
+    webhook_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Fired alerts are listed (``quotameter alerts``) from Redis for this long.
+    retention_days: PositiveInt = 400
+
+    @model_validator(mode="after")
+    def _signed(self) -> Alerts:
+        if self.webhook_url and (self.webhook_secret is None or not self.webhook_secret.get_secret_value()):
+            raise ValueError("alerts.webhook_url needs alerts.webhook_secret (webhooks are always signed)")
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError(f"alerts.webhook_url must be an http(s) URL, not {self.webhook_url!r}")
+        return self
+
+
+class Pipeline(_Strict):
+    """How a pipeline worker batches, deduplicates and treats late events."""
+
+    # A batch closes at this many events or after this long: Redis is written
+    # once per batch, so batch_max_wait_ms bounds its staleness.
+    batch_max_events: PositiveInt = 5000
+    batch_max_wait_ms: int = Field(default=250, ge=10, le=250)
+    # The ledger (ClickHouse) is written at this many rows or this age,
+    # always before the events' offsets are committed.
+    ledger_batch_rows: PositiveInt = 5000
+    ledger_flush_ms: int = Field(default=1000, ge=10, le=60_000)
+    # Event ids answered from memory after they reached the ledger; older
+    # duplicates are found in the ledger itself (dedupe is exact either way).
+    dedupe_window_s: float = Field(default=600.0, ge=0)
+    dedupe_window_max_ids: PositiveInt = 500_000
+    # An event this much older than its customer's newest event is late: it is
+    # still counted and kept in the ledger, and flagged (ledger column late).
+    late_grace_s: float = Field(default=3600.0, ge=0)
+    # Malformed events go here with the reason; empty: "<events_topic>.dlq".
+    dlq_topic: str = ""
+    # A killed worker's partitions move to the others after this long.
+    session_timeout_s: float = Field(default=10.0, ge=3, le=300)
 
 
 class Config(BaseSettings):
@@ -103,6 +322,7 @@ class Config(BaseSettings):
 
     billing: Billing = Billing()
     tiers: dict[str, Tier]
+    customers: dict[str, Customer] = {}
     prices: list[ModelPrice] = []
     # Rates for a model missing from ``prices``; its events are flagged, never
     # dropped. Without it such events cost 0 and are flagged "unpriced".
@@ -110,6 +330,8 @@ class Config(BaseSettings):
     upstream: Upstream = Upstream()
     shim: Shim = Shim()
     services: Services = Services()
+    pipeline: Pipeline = Pipeline()
+    alerts: Alerts = Alerts()
 
     @classmethod
     def settings_customise_sources(
@@ -133,6 +355,9 @@ class Config(BaseSettings):
                 if (name, price.effective_from) in seen:
                     raise ValueError(f"model {name!r} is priced twice from {price.effective_from}")
                 seen.add((name, price.effective_from))
+        for name, tier in self.tiers.items():
+            if tier.fallback and tier.allowed_models is not None and tier.fallback.model not in tier.allowed_models:
+                raise ValueError(f"tiers.{name}.fallback.model {tier.fallback.model!r} is not in its allowed_models")
         return self
 
     def tier(self, name: str) -> Tier:

@@ -26,6 +26,15 @@ class Decision(StrEnum):
     REFUSED = "refused"
 
 
+# Why a request was refused, or admitted in a degraded way (RequestData.reason):
+#   refused: rate_limit_requests, rate_limit_tokens, concurrency, quota_tokens,
+#            quota_budget, model_not_allowed, queue_full, queue_timeout,
+#            redis_unavailable (a fail-closed limit while Redis is away)
+#   admitted: fallback (model_served is the tier's cheaper model), queued
+#            (waited queued_ms), budget_cut (output cut to what the budget
+#            allowed), fail_open (admitted by the in-process limiter)
+
+
 class UsageSource(StrEnum):
     UPSTREAM = "upstream"  # the upstream reported usage (JSON body or last SSE chunk)
     COUNTED = "counted"  # the shim counted tokens itself (stream cut, usage missing)
@@ -60,6 +69,7 @@ class RequestData(BaseModel):
     request_bytes: NonNegativeInt = 0
     response_bytes: NonNegativeInt = 0
     upstream_cost_usd: Decimal | None = None
+    queued_ms: float | None = Field(default=None, ge=0)  # time waited in the batch queue
 
     @property
     def total_tokens(self) -> int:

@@ -3,12 +3,23 @@
     {p}:key:{key_id}              hash  customer, tier, salt, hash, created_at, revoked
     {p}:customer:{customer}       hash  tier
     {p}:rl:rpm:{customer}         str   GCRA theoretical arrival time (ms) for requests/min
+    {p}:rl:{rpm|tpm}[:sw]:{customer}[:{scope}]  rate state of one rule: GCRA TAT (str), or a
+                                        sliding-window hash (s window start ms,
+                                        c current count, p previous count); scope
+                                        "key:<id>" or "model:<name>" for key and
+                                        per-model limits
+    {p}:inflight:{customer}[:{scope}] zset  event id -> expiry ms: requests in flight
     {p}:usage:{customer}:{period} hash  the pipeline's period totals (authoritative):
                                         requests, input_tokens, output_tokens,
                                         cached_tokens, reasoning_tokens, cost_usd
                                         (exact Decimal text), cost_micro_usd (the
                                         same, rounded up to an integer, for Lua),
                                         events, refused, updated_ms
+
+    {p}:alert:{customer}:{period}:{kind}:{pct}  str  one fired usage alert (JSON: the
+                                        alert and its delivery state); SET NX
+                                        claims the firing, so it happens once
+                                        across workers and restarts
 
 Reservations cover the lag between the shim's admission and the pipeline's
 totals. Per customer and period:
@@ -51,6 +62,17 @@ class RedisKeys:
     def requests_per_minute(self, customer: str) -> str:
         return f"{self.prefix}:rl:rpm:{{{customer}}}"
 
+    def rate(self, customer: str, unit: str, scope: str = "", sliding: bool = False) -> str:
+        # A sliding window's state is a hash, GCRA's a string: separate names,
+        # so changing a tier's algorithm never meets the other's state.
+        if unit == "requests" and not scope and not sliding:
+            return self.requests_per_minute(customer)
+        short = ("rpm" if unit == "requests" else "tpm") + (":sw" if sliding else "")
+        return f"{self.prefix}:rl:{short}:{{{customer}}}" + (f":{scope}" if scope else "")
+
+    def in_flight(self, customer: str, scope: str = "") -> str:
+        return f"{self.prefix}:inflight:{{{customer}}}" + (f":{scope}" if scope else "")
+
     def usage(self, customer: str, period: str) -> str:
         return f"{self.prefix}:usage:{{{customer}}}:{period}"
 
@@ -66,6 +88,18 @@ class RedisKeys:
     def reserved(self, customer: str, period: str) -> str:
         return f"{self.prefix}:reserved:{{{customer}}}:{period}"
 
+    def alert(self, customer: str, period: str, kind: str, threshold_pct: int) -> str:
+        return f"{self.prefix}:alert:{{{customer}}}:{period}:{kind}:{threshold_pct}"
+
+    def alert_pattern(self, customer: str | None = None, period: str | None = None) -> str:
+        """A SCAN pattern of the alert keys of one customer and/or period (None = any)."""
+        who = "*" if customer is None else "{" + _glob_escape(customer) + "}"
+        return f"{self.prefix}:alert:{who}:{'*' if period is None else _glob_escape(period)}:*"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
 
 USAGE_FIELDS = (
     "requests",
@@ -74,5 +108,6 @@ USAGE_FIELDS = (
     "cached_tokens",
     "reasoning_tokens",
     "cost_usd",
+    "cost_micro_usd",
     "events",
 )

@@ -76,7 +76,7 @@ def config_factory(tmp_path: Path, redis_url: str, kafka_bootstrap: str, unique:
         document = _merge(
             document,
             {
-                "shim": {"port": free_port(), "instance": f"shim-{unique}"},
+                "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(tmp_path / "spool")},
                 "services": {
                     "redis_url": redis_url,
                     "redis_prefix": f"qm{unique}",

@@ -54,6 +54,7 @@ class Stack:
         # Children read the same file; the environment points their data here.
         self.env = {
             "QUOTAMETER_SERVICES__HISTORY_DIR": str(self.data_dir / "history"),
+            "QUOTAMETER_SHIM__SPOOL_DIR": str(self.data_dir / "spool"),
             "PYTHONUNBUFFERED": "1",
         }
         if config_path is not None:
