@@ -5,7 +5,11 @@
         ├── InvalidApiKey         401  missing, unknown or revoked key
         ├── RouteNotFound         404  not an OpenAI route the shim proxies
         ├── MalformedRequest      400  the body is not a JSON object
-        ├── RateLimited           429  a tier limit; carries the retry delay
+        ├── ModelNotAllowed       403  the model is not in the tier's / key's allowed_models
+        ├── Refusal               a limit refused the request; carries the retry delay
+        │   ├── RateLimited       429  rate_limit_exceeded, type "requests" or "tokens"
+        │   │   └── QueueRefused  429  batch queue full, or the wait ran past max_wait_s
+        │   └── QuotaExceeded     429 (or the tier's 402) insufficient_quota
         ├── UpstreamUnavailable   502  the upstream refused or dropped the connection
         ├── UpstreamTimeout       504  the upstream did not answer in upstream.timeout_s
         └── BackendUnavailable    503  Redis is unreachable (the shim fails closed)
@@ -57,16 +61,45 @@ class MalformedRequest(ShimError):
     code = "invalid_json"
 
 
-class RateLimited(ShimError):
-    """A tier limit refused the request; retry after ``retry_after_s``."""
+class ModelNotAllowed(ShimError):
+    status = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class Refusal(ShimError):
+    """A limit refused the request; retry after ``retry_after_s`` (None: not
+    within the period). ``reason`` becomes the event's reason."""
 
     status = 429
+
+    def __init__(self, message: str, retry_after_s: float | None, reason: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+class RateLimited(Refusal):
     error_type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    def __init__(self, message: str, retry_after_s: float | None, reason: str, unit: str = "requests") -> None:
+        super().__init__(message, retry_after_s, reason)
+        self.error_type = unit  # OpenAI: "requests" or "tokens"
+
+
+class QueueRefused(RateLimited):
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = 1.0) -> None:
+        super().__init__(message, retry_after_s, reason)
+
+
+class QuotaExceeded(Refusal):
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, retry_after_s: float | None, reason: str, status: int = 429) -> None:
+        super().__init__(message, retry_after_s, reason)
+        self.status = status
 
 
 class UpstreamUnavailable(ShimError):
@@ -98,6 +131,6 @@ class BackendUnavailable(ShimError):
 def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
     body = {"error": {"message": error.message, "type": error.error_type, "param": None, "code": error.code}}
     response = web.json_response(body, status=error.status, headers=dict(headers or {}))
-    if isinstance(error, RateLimited):
+    if isinstance(error, Refusal) and error.retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return response

@@ -6,14 +6,18 @@ them up with the asyncio client. Only the salted hash is ever stored.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
 
-from quotameter.keys import NewKey, generate_key, split_key, verify_secret
+from quotameter.config import KeyOverrides
 from quotameter.errors import KeyFormatError
+from quotameter.keys import NewKey, generate_key, split_key, verify_secret
+
+PRIORITIES = ("interactive", "batch")
 from quotameter.redis_keys import RedisKeys
 
 
@@ -23,11 +27,30 @@ class KeyRecord:
     customer: str
     tier: str
     revoked: bool
+    priority: str = "interactive"  # "batch": may wait in the tier's queue instead of a 429
+    limits: KeyOverrides | None = None  # this key's own limits, on top of its customer's
+
+    @property
+    def batch(self) -> bool:
+        return self.priority == "batch"
 
 
-def create_key(client: redis.Redis, names: RedisKeys, customer: str, tier: str) -> NewKey:
+def create_key(
+    client: redis.Redis,
+    names: RedisKeys,
+    customer: str,
+    tier: str,
+    *,
+    priority: str = "interactive",
+    limits: KeyOverrides | None = None,
+) -> NewKey:
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
     new = generate_key()
     now_ms = int(time.time() * 1000)
+    extra = {"priority": priority}
+    if limits is not None:
+        extra["limits"] = limits.model_dump_json(exclude_none=True)
     with client.pipeline(transaction=True) as pipe:
         pipe.hset(
             names.api_key(new.key_id),
@@ -38,6 +61,7 @@ def create_key(client: redis.Redis, names: RedisKeys, customer: str, tier: str) 
                 "hash": new.hash_hex,
                 "created_ms": now_ms,
                 "revoked": 0,
+                **extra,
             },
         )
         pipe.hset(names.customer(customer), mapping={"tier": tier})
@@ -65,7 +89,15 @@ def list_keys(client: redis.Redis, names: RedisKeys) -> list[KeyRecord]:
 
 def _record(key_id: str, fields: dict) -> KeyRecord:
     get = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
-    return KeyRecord(key_id, get.get("customer", ""), get.get("tier", ""), get.get("revoked", "0") == "1")
+    limits = KeyOverrides.model_validate(json.loads(get["limits"])) if get.get("limits") else None
+    return KeyRecord(
+        key_id,
+        get.get("customer", ""),
+        get.get("tier", ""),
+        get.get("revoked", "0") == "1",
+        get.get("priority", "interactive"),
+        limits,
+    )
 
 
 async def authenticate(client: aioredis.Redis, names: RedisKeys, presented: str) -> KeyRecord | None:

@@ -25,6 +25,8 @@ class RequestMeter:
     streamed: bool = False
     request_bytes: int = 0
     response_bytes: int = 0
+    queued_ms: float | None = None
+    event_id: str = field(default_factory=new_event_id)  # also the reservation's id
     _t0: float = field(default_factory=time.perf_counter)
     _first_byte_s: float | None = None
 
@@ -37,7 +39,7 @@ class RequestMeter:
         latency_ms = (time.perf_counter() - self._t0) * 1000
         ttft_ms = None if self._first_byte_s is None else self._first_byte_s * 1000
         return UsageEvent(
-            id=new_event_id(),
+            id=self.event_id,
             source=source,
             subject=key.customer,
             time=self.started_at,
@@ -61,5 +63,6 @@ class RequestMeter:
                 ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
                 request_bytes=self.request_bytes,
                 response_bytes=self.response_bytes,
+                queued_ms=None if self.queued_ms is None else round(self.queued_ms, 3),
             ),
         )

@@ -1,15 +1,16 @@
-"""One request through the shim: authenticate, admit, forward, meter, emit.
+"""One request through the shim: authenticate, admit, forward, meter, settle, emit.
 
 The hot path costs one Redis round trip (the admission script) once a key's
-record is cached, plus the upstream call. Every request that got past
-authentication emits exactly one event, whatever its outcome; a request
-without a valid key has no customer to bill and emits none.
+record is cached, plus the upstream call, plus one settle call when the
+request held something (see enforcement.py). Every request that got past
+authentication emits exactly one event, whatever its outcome, after its
+reservation is settled; a request without a valid key emits none.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
 
 import redis.exceptions
 from aiohttp import web
@@ -17,12 +18,13 @@ from aiohttp import web
 from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
-from gateway_shim.errors import BackendUnavailable, InvalidApiKey, RateLimited, ShimError, error_response
+from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
+from gateway_shim.errors import BackendUnavailable, InvalidApiKey, MalformedRequest, Refusal, ShimError, error_response
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
-from gateway_shim.routes import Route, match_route, read_request
+from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request
 from gateway_shim.upstream import Upstream, is_stream, relay_body, relay_stream
-from quotameter.config import Config, Tier
+from quotameter.config import Config
 from quotameter.events import Decision
 
 log = logging.getLogger("gateway_shim.proxy")
@@ -35,6 +37,7 @@ class Proxy:
         self.config = config
         self.auth = auth
         self.admitter = admitter
+        self.enforcer = Enforcer(config, admitter)
         self.upstream = upstream
         self.emitter = emitter
 
@@ -48,24 +51,27 @@ class Proxy:
         except redis.exceptions.RedisError as exc:
             return error_response(_backend_down(exc))
         meter = RequestMeter(route=route.name, upstream=self.upstream.base_url)
-        headers: dict[str, str] = {}  # x-ratelimit-*, on every answer once admission ran
+        headers: dict[str, str] = {}  # rate-limit headers, on every answer once admission ran
         billable = True
+        ticket: list[Ticket] = []
         try:
-            return await self._admitted(request, path, route, key, meter, headers)
+            return await self._admitted(request, path, route, key, meter, headers, ticket)
         except InvalidApiKey as exc:  # revoked since it was cached: no customer to bill
             billable = False
             return error_response(exc)
         except ShimError as exc:
             meter.status = exc.status
+            if isinstance(exc, Refusal):
+                meter.decision, meter.reason = Decision.REFUSED, exc.reason
             meter.reason = meter.reason or exc.code
-            if isinstance(exc, RateLimited):
-                meter.decision = Decision.REFUSED
             return error_response(exc, headers)
         except Exception:
             log.exception("%s %s failed", request.method, route.name)
             meter.status, meter.reason = 500, "internal_error"
             return error_response(ShimError("The gateway failed to process your request."), headers)
         finally:
+            if ticket:
+                await self.enforcer.settle(ticket[0], meter)  # before the event: the pipeline's contract
             if billable:
                 self.emitter.emit(meter.to_event(self.config.shim.instance, key))
 
@@ -77,44 +83,54 @@ class Proxy:
         key: KeyRecord,
         meter: RequestMeter,
         headers: dict[str, str],
+        held: list[Ticket],
     ) -> web.StreamResponse:
-        tier = self._tier(key)
-        try:
-            admission = await self.admitter.admit(key, tier.requests_per_minute, int(time.time() * 1000))
-        except redis.exceptions.RedisError as exc:
-            raise _backend_down(exc) from None
-        if admission.revoked:
-            self.auth.forget(key.key_id)
-            raise self.auth.invalid()
-        headers.update(admission.headers())
-        if not admission.admitted:
-            message = _refusal_message(key.tier, tier, admission.retry_after_ms)
-            raise RateLimited(message, admission.retry_after_ms / 1000)
         raw = await request.read()
         meter.request_bytes = len(raw)
-        proxied = read_request(route, raw)
+        malformed: MalformedRequest | None = None
+        try:
+            proxied = read_request(route, raw)
+        except MalformedRequest as exc:  # still counted as a request, then refused
+            malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False)
         meter.model_requested = proxied.model
         meter.streamed = proxied.stream
-        async with self.upstream.open(request, path, proxied.upstream_body) as upstream:
+        policy = self.enforcer.policy(key, proxied.model)
+        estimate, _ = self.enforcer.estimate(policy, proxied, route.streams)
+        try:
+            ticket = await self.enforcer.admit(key, policy, proxied, estimate, meter, headers)
+        except KeyRevoked:
+            self.auth.forget(key.key_id)
+            raise self.auth.invalid() from None
+        held.append(ticket)
+        if malformed is not None:
+            raise malformed
+        body = proxied.upstream_body
+        output_cut = estimate.cuttable and ticket.admission.output_tokens < estimate.output_tokens
+        if ticket.model != proxied.model or (output_cut and not proxied.stream):
+            body = _rewrite(proxied, ticket.model, ticket.admission.output_tokens if output_cut else None)
+        cut_at = None
+        if proxied.stream and policy.tier.cut_streams and policy.reserves:
+            cut_at = ticket.admission.output_tokens  # a stream never carries past its reservation
+        async with self.upstream.open(request, path, body) as upstream:
             if is_stream(upstream, proxied):
-                return await relay_stream(request, upstream, proxied, meter, headers)
+                message = (
+                    f"{policy.tier_name.capitalize()} tier budget reached: the response was cut at "
+                    f"{cut_at} output tokens.{' ' + policy.upgrade_hint if policy.upgrade_hint else ''}"
+                )
+                return await relay_stream(request, upstream, proxied, meter, headers, cut_at, message)
             return await relay_body(upstream, proxied, meter, headers)
 
-    def _tier(self, key: KeyRecord) -> Tier:
-        tier = self.config.tiers.get(key.tier)
-        if tier is None:
-            log.error("key %s has tier %r, which the config does not define", key.key_id, key.tier)
-            raise BackendUnavailable(f"Your key's tier {key.tier!r} is not configured on this gateway.")
-        return tier
 
-
-def _refusal_message(tier_name: str, tier: Tier, retry_after_ms: int) -> str:
-    retry_s = max(1, -(-retry_after_ms // 1000))
-    hint = f" {tier.upgrade_hint}" if tier.upgrade_hint else ""
-    return (
-        f"{tier_name.capitalize()} tier limit exceeded: {tier.requests_per_minute} requests per minute. "
-        f"Please retry after {retry_s}s.{hint}"
-    )
+def _rewrite(proxied: ProxiedRequest, model: str | None, max_tokens: int | None) -> bytes:
+    """The body for a degraded admission: the fallback model, and the output
+    cap a request without max_tokens was admitted with."""
+    assert proxied.body is not None
+    body = dict(proxied.body)
+    if model:
+        body["model"] = model
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _backend_down(exc: Exception) -> BackendUnavailable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -118,12 +119,16 @@ async def relay_stream(
     proxied: ProxiedRequest,
     meter: RequestMeter,
     headers: dict[str, str],
+    cut_at: int | None = None,
+    cut_message: str = "",
 ) -> web.StreamResponse:
+    """``cut_at``: the output tokens the stream may carry before the shim ends
+    it with a final chunk (finish_reason "length") and an error event."""
     meter.streamed = True
     meter.status = upstream.status
     response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, headers))
     await response.prepare(request)
-    tally = StreamTally(hide_usage=proxied.usage_injected)
+    tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=cut_at, model=proxied.model)
     chunks = upstream.content.iter_any()
     while True:
         try:
@@ -135,6 +140,8 @@ async def relay_stream(
             break
         out = tally.feed(data)
         if not out:
+            if tally.cut:
+                break
             continue
         meter.first_byte()
         try:
@@ -143,14 +150,41 @@ async def relay_stream(
             meter.reason = "client_disconnected"
             break
         meter.response_bytes += len(out)
+        if tally.cut:
+            break
+    if tally.cut:
+        meter.reason = "budget_cut"
+        try:
+            ending = _cut_ending(tally, proxied, cut_message)
+            await response.write(ending)
+            meter.response_bytes += len(ending)
+        except ConnectionError:
+            meter.reason = "client_disconnected"
     if not tally.done and meter.reason is None:
         meter.reason = "upstream_stream_cut"  # ended without [DONE]
     meter.model_served = tally.model
     # A usage chunk is the exact count; without one, count what the client received.
-    meter.usage = tally.usage or counted_usage(proxied.body, proxied.model, tally.text)
+    meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model, tally.text)
     if meter.reason != "client_disconnected":
         try:
             await response.write_eof()
         except ConnectionError:
             meter.reason = "client_disconnected"
     return response
+
+
+def _cut_ending(tally: StreamTally, proxied: ProxiedRequest, message: str) -> bytes:
+    """A final chunk the client reads as a normal end, then an OpenAI error event."""
+    final = {
+        "id": tally.chunk_id or "chatcmpl-quotameter-cut",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": tally.model or proxied.model,
+        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+    }
+    error = {"error": {"message": message, "type": "insufficient_quota", "param": None, "code": "budget_exceeded"}}
+    return (
+        b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n"
+        + b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+        + b"data: [DONE]\n\n"
+    )

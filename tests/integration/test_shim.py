@@ -185,7 +185,7 @@ async def test_free_tier_requests_per_minute_hold(start_shim: ShimFactory) -> No
     events = _decoded(await shim.events(4))
     refusals = [e for e in events if e.data.status == 429]
     assert len(refusals) == 1 and refusals[0].data.decision == "refused"
-    assert refusals[0].data.reason == "rate_limit_exceeded" and refusals[0].data.output_tokens == 0
+    assert refusals[0].data.reason == "rate_limit_requests" and refusals[0].data.output_tokens == 0
 
 
 async def test_unknown_and_revoked_keys_get_401(start_shim: ShimFactory) -> None:

@@ -1,0 +1,146 @@
+"""Admission path against a real redis-server: decisions/s and p50/p99 of the
+admission call (every check + the reservation, one Lua round trip), beside a
+bare Redis round trip (GET) measured in the same run, on the same client.
+
+    .venv/bin/python bench/admission_bench.py [--n 20000] [--concurrency 32]
+
+Latency is measured one call at a time (loopback, nothing else in flight);
+throughput with ``--concurrency`` calls in flight on one asyncio loop (one
+core for the client). Also reports how close to a token quota the last
+admitted request lands when 100 callers race for it. Prints figures; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+from gateway_shim.admission import Admitter, Estimate
+from gateway_shim.keystore import KeyRecord, create_key
+from quotameter.config import Tier
+from quotameter.embedded.procs import free_port
+from quotameter.embedded.redis_server import redis_process
+from quotameter.policy import resolve
+from quotameter.redis_keys import RedisKeys
+
+PERIOD_END_MS = 4_000_000_000_000
+TIER = Tier(
+    requests_per_minute=10_000_000,
+    tokens_per_minute=10_000_000_000,
+    concurrent_requests=1_000_000,
+    monthly_tokens=10**15,
+    monthly_budget_usd="100000000",
+)
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _latency(call, n: int) -> list[float]:  # noqa: ANN001
+    samples = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await call(i)
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return samples
+
+
+async def _throughput(call, n: int, concurrency: int) -> float:  # noqa: ANN001
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            await call(i)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0)
+
+
+async def main(n: int, concurrency: int) -> None:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = redis_process(port, Path(tmp) / "data", Path(tmp) / "redis.log", persist=False).start()
+        try:
+            proc.wait_port("127.0.0.1", port, timeout_s=20)
+            url = f"redis://127.0.0.1:{port}/0"
+            names = RedisKeys("bench")
+            new = create_key(redis.Redis.from_url(url), names, "bench-customer", "bench")
+            key = KeyRecord(new.key_id, "bench-customer", "bench", False)
+            client = aioredis.Redis.from_url(url, max_connections=concurrency + 4)
+            admitter = Admitter(client, names)
+            policy = resolve("bench", TIER, "mock-small")
+            estimate = Estimate(120, 256, 12, "0.4")
+
+            async def admit(i: int) -> None:
+                result = await admitter.admit(
+                    key, policy, "2030-01", PERIOD_END_MS, f"ev-{i}-{time.perf_counter_ns()}",
+                    int(time.time() * 1000), estimate, 60_000,
+                )
+                assert result.admitted, result.reason
+
+            async def bare(i: int) -> None:
+                await client.get("bench:bare")
+
+            await _latency(admit, 500)  # warm up: script loaded, connections open
+            await _latency(bare, 500)
+            bare_lat = await _latency(bare, n)
+            admit_lat = await _latency(admit, n)
+            bare_tput = await _throughput(bare, n, concurrency)
+            admit_tput = await _throughput(admit, n, concurrency)
+            stats = await client.info("commandstats")
+            await client.aclose()
+            race_client = aioredis.Redis.from_url(url, max_connections=128)
+            landing = await _quota_race(race_client, names, key)
+            await race_client.aclose()
+        finally:
+            proc.stop()
+    print(f"admission bench: {n} calls each, loopback redis-server, redis-py {redis.__version__}")
+    print(f"{'':28} {'p50 µs':>8} {'p99 µs':>8} {'mean µs':>8} {'calls/s (c=' + str(concurrency) + ')':>18}")
+    for name, lat, tput in (("bare round trip (GET)", bare_lat, bare_tput), ("admission (Lua, all checks)", admit_lat, admit_tput)):
+        print(f"{name:28} {_pct(lat, .5):8.0f} {_pct(lat, .99):8.0f} {statistics.fmean(lat):8.0f} {tput:18,.0f}")
+    print(f"admission overhead over a bare round trip: p50 +{_pct(admit_lat, .5) - _pct(bare_lat, .5):.0f} µs, "
+          f"p99 +{_pct(admit_lat, .99) - _pct(bare_lat, .99):.0f} µs")
+    server = {name: stats.get(f"cmdstat_{name}", {}).get("usec_per_call") for name in ("get", "evalsha")}
+    print(f"server-side time per call (INFO commandstats): GET {server['get']} µs, admission script {server['evalsha']} µs"
+          f" -> one Redis core could decide ~{1e6 / float(server['evalsha'] or 1):,.0f} admissions/s")
+    print(landing)
+
+
+async def _quota_race(client: aioredis.Redis, names: RedisKeys, key: KeyRecord) -> str:
+    """100 callers racing for a 100k-token quota with varying worst cases."""
+    admitter = Admitter(client, names)
+    quota = 100_000
+    policy = resolve("race", Tier(monthly_tokens=quota), "mock-small")
+    admitted = 0
+
+    async def caller(c: int) -> None:
+        nonlocal admitted
+        for i in range(100):
+            estimate = Estimate(50 + c % 17, 100 + (i * 37) % 400, 0, "0")
+            result = await admitter.admit(key, policy, "2031-01", PERIOD_END_MS, f"race-{c}-{i}",
+                                          int(time.time() * 1000), estimate, 600_000)
+            if result.admitted:
+                admitted += 1
+
+    await asyncio.gather(*(caller(c) for c in range(100)))
+    used = int(await client.hget(names.reserved(key.customer, "2031-01"), "tokens"))
+    return (f"quota race: 100 callers, quota {quota:,} tokens: {admitted} admitted, reserved {used:,} "
+            f"({quota - used} short of the quota, {used - quota:+d} past it)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    asyncio.run(main(args.n, args.concurrency))
