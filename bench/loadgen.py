@@ -1,0 +1,126 @@
+"""The load generator of bench/proxy_bench.py, run as its own process so it
+never shares an event loop with what it measures. Prints one JSON line.
+
+    open:   fixed arrival rate (open loop); latency counts from the *scheduled*
+            send time, so a stalled server cannot hide its queueing delay.
+    closed: N connections, each sending its next request when the last answer
+            ended; reports completed requests per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import aiohttp
+
+MESSAGES = [{"role": "user", "content": "Say something short."}]
+
+
+def _body(stream: bool) -> bytes:
+    return json.dumps({"model": "mock-small", "messages": MESSAGES, "max_tokens": 16, "stream": stream}).encode()
+
+
+FAILURES: dict[str, int] = {}
+
+
+async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes) -> bool:
+    async with session.post(url, data=body, headers=headers) as response:
+        await response.read()  # the whole answer, stream or not: latency to the last byte
+        if response.status != 200:
+            FAILURES[str(response.status)] = FAILURES.get(str(response.status), 0) + 1
+        return response.status == 200
+
+
+async def open_loop(url: str, key: str, rate: float, duration_s: float, stream: bool) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    body, count = _body(stream), int(rate * duration_s)
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for _ in range(20):  # warm the pools of every hop
+            await _one(session, url, headers, body)
+
+        async def fire(scheduled: float) -> None:
+            nonlocal errors
+            try:
+                ok = await _one(session, url, headers, body)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                FAILURES[type(exc).__name__] = FAILURES.get(type(exc).__name__, 0) + 1
+                ok = False
+            if ok:
+                latencies.append((time.perf_counter() - scheduled) * 1000)
+            else:
+                errors += 1
+
+        start = time.perf_counter() + 0.05
+        tasks = []
+        for i in range(count):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(fire(scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"count": count, "errors": errors, "achieved_rps": count / elapsed, **_percentiles(latencies)}
+
+
+async def closed_loop(url: str, key: str, connections: int, duration_s: float, stream: bool) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    body = _body(stream)
+    done = errors = 0
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for _ in range(20):
+            await _one(session, url, headers, body)
+        deadline = time.perf_counter() + duration_s
+
+        async def worker() -> None:
+            nonlocal done, errors
+            while time.perf_counter() < deadline:
+                try:
+                    ok = await _one(session, url, headers, body)
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                done, errors = done + ok, errors + (not ok)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - start
+    return {"count": done, "errors": errors, "rps": done / elapsed}
+
+
+def _percentiles(sorted_ms: list[float]) -> dict[str, float]:
+    if not sorted_ms:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+
+    def at(q: float) -> float:
+        return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
+
+    return {"p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": sorted_ms[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["open", "closed"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--key", default="none")
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--stream", action="store_true")
+    args = parser.parse_args()
+    if args.mode == "open":
+        result = asyncio.run(open_loop(args.url, args.key, args.rate, args.duration, args.stream))
+    else:
+        result = asyncio.run(closed_loop(args.url, args.key, args.connections, args.duration, args.stream))
+    print(json.dumps({**result, "failures": FAILURES}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
