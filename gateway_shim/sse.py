@@ -19,12 +19,14 @@ import re
 from typing import Any
 
 from gateway_shim.usage import Usage, completion_text, model_from, usage_from
+from quotameter.tokens import count_text
 
 # A blank line ends an event. Atomic groups keep "\r\n" from counting as two newlines.
 _EVENT_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # Inside a JSON string a quote is escaped, so this only matches the member itself.
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null')
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 DONE = b"[DONE]"
 
 
@@ -37,18 +39,34 @@ def event_data(event: bytes) -> bytes | None:
 
 
 class StreamTally:
-    def __init__(self, hide_usage: bool = False) -> None:
+    """``cut_at``: the output tokens the stream may carry (its reservation);
+    the event that would carry it past is not forwarded, and ``cut`` is set.
+
+    Most chunks are never parsed: only the first (the served model), any that
+    carries a ``usage`` object, and, once the stream's bytes could hold more
+    tokens than ``cut_at``, every chunk from then on. The text of the rest is
+    read from the kept raw data only if the shim must count it itself.
+    """
+
+    def __init__(self, hide_usage: bool = False, cut_at: int | None = None, model: str | None = None) -> None:
         self.hide_usage = hide_usage
+        self.cut_at = cut_at
+        self.cut = False
+        self.counted_output = 0
+        self.chunk_id: str | None = None
+        self._count_model = model
         self.usage: Usage | None = None
         self.model: str | None = None
         self.done = False  # [DONE] seen: the stream ended as the upstream meant it to
         self.events = 0
-        self._text: list[str] = []
+        self._texts: list[str | bytes] = []  # text of parsed chunks, raw data of the others
+        self._raw_bytes = 0
+        self._counting = False  # exact token counts from here on (cut_at is near)
         self._pending = b""
 
     @property
     def text(self) -> str:
-        return "".join(self._text)
+        return "".join(piece if isinstance(piece, str) else _text_of(piece) for piece in self._texts)
 
     @property
     def pending_bytes(self) -> int:
@@ -60,6 +78,8 @@ class StreamTally:
         out: list[bytes] = []
         start = 0
         for end in _EVENT_END.finditer(buffer):
+            if self.cut:
+                break
             event = buffer[start : end.end()]
             start = end.end()
             forwarded = self._observe(event)
@@ -76,20 +96,52 @@ class StreamTally:
         if data.strip() == DONE:
             self.done = True
             return event
+        if self.cut_at is not None and not self._counting:
+            # A token is at least one byte of text, and JSON never shortens
+            # text: while the raw bytes fit in cut_at, no count can pass it.
+            self._raw_bytes += len(data)
+            if self._raw_bytes > self.cut_at:
+                self._start_counting()
+        if self.model is not None and not self._counting and not _USAGE_OBJECT.search(data):
+            self._texts.append(data)
+            return _NULL_USAGE.sub(b"", event) if self.hide_usage else event
+        return self._observe_parsed(event, data)
+
+    def _start_counting(self) -> None:
+        self._counting = True
+        self._texts = [piece if isinstance(piece, str) else _text_of(piece) for piece in self._texts]
+        self.counted_output = sum(count_text(piece, self._count_model) for piece in self._texts if piece)
+
+    def _observe_parsed(self, event: bytes, data: bytes) -> bytes | None:
         try:
             chunk: Any = json.loads(data)
         except ValueError:
             return event  # not ours to judge: pass it on, count nothing from it
         if self.model is None:
             self.model = model_from(chunk)
+            if isinstance(chunk, dict) and isinstance(chunk.get("id"), str):
+                self.chunk_id = chunk["id"]
         usage = usage_from(chunk)
         if usage is not None:
             self.usage = usage
         text = completion_text(chunk)
         if text:
-            self._text.append(text)
+            if self._counting:
+                tokens = count_text(text, self._count_model)
+                if self.counted_output + tokens > self.cut_at:  # type: ignore[operator]
+                    self.cut = True
+                    return None
+                self.counted_output += tokens
+            self._texts.append(text)
         if self.hide_usage:
             if usage is not None and chunk.get("choices") == []:
                 return None
             return _NULL_USAGE.sub(b"", event)
         return event
+
+
+def _text_of(data: bytes) -> str:
+    try:
+        return completion_text(json.loads(data))
+    except ValueError:
+        return ""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway_shim.admission import Admission, format_duration
+from gateway_shim.admission import format_duration
 from gateway_shim.errors import MalformedRequest, RouteNotFound
 from gateway_shim.routes import match_route, read_request
 from gateway_shim.sse import StreamTally, event_data
@@ -70,6 +70,24 @@ def test_cut_stream_drops_the_trailing_fragment() -> None:
     assert tally.text == "one two" and not tally.done and tally.pending_bytes > 0
 
 
+def test_budget_cut_stops_before_the_chunk_that_would_pass_the_reservation() -> None:
+    words = [" word"] * 12  # one token each
+    stream = b"".join(_event(_chunk(w)) for w in words) + b"data: [DONE]\n\n"
+    tally = StreamTally(cut_at=5)
+    forwarded = tally.feed(stream)
+    assert tally.cut and tally.counted_output == 5
+    assert forwarded == b"".join(_event(_chunk(w)) for w in words[:5])
+    assert tally.text == " word" * 5
+
+
+def test_no_cut_and_no_count_while_the_bytes_cannot_reach_the_reservation() -> None:
+    stream = b"".join(_event(_chunk(" word")) for _ in range(12)) + b"data: [DONE]\n\n"
+    tally = StreamTally(cut_at=100_000)
+    assert tally.feed(stream) == stream
+    assert not tally.cut and tally.counted_output == 0 and tally.done
+    assert tally.text == " word" * 12  # still recoverable for the shim's own count
+
+
 def test_comments_and_garbage_pass_through_uncounted() -> None:
     stream = b": keep-alive\n\n" + b"data: {not json\n\n" + _event(_chunk("x"))
     tally = StreamTally(hide_usage=True)
@@ -130,12 +148,5 @@ def test_read_request_injects_usage_only_when_needed() -> None:
             read_request(chat, bad)
 
 
-def test_rate_limit_headers_and_durations() -> None:
-    admission = Admission(admitted=True, revoked=False, limit=3, remaining=2, retry_after_ms=0, reset_ms=20_000)
-    assert admission.headers() == {
-        "x-ratelimit-limit-requests": "3",
-        "x-ratelimit-remaining-requests": "2",
-        "x-ratelimit-reset-requests": "20s",
-    }
-    assert Admission(True, False, None, 0, 0, 0).headers() == {}
+def test_reset_durations_are_written_as_openai_does() -> None:
     assert [format_duration(ms) for ms in (20, 8571, 60_000, 61_500)] == ["20ms", "8.571s", "1m0s", "1m1.5s"]
