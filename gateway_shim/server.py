@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
@@ -21,6 +22,7 @@ from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import RouteNotFound, error_response
 from gateway_shim.proxy import Proxy
 from gateway_shim.upstream import Upstream
+from gateway_shim.usage_api import register as register_usage_api
 from quotameter.config import Config
 from quotameter.redis_keys import RedisKeys
 
@@ -29,8 +31,20 @@ SHUTDOWN_TIMEOUT_S = 30.0  # how long in-flight requests (long streams) get to f
 _PROXY = web.AppKey("proxy", Proxy)
 
 
+# -- spool hook (gateway_shim/spool.py): no request is served that could not be billed --
+@web.middleware
+async def _spool_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    proxy = request.app.get(_PROXY)
+    refusing = proxy.emitter.refusing if proxy is not None else None
+    if refusing is not None and request.path.startswith("/v1/"):
+        response = error_response(refusing)
+        response.headers["Retry-After"] = "5"
+        return response
+    return await handler(request)
+
+
 def build_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=32 * 1024 * 1024)
+    app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[_spool_guard])
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis_client = aioredis.Redis.from_url(
@@ -38,7 +52,7 @@ def build_app(config: Config) -> web.Application:
         )
         names = RedisKeys(config.services.redis_prefix)
         upstream = Upstream(config.upstream)
-        emitter = EventEmitter(config.services.kafka_bootstrap, config.services.events_topic)
+        emitter = EventEmitter.from_config(config)  # opens the spool, replays what it holds
         await upstream.start()
         await emitter.start()
         app[_PROXY] = Proxy(config, Authenticator(redis_client, names), Admitter(redis_client, names), upstream, emitter)
@@ -52,15 +66,21 @@ def build_app(config: Config) -> web.Application:
         return await request.app[_PROXY].handle(request)
 
     async def healthz(request: web.Request) -> web.Response:
-        # Serving is healthy even while Kafka is away: events are parked meanwhile.
-        events = request.app[_PROXY].emitter.status()
-        return web.json_response({"status": "ok", "instance": config.shim.instance, "events": events})
+        # Serving is healthy while Kafka is away (events are spooled), not once the spool is full.
+        emitter = request.app[_PROXY].emitter
+        refusing = emitter.refusing
+        body = {"status": "ok" if refusing is None else "refusing", "instance": config.shim.instance}
+        if refusing is not None:
+            body["reason"] = refusing.message
+        body["admission"] = request.app[_PROXY].enforcer.status()  # fail-mode decisions, queue, refusals
+        return web.json_response({**body, "events": emitter.status()}, status=200 if refusing is None else 503)
 
     async def not_found(request: web.Request) -> web.Response:
         return error_response(RouteNotFound(f"Unknown request URL: {request.method} {request.path}."))
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
+    register_usage_api(app, config)  # GET /v1/usage (gateway_shim/usage_api.py), before the catch-all
     app.router.add_route("*", "/v1/{tail:.*}", proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

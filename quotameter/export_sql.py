@@ -1,0 +1,110 @@
+"""The billing export's queries over the raw ledger (``quotameter.events``).
+
+Every sum reads ``FINAL``: the table is a ReplacingMergeTree by
+(customer, id), so a retried batch or a redelivered event counts once even
+before a merge. Nothing here reads the rollups: they are for dashboards, the
+invoice comes from the unique events themselves.
+
+The billed quantities clamp each event the way ``quotameter.pricing`` does
+(cached ≤ input, cache writes ≤ what is left, reasoning ≤ output), so the
+lines price to exactly the costs the pipeline recorded.
+
+Results are read a page at a time (the history store returns at most 10 000
+rows per query), ordered by the grouping key so pages never overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from quotameter.billing import BILLED_COLUMNS, Component
+
+EVENTS = "quotameter.events"
+PAGE_ROWS = 10_000
+
+# Sums are taken over a subquery with short column names, so no output alias
+# (input_tokens, …) ever shadows the column it sums.
+_CACHED = "least(ca, it)"
+_CACHE_WRITE = f"least(cw, it - {_CACHED})"
+_REASONING = "least(rt, ot)"
+_BILLED = {
+    Component.INPUT: f"it - {_CACHED} - {_CACHE_WRITE}",
+    Component.CACHED_INPUT: _CACHED,
+    Component.CACHE_WRITE: _CACHE_WRITE,
+    Component.OUTPUT: f"ot - {_REASONING}",
+    Component.REASONING: _REASONING,
+}
+_BILLED_SUMS = ",\n    ".join(f"sum({expr}) AS {BILLED_COLUMNS[c]}" for c, expr in _BILLED.items())
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _time(moment: datetime) -> str:
+    stamp = moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+    return f"toDateTime64({quote(stamp)}, 3, 'UTC')"
+
+
+def _in_month(start: datetime, end: datetime) -> str:
+    return f"time >= {_time(start)} AND time < {_time(end)}"
+
+
+def _events(start: datetime, end: datetime, where: str = "") -> str:
+    """The month's unique events, columns renamed for summing."""
+    return f"""(SELECT customer, coalesce(model_served, model_requested, '') AS model, price_version,
+        decision = 'admitted' AS ok, time AS t, input_tokens AS it, output_tokens AS ot, cached_tokens AS ca,
+        cache_write_tokens AS cw, reasoning_tokens AS rt, cost_usd AS cost
+    FROM {EVENTS} FINAL
+    WHERE {_in_month(start, end)}{where})"""
+
+
+def lines(start: datetime, end: datetime, limit: int = PAGE_ROWS, offset: int = 0) -> str:
+    """Invoice lines: one row per customer, model and price version."""
+    return f"""SELECT customer, model, price_version,
+    countIf(ok) AS requests,
+    countIf(NOT ok) AS refused,
+    count() AS events,
+    sum(it) AS input_tokens,
+    sum(ot) AS output_tokens,
+    sum(ca) AS cached_tokens,
+    sum(cw) AS cache_write_tokens,
+    sum(rt) AS reasoning_tokens,
+    {_BILLED_SUMS},
+    toString(sum(cost)) AS cost_usd
+FROM {_events(start, end)}
+GROUP BY customer, model, price_version
+ORDER BY customer, model, price_version
+LIMIT {int(limit)} OFFSET {int(offset)}"""
+
+
+def customer_totals(start: datetime, end: datetime, limit: int = PAGE_ROWS, offset: int = 0) -> str:
+    """Each customer's totals over the month, grouped by customer alone: the
+    ledger side of the reconciliation."""
+    return f"""SELECT customer,
+    countIf(ok) AS requests,
+    count() AS events,
+    sum(it) AS input_tokens,
+    sum(ot) AS output_tokens,
+    sum(ca) AS cached_tokens,
+    sum(rt) AS reasoning_tokens,
+    toString(sum(cost)) AS cost_usd
+FROM {_events(start, end)}
+GROUP BY customer
+ORDER BY customer
+LIMIT {int(limit)} OFFSET {int(offset)}"""
+
+
+def windows(start: datetime, end: datetime, customers: Sequence[str], window: str, tz: str) -> str:
+    """Admitted usage per customer, model and window (its start in unix
+    seconds; hours and days in the billing time zone) for some customers."""
+    bucket = {"hour": "toStartOfHour", "day": "toStartOfDay"}[window]
+    only = f" AND customer IN ({', '.join(map(quote, customers))})"
+    return f"""SELECT customer, model,
+    toUnixTimestamp({bucket}(t, {quote(tz)})) AS window_s,
+    countIf(ok) AS requests,
+    {_BILLED_SUMS}
+FROM {_events(start, end, only)}
+GROUP BY customer, model, window_s
+ORDER BY customer, model, window_s"""
