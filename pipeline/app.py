@@ -6,8 +6,10 @@ partition when both use the default partitioner. They are created with
 ``use_partitioner=True`` because ``stream.take`` / ``take_events`` bodies run
 outside a current event, where Faust cannot pick the source partition.
 
-    month-usage   customer → {"YYYY-MM": totals record, …}   (billing periods)
-    minute-usage  customer → {"minute": ISO UTC minute, …totals}  (current minute only)
+    usage-minute / usage-hour / usage-day / usage-period
+        customer → ``quotameter.windows.WindowRecord`` as JSON: the customer's
+        buckets of that size (all models and per model), with the offset
+        watermark that makes a redelivery harmless
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from urllib.parse import urlsplit
 import faust
 
 from quotameter.config import Config
+from quotameter.windows import Granularity
 
 TOPIC_PARTITIONS = 4
-SESSION_TIMEOUT_S = 10.0
 COMMIT_INTERVAL_S = 1.0
 
 
@@ -40,8 +42,7 @@ def worker_data_dir(config: Config) -> Path:
 class FaustParts:
     app: faust.App
     events_topic: faust.TopicT
-    months: faust.Table
-    minutes: faust.Table
+    tables: dict[Granularity, faust.Table]
 
 
 def build_app(config: Config) -> FaustParts:
@@ -53,7 +54,7 @@ def build_app(config: Config) -> FaustParts:
         store="memory://",  # rocksdb fails its offset check on Tansu (see DESIGN.md)
         datadir=str(worker_data_dir(config)),
         topic_partitions=TOPIC_PARTITIONS,
-        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_session_timeout=config.pipeline.session_timeout_s,
         broker_heartbeat_interval=1.0,
         broker_commit_interval=COMMIT_INTERVAL_S,
         consumer_auto_offset_reset="earliest",
@@ -67,18 +68,14 @@ def build_app(config: Config) -> FaustParts:
         autodiscover=False,
     )
     events_topic = app.topic(services.events_topic, key_type=bytes, value_type=bytes)
-    months = app.Table(
-        "month-usage",
-        key_type=bytes,  # value_type stays None: plain JSON (a dict type breaks recovery)
-        partitions=TOPIC_PARTITIONS,
-        use_partitioner=True,
-        help="customer → billing period → usage totals",
-    )
-    minutes = app.Table(
-        "minute-usage",
-        key_type=bytes,  # value_type stays None: plain JSON (a dict type breaks recovery)
-        partitions=TOPIC_PARTITIONS,
-        use_partitioner=True,
-        help="customer → usage totals of the current UTC minute",
-    )
-    return FaustParts(app, events_topic, months, minutes)
+    tables = {
+        granularity: app.Table(
+            f"usage-{granularity.value}",
+            key_type=bytes,  # value_type stays None: plain JSON (a dict type breaks recovery)
+            partitions=TOPIC_PARTITIONS,
+            use_partitioner=True,
+            help=f"customer → usage per {granularity.value}, all models and per model",
+        )
+        for granularity in Granularity
+    }
+    return FaustParts(app, events_topic, tables)

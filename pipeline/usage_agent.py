@@ -1,124 +1,212 @@
-"""The usage agent: a thin loop that hands each batch of events to the steps
-below, in this order, before Faust may commit the batch's offsets.
+"""The usage agent: a thin loop that hands each batch of events (at most
+``batch_max_events``, at most ``batch_max_wait_ms`` old) to the steps below.
+Events are acked by hand, by the ledger sink, once their rows are written.
 
-    1. decode + price   pure; a malformed event is logged with its reason and skipped
-    2. ledger insert    ClickHouse, idempotent by event id
-    3. tables           Faust month / minute tables (changelogged)
-    4. quota state      Redis, absolute totals per touched (customer, period)
-    5. (Faust)          acks the batch when the loop body returns; the
-                        offsets are committed within ``broker_commit_interval``
+    1. decode + price      pure; a malformed event goes to the dead-letter
+                           topic with the reason (step 4 waits for it)
+    2. dedupe              ids already applied: the in-memory window, else
+                           the ledger (exact; see pipeline.dedupe)
+    3. window tables       only offsets above each record's watermark are
+                           applied (pipeline.window_tables)
+    4. changelog flush     the tables' changelog records and DLQ records are
+                           acknowledged by the broker
+    5. quota state         Redis: absolute totals with a version, releasing
+                           the reservations of the applied ids (one script)
+    6. alerts              observe each touched (customer, period)
+    7. ledger              rows buffered; inserted within ``ledger_flush_ms``,
+                           then the events are acked (pipeline.ledger_sink)
 
 Delivery is at-least-once: a crash re-delivers every event past the last
-commit. What a crash at each step causes is said beside the step.
+commit, and a shim may re-send an event. What a crash at each step causes is
+said beside the step; in every case the totals end exact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
+from typing import Any, Protocol, TypeVar
 
 import faust
 from faust.types import EventT
 
 from pipeline.app import FaustParts
-from pipeline.history.store import AsyncHistory, HistoryError
-from pipeline.redis_writer import PeriodKey, UsageWriter
-from quotameter.aggregate import (
-    PricedEvent,
-    Totals,
-    add_to_periods,
-    advance_minute,
-    price_batch,
-    totals_by_minute,
-    totals_by_period,
-)
+from pipeline.dedupe import Deduplicator
+from pipeline.freshness import Freshness
+from pipeline.history.store import HistoryError
+from pipeline.ledger_sink import EXIT_LEDGER_DOWN, LedgerSink
+from pipeline.redis_writer import UsageWriter
+from pipeline.window_tables import WindowTables
+from quotameter.aggregate import price_event
 from quotameter.errors import EventError
-from quotameter.events import UsageEvent, decode_event
+from quotameter.events import decode_event
 from quotameter.pricing import PriceTable
+from quotameter.windows import Delivered
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX_EVENTS = 2000
-BATCH_WITHIN_S = 0.25
-LEDGER_RETRY_S = 30.0  # then exit without committing: a supervisor restarts us
-EXIT_LEDGER_DOWN = 75  # EX_TEMPFAIL
+LEDGER_RETRY_S = 30.0
+T = TypeVar("T")
 
 
-def decode_batch(events: Sequence[EventT]) -> list[UsageEvent]:
-    decoded = []
-    for event in events:
+class PeriodObserver(Protocol):
+    """What the alert engine offers (``pipeline.alerts.AlertEngine``)."""
+
+    async def observe(self, customer: str, period: str, tier: str | None, tokens: int, cost_usd: Decimal) -> None: ...
+
+
+async def _ledger_call(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Retry a ledger read; after LEDGER_RETRY_S exit unacked (a supervisor restarts us)."""
+    deadline = time.monotonic() + LEDGER_RETRY_S
+    delay_s = 0.2
+    while True:
         try:
-            decoded.append(decode_event(event.value))
-        except EventError as exc:
-            msg = event.message
-            log.warning("skipping malformed event at %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
-    return decoded
+            return await call()
+        except HistoryError as exc:
+            if time.monotonic() >= deadline:
+                log.critical("ledger unavailable for %.0fs (%s), exiting without committing: %s", LEDGER_RETRY_S, what, exc)
+                os._exit(EXIT_LEDGER_DOWN)
+            log.error("ledger %s failed (retrying in %.1fs): %s", what, delay_s, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
 
 
 class UsageSink:
-    def __init__(self, parts: FaustParts, history: AsyncHistory, writer: UsageWriter, prices: PriceTable, tz: str):
+    def __init__(
+        self,
+        parts: FaustParts,
+        windows: WindowTables,
+        dedupe: Deduplicator,
+        ledger: LedgerSink,
+        writer: UsageWriter,
+        prices: PriceTable,
+        dlq_topic: str,
+        freshness: Freshness,
+    ) -> None:
         self.parts = parts
-        self.history = history
+        self.windows = windows
+        self.dedupe = dedupe
+        self.ledger = ledger
         self.writer = writer
         self.prices = prices
-        self.tz = tz
-        self.batches = 0
-        self.events = 0
+        self.dlq_topic = dlq_topic
+        self.freshness = freshness
+        self.observer: PeriodObserver | None = None
+        self.lock = asyncio.Lock()  # batches and rebuilds take turns
+        self.counts = {"batches": 0, "events": 0, "applied": 0, "duplicates": 0, "malformed": 0, "late": 0, "seeded": 0}
 
     async def process(self, events: Sequence[EventT]) -> None:
-        # 1. Pure. A crash here: nothing written; the batch is re-delivered.
-        priced = price_batch(decode_batch(events), self.prices)
-        if not priced:
-            return
-        # 2. Ledger first. A crash after it: the batch is re-delivered and
-        #    re-inserted; the ledger keeps one row per id, totals stay exact.
-        await self._store_in_ledger(priced)
-        # 3. Tables. A crash after it: the changelog already holds these
-        #    increments and the re-delivered batch adds them again, so table
-        #    (and Redis) totals run high until rebuilt from the ledger.
-        touched = self._apply_to_tables(priced)
-        # 4. Redis, absolute values. A crash after it: as in 3. A failed write
-        #    is retried with the next batch; Redis lags but never drifts.
-        await self.writer.write(touched)
-        self.batches += 1
-        self.events += len(priced)
+        async with self.lock:
+            await self._process(events)
 
-    async def _store_in_ledger(self, priced: list[PricedEvent]) -> None:
-        deadline = time.monotonic() + LEDGER_RETRY_S
-        delay_s = 0.2
-        while True:
+    async def _process(self, events: Sequence[EventT]) -> None:
+        # 1. Pure, plus DLQ sends. A crash here: nothing acked, all redelivered.
+        delivered, dead = self._decode(events)
+        for event, reason in dead:
+            await self._dead_letter(event, reason)
+        # 2. Read only. A crash here: as in 1.
+        known = await _ledger_call("lookup", lambda: self.dedupe.known(delivered)) if delivered else {}
+        fresh = [d for d in delivered if d.priced.event.id not in known]
+        # An id whose ledger row came from this very delivery (same partition
+        # and offset) reached the ledger, but maybe not the tables (a changelog
+        # record lost in a crash or a rebalance): the tables apply it unless
+        # their watermark (or their seed) already covers it. Any other known
+        # id is a re-sent duplicate: skipped.
+        again = [d for d in delivered if known.get(d.priced.event.id) == (d.partition, d.offset)]
+        # 3. Tables (in memory until 4). A crash here: as in 1.
+        result = await _ledger_call("seed", lambda: self.windows.apply(fresh, again))
+        self.dedupe.recent.add(d.priced.event.id for d in fresh)
+        # 4. The changelog now holds totals and watermarks together. A crash
+        #    after it: redelivered events are at or below the watermark and
+        #    skip the tables; the ledger, lacking them, still gets them (7).
+        await self.parts.app.producer.flush()
+        await self.windows.changelog_written()
+        # 5. Redis. Totals never exceed the changelog's; a crash after it:
+        #    the replay writes the same totals again (or an older state,
+        #    which the version refuses). A failed write is retried with the
+        #    next batch.
+        await self.writer.write(result.periods, result.ids)
+        self.freshness.observe("redis", (d.priced.event.time_ms for d in fresh))
+        # 6. Alerts fire once per threshold (the engine claims each in Redis).
+        if self.observer is not None:
+            # ALERTS-HOOK: the one call site of the alert engine (pipeline.alerts).
+            for (customer, period), totals in result.periods.items():
+                await self.observer.observe(
+                    customer, period, result.tiers.get(customer),
+                    tokens=totals.input_tokens + totals.output_tokens, cost_usd=totals.cost_usd,
+                )
+        # 7. Ledger rows of the new ids; every event of the batch is acked
+        #    after they are written.
+        await self.ledger.add(result.rows, events)
+        self._count(events, delivered, fresh, dead, result.late, result.seeded)
+
+    def _decode(self, events: Sequence[EventT]) -> tuple[list[Delivered], list[tuple[EventT, str]]]:
+        delivered: list[Delivered] = []
+        dead: list[tuple[EventT, str]] = []
+        seen: set[str] = set()
+        for event in events:
+            message = event.message
             try:
-                await self.history.insert_events(priced)
-                return
-            except HistoryError as exc:
-                if time.monotonic() >= deadline:
-                    # Raising would let Faust ack (and commit) the batch
-                    # without a ledger row: exit hard instead, uncommitted.
-                    log.critical("ledger unavailable for %.0fs, exiting without committing: %s", LEDGER_RETRY_S, exc)
-                    os._exit(EXIT_LEDGER_DOWN)
-                log.error("ledger insert failed (retrying in %.1fs): %s", delay_s, exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 5.0)
+                decoded = decode_event(event.value)
+            except EventError as exc:
+                dead.append((event, str(exc)))
+                continue
+            if message.key is not None and message.key != decoded.subject.encode():
+                # The watermark needs one partition per customer: keyed by subject.
+                dead.append((event, f"key {message.key!r} is not the event's subject {decoded.subject!r}"))
+                continue
+            if decoded.id in seen:
+                continue  # a duplicate within the batch: the first one (lowest offset) counts
+            seen.add(decoded.id)
+            priced = dataclasses.replace(price_event(decoded, self.prices), partition=message.partition, offset=message.offset)
+            delivered.append(Delivered(priced, message.partition, message.offset))
+        return delivered, dead
 
-    def _apply_to_tables(self, priced: list[PricedEvent]) -> dict[PeriodKey, Totals]:
-        months, minutes = self.parts.months, self.parts.minutes
-        touched: dict[PeriodKey, Totals] = {}
-        for (customer, period), delta in totals_by_period(priced, self.tz).items():
-            key = customer.encode()
-            record = add_to_periods(months.get(key), period, delta)
-            months[key] = record
-            touched[(customer, period)] = Totals.from_record(record[period])
-        for (customer, minute), delta in sorted(totals_by_minute(priced).items()):
-            key = customer.encode()
-            minutes[key] = advance_minute(minutes.get(key), minute, delta)
-        return touched
+    async def _dead_letter(self, event: EventT, reason: str) -> None:
+        message = event.message
+        log.warning("malformed event at %s[%d]@%d sent to %s: %s", message.topic, message.partition, message.offset, self.dlq_topic, reason)
+        headers = [
+            ("quotameter-dlq-reason", reason.encode()),
+            ("quotameter-source", f"{message.topic}[{message.partition}]@{message.offset}".encode()),
+        ]
+        await self.parts.app.producer.send(
+            self.dlq_topic, message.key, event.value if isinstance(event.value, bytes) else bytes(event.value or b""),
+            partition=None, timestamp=None, headers=headers,
+        )
+
+    def _count(self, events: Any, delivered: list, fresh: list, dead: list, late: int, seeded: int) -> None:
+        counts = self.counts
+        counts["batches"] += 1
+        counts["events"] += len(events)
+        counts["applied"] += len(fresh)
+        counts["duplicates"] += len(events) - len(dead) - len(fresh)
+        counts["malformed"] += len(dead)
+        counts["late"] += late
+        counts["seeded"] += seeded
 
 
-def register_usage_agent(parts: FaustParts, sink: UsageSink) -> None:
+def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: int, batch_max_wait_ms: int) -> None:
     @parts.app.agent(parts.events_topic, name="usage")
     async def usage(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH_MAX_EVENTS, within=BATCH_WITHIN_S):
+        sink.ledger.ack = stream.ack
+        async for events in stream.noack_take(batch_max_events, within=batch_max_wait_ms / 1000):
             await sink.process(events)
+
+    @parts.app.timer(0.05)
+    async def flush_ledger() -> None:
+        await sink.ledger.tick()
+
+    async def on_rebalance(sender: Any = None, *args: Any, **kwargs: Any) -> None:
+        # A rebalance re-reads the tables from their changelog, which may lack
+        # a record this process wrote: from here on only the ledger (with the
+        # position of each row) answers "seen before?", never the window.
+        await sink.ledger.flush()
+        sink.dedupe.recent.clear()
+
+    parts.app.on_partitions_revoked.connect(on_rebalance, weak=False)
+    parts.app.on_partitions_assigned.connect(on_rebalance, weak=False)

@@ -5,6 +5,12 @@
     GET  /usage?customer=C&period=P   the ledger's exact totals (P = YYYY-MM)
     POST /query                       body: one read-only SELECT (text, or JSON
                                       {"sql": …}); 200 {"rows": […]}, 400 if rejected
+    POST /rebuild-state?customer=C&month=P&force=1
+                                      Redis's period totals from the ledger, between
+                                      two batches (``pipeline.rebuild``)
+    GET  /stats                       counters and freshness p50/p99 per sink
+    GET  /windows?customer=C          this worker's window tables for C (404 when
+                                      another worker owns C's partition)
 
 Other processes cannot open the worker's chDB directory, so they read the
 ledger here (``pipeline.history.reader``).
@@ -18,6 +24,9 @@ from typing import Any
 from faust.web import Request, Response, View
 
 from pipeline.app import FaustParts
+from pipeline.rebuild import rebuild_state
+from pipeline.usage_agent import UsageSink
+from quotameter.windows import Granularity
 from pipeline.history.store import AsyncHistory, HistoryError, QueryRejected
 from quotameter.periods import period_bounds
 
@@ -27,8 +36,49 @@ class Readiness:
         self.ready = False
 
 
-def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readiness, tz: str) -> None:
+def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readiness, sink: UsageSink, tz: str, anchor_day: int) -> None:
     app = parts.app
+
+    @app.page("/rebuild-state")
+    class Rebuild(View):
+        async def post(self, request: Request) -> Response:
+            customer = request.query.get("customer") or None
+            month = request.query.get("month") or None
+            force = request.query.get("force", "") in ("1", "true")
+            if month is not None:
+                try:
+                    period_bounds(month, tz, anchor_day)
+                except ValueError as exc:
+                    return self.json({"error": str(exc)}, status=400)
+            try:
+                async with sink.lock:  # between two batches: the ledger has every applied event
+                    await sink.ledger.flush()
+                    counts = await rebuild_state(history, sink.writer, tz, anchor_day, customer, month, force)
+            except (HistoryError, ConnectionError) as exc:
+                return self.json({"error": str(exc)}, status=503)
+            return self.json(counts)
+
+    @app.page("/stats")
+    class Stats(View):
+        async def get(self, request: Request) -> Response:
+            return self.json(
+                {
+                    **sink.counts,
+                    "ledger_rows": sink.ledger.inserted,
+                    "ledger_inserts": sink.ledger.inserts,
+                    "ledger_lookups": sink.dedupe.ledger_lookups,
+                    "freshness": sink.freshness.summary(),
+                }
+            )
+
+    @app.page("/windows")
+    class Windows(View):
+        async def get(self, request: Request) -> Response:
+            customer = request.query.get("customer", "")
+            records = {g.value: sink.windows.record(g, customer) for g in Granularity}
+            if not any(records.values()):
+                return self.json({"error": f"no windows of {customer!r} on this worker"}, status=404)
+            return self.json({name: record.to_json() if record else None for name, record in records.items()})
 
     @app.page("/healthz")
     class Health(View):

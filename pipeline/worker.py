@@ -1,8 +1,10 @@
 """``quotameter worker``: run one pipeline worker in the foreground.
 
-Startup: create the events topic if missing, open the ledger (this process
-owns the chDB directory from here on), then run Faust until SIGINT/SIGTERM.
-Once the worker has joined its group and recovered its tables it prints
+Startup: create the events and dead-letter topics if missing, open the ledger
+(with chDB this process owns the directory from here on), give Redis the
+ledger's totals of the current period where it has none or older ones
+(``pipeline.rebuild``), then run Faust until SIGINT/SIGTERM. Once the worker
+has joined its group and recovered its tables it prints
 ``quotameter worker ready`` on stdout and ``GET /healthz`` answers 200.
 """
 
@@ -15,16 +17,24 @@ import time
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
 from mode import Service
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from pipeline.alerts import AlertEngine
 from pipeline.app import TOPIC_PARTITIONS, FaustParts, build_app
-from pipeline.history.chdb_store import ChdbHistory
-from pipeline.history.store import AsyncHistory
+from pipeline.dedupe import Deduplicator, RecentIds
+from pipeline.freshness import Freshness
+from pipeline.history.factory import open_store
+from pipeline.history.store import AsyncHistory, HistoryError
+from pipeline.ledger_sink import LedgerSink
+from pipeline.rebuild import rebuild_state
 from pipeline.redis_writer import UsageWriter
 from pipeline.topics import ensure_topic
 from pipeline.usage_agent import UsageSink, register_usage_agent
 from pipeline.web import Readiness, register_views
+from pipeline.window_tables import WindowTables
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
 from quotameter.pricing import PriceTable
@@ -35,17 +45,39 @@ LIBRARY_LOG_LEVEL_ENV = "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL"
 log = logging.getLogger(__name__)
 
 
-class SinkService(Service):
-    """Closes the sinks after the app (and its agents) stopped: waits for an
-    insert already handed to the ledger thread, flushes Redis."""
+def dlq_topic(config: Config) -> str:
+    return config.pipeline.dlq_topic or f"{config.services.events_topic}.dlq"
 
-    def __init__(self, history: AsyncHistory, writer: UsageWriter, **kwargs: Any) -> None:
+
+class SinkService(Service):
+    """Starts the alerts producer; after the app (and its agents) stopped,
+    writes the rows still buffered for the ledger and closes the sinks."""
+
+    def __init__(self, config: Config, sink: UsageSink, history: AsyncHistory, redis_client: Redis, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.config = config
+        self.sink = sink
         self.history = history
-        self.writer = writer
+        self.redis_client = redis_client
+        self.producer: AIOKafkaProducer | None = None
+
+    async def on_start(self) -> None:
+        if self.config.alerts.enabled:
+            self.producer = AIOKafkaProducer(bootstrap_servers=self.config.services.kafka_bootstrap, linger_ms=5)
+            await self.producer.start()
+            self.sink.observer = AlertEngine.from_config(self.config, self.redis_client, self.producer)
 
     async def on_stop(self) -> None:
-        await self.writer.close()
+        # The buffered rows' table state is in the changelog already, so
+        # writing them now keeps the ledger ⇒ changelog invariant; their
+        # events stay unacked and a restart skips them (ledger lookup).
+        self.sink.ledger.ack = None
+        await self.sink.ledger.flush()
+        await self.sink.writer.close()
+        if isinstance(self.sink.observer, AlertEngine):
+            await self.sink.observer.close()
+        if self.producer is not None:
+            await self.producer.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.history.close)
         log.info("sinks flushed and closed")
 
@@ -61,26 +93,49 @@ def _announce_ready(parts: FaustParts, readiness: Readiness, started: float) -> 
     parts.app.on_rebalance_complete.connect(on_rebalance_complete, weak=False)
 
 
+def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer: UsageWriter) -> UsageSink:
+    settings, billing = config.pipeline, config.billing
+    recent = RecentIds(settings.dedupe_window_s, settings.dedupe_window_max_ids)
+    freshness = Freshness()
+    ledger = LedgerSink(history, recent, settings.ledger_batch_rows, settings.ledger_flush_ms)
+    ledger.on_inserted = lambda rows: freshness.observe("clickhouse", (p.event.time_ms for p in rows))
+    windows = WindowTables(
+        parts.tables, history, ledger.flush, billing.timezone, billing.anchor_day, int(settings.late_grace_s * 1000)
+    )
+    prices = PriceTable(list(config.prices), config.default_price)
+    return UsageSink(parts, windows, Deduplicator(recent, history), ledger, writer, prices, dlq_topic(config), freshness)
+
+
 def serve(config: Config) -> None:
     """Run the worker until SIGINT/SIGTERM; exit 0 after a clean stop."""
     started = time.monotonic()
-    services = config.services
+    services, billing = config.services, config.billing
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(ensure_topic(services.kafka_bootstrap, services.events_topic, TOPIC_PARTITIONS))
-        store = ChdbHistory(services.history_dir)
+        loop.run_until_complete(ensure_topic(services.kafka_bootstrap, dlq_topic(config), 1))
+        store = open_store(config)
     except QuotameterError as exc:
         loop.close()
         raise SystemExit(f"error: {exc}") from None
 
     history = AsyncHistory(store)
-    writer = UsageWriter(Redis.from_url(services.redis_url), RedisKeys(services.redis_prefix), lambda: time.time_ns() // 1_000_000)
+    redis_client = Redis.from_url(services.redis_url)
+    writer = UsageWriter(redis_client, RedisKeys(services.redis_prefix), lambda: time.time_ns() // 1_000_000)
+    try:
+        # Redis flushed, or behind a ledger kept across a lost broker: the
+        # ledger's totals now, before the first batch (never lowers a total).
+        counts = loop.run_until_complete(rebuild_state(history, writer, billing.timezone, billing.anchor_day))
+        log.info("quota state of %d customers checked against the ledger", counts["customers"])
+    except (HistoryError, RedisError, OSError, ConnectionError) as exc:
+        log.warning("quota state not rebuilt from the ledger on start (the next batches write it): %s", exc)
+
     parts = build_app(config)
-    sink = UsageSink(parts, history, writer, PriceTable(list(config.prices)), config.billing.timezone)
+    sink = build_sink(config, parts, history, writer)
     readiness = Readiness()
-    register_usage_agent(parts, sink)
-    register_views(parts, history, readiness, config.billing.timezone)
+    register_usage_agent(parts, sink, config.pipeline.batch_max_events, config.pipeline.batch_max_wait_ms)
+    register_views(parts, history, readiness, sink, billing.timezone, billing.anchor_day)
     _announce_ready(parts, readiness, started)
 
     # Faust, mode and aiokafka log every step at INFO; set
@@ -90,7 +145,7 @@ def serve(config: Config) -> None:
         logging.getLogger(library).setLevel(library_level)
     worker = faust.Worker(
         parts.app,
-        SinkService(history, writer, loop=loop),
+        SinkService(config, sink, history, redis_client, loop=loop),
         loop=loop,
         loglevel="INFO",
         quiet=True,

@@ -5,20 +5,20 @@ over these, so the arithmetic is tested without a broker.
 
 Delivery is at-least-once, so a batch may repeat events of an earlier one.
 Within one batch duplicates (same event id) are dropped here; across batches
-the ClickHouse ledger (deduplicated by id) is the exact record, and the
-totals built here are a fast cache of it that may run slightly high after a
-crash or a rebalance.
+``quotameter.windows`` skips what was applied (by Kafka offset) and the
+pipeline drops ids the ledger already holds, so totals stay exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any
 
 from quotameter.events import Decision, UsageEvent
-from quotameter.periods import minute_of, period_of
+from quotameter.periods import period_of
 from quotameter.pricing import COST_QUANTUM, Cost, PriceTable
 
 Record = dict[str, Any]  # what a table or Redis holds: ints, and money as a string
@@ -40,6 +40,19 @@ class Totals:
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def cost_micro_usd(self) -> int:
+        """The cost rounded up to whole micro-USD (what Lua compares with budgets)."""
+        return math.ceil(self.cost_usd * 1_000_000)
+
+    def to_list(self) -> list[Any]:
+        """Compact form for table values: the fields in order, money as text."""
+        return [format_usd(v) if isinstance(v, Decimal) else v for v in (getattr(self, f.name) for f in fields(self))]
+
+    @classmethod
+    def from_list(cls, values: Sequence[Any]) -> Totals:
+        return cls(*(Decimal(v) if f.name == "cost_usd" else int(v) for f, v in zip(fields(cls), values, strict=True)))
 
     def to_record(self) -> Record:
         record: Record = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -68,6 +81,9 @@ def format_usd(amount: Decimal) -> str:
 class PricedEvent:
     event: UsageEvent
     cost: Cost
+    late: bool = False  # older than its customer's newest event by more than the grace
+    partition: int = -1  # where Kafka delivered it (kept in the ledger row)
+    offset: int = -1
 
     @property
     def totals(self) -> Totals:
@@ -95,6 +111,8 @@ def price_event(event: UsageEvent, prices: PriceTable) -> PricedEvent:
         input_tokens=data.input_tokens,
         output_tokens=data.output_tokens,
         cached_tokens=data.cached_tokens,
+        cache_write_tokens=data.cache_write_tokens,
+        reasoning_tokens=data.reasoning_tokens,
     )
     return PricedEvent(event, cost)
 
@@ -114,40 +132,10 @@ def price_batch(events: Iterable[UsageEvent], prices: PriceTable) -> list[Priced
     return [price_event(event, prices) for event in unique_by_id(events)]
 
 
-def totals_by_period(batch: Iterable[PricedEvent], tz: str) -> dict[tuple[str, str], Totals]:
+def totals_by_period(batch: Iterable[PricedEvent], tz: str, anchor_day: int = 1) -> dict[tuple[str, str], Totals]:
     """(customer, billing period ``YYYY-MM``) → the batch's totals."""
     out: dict[tuple[str, str], Totals] = {}
     for priced in batch:
-        key = (priced.event.customer_id, period_of(priced.event.time, tz))
+        key = (priced.event.customer_id, period_of(priced.event.time, tz, anchor_day))
         out[key] = out.get(key, Totals()) + priced.totals
     return out
-
-
-def totals_by_minute(batch: Iterable[PricedEvent]) -> dict[tuple[str, str], Totals]:
-    """(customer, UTC minute start as ISO 8601) → the batch's totals."""
-    out: dict[tuple[str, str], Totals] = {}
-    for priced in batch:
-        key = (priced.event.customer_id, minute_of(priced.event.time).isoformat())
-        out[key] = out.get(key, Totals()) + priced.totals
-    return out
-
-
-def add_to_periods(record: Mapping[str, Any] | None, period: str, delta: Totals) -> Record:
-    """A customer's month-table value (``{period: totals record}``) plus ``delta``."""
-    periods: Record = dict(record or {})
-    periods[period] = (Totals.from_record(periods.get(period)) + delta).to_record()
-    return periods
-
-
-def advance_minute(record: Mapping[str, Any] | None, minute: str, delta: Totals) -> Record:
-    """A customer's current-minute value after adding ``delta`` for ``minute``.
-
-    The value holds one minute: a later minute replaces it, an earlier (late)
-    one leaves it as it is. ISO minutes in UTC sort as strings.
-    """
-    current = dict(record or {})
-    held = current.get("minute")
-    if held is not None and minute < held:
-        return current
-    base = Totals.from_record(current) if held == minute else Totals()
-    return {"minute": minute, **(base + delta).to_record()}

@@ -3,6 +3,11 @@
 A chDB data directory can be opened by one process at a time (a second one
 fails with "Error initializing EmbeddedServer"): the worker owns it while it
 runs, and other processes read through the worker's web server.
+
+A clean close leaves a marker file in the directory. Opening it for writing
+without the marker means the last writer was killed, perhaps between an
+insert's table part and its rollups' parts: the rollups of the months
+written last are then recomputed from the ledger before anything else runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pipeline.history.store import HistoryError, QueryRejected, UsageRow
 from quotameter.aggregate import PricedEvent
 
 MAX_QUERY_ROWS = 10_000
+CLEAN_MARKER = "quotameter-closed-cleanly"
 
 
 def _session(target: str):  # noqa: ANN202 - chdb.session.Session
@@ -51,11 +57,26 @@ class ChdbHistory:
                 raise HistoryError(f"no chDB ledger at {self.path} (has a worker ever run with this history_dir?)")
             self._rw = None
         else:
+            existed = (self.path / "metadata").is_dir()
             self.path.mkdir(parents=True, exist_ok=True)
             self._rw = _session(str(self.path))
             for statement in schema.DDL:
                 self._run(self._rw, statement)
+            marker = self.path / CLEAN_MARKER
+            if existed and not marker.exists():
+                self.repaired_months = self.repair_rollups()
+            marker.unlink(missing_ok=True)
         self._ro = _session(f"{self.path}?mode=ro")
+
+    repaired_months: list[int] = []
+
+    def repair_rollups(self) -> list[int]:
+        """Recompute the rollups of the months written last (see the module doc)."""
+        months = [int(row["month"]) for row in self._json_rows(self._run(self._rw, schema.RECENT_MONTHS, fmt="JSONEachRow"))]
+        for month in months:
+            for statement in schema.rollup_rebuild(month):
+                self._run(self._rw, statement)
+        return months
 
     def _run(self, session: Any, sql: str, params: dict[str, str] | None = None, fmt: str = "CSV") -> str:
         try:
@@ -91,7 +112,10 @@ class ChdbHistory:
 
     def close(self) -> None:
         with self._lock:
+            clean = self._rw is not None
             for session in (self._ro, self._rw):
                 if session is not None:
                     session.close()
             self._ro = self._rw = None
+            if clean:
+                (self.path / CLEAN_MARKER).touch()

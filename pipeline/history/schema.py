@@ -4,12 +4,20 @@
 merges; until then every summing query reads ``FINAL``, so a retried batch
 never doubles a total. A duplicate has the same time as its original, hence
 the same monthly partition, which is what FINAL deduplicates within.
+
+Rollups: ``usage_hourly`` and ``usage_daily`` are materialized views (into
+SummingMergeTree tables ``*_store``) per customer, tier, model and hour / day;
+read them with ``sum(…) … GROUP BY`` (rows merge in the background). A view
+sums every inserted row, so it is exact only if no id is inserted twice: the
+pipeline inserts only ids the ledger does not hold yet (``KNOWN_IDS``), and a
+worker killed between the table's part and a view's part is repaired on its
+next start (``rollup_rebuild``). ``model`` is the model served, else requested.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -40,6 +48,7 @@ DDL = (
         output_tokens UInt64,
         cached_tokens UInt64,
         reasoning_tokens UInt64,
+        cache_write_tokens UInt64 DEFAULT 0,
         cost_usd Decimal(38, 12),
         price_version LowCardinality(String),
         upstream_cost_usd Nullable(Decimal(38, 12)),
@@ -50,13 +59,93 @@ DDL = (
         request_bytes UInt64,
         response_bytes UInt64,
         source String,
+        late Bool DEFAULT false,
+        kafka_partition Int32 DEFAULT -1,
+        kafka_offset Int64 DEFAULT -1,
         ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
     )
     ENGINE = ReplacingMergeTree
     PARTITION BY toYYYYMM(time)
     ORDER BY (customer, id)
     """,
+    # Ledgers written before these columns existed.
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS cache_write_tokens UInt64 DEFAULT 0 AFTER reasoning_tokens",
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS late Bool DEFAULT false AFTER source",
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1 AFTER late",
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition",
 )
+
+# name, time column, its type, the bucket expression over events.time
+ROLLUPS = (
+    ("usage_hourly", "hour", "DateTime('UTC')", "toStartOfHour(time)"),
+    ("usage_daily", "day", "Date", "toDate(time, 'UTC')"),
+)
+
+_ROLLUP_SUMS = """
+    countIf(decision = 'admitted') AS requests,
+    countIf(decision != 'admitted') AS refused,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(cached_tokens) AS cached_tokens,
+    sum(reasoning_tokens) AS reasoning_tokens,
+    sum(cost_usd) AS cost_usd,
+    count() AS events"""
+
+
+def _rollup_select(bucket_column: str, bucket_expr: str, source: str, where: str = "") -> str:
+    return f"""
+    SELECT customer, tier, coalesce(model_served, model_requested, '') AS model,
+        {bucket_expr} AS {bucket_column},{_ROLLUP_SUMS}
+    FROM {source}
+    {where}
+    GROUP BY customer, tier, model, {bucket_column}"""
+
+
+for _name, _column, _type, _expr in ROLLUPS:
+    DDL += (
+        f"""
+        CREATE TABLE IF NOT EXISTS {DATABASE}.{_name}_store (
+            customer String,
+            tier LowCardinality(String),
+            model LowCardinality(String),
+            {_column} {_type},
+            requests UInt64,
+            refused UInt64,
+            input_tokens UInt64,
+            output_tokens UInt64,
+            cached_tokens UInt64,
+            reasoning_tokens UInt64,
+            cost_usd Decimal(38, 12),
+            events UInt64
+        )
+        ENGINE = SummingMergeTree
+        PARTITION BY toYYYYMM({_column})
+        ORDER BY (customer, model, tier, {_column})
+        """,
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.{_name} TO {DATABASE}.{_name}_store AS"
+        + _rollup_select(_column, _expr, EVENTS),
+    )
+
+
+def rollup_rebuild(month: int) -> list[str]:
+    """Statements that recompute both rollups of one ``YYYYMM`` month from the
+    deduplicated ledger (run with no insert in flight)."""
+    statements = []
+    for name, column, _type, expr in ROLLUPS:
+        statements.append(f"ALTER TABLE {DATABASE}.{name}_store DROP PARTITION {int(month)}")
+        statements.append(
+            f"INSERT INTO {DATABASE}.{name}_store"
+            + _rollup_select(column, expr, f"{EVENTS} FINAL", f"WHERE toYYYYMM(time) = {int(month)}")
+        )
+    return statements
+
+
+# Months of the rows written in the last minutes before the newest one: what
+# a worker killed mid-insert may have left out of a rollup.
+RECENT_MONTHS = f"""
+SELECT DISTINCT toYYYYMM(time) AS month FROM {EVENTS}
+WHERE ingested_at >= (SELECT max(ingested_at) FROM {EVENTS}) - INTERVAL 10 MINUTE
+"""
 
 INSERT_EVENTS = f"INSERT INTO {EVENTS} FORMAT JSONEachRow\n"
 
@@ -112,6 +201,10 @@ def ledger_row(priced: PricedEvent) -> dict[str, Any]:
         "request_bytes": data.request_bytes,
         "response_bytes": data.response_bytes,
         "source": event.source,
+        "cache_write_tokens": data.cache_write_tokens,
+        "late": priced.late,
+        "kafka_partition": priced.partition,
+        "kafka_offset": priced.offset,
     }
 
 
@@ -144,3 +237,56 @@ def read_only_select(sql: str) -> str | None:
     if not text or ";" in text or not _READ_ONLY_START.match(text) or _FORMAT_CLAUSE.search(text):
         return None
     return text
+
+
+def sql_string(value: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def known_ids(customers: Sequence[str], ids: Sequence[str]) -> str:
+    """The ids among ``ids`` the ledger holds, with the Kafka position of the
+    delivery that wrote each (a primary-key lookup)."""
+    return (
+        f"SELECT id, any(kafka_partition) AS p, any(kafka_offset) AS o FROM {EVENTS} WHERE customer IN ({', '.join(map(sql_string, customers))})"
+        f" AND id IN ({', '.join(map(sql_string, ids))}) GROUP BY id"
+    )
+
+
+def newest_event_ms(customers: Sequence[str]) -> str:
+    return (
+        f"SELECT customer, toUnixTimestamp64Milli(max(time)) AS newest_ms FROM {EVENTS}"
+        f" WHERE customer IN ({', '.join(map(sql_string, customers))}) GROUP BY customer"
+    )
+
+
+_USAGE_SUMS = """
+    countIf(decision = 'admitted') AS requests,
+    countIf(decision != 'admitted') AS refused,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(cached_tokens) AS cached_tokens,
+    sum(reasoning_tokens) AS reasoning_tokens,
+    toString(sum(cost_usd)) AS cost_usd,
+    count() AS events"""
+
+
+def bucket_totals(customer: str, start_ms: int, end_ms: int) -> str:
+    """One customer's exact totals per model in [start, end): a window seed."""
+    return (
+        f"SELECT coalesce(model_served, model_requested, '') AS model,{_USAGE_SUMS}"
+        f" FROM {EVENTS} FINAL WHERE customer = {sql_string(customer)}"
+        f" AND time >= fromUnixTimestamp64Milli({int(start_ms)}, 'UTC')"
+        f" AND time < fromUnixTimestamp64Milli({int(end_ms)}, 'UTC') GROUP BY model"
+    )
+
+
+def period_totals(start: datetime, end: datetime, customer: str | None, limit: int, offset: int) -> str:
+    """Exact totals per customer in [start, end), a page at a time (rebuild-state)."""
+    only = f" AND customer = {sql_string(customer)}" if customer else ""
+    return (
+        f"SELECT customer,{_USAGE_SUMS} FROM {EVENTS} FINAL"
+        f" WHERE time >= toDateTime64({sql_string(_clickhouse_time(start))}, 3, 'UTC')"
+        f" AND time < toDateTime64({sql_string(_clickhouse_time(end))}, 3, 'UTC'){only}"
+        f" GROUP BY customer ORDER BY customer LIMIT {int(limit)} OFFSET {int(offset)}"
+    )

@@ -38,8 +38,9 @@ class RunningStack:
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+        with self.proc.stdout:  # closed at EOF, when the stack has exited
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
 
     def wait_for(self, pattern: str, timeout_s: float = 180.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout_s

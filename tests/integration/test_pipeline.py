@@ -1,152 +1,37 @@
-"""The pipeline worker against a real broker, redis-server and chDB ledger.
-
-The worker runs as a real ``quotameter worker`` process; events are produced
-with aiokafka exactly as the shim produces them (key = customer id, Kafka
-timestamp = event time).
-"""
+"""The pipeline worker against a real broker, redis-server and chDB ledger."""
 
 from __future__ import annotations
 
 import json
 import signal
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from aiokafka import AIOKafkaProducer
 
 from pipeline.history.chdb_store import ChdbHistory
 from pipeline.history.reader import ledger_usage
 from pipeline.history.store import QueryRejected
 from quotameter.aggregate import price_batch
-from quotameter.config import Config
-from quotameter.embedded.procs import ManagedProcess
 from quotameter.errors import QuotameterError
-from quotameter.events import RequestData, UsageEvent, encode_event
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
-
-AT = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
-PERIOD = "2025-03"
-READY_LINE = "quotameter worker ready"
-WORKER_READY_TIMEOUT_S = 60.0
-
-
-def make_event(id: str, customer: str, model: str = "mock-small", decision: str = "admitted", **tokens: int) -> UsageEvent:
-    return UsageEvent(
-        id=id,
-        source="test-shim",
-        subject=customer,
-        time=AT,
-        data=RequestData(
-            api_key_id=f"key-{customer}",
-            tier="pro",
-            route="/v1/chat/completions",
-            status=200 if decision == "admitted" else 429,
-            decision=decision,
-            reason=None if decision == "admitted" else "requests_per_minute",
-            model_requested=model,
-            model_served=model if decision == "admitted" else None,
-            usage_source="upstream" if decision == "admitted" else "none",
-            latency_ms=12.5,
-            **tokens,
-        ),
-    )
-
-
-async def produce(config: Config, items: list[UsageEvent | tuple[str, bytes]]) -> None:
-    """Send events (or raw ``(customer, bytes)`` pairs) in order, as the shim does."""
-    producer = AIOKafkaProducer(bootstrap_servers=config.services.kafka_bootstrap)
-    await producer.start()
-    try:
-        for item in items:
-            if isinstance(item, UsageEvent):
-                key, value, ts = item.customer_id.encode(), encode_event(item), item.time_ms
-            else:
-                key, value, ts = item[0].encode(), item[1], int(AT.timestamp() * 1000)
-            await producer.send_and_wait(config.services.events_topic, value, key=key, timestamp_ms=ts)
-    finally:
-        await producer.stop()
-
-
-def http_json(url: str, body: str | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body.encode() if body is not None else None)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def health_status(config: Config) -> int | None:
-    try:
-        return http_json(f"{config.services.worker_url}/healthz")[0]
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def start_worker(cli_process: Callable[..., ManagedProcess], config: Config, path: Path, name: str) -> ManagedProcess:
-    began = time.monotonic()
-    proc = cli_process(name, "worker", config_path=path)
-    proc.wait_until(lambda: health_status(config) == 200, WORKER_READY_TIMEOUT_S, "/healthz 200")
-    # The line is printed before /healthz turns 200, exactly once.
-    assert proc.log_path.read_text().count(READY_LINE) == 1
-    print(f"{name} ready in {time.monotonic() - began:.1f}s")
-    return proc
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
-
-
-def worker_usage(config: Config, customer: str) -> dict[str, Any]:
-    status, body = http_json(f"{config.services.worker_url}/usage?customer={customer}&period={PERIOD}")
-    assert status == 200, body
-    return body
-
-
-def ledger_has(config: Config, customer: str, events: int) -> Callable[[], dict[str, Any] | None]:
-    def check() -> dict[str, Any] | None:
-        usage = worker_usage(config, customer)
-        return usage if usage["events"] >= events else None
-
-    return check
-
-
-ACME_EVENTS = [
-    make_event("acme-1", "acme", input_tokens=1000, output_tokens=200),
-    make_event("acme-2", "acme", model="gpt-4o-mini", input_tokens=2000, output_tokens=300, cached_tokens=500, reasoning_tokens=40),
-    make_event("acme-3", "acme", decision="refused"),
-]
-# mock-small: 1000 × 0.10 + 200 × 0.40 = 180 µ$; gpt-4o-mini: 1500 × 0.15 + 500 × 0.075 + 300 × 0.60 = 442.5 µ$
-ACME_TOTALS = {
-    "requests": 2,
-    "refused": 1,
-    "input_tokens": 3000,
-    "output_tokens": 500,
-    "cached_tokens": 500,
-    "reasoning_tokens": 40,
-    "cost_usd": "0.000622500000",
-    "events": 3,
-}
-
-
-def subset(usage: dict[str, Any]) -> dict[str, Any]:
-    return {name: usage[name] for name in ACME_TOTALS}
+from tests.integration.pipeline_helpers import (
+    ACME_EVENTS,
+    ACME_TOTALS,
+    PERIOD,
+    health_status,
+    http_json,
+    ledger_has,
+    make_event,
+    produce,
+    read_topic,
+    start_worker,
+    subset,
+    wait_for,
+    worker_usage,
+)
 
 
 async def test_worker_meters_events_into_redis_and_the_ledger(config_factory, cli_process) -> None:
@@ -175,10 +60,12 @@ async def test_worker_meters_events_into_redis_and_the_ledger(config_factory, cl
     assert {name: stored[name] for name in ACME_TOTALS} == {k: str(v) for k, v in ACME_TOTALS.items()}
     assert int(stored["updated_ms"]) > 0
 
-    # The malformed events were skipped with their reason, and processing went on.
-    log = worker.log_path.read_text()
-    assert log.count("skipping malformed event") == 2
-    assert "Invalid JSON" in log and "data: Field required" in log
+    # The malformed events went to the dead-letter topic with their reason, and processing went on.
+    dead = await read_topic(config.services.kafka_bootstrap, f"{config.services.events_topic}.dlq", 2)
+    reasons = [dict(record.headers)["quotameter-dlq-reason"].decode() for record in dead]
+    assert [record.value for record in dead] == [b"{not json", json.dumps({"specversion": "1.0", "id": "broken"}).encode()]
+    assert "Invalid JSON" in reasons[0] and "data: Field required" in reasons[1]
+    assert all(record.key == b"acme" for record in dead)
 
     # The duplicate counts once in the ledger, however the two copies were batched.
     wait_for(ledger_has(config, "dupco", 1), what="dupco in the ledger")
@@ -216,12 +103,12 @@ async def test_stopped_worker_leaves_the_ledger_readable_and_a_restart_finds_it(
     await produce(config, [make_event("acme-4", "acme", input_tokens=10, output_tokens=5)])
     usage = wait_for(ledger_has(config, "acme", 4), what="the new event in the ledger")
     assert (usage["requests"], usage["input_tokens"], usage["cost_usd"]) == (3, 3010, "0.000625500000")
-    # Redis is rebuilt from the recovered month table: at least the ledger's
-    # totals (at-least-once delivery may replay a few events into the table).
+    # Redis continues from the recovered tables: exactly the ledger's totals.
     client = redis.Redis.from_url(config.services.redis_url, decode_responses=True)
     key = RedisKeys(config.services.redis_prefix).usage("acme", PERIOD)
-    stored = wait_for(lambda: (h := client.hgetall(key)) and int(h["input_tokens"]) >= 3010 and h, what="Redis")
-    assert int(stored["requests"]) >= 3 and Decimal(stored["cost_usd"]) >= Decimal("0.000625500000")
+    stored = wait_for(lambda: (h := client.hgetall(key)) and int(h["events"]) >= 4 and h, what="Redis")
+    assert subset(stored) == {k: str(v) for k, v in subset(usage).items()}
+    assert stored["cost_micro_usd"] == "626"  # 625.5 µ$ rounded up
     assert worker.stop(timeout_s=20) == 0
 
 

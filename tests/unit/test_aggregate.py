@@ -11,12 +11,9 @@ from pipeline.history.schema import ledger_row, read_only_select, usage_row
 from pipeline.redis_writer import UsageWriter, usage_hash
 from quotameter.aggregate import (
     Totals,
-    add_to_periods,
-    advance_minute,
     format_usd,
     price_batch,
     price_event,
-    totals_by_minute,
     totals_by_period,
     unique_by_id,
 )
@@ -120,36 +117,16 @@ def test_totals_round_trip_through_a_record() -> None:
     assert Totals.from_record(None) == Totals()
 
 
-def test_add_to_periods_accumulates_per_period() -> None:
-    one = Totals(requests=1, cost_usd=Decimal("0.1"), events=1)
-    record = add_to_periods(None, "2025-01", one)
-    record = add_to_periods(record, "2025-01", one)
-    record = add_to_periods(record, "2025-02", one)
-    assert Totals.from_record(record["2025-01"]) == one + one
-    assert Totals.from_record(record["2025-02"]) == one
-
-
-def test_current_minute_resets_on_a_new_minute_and_ignores_late_ones() -> None:
-    one = Totals(requests=1, events=1)
-    value = advance_minute(None, "2025-01-31T23:59:00+00:00", one)
-    value = advance_minute(value, "2025-01-31T23:59:00+00:00", one)
-    assert value["requests"] == 2
-    value = advance_minute(value, "2025-02-01T00:00:00+00:00", one)
-    assert (value["minute"], value["requests"]) == ("2025-02-01T00:00:00+00:00", 1)
-    late = advance_minute(value, "2025-01-31T23:59:00+00:00", one)
-    assert late == value
-
-
-def test_totals_by_minute_buckets_on_the_utc_minute() -> None:
-    batch = price_batch([event("a"), event("b", at=T0.replace(second=59)), event("c", at=T0.replace(minute=58))], PRICES)
-    minutes = totals_by_minute(batch)
-    assert minutes[("acme", "2025-01-31T23:59:00+00:00")].requests == 2
-    assert minutes[("acme", "2025-01-31T23:58:00+00:00")].requests == 1
+def test_totals_round_trip_through_a_list_and_round_micro_usd_up() -> None:
+    totals = Totals(requests=3, refused=1, input_tokens=9, cost_usd=Decimal("0.0000015"), events=4)
+    assert Totals.from_list(totals.to_list()) == totals
+    assert totals.cost_micro_usd == 2 and Totals().cost_micro_usd == 0
 
 
 def test_usage_hash_has_every_field_as_absolute_strings() -> None:
     fields = usage_hash(Totals(requests=2, refused=1, cost_usd=Decimal("0.25"), events=3), updated_ms=1234)
-    assert set(fields) == {*USAGE_FIELDS, "refused", "updated_ms"}
+    assert set(fields) == {*USAGE_FIELDS, "refused", "version", "updated_ms"}
+    assert fields["cost_micro_usd"] == "250000" and fields["version"] == "3"
     assert fields["cost_usd"] == "0.250000000000" and fields["requests"] == "2" and fields["updated_ms"] == "1234"
 
 
@@ -206,26 +183,3 @@ class _FakePipeline:
         if self.client.down:
             raise ConnectionError("redis is down")
         self.client.hashes.update(self.calls)
-
-
-class _FakeRedis:
-    def __init__(self) -> None:
-        self.down = False
-        self.hashes: dict[str, dict[str, str]] = {}
-
-    def pipeline(self, transaction: bool) -> _FakePipeline:
-        assert transaction is False
-        return _FakePipeline(self)
-
-
-async def test_a_failed_redis_write_is_retried_with_the_next_batch() -> None:
-    client = _FakeRedis()
-    writer = UsageWriter(client, RedisKeys("t"), clock_ms=lambda: 7)  # type: ignore[arg-type]
-    client.down = True
-    assert not await writer.write({("acme", "2025-01"): Totals(requests=1, events=1)})
-    assert writer.pending == 1 and client.hashes == {}
-    client.down = False
-    assert await writer.write({("zeta", "2025-01"): Totals(requests=5, events=5)})
-    assert writer.pending == 0
-    assert client.hashes["t:usage:{acme}:2025-01"]["requests"] == "1"
-    assert client.hashes["t:usage:{zeta}:2025-01"]["requests"] == "5"

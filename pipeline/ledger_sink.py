@@ -1,0 +1,111 @@
+"""The ledger sink: rows are buffered and written to ClickHouse in batches
+(``ledger_batch_rows`` rows or ``ledger_flush_ms``), and only then are their
+events acked, so Faust commits no offset before its row is in the ledger.
+
+Each buffered row's table state was flushed to the changelog before the row
+was buffered (``usage_agent``): the ledger never holds an event that the
+tables could forget, which is what lets a redelivered event that the ledger
+already holds be skipped.
+
+    1. swap the buffer   a crash here or later, before 2 ends: the rows are
+                         lost, their events unacked and redelivered; the
+                         tables skip them (offset), the ledger gets them then
+    2. insert            one INSERT; a crash after it: the events are
+                         redelivered, the ledger lookup finds them, nothing
+                         is counted or inserted twice
+    3. ack               Faust commits within ``broker_commit_interval``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from faust.types import EventT
+
+from pipeline.dedupe import RecentIds
+from pipeline.history.store import AsyncHistory, HistoryError
+from quotameter.aggregate import PricedEvent
+
+log = logging.getLogger(__name__)
+
+LEDGER_RETRY_S = 30.0  # then exit without acking: a supervisor restarts us
+EXIT_LEDGER_DOWN = 75  # EX_TEMPFAIL
+
+
+class LedgerSink:
+    def __init__(self, history: AsyncHistory, recent: RecentIds, batch_rows: int, flush_ms: int) -> None:
+        self.history = history
+        self.recent = recent
+        self.batch_rows = batch_rows
+        self.flush_s = flush_ms / 1000
+        self.ack: Callable[[EventT], Awaitable[object]] | None = None
+        self._rows: list[PricedEvent] = []
+        self._events: list[EventT] = []
+        self._since = 0.0
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.inserted = 0
+        self.inserts = 0
+        self.on_inserted: Callable[[Sequence[PricedEvent]], None] | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rows)
+
+    async def add(self, rows: Sequence[PricedEvent], events: Sequence[EventT]) -> None:
+        """Buffer a batch's new rows and every event of it (acked after the insert)."""
+        if not self._events:
+            self._since = time.monotonic()
+        self._rows.extend(rows)
+        self._events.extend(events)
+        if len(self._rows) >= 2 * self.batch_rows:
+            await self.flush()  # back-pressure: never more than two batches behind
+        elif len(self._rows) >= self.batch_rows:
+            self._start_flush()
+
+    def _start_flush(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self.flush())
+
+    async def tick(self) -> None:
+        """Called periodically: flush what is older than ``ledger_flush_ms``."""
+        if self._events and time.monotonic() - self._since >= self.flush_s:
+            self._start_flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            rows, events = self._rows, self._events
+            self._rows, self._events = [], []
+            if not events:
+                return
+            if rows:
+                await self._insert(rows)
+            self.recent.confirm(p.event.id for p in rows)
+            if self.on_inserted is not None:
+                self.on_inserted(rows)
+            if self.ack is not None:
+                for event in events:
+                    await self.ack(event)
+
+    async def _insert(self, rows: list[PricedEvent]) -> None:
+        deadline = time.monotonic() + LEDGER_RETRY_S
+        delay_s = 0.2
+        while True:
+            try:
+                await self.history.insert_events(rows)
+                self.inserted += len(rows)
+                self.inserts += 1
+                return
+            except HistoryError as exc:
+                if time.monotonic() >= deadline:
+                    # Acking without a ledger row would lose the events:
+                    # exit hard instead, nothing acked.
+                    log.critical("ledger unavailable for %.0fs, exiting without committing: %s", LEDGER_RETRY_S, exc)
+                    os._exit(EXIT_LEDGER_DOWN)
+                log.error("ledger insert failed (retrying in %.1fs): %s", delay_s, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)

@@ -1,0 +1,189 @@
+"""Applying a batch to the four window tables (minute, hour, day, period),
+seeding from the ledger what a table cannot know.
+
+Every table is keyed by customer id, so a customer's values live in the
+changelog partition of its events partition and move with it on a
+rebalance. Each value is one ``quotameter.windows.WindowRecord``: totals and
+the offset watermark together, written as one changelog record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import faust
+
+from pipeline.history import schema
+from pipeline.history.store import AsyncHistory
+from quotameter.aggregate import PricedEvent, Totals
+from quotameter.windows import (
+    Bucket,
+    Delivered,
+    Granularity,
+    Seed,
+    WindowRecord,
+    apply,
+    bucket_of,
+    is_late,
+    seeds_needed,
+)
+
+PeriodKey = tuple[str, str]
+
+
+@dataclass
+class BatchResult:
+    rows: list[PricedEvent] = field(default_factory=list)  # for the ledger, with late flags
+    periods: dict[PeriodKey, Totals] = field(default_factory=dict)  # touched: absolute totals
+    ids: dict[PeriodKey, list[str]] = field(default_factory=dict)  # event ids per touched period
+    tiers: dict[str, str] = field(default_factory=dict)  # customer -> tier of its newest event
+    late: int = 0
+    seeded: int = 0
+
+
+def _totals_of(row: dict) -> Totals:
+    return Totals(
+        requests=int(row["requests"]),
+        refused=int(row["refused"]),
+        input_tokens=int(row["input_tokens"]),
+        output_tokens=int(row["output_tokens"]),
+        cached_tokens=int(row["cached_tokens"]),
+        reasoning_tokens=int(row["reasoning_tokens"]),
+        cost_usd=Decimal(str(row["cost_usd"])),
+        events=int(row["events"]),
+    )
+
+
+class WindowTables:
+    def __init__(
+        self,
+        tables: dict[Granularity, faust.Table],
+        history: AsyncHistory,
+        flush_ledger: Callable[[], Awaitable[None]],
+        tz: str,
+        anchor_day: int,
+        late_grace_ms: int,
+    ) -> None:
+        self.tables = tables
+        self.history = history
+        self._sent: list[Any] = []  # FutureMessage of every changelog record not yet confirmed
+        for table in tables.values():
+            self._track(table)
+        self.flush_ledger = flush_ledger
+        self.tz = tz
+        self.anchor_day = anchor_day
+        self.late_grace_ms = late_grace_ms
+
+    def _track(self, table: faust.Table) -> None:
+        # Faust's producer.flush() gives up on its buffer after 0.1 s, so it
+        # does not prove a changelog record reached the broker. Keep each
+        # record's future (set when the broker acknowledged it) instead.
+        send = table.send_changelog
+
+        def send_and_track(*args: Any, **kwargs: Any) -> Any:
+            future = send(*args, **kwargs)
+            self._sent.append(future)
+            return future
+
+        table.send_changelog = send_and_track  # type: ignore[method-assign]
+
+    async def changelog_written(self) -> None:
+        """Return once the broker acknowledged every changelog record written so far."""
+        sent, self._sent = self._sent, []
+        for future in sent:
+            await future
+
+    def record(self, granularity: Granularity, customer: str) -> WindowRecord | None:
+        raw = self.tables[granularity].get(customer.encode())
+        return None if raw is None else WindowRecord.from_json(raw)
+
+    async def apply(self, fresh: Sequence[Delivered], again: Sequence[Delivered] = ()) -> BatchResult:
+        """``fresh``: the batch's events the ledger does not hold; ``again``:
+        those whose ledger row came from this same delivery (applied unless a
+        record's watermark or seed covers them; no new ledger row)."""
+        result = BatchResult()
+        by_customer: dict[str, list[Delivered]] = {}
+        repeat = {id(d) for d in again}
+        for delivered in sorted([*fresh, *again], key=lambda d: (d.partition, d.offset)):
+            by_customer.setdefault(delivered.priced.event.customer_id, []).append(delivered)
+        if not by_customer:
+            return result
+
+        records: dict[tuple[Granularity, str], WindowRecord] = {}
+        missing: set[str] = set()
+        for granularity in Granularity:
+            for customer in by_customer:
+                found = self.record(granularity, customer)
+                if found is None:
+                    missing.add(customer)
+                else:
+                    records[(granularity, customer)] = found
+        if missing:
+            # A customer this table never saw (or saw before the broker lost
+            # its changelog): whatever the ledger holds of it is seeded, below.
+            rows = await self.history.query(schema.newest_event_ms(sorted(missing)))
+            newest = {row["customer"]: int(row["newest_ms"]) for row in rows}
+            for granularity in Granularity:
+                for customer in missing:
+                    records.setdefault((granularity, customer), WindowRecord(seed=newest.get(customer, -1)))
+
+        # Late flags, in offset order against the customer's stream time.
+        for customer, events in by_customer.items():
+            stream_ms = records[(Granularity.PERIOD, customer)].t
+            flagged = []
+            for delivered in events:
+                event_ms = delivered.priced.event.time_ms
+                late = is_late(event_ms, stream_ms, self.late_grace_ms)
+                result.late += late
+                stream_ms = max(stream_ms, event_ms)
+                priced = dataclasses.replace(delivered.priced, late=late) if late else delivered.priced
+                flagged.append(Delivered(priced, delivered.partition, delivered.offset))
+                if id(delivered) not in repeat:
+                    result.rows.append(priced)
+                elif delivered.priced.event.time_ms <= records[(Granularity.PERIOD, customer)].seed:
+                    flagged.pop()  # its ledger row is in the record's seed already
+            by_customer[customer] = flagged
+
+        seeds = await self._seeds(records, by_customer)
+        result.seeded = sum(len(buckets) for buckets in seeds.values())
+        for (granularity, customer), record in records.items():
+            events = by_customer[customer]
+            apply(record, granularity, events, seeds.get((granularity, customer), {}), self.tz, self.anchor_day)
+            # The changelog record of this value carries totals and watermark
+            # together: a crash keeps both or neither.
+            self.tables[granularity][customer.encode()] = record.to_json()
+            if granularity is Granularity.PERIOD:
+                self._touched_periods(result, customer, record, events)
+        return result
+
+    def _touched_periods(self, result: BatchResult, customer: str, record: WindowRecord, events: list[Delivered]) -> None:
+        for delivered in events:
+            event = delivered.priced.event
+            period = bucket_of(event.time, Granularity.PERIOD, self.tz, self.anchor_day).name
+            key = (customer, period)
+            result.ids.setdefault(key, []).append(event.id)
+            if period in record.buckets:  # else pruned: too old to enforce on
+                result.periods[key] = record.totals(period)
+            result.tiers[customer] = event.data.tier
+
+    async def _seeds(
+        self, records: dict[tuple[Granularity, str], WindowRecord], by_customer: dict[str, list[Delivered]]
+    ) -> dict[tuple[Granularity, str], dict[str, Seed]]:
+        wanted: list[tuple[Granularity, str, Bucket]] = []
+        for (granularity, customer), record in records.items():
+            for bucket in seeds_needed(record, granularity, by_customer[customer], self.tz, self.anchor_day).values():
+                wanted.append((granularity, customer, bucket))
+        if not wanted:
+            return {}
+        # Rows still buffered for the ledger belong in the seed too: write them first.
+        await self.flush_ledger()
+        seeds: dict[tuple[Granularity, str], dict[str, Seed]] = {}
+        for granularity, customer, bucket in wanted:
+            rows = await self.history.query(schema.bucket_totals(customer, bucket.start_ms, bucket.end_ms))
+            seeds.setdefault((granularity, customer), {})[bucket.name] = {row["model"]: _totals_of(row) for row in rows}
+        return seeds
+

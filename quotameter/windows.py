@@ -1,0 +1,205 @@
+"""Per-customer usage windows (minute, hour, day, billing period), kept exact
+under at-least-once delivery. Pure: no I/O, no clock.
+
+One ``WindowRecord`` per customer and granularity is what a pipeline table
+holds. Beside the buckets it carries what makes replays harmless:
+
+    wm    {partition: highest Kafka offset applied}. A customer lives in one
+          partition (events are keyed by customer id), so an event at or
+          below it was applied already: a redelivery after a crash or a
+          rebalance is skipped. It is stored in the same table value as the
+          totals, so the two are always written together.
+    t     the newest event time seen (ms): stream time. Buckets are chosen
+          by event time, pruned relative to ``t`` (never the wall clock),
+          and an event older than ``t - late_grace`` is late.
+    seed  the customer's newest event time in the ledger when this record
+          was created (-1: none). A bucket that starts at or before it may
+          hold ledger rows this record never saw (the broker, and with it
+          the table's changelog, was lost): it is seeded from the ledger.
+    pb    buckets ending at or before this were pruned; one that comes back
+          (a late event) is seeded from the ledger too.
+
+Each bucket holds totals for all models ("*") and per model: the
+(customer, model) windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from quotameter.aggregate import PricedEvent, Totals
+from quotameter.periods import period_bounds, period_of
+
+ALL_MODELS = "*"
+
+
+class Granularity(StrEnum):
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    PERIOD = "period"
+
+
+# How long (event time) a bucket stays in a table after the newest event.
+RETENTION_MS = {
+    Granularity.MINUTE: 15 * 60_000,
+    Granularity.HOUR: 26 * 3_600_000,
+    Granularity.DAY: 33 * 86_400_000,
+    Granularity.PERIOD: 100 * 86_400_000,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    name: str  # minute "2025-03-10T12:30", hour "2025-03-10T12", day "2025-03-10", period "2025-03"
+    start_ms: int
+    end_ms: int
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def bucket_of(moment: datetime, granularity: Granularity, tz: str = "UTC", anchor_day: int = 1) -> Bucket:
+    """The bucket an event time falls in. Minutes, hours and days are UTC;
+    periods follow the billing time zone and anchor day."""
+    utc = moment.astimezone(UTC)
+    if granularity is Granularity.PERIOD:
+        name = period_of(utc, tz, anchor_day)
+        start, end = period_bounds(name, tz, anchor_day)
+        return Bucket(name, _ms(start), _ms(end))
+    if granularity is Granularity.MINUTE:
+        start, step, fmt = utc.replace(second=0, microsecond=0), timedelta(minutes=1), "%Y-%m-%dT%H:%M"
+    elif granularity is Granularity.HOUR:
+        start, step, fmt = utc.replace(minute=0, second=0, microsecond=0), timedelta(hours=1), "%Y-%m-%dT%H"
+    else:
+        start, step, fmt = utc.replace(hour=0, minute=0, second=0, microsecond=0), timedelta(days=1), "%Y-%m-%d"
+    return Bucket(start.strftime(fmt), _ms(start), _ms(start + step))
+
+
+def model_of(priced: PricedEvent) -> str:
+    """The model a usage line is billed under: served, else requested."""
+    data = priced.event.data
+    return data.model_served or data.model_requested or ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One decoded, priced event with where Kafka delivered it."""
+
+    priced: PricedEvent
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class WindowRecord:
+    wm: dict[str, int] = field(default_factory=dict)
+    t: int = -1
+    seed: int = -1
+    pb: int = -1
+    buckets: dict[str, dict[str, Totals]] = field(default_factory=dict)
+    starts: dict[str, int] = field(default_factory=dict)  # bucket name -> start ms
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wm": self.wm,
+            "t": self.t,
+            "seed": self.seed,
+            "pb": self.pb,
+            "b": {
+                name: {"s": self.starts[name], **{m: totals.to_list() for m, totals in models.items()}}
+                for name, models in self.buckets.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> WindowRecord:
+        record = cls(wm=dict(raw.get("wm") or {}), t=raw.get("t", -1), seed=raw.get("seed", -1), pb=raw.get("pb", -1))
+        for name, models in (raw.get("b") or {}).items():
+            record.starts[name] = models["s"]
+            record.buckets[name] = {m: Totals.from_list(v) for m, v in models.items() if m != "s"}
+        return record
+
+    def applied(self, partition: int, offset: int) -> bool:
+        return offset <= self.wm.get(str(partition), -1)
+
+    def needs_seed(self, bucket: Bucket) -> bool:
+        """True when ``bucket`` is absent here yet the ledger may hold rows of it."""
+        return bucket.name not in self.buckets and (bucket.start_ms <= self.seed or bucket.start_ms < self.pb)
+
+    def totals(self, bucket: str, model: str = ALL_MODELS) -> Totals:
+        return self.buckets.get(bucket, {}).get(model, Totals())
+
+
+Seed = Mapping[str, Totals]  # model -> ledger totals of one bucket (the "*" line is derived)
+
+
+def seeds_needed(
+    record: WindowRecord, granularity: Granularity, events: Iterable[Delivered], tz: str, anchor_day: int
+) -> dict[str, Bucket]:
+    """Buckets the events would create in ``record`` that must first be seeded from the ledger."""
+    out: dict[str, Bucket] = {}
+    for delivered in events:
+        if record.applied(delivered.partition, delivered.offset):
+            continue
+        bucket = bucket_of(delivered.priced.event.time, granularity, tz, anchor_day)
+        if bucket.name not in out and record.needs_seed(bucket):
+            out[bucket.name] = bucket
+    return out
+
+
+def apply(
+    record: WindowRecord,
+    granularity: Granularity,
+    events: Iterable[Delivered],
+    seeds: Mapping[str, Seed],
+    tz: str,
+    anchor_day: int,
+) -> set[str]:
+    """Add the events not yet applied (by offset) to ``record``; return the
+    buckets they touched. ``events`` are new to the ledger (duplicates by id
+    are dropped before) and in offset order. A bucket listed in ``seeds``
+    starts from the ledger's totals instead of zero."""
+    touched: set[str] = set()
+    for delivered in events:
+        key = str(delivered.partition)
+        if delivered.offset <= record.wm.get(key, -1):
+            continue  # applied before a crash or a rebalance: never twice
+        record.wm[key] = delivered.offset
+        event_ms = delivered.priced.event.time_ms
+        bucket = bucket_of(delivered.priced.event.time, granularity, tz, anchor_day)
+        models = record.buckets.get(bucket.name)
+        if models is None:
+            models = {}
+            for model, seeded in seeds.get(bucket.name, {}).items():
+                models[model] = seeded
+                models[ALL_MODELS] = models.get(ALL_MODELS, Totals()) + seeded
+            record.buckets[bucket.name] = models
+            record.starts[bucket.name] = bucket.start_ms
+        delta = delivered.priced.totals
+        models[ALL_MODELS] = models.get(ALL_MODELS, Totals()) + delta
+        model = model_of(delivered.priced)
+        models[model] = models.get(model, Totals()) + delta
+        record.t = max(record.t, event_ms)
+        touched.add(bucket.name)
+    _prune(record, granularity)
+    return touched
+
+
+def _prune(record: WindowRecord, granularity: Granularity) -> None:
+    cutoff = record.t - RETENTION_MS[granularity]
+    for name in [n for n, start in record.starts.items() if start < cutoff]:
+        # A bucket is dropped once it starts before the cutoff; one that comes
+        # back is seeded from the ledger (start < pb), so it stays exact.
+        del record.buckets[name], record.starts[name]
+        record.pb = max(record.pb, cutoff)
+
+
+def is_late(event_ms: int, stream_ms: int, grace_ms: int) -> bool:
+    """Late: older than the customer's newest event by more than the grace."""
+    return stream_ms >= 0 and event_ms < stream_ms - grace_ms

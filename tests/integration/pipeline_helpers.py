@@ -1,0 +1,190 @@
+"""Shared by the pipeline tests: events, producing them as the shim does
+(key = customer id, Kafka timestamp = event time), starting workers as real
+``quotameter worker`` processes, and reading what they wrote."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from pipeline.history.chdb_store import ChdbHistory
+from pipeline.history.reader import ledger_usage
+from pipeline.history.store import QueryRejected
+from quotameter.aggregate import format_usd, price_batch
+from quotameter.config import Config
+from quotameter.embedded.procs import ManagedProcess
+from quotameter.errors import QuotameterError
+from quotameter.events import RequestData, UsageEvent, encode_event
+from quotameter.pricing import PriceTable
+from quotameter.redis_keys import RedisKeys
+
+AT = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
+PERIOD = "2025-03"
+READY_LINE = "quotameter worker ready"
+WORKER_READY_TIMEOUT_S = 60.0
+
+
+def make_event(id: str, customer: str, model: str = "mock-small", decision: str = "admitted", **tokens: int) -> UsageEvent:
+    return UsageEvent(
+        id=id,
+        source="test-shim",
+        subject=customer,
+        time=AT,
+        data=RequestData(
+            api_key_id=f"key-{customer}",
+            tier="pro",
+            route="/v1/chat/completions",
+            status=200 if decision == "admitted" else 429,
+            decision=decision,
+            reason=None if decision == "admitted" else "requests_per_minute",
+            model_requested=model,
+            model_served=model if decision == "admitted" else None,
+            usage_source="upstream" if decision == "admitted" else "none",
+            latency_ms=12.5,
+            **tokens,
+        ),
+    )
+
+
+async def produce(config: Config, items: list[UsageEvent | tuple[str, bytes]]) -> None:
+    """Send events (or raw ``(customer, bytes)`` pairs) in order, as the shim does."""
+    producer = AIOKafkaProducer(bootstrap_servers=config.services.kafka_bootstrap)
+    await producer.start()
+    try:
+        for item in items:
+            if isinstance(item, UsageEvent):
+                key, value, ts = item.customer_id.encode(), encode_event(item), item.time_ms
+            else:
+                key, value, ts = item[0].encode(), item[1], int(AT.timestamp() * 1000)
+            await producer.send_and_wait(config.services.events_topic, value, key=key, timestamp_ms=ts)
+    finally:
+        await producer.stop()
+
+
+def http_json(url: str, body: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body.encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def health_status(config: Config) -> int | None:
+    try:
+        return http_json(f"{config.services.worker_url}/healthz")[0]
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def start_worker(cli_process: Callable[..., ManagedProcess], config: Config, path: Path, name: str) -> ManagedProcess:
+    began = time.monotonic()
+    proc = cli_process(name, "worker", config_path=path)
+    proc.wait_until(lambda: health_status(config) == 200, WORKER_READY_TIMEOUT_S, "/healthz 200")
+    # The line is printed before /healthz turns 200, exactly once.
+    assert proc.log_path.read_text().count(READY_LINE) == 1
+    print(f"{name} ready in {time.monotonic() - began:.1f}s")
+    return proc
+
+
+def wait_for(check: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def worker_usage(config: Config, customer: str) -> dict[str, Any]:
+    status, body = http_json(f"{config.services.worker_url}/usage?customer={customer}&period={PERIOD}")
+    assert status == 200, body
+    return body
+
+
+def ledger_has(config: Config, customer: str, events: int) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        usage = worker_usage(config, customer)
+        return usage if usage["events"] >= events else None
+
+    return check
+
+
+ACME_EVENTS = [
+    make_event("acme-1", "acme", input_tokens=1000, output_tokens=200),
+    make_event("acme-2", "acme", model="gpt-4o-mini", input_tokens=2000, output_tokens=300, cached_tokens=500, reasoning_tokens=40),
+    make_event("acme-3", "acme", decision="refused"),
+]
+# mock-small: 1000 × 0.10 + 200 × 0.40 = 180 µ$; gpt-4o-mini: 1500 × 0.15 + 500 × 0.075 + 300 × 0.60 = 442.5 µ$
+ACME_TOTALS = {
+    "requests": 2,
+    "refused": 1,
+    "input_tokens": 3000,
+    "output_tokens": 500,
+    "cached_tokens": 500,
+    "reasoning_tokens": 40,
+    "cost_usd": "0.000622500000",
+    "events": 3,
+}
+
+
+def subset(usage: dict[str, Any]) -> dict[str, Any]:
+    return {name: usage[name] for name in ACME_TOTALS}
+
+
+
+
+def redis_usage(config: Config, customer: str, period: str = PERIOD) -> dict[str, str]:
+    client = redis.Redis.from_url(config.services.redis_url, decode_responses=True)
+    try:
+        return client.hgetall(RedisKeys(config.services.redis_prefix).usage(customer, period))
+    finally:
+        client.close()
+
+
+def expected_totals(events: list[UsageEvent], config: Config) -> dict[str, dict[str, Any]]:
+    """customer -> the exact totals of the unique events (what billing must show)."""
+    prices = PriceTable(list(config.prices), config.default_price)
+    out: dict[str, dict[str, Any]] = {}
+    for priced in price_batch(events, prices):
+        row = out.setdefault(priced.event.customer_id, {k: 0 for k in ACME_TOTALS} | {"cost_usd": Decimal(0)})
+        totals = priced.totals
+        for name in ACME_TOTALS:
+            row[name] += getattr(totals, name)
+    for row in out.values():
+        row["cost_usd"] = format_usd(row["cost_usd"])
+    return out
+
+
+def as_strings(totals: dict[str, Any]) -> dict[str, str]:
+    return {name: str(totals[name]) for name in ACME_TOTALS}
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Any]:
+    """The first ``count`` records of ``topic`` (fewer if it times out)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(records) < count and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records
