@@ -1,0 +1,220 @@
+"""The ledger on a ClickHouse server, over clickhouse-connect (HTTP).
+
+UNTESTED AGAINST A LIVE SERVER. No usable ClickHouse server can be installed
+where this was written (Debian's is 18.16, which clickhouse-connect does not
+support). What the tests do cover: the store's own logic against a recorded
+fake of the client (parameter binding, batching, deduplication tokens, error
+mapping), and the same calls through clickhouse-connect's client API on its
+in-process chDB backend, i.e. the shared SQL and the client surface on the
+real ClickHouse engine, but not the HTTP transport, authentication, TLS or
+server-side settings. Run ``tests/unit/test_clickhouse_store.py`` against a
+real server before relying on this in production.
+
+The SQL is ``schema``'s, shared with the chDB store; nothing here writes SQL.
+
+    insert_events  INSERT … FORMAT JSONEachRow in chunks of INSERT_CHUNK_ROWS,
+                   each with an ``insert_deduplication_token`` derived from its
+                   event ids: a retried chunk is dropped by the server (on
+                   Replicated tables, or with non_replicated_deduplication_window),
+                   and ReplacingMergeTree + FINAL keeps totals exact either way.
+    usage          ``schema.USAGE``, its ``{name:Type}`` placeholders bound by
+                   the server (``param_*``), never formatted into the text.
+    query          one SELECT, run with ``readonly=2``: a write that slipped
+                   past ``schema.read_only_select`` is refused by the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from pipeline.history import schema
+from pipeline.history.store import HistoryError, QueryRejected, UsageRow
+from quotameter.aggregate import PricedEvent
+
+INSERT_CHUNK_ROWS = 10_000
+MAX_QUERY_ROWS = 10_000
+READ_ONLY = {"readonly": 2}  # 2: no writes, but settings may still be sent
+READONLY_ERROR_CODE = 164
+INSTALL_HINT = "pip install 'quotameter[server]'  (or: pip install clickhouse-connect)"
+SCHEMES = {"clickhouse": False, "http": False, "clickhouses": True, "https": True}
+
+
+class ClientLike(Protocol):
+    """The part of ``clickhouse_connect.driver.Client`` this store uses."""
+
+    def command(self, cmd: str, parameters: Any = None, data: Any = None, settings: Any = None) -> Any: ...
+
+    def raw_query(self, query: str, parameters: Any = None, settings: Any = None, fmt: str | None = None) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    secure: bool
+
+    @property
+    def display(self) -> str:
+        """Where the ledger is, without the password (for messages)."""
+        scheme = "clickhouses" if self.secure else "clickhouse"
+        return f"{scheme}://{self.username}@{self.host}:{self.port}"
+
+
+def parse_history_url(url: str) -> ServerAddress:
+    """``clickhouse[s]://user:password@host[:port][/quotameter]`` (http/https too).
+
+    The path may only name ``schema.DATABASE``: the shared SQL names its
+    tables with that database, so another one would silently be ignored.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise HistoryError(f"services.history_url must start with clickhouse:// or clickhouses://, not {parts.scheme!r}://")
+    if not parts.hostname:
+        raise HistoryError("services.history_url names no host")
+    database = parts.path.strip("/")
+    if database not in ("", schema.DATABASE):
+        raise HistoryError(
+            f"services.history_url names database {database!r}; the ledger lives in {schema.DATABASE!r} "
+            f"(end the URL with /{schema.DATABASE} or nothing)"
+        )
+    secure = SCHEMES[parts.scheme]
+    try:
+        port = parts.port or (8443 if secure else 8123)
+    except ValueError as exc:
+        raise HistoryError(f"services.history_url: {exc}") from None
+    return ServerAddress(
+        host=parts.hostname,
+        port=port,
+        username=unquote(parts.username or "default"),
+        password=unquote(parts.password or ""),
+        secure=secure,
+    )
+
+
+def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_receive_timeout_s: float = 300) -> Any:
+    """A clickhouse-connect HTTP client. The import is here: the package is an
+    optional extra."""
+    try:
+        import clickhouse_connect
+    except ImportError:
+        raise HistoryError(f"services.history_url needs the clickhouse-connect package: {INSTALL_HINT}") from None
+    try:
+        return clickhouse_connect.get_client(
+            host=address.host,
+            port=address.port,
+            username=address.username,
+            password=address.password,
+            secure=address.secure,
+            connect_timeout=connect_timeout_s,
+            send_receive_timeout=send_receive_timeout_s,
+        )
+    except Exception as exc:  # clickhouse_connect raises its own tree plus OSError
+        raise HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _error_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    text = str(exc)
+    marker = "Code: "
+    if marker in text:
+        digits = text.split(marker, 1)[1].split(".", 1)[0].strip()
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def dedup_token(chunk: Sequence[PricedEvent]) -> str:
+    """The same events in the same order give the same token."""
+    digest = hashlib.sha256()
+    for priced in chunk:
+        digest.update(priced.event.id.encode())
+        digest.update(b"\n")
+    return f"qm-{digest.hexdigest()[:40]}"
+
+
+class ClickHouseHistory:
+    """``HistoryStore`` over a clickhouse-connect client (thread-confined: the
+    worker calls it through ``AsyncHistory``'s threads)."""
+
+    def __init__(self, client: ClientLike, *, where: str = "ClickHouse", read_only: bool = False) -> None:
+        self.client = client
+        self.where = where
+        self.read_only = read_only
+        if not read_only:
+            for statement in schema.DDL:
+                self._call(client.command, statement)
+
+    @classmethod
+    def from_url(cls, url: str, *, read_only: bool = False) -> ClickHouseHistory:
+        address = parse_history_url(url)
+        return cls(connect(address), where=address.display, read_only=read_only)
+
+    def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except HistoryError:
+            raise
+        except Exception as exc:  # DatabaseError, OperationalError, OSError…
+            if _error_code(exc) == READONLY_ERROR_CODE:
+                raise QueryRejected(f"the ClickHouse ledger at {self.where} refused a write: {_first_line(exc)}") from None
+            raise HistoryError(f"ClickHouse ledger at {self.where}: {_first_line(exc)}") from None
+
+    def insert_events(self, batch: Sequence[PricedEvent]) -> None:
+        if not batch:
+            return
+        if self.read_only:
+            raise HistoryError(f"the ClickHouse ledger at {self.where} is open read-only")
+        for start in range(0, len(batch), INSERT_CHUNK_ROWS):
+            chunk = batch[start : start + INSERT_CHUNK_ROWS]
+            body = "\n".join(json.dumps(schema.ledger_row(priced)) for priced in chunk).encode()
+            # A failure mid-batch leaves earlier chunks in: the caller retries
+            # the whole batch, and those chunks dedupe (token, then FINAL).
+            self._call(
+                self.client.command,
+                schema.INSERT_EVENTS,
+                data=body,
+                settings={"insert_deduplication_token": dedup_token(chunk)},
+            )
+
+    def usage(self, customer: str, period: str, tz: str) -> UsageRow:
+        params = schema.usage_params(customer, period, tz)
+        rows = self._json_rows(self._select(schema.USAGE, params))
+        return schema.usage_row(customer, period, rows[0] if rows else None)
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        text = schema.read_only_select(sql)
+        if text is None:
+            raise QueryRejected("only a single SELECT (or WITH … SELECT) statement is allowed, without FORMAT")
+        return self._json_rows(self._select(text, None, max_result_rows=MAX_QUERY_ROWS, result_overflow_mode="break"))[
+            :MAX_QUERY_ROWS
+        ]
+
+    def _select(self, sql: str, params: dict[str, str] | None, **settings: Any) -> bytes:
+        return self._call(self.client.raw_query, sql, parameters=params, settings=READ_ONLY | settings, fmt="JSONEachRow")
+
+    @staticmethod
+    def _json_rows(raw: bytes | str) -> list[dict[str, Any]]:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a broken connection: nothing left to do
+            pass
