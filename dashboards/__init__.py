@@ -1,4 +1,3 @@
-"""Dashboard panel definitions (rendered to Grafana JSON and a built-in page).
-
-Empty for now: the panels arrive with the dashboards work.
-"""
+"""Dashboard panel definitions, defined once (``billing``, ``quotas``,
+``operations``; listed in ``catalog``) and rendered two ways: Grafana JSON
+(``grafana``, pushed by ``push``) and the built-in page (``server``)."""

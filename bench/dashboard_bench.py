@@ -1,0 +1,172 @@
+"""Every dashboard panel's query time over a seeded month of events in chDB.
+
+    .venv/bin/python bench/dashboard_bench.py              # 10 million events
+    .venv/bin/python bench/dashboard_bench.py --events 1000000
+
+Seeds March 2025 in a temporary chDB directory with INSERT … SELECT from
+numbers() (500 customers over three tiers, three models, ~5 % refusals and
+a sprinkle of fallbacks, queueing and upstream errors), then runs each panel
+with its macros expanded for the whole month, template variables on All
+and again with one customer selected, and prints the median of a few runs
+beside the 500 ms target. Panels on the ledger are also timed on the hourly
+rollup (``hourly ms``) when the pipeline's schema creates it. Timing starts
+once the background merges of the seeded parts have settled. The directory
+is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dashboards.catalog import DASHBOARDS, config_constants  # noqa: E402
+from dashboards.macros import TimeRange, Variables, expand  # noqa: E402
+from dashboards.sources import USAGE_HOURLY, USAGE_LEDGER  # noqa: E402
+from pipeline.history import schema  # noqa: E402
+from quotameter.config import load_config  # noqa: E402
+
+TARGET_MS = 500.0
+MONTH_START = datetime(2025, 3, 1, tzinfo=UTC)
+MONTH_END = datetime(2025, 4, 1, tzinfo=UTC)
+RANGE_END = datetime(2025, 3, 31, 23, 59, 59, tzinfo=UTC)  # Grafana's "this month": to the last second
+BATCH = 1_000_000
+
+COLUMNS = ("id, time, customer, api_key_id, tier, route, status, decision, reason, model_requested, model_served, "
+           "upstream, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, price_version, "
+           "upstream_cost_usd, usage_source, streamed, latency_ms, ttft_ms, request_bytes, response_bytes, source, "
+           "ingested_at")
+
+SEED = """
+INSERT INTO {events} ({columns})
+SELECT
+    concat('e', toString(number)) AS id,
+    toDateTime64({start}, 3, 'UTC') + toIntervalMillisecond(intDiv(number * {span_ms}, {n})) AS time,
+    concat('cust-', toString(number % 500)) AS customer,
+    concat('key-', toString(number % 1000)) AS api_key_id,
+    ['free', 'pro', 'enterprise'][(number % 500) % 3 + 1] AS tier,
+    '/v1/chat/completions' AS route,
+    multiIf(number % 20 = 0, 429, number % 97 = 2, 502, 200) AS status,
+    if(number % 20 = 0, 'refused', 'admitted') AS decision,
+    multiIf(number % 20 = 0, ['rate_limit_requests', 'rate_limit_tokens', 'quota_tokens', 'queued'][intDiv(number, 20) % 4 + 1],
+            number % 50 = 1, 'fallback', number % 97 = 2, 'upstream_error', number % 40 = 3, 'queued', NULL) AS reason,
+    ['gpt-4o', 'gpt-4o-mini', 'mock-small'][number % 7 % 3 + 1] AS model_requested,
+    if(number % 20 = 0, NULL, model_requested) AS model_served,
+    if(number % 20 = 0, NULL, 'mock') AS upstream,
+    if(number % 20 = 0, 0, 200 + number % 1800) AS input_tokens,
+    if(number % 20 = 0, 0, 50 + number % 700) AS output_tokens,
+    if(number % 20 = 0, 0, number % 100) AS cached_tokens,
+    0 AS reasoning_tokens,
+    toDecimal128(input_tokens * 0.0000025 + output_tokens * 0.00001, 12) AS cost_usd,
+    concat(model_requested, '@2024-08-06') AS price_version,
+    NULL AS upstream_cost_usd,
+    if(number % 20 = 0, 'none', 'upstream') AS usage_source,
+    number % 3 = 0 AS streamed,
+    5 + (number % 997) AS latency_ms,
+    if(number % 3 = 0, toNullable(2.0 + number % 211), NULL) AS ttft_ms,
+    300 AS request_bytes,
+    1200 AS response_bytes,
+    'shim-bench' AS source,
+    time + toIntervalMillisecond(number % 5000) AS ingested_at
+FROM numbers({offset}, {count})
+"""
+
+
+def seed(session, events: int) -> float:  # noqa: ANN001 - chdb Session
+    started = time.perf_counter()
+    for statement in schema.DDL:
+        session.query(statement)
+    span_ms = int((MONTH_END - MONTH_START).total_seconds() * 1000) - 1
+    for offset in range(0, events, BATCH):
+        sql = SEED.format(events=schema.EVENTS, columns=COLUMNS, start=int(MONTH_START.timestamp()), span_ms=span_ms, n=events,
+                          offset=offset, count=min(BATCH, events - offset))
+        session.query(sql)
+    return time.perf_counter() - started
+
+
+def settle(session, timeout_s: float = 300.0) -> tuple[float, str]:  # noqa: ANN001
+    """Wait for the background merges of the seeded parts (a month-old ledger is merged)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        merging = session.query("SELECT count() FROM system.merges WHERE database = 'quotameter'", "CSV")
+        if merging.bytes().decode().strip() == "0":
+            break
+        time.sleep(0.5)
+    parts = session.query(
+        "SELECT count(), sum(rows) FROM system.parts WHERE database = 'quotameter' AND table = 'events' AND active",
+        "CSV",
+    ).bytes().decode().strip()
+    return time.perf_counter() - started, parts
+
+
+def has_table(session, name: str) -> bool:  # noqa: ANN001
+    sql = f"SELECT count() FROM system.tables WHERE database = 'quotameter' AND name = '{name}'"
+    return session.query(sql, "CSV").bytes().decode().strip() != "0"
+
+
+def time_query(session, sql: str, runs: int) -> tuple[float, int]:  # noqa: ANN001
+    rows = 0
+    timings = []
+    for attempt in range(runs + 1):
+        started = time.perf_counter()
+        result = session.query(sql, "JSONEachRow")
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        rows = sum(1 for line in result.bytes().decode().splitlines() if line.strip())
+        if attempt:  # the first run warms the caches
+            timings.append(elapsed_ms)
+    return statistics.median(timings), rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=10_000_000, help="events to seed (default 10 million)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per query (median shown)")
+    parser.add_argument("--optimize", action="store_true", help="OPTIMIZE … FINAL first (a closed, merged month)")
+    args = parser.parse_args()
+
+    from chdb.session import Session
+
+    constants = config_constants(load_config())
+    time_range = TimeRange(MONTH_START, RANGE_END)
+    all_vars = Variables(constants=constants)
+    one_customer = Variables(selected={"customer": ["cust-7"]}, constants=constants)
+    with tempfile.TemporaryDirectory(prefix="qm-dashboard-bench-") as tmp:
+        session = Session(str(Path(tmp) / "history"))
+        try:
+            seconds = seed(session, args.events)
+            print(f"seeded {args.events:,} events in {seconds:.1f} s ({args.events / seconds:,.0f} events/s)")
+            if args.optimize:
+                session.query(f"OPTIMIZE TABLE {schema.EVENTS} FINAL")
+            waited, parts = settle(session)
+            print(f"merges settled after {waited:.1f} s; active parts, rows: {parts}; "
+                  f"interval {time_range.effective_interval_s} s")
+            rollup = has_table(session, "usage_hourly")
+            print(f"{'dashboard':<12} {'panel':<26} {'all ms':>8} {'rows':>6} {'1 cust ms':>10} {'hourly ms':>10}"
+                  f"  target {TARGET_MS:.0f} ms")
+            worst = 0.0
+            for dashboard in DASHBOARDS:
+                for panel in dashboard.panels:
+                    all_ms, rows = time_query(session, expand(panel.sql, time_range, all_vars), args.runs)
+                    one_ms, _ = time_query(session, expand(panel.sql, time_range, one_customer), args.runs)
+                    worst = max(worst, all_ms, one_ms)
+                    verdict = "ok" if max(all_ms, one_ms) <= TARGET_MS else "SLOW"
+                    name = dashboard.uid.removeprefix("quotameter-")
+                    hourly = "-"
+                    if rollup and USAGE_LEDGER in panel.sql:  # the same panel read from the hourly rollup
+                        hourly_sql = expand(panel.sql.replace(USAGE_LEDGER, USAGE_HOURLY), time_range, all_vars)
+                        hourly = f"{time_query(session, hourly_sql, args.runs)[0]:.1f}"
+                    print(f"{name:<12} {panel.key:<26} {all_ms:>8.1f} {rows:>6} {one_ms:>10.1f} {hourly:>10}  {verdict}")
+            print(f"slowest panel: {worst:.1f} ms (target {TARGET_MS:.0f} ms)")
+        finally:
+            session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

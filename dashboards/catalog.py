@@ -1,0 +1,79 @@
+"""The three dashboards, their template variables, and the constants the
+config feeds them (budgets, token quotas, the billing time zone).
+
+TODO(rollups): once the pipeline's ``quotameter.usage_hourly`` /
+``usage_daily`` materialized views exist, switch these panels' ``FROM
+{USAGE_LEDGER}`` to ``{USAGE_HOURLY}`` (month-long ranges: ``{USAGE_DAILY}``):
+billing.total_spend, billing.total_requests, billing.spend_per_customer,
+billing.spend_per_model, billing.mtd_vs_budget, billing.forecast,
+billing.top_customers, quotas.utilisation_per_customer,
+quotas.utilisation_per_tier. Panels reading ``reason``, latency, ttft or
+ingested_at stay on the ledger (the rollups do not carry them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from decimal import Decimal
+
+from dashboards.billing import BILLING
+from dashboards.macros import quote_literal
+from dashboards.model import Dashboard, QueryVariable
+from dashboards.operations import OPERATIONS
+from dashboards.quotas import QUOTAS
+from pipeline.history.schema import EVENTS
+from quotameter.config import Config
+
+VARIABLES = (
+    QueryVariable("customer", "Customer", f"SELECT DISTINCT customer FROM {EVENTS} WHERE $__timeFilter(time) ORDER BY customer"),
+    QueryVariable("tier", "Tier", f"SELECT DISTINCT tier FROM {EVENTS} WHERE $__timeFilter(time) ORDER BY tier"),
+    QueryVariable(
+        "model",
+        "Model",
+        f"SELECT DISTINCT coalesce(model_served, model_requested, '') AS model FROM {EVENTS} "
+        "WHERE $__timeFilter(time) AND model != '' ORDER BY model",
+    ),
+)
+
+DASHBOARDS: tuple[Dashboard, ...] = tuple(
+    replace(d, variables=VARIABLES) for d in (BILLING, QUOTAS, OPERATIONS)
+)
+FOLDER_UID = "quotameter"
+FOLDER_TITLE = "quotameter"
+CONSTANT_NAMES = ("billing_tz", "tier_budget_usd", "customer_budget_usd", "tier_monthly_tokens",
+                  "customer_monthly_tokens")
+
+
+def dashboard(uid_or_slug: str) -> Dashboard:
+    for candidate in DASHBOARDS:
+        if uid_or_slug in (candidate.uid, candidate.uid.removeprefix("quotameter-")):
+            return candidate
+    raise KeyError(uid_or_slug)
+
+
+def _string_map(entries: Mapping[str, object]) -> str:
+    """A ``Map(String, String)`` literal (values as text: the panels convert them)."""
+    pairs = ", ".join(f"{quote_literal(k)}, {quote_literal(str(v))}" for k, v in sorted(entries.items()))
+    return f"CAST(map({pairs}), 'Map(String, String)')"
+
+
+def _money(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def config_constants(config: Config) -> dict[str, str]:
+    """The hidden constants every panel may use, as SQL literals built from ``config``."""
+    tier_budget = {n: _money(t.monthly_budget_usd) for n, t in config.tiers.items() if t.monthly_budget_usd is not None}
+    customer_budget = {
+        n: _money(c.monthly_budget_usd) for n, c in config.customers.items() if c.monthly_budget_usd is not None
+    }
+    tier_tokens = {n: t.monthly_tokens for n, t in config.tiers.items() if t.monthly_tokens is not None}
+    customer_tokens = {n: c.monthly_tokens for n, c in config.customers.items() if c.monthly_tokens is not None}
+    return {
+        "billing_tz": quote_literal(config.billing.timezone),
+        "tier_budget_usd": _string_map(tier_budget),
+        "customer_budget_usd": _string_map(customer_budget),
+        "tier_monthly_tokens": _string_map(tier_tokens),
+        "customer_monthly_tokens": _string_map(customer_tokens),
+    }

@@ -1,0 +1,117 @@
+"""Operations: requests/s, latency percentiles, time to first token,
+upstream errors, pipeline lag (ingested_at - time)."""
+
+from __future__ import annotations
+
+from dashboards.model import Dashboard, Panel, Viz
+from dashboards.sources import FILTERS, LEDGER
+
+REQUESTS_PER_S = Panel(
+    id=1,
+    key="requests_per_s",
+    title="Requests per second",
+    viz=Viz.TIMESERIES,
+    unit="reqps",
+    x="t",
+    series="decision",
+    values=("requests_per_s",),
+    sql=f"""SELECT $__timeInterval(time) AS t, decision, round(count() / $__interval_s, 6) AS requests_per_s
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND {FILTERS}
+GROUP BY t, decision
+ORDER BY t, decision""",
+)
+
+LATENCY = Panel(
+    id=2,
+    key="latency",
+    title="Latency p50 / p95 / p99 (admitted requests)",
+    description="The shim's latency_ms per request, upstream included.",
+    viz=Viz.TIMESERIES,
+    unit="ms",
+    x="t",
+    values=("p50_ms", "p95_ms", "p99_ms"),
+    sql=f"""SELECT $__timeInterval(time) AS t,
+       round(quantileExactInclusive(0.5)(latency_ms), 3) AS p50_ms,
+       round(quantileExactInclusive(0.95)(latency_ms), 3) AS p95_ms,
+       round(quantileExactInclusive(0.99)(latency_ms), 3) AS p99_ms
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND decision = 'admitted' AND {FILTERS}
+GROUP BY t
+ORDER BY t""",
+)
+
+TTFT = Panel(
+    id=3,
+    key="ttft",
+    title="Time to first token p50 / p95 (streamed)",
+    viz=Viz.TIMESERIES,
+    unit="ms",
+    x="t",
+    values=("p50_ms", "p95_ms"),
+    sql=f"""SELECT $__timeInterval(time) AS t,
+       round(quantileExactInclusive(0.5)(ttft_ms), 3) AS p50_ms,
+       round(quantileExactInclusive(0.95)(ttft_ms), 3) AS p95_ms
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND streamed AND ttft_ms IS NOT NULL AND {FILTERS}
+GROUP BY t
+ORDER BY t""",
+)
+
+UPSTREAM_ERRORS = Panel(
+    id=4,
+    key="upstream_errors",
+    title="Upstream errors",
+    description="Requests the upstream failed: reason upstream_error, or an admitted request answered 5xx.",
+    viz=Viz.TIMESERIES,
+    unit="short",
+    x="t",
+    series="upstream_name",
+    values=("errors",),
+    sql=f"""SELECT $__timeInterval(time) AS t, ifNull(upstream, 'unknown') AS upstream_name, count() AS errors
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND (reason = 'upstream_error' OR (decision = 'admitted' AND status >= 500))
+  AND {FILTERS}
+GROUP BY t, upstream_name
+ORDER BY t, upstream_name""",
+)
+
+PIPELINE_LAG = Panel(
+    id=5,
+    key="pipeline_lag",
+    title="Pipeline lag (ingested_at - time)",
+    description="From the request's end at the shim to its row in the ledger: spool, Kafka, worker, sink.",
+    viz=Viz.TIMESERIES,
+    unit="s",
+    x="t",
+    values=("p50_lag_s", "p99_lag_s", "max_lag_s"),
+    sql=f"""SELECT $__timeInterval(time) AS t,
+       round(quantileExactInclusive(0.5)(dateDiff('millisecond', time, ingested_at)) / 1000, 3) AS p50_lag_s,
+       round(quantileExactInclusive(0.99)(dateDiff('millisecond', time, ingested_at)) / 1000, 3) AS p99_lag_s,
+       round(max(dateDiff('millisecond', time, ingested_at)) / 1000, 3) AS max_lag_s
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND {FILTERS}
+GROUP BY t
+ORDER BY t""",
+)
+
+TRAFFIC = Panel(
+    id=6,
+    key="traffic",
+    title="Requests, refusals and upstream errors in range",
+    viz=Viz.STAT,
+    unit="short",
+    values=("events", "refused", "upstream_errors"),
+    sql=f"""SELECT count() AS events, countIf(decision = 'refused') AS refused,
+       countIf(reason = 'upstream_error' OR (decision = 'admitted' AND status >= 500)) AS upstream_errors
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND {FILTERS}""",
+)
+
+OPERATIONS = Dashboard(
+    uid="quotameter-operations",
+    title="quotameter · Operations",
+    description="Traffic, latency, upstream health and how far the ledger trails the shim.",
+    time_from="now-6h",
+    panels=(TRAFFIC, REQUESTS_PER_S, LATENCY, TTFT, UPSTREAM_ERRORS, PIPELINE_LAG),
+)

@@ -1,0 +1,133 @@
+"""Quotas: utilisation per customer and tier, refusals by tier and reason,
+fallbacks, queued requests.
+
+Refusals, fallbacks and queueing are read from the ledger's generic
+``decision`` / ``reason`` columns, so a reason the shim adds later shows up
+without a change here.
+"""
+
+from __future__ import annotations
+
+from dashboards.billing import BUDGET, SPEND
+from dashboards.model import Dashboard, Panel, Viz
+from dashboards.sources import FILTERS, LEDGER, MONTH_START, USAGE_LEDGER
+
+TOKEN_QUOTA = """toFloat64OrNull(if(mapContains(${customer_monthly_tokens}, customer),
+                                   ${customer_monthly_tokens}[customer], ${tier_monthly_tokens}[current_tier]))"""
+
+# Month-to-date use of each customer against its quotas (input + output tokens, spend).
+_PER_CUSTOMER = f"""WITH {MONTH_START} AS month_start
+SELECT customer, argMax(tier, time) AS current_tier,
+       sum(input_tokens + output_tokens) AS mtd_tokens, {TOKEN_QUOTA} AS token_quota,
+       round(100 * mtd_tokens / token_quota, 2) AS token_quota_pct,
+       {SPEND} AS mtd_spend_usd, {BUDGET} AS budget_usd,
+       round(100 * mtd_spend_usd / budget_usd, 2) AS budget_used_pct
+FROM {USAGE_LEDGER}
+WHERE time >= month_start AND time <= $__toTime AND {FILTERS}
+GROUP BY customer"""
+
+UTILISATION_PER_CUSTOMER = Panel(
+    id=1,
+    key="utilisation_per_customer",
+    title="Quota utilisation per customer (month to date)",
+    description="Tokens (input + output) and spend in the billing month holding the end of the range.",
+    viz=Viz.TABLE,
+    unit="percent",
+    width=24,
+    sql=f"""{_PER_CUSTOMER}
+ORDER BY greatest(ifNull(token_quota_pct, 0), ifNull(budget_used_pct, 0)) DESC, customer""",
+)
+
+UTILISATION_PER_TIER = Panel(
+    id=2,
+    key="utilisation_per_tier",
+    title="Quota utilisation per tier (month to date)",
+    description="Each tier's customers together: their use over the sum of their quotas.",
+    viz=Viz.BAR,
+    unit="percent",
+    x="tier",
+    values=("token_quota_pct", "budget_used_pct"),
+    sql=f"""SELECT current_tier AS tier, count() AS customers,
+       sum(mtd_tokens) AS tokens, sum(token_quota) AS token_quotas,
+       round(100 * tokens / token_quotas, 2) AS token_quota_pct,
+       round(sum(mtd_spend_usd), 6) AS spend_usd, sum(budget_usd) AS budgets_usd,
+       round(100 * spend_usd / budgets_usd, 2) AS budget_used_pct
+FROM ({_PER_CUSTOMER})
+GROUP BY tier
+ORDER BY tier""",
+)
+
+REFUSALS_BY_TIER_REASON = Panel(
+    id=3,
+    key="refusals_by_tier_reason",
+    title="Refusals by tier and reason",
+    viz=Viz.BAR,
+    unit="short",
+    x="tier",
+    series="refusal_reason",
+    values=("refusals",),
+    sql=f"""SELECT tier, ifNull(reason, 'unknown') AS refusal_reason, count() AS refusals
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND decision = 'refused' AND {FILTERS}
+GROUP BY tier, refusal_reason
+ORDER BY tier, refusal_reason""",
+)
+
+REFUSALS_OVER_TIME = Panel(
+    id=4,
+    key="refusals_over_time",
+    title="Refusals over time by reason",
+    viz=Viz.TIMESERIES,
+    unit="short",
+    x="t",
+    series="refusal_reason",
+    values=("refusals",),
+    sql=f"""SELECT $__timeInterval(time) AS t, ifNull(reason, 'unknown') AS refusal_reason, count() AS refusals
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND decision = 'refused' AND {FILTERS}
+GROUP BY t, refusal_reason
+ORDER BY t, refusal_reason""",
+)
+
+FALLBACKS = Panel(
+    id=5,
+    key="fallbacks",
+    title="Fallbacks to a cheaper model",
+    description="Requests served by the tier's fallback model instead of being refused.",
+    viz=Viz.TIMESERIES,
+    unit="short",
+    x="t",
+    series="model",
+    values=("fallbacks",),
+    sql=f"""SELECT $__timeInterval(time) AS t, model, count() AS fallbacks
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND reason = 'fallback' AND {FILTERS}
+GROUP BY t, model
+ORDER BY t, model""",
+)
+
+QUEUED = Panel(
+    id=6,
+    key="queued",
+    title="Queued requests",
+    description="Batch-priority requests that waited in a queue, by how they ended.",
+    viz=Viz.TIMESERIES,
+    unit="short",
+    x="t",
+    series="decision",
+    values=("queued",),
+    sql=f"""SELECT $__timeInterval(time) AS t, decision, count() AS queued
+FROM {LEDGER}
+WHERE $__timeFilter(time) AND reason = 'queued' AND {FILTERS}
+GROUP BY t, decision
+ORDER BY t, decision""",
+)
+
+QUOTAS = Dashboard(
+    uid="quotameter-quotas",
+    title="quotameter · Quotas",
+    description="How close customers are to their quotas, and what enforcement did.",
+    time_from="now/M",
+    panels=(UTILISATION_PER_CUSTOMER, UTILISATION_PER_TIER, REFUSALS_BY_TIER_REASON, REFUSALS_OVER_TIME, FALLBACKS,
+            QUEUED),
+)

@@ -1,0 +1,197 @@
+"""The built-in dashboard of the embedded stack: the same panels as the
+Grafana JSON, queried through the worker (or the chDB directory) and drawn
+in the browser with plotly.js, served from the installed ``plotly`` wheel
+(never a CDN).
+
+    GET /                              → /dashboard/billing
+    GET /dashboard/{billing|quotas|operations}?from=now-7d&to=now&customer=a&customer=b&tier=…&model=…
+    GET /api/dashboard/{name}?…        the same data as JSON
+    GET /static/plotly.min.js
+    GET /healthz
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import importlib.resources
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from dashboards.catalog import DASHBOARDS, config_constants, dashboard
+from dashboards.macros import ALL, MacroError, TimeRange, Variables, expand, parse_time
+from dashboards.model import Dashboard
+from dashboards.query import QueryRunner, ledger_runner
+from quotameter.config import Config
+from quotameter.errors import QuotameterError
+
+RunnerFactory = Callable[[], AbstractContextManager[QueryRunner]]
+Clock = Callable[[], datetime]
+PAGE = (Path(__file__).parent / "page.html").read_text()
+
+
+def plotly_js_path() -> Path:
+    """plotly.min.js as shipped inside the ``plotly`` wheel (package data)."""
+    try:
+        resource = importlib.resources.files("plotly") / "package_data" / "plotly.min.js"
+    except ModuleNotFoundError:
+        raise QuotameterError("the built-in dashboard needs plotly: pip install 'plotly>=5'") from None
+    path = Path(str(resource))
+    if not path.is_file():
+        raise QuotameterError(f"plotly is installed without its bundled plotly.min.js (looked at {path})")
+    return path
+
+
+def _selection(query: Any, name: str) -> list[str] | str:
+    values = [v for v in query.getall(name, []) if v != ""]
+    return ALL if not values or "All" in values or ALL in values else values
+
+
+class DashboardApp:
+    def __init__(self, config: Config, runner_factory: RunnerFactory | None = None, clock: Clock | None = None) -> None:
+        self.config = config
+        self.constants = config_constants(config)
+        self.runner_factory = runner_factory or (lambda: ledger_runner(config))
+        self.clock = clock or (lambda: datetime.now(UTC))
+        # One query thread: chDB and urllib block, and one page's queries share one runner.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dashboard-query")
+
+    def gather(self, board: Dashboard, query: Any) -> dict[str, Any]:
+        """Run every panel of ``board`` for the request's range and variables (blocking)."""
+        now = self.clock()
+        start = parse_time(query.get("from", board.time_from), now)
+        end = parse_time(query.get("to", board.time_to), now)
+        time_range = TimeRange(start, end)
+        selected = {v.name: _selection(query, v.name) for v in board.variables}
+        base = Variables(constants=self.constants)
+        options: dict[str, list[str]] = {}
+        panels: list[dict[str, Any]] = []
+        with self.runner_factory() as runner:
+            for variable in board.variables:
+                try:
+                    rows = runner.rows(expand(variable.sql, time_range, base))
+                    options[variable.name] = [str(next(iter(r.values()))) for r in rows]
+                except QuotameterError:
+                    options[variable.name] = []
+            variables = Variables(selected=selected, options=options, constants=self.constants)
+            for panel in board.panels:
+                entry: dict[str, Any] = {
+                    "key": panel.key, "id": panel.id, "title": panel.title, "description": panel.description,
+                    "viz": str(panel.viz), "unit": panel.unit, "x": panel.x, "series": panel.series,
+                    "values": list(panel.values), "width": panel.width, "rows": [], "error": None,
+                }
+                try:
+                    entry["rows"] = runner.rows(expand(panel.sql, time_range, variables))
+                except QuotameterError as exc:
+                    entry["error"] = str(exc)
+                panels.append(entry)
+            source = getattr(runner, "source", "ledger")
+        return {
+            "dashboard": {"uid": board.uid, "title": board.title, "description": board.description},
+            "from": start.isoformat(), "to": end.isoformat(), "interval_s": time_range.effective_interval_s,
+            "selected": selected, "options": options, "source": source, "panels": panels,
+        }
+
+    async def _gather(self, request: web.Request) -> tuple[Dashboard, dict[str, Any]]:
+        try:
+            board = dashboard(request.match_info["name"])
+        except KeyError:
+            names = ", ".join(d.uid.removeprefix("quotameter-") for d in DASHBOARDS)
+            raise web.HTTPNotFound(text=f"no dashboard {request.match_info['name']!r}; try one of: {names}") from None
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self.executor, self.gather, board, request.query)
+        except MacroError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        except QuotameterError as exc:
+            raise web.HTTPServiceUnavailable(text=str(exc)) from None
+        return board, data
+
+    async def page(self, request: web.Request) -> web.Response:
+        board, data = await self._gather(request)
+        return web.Response(text=render_page(board, data, request.query), content_type="text/html")
+
+    async def api(self, request: web.Request) -> web.Response:
+        _, data = await self._gather(request)
+        return web.json_response(data)
+
+    async def plotly(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(plotly_js_path(), headers={"Cache-Control": "public, max-age=86400",
+                                                           "Content-Type": "application/javascript"})
+
+    async def root(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/dashboard/billing")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _options_html(name: str, options: list[str], selected: list[str] | str) -> str:
+    chosen = set() if selected == ALL else set(selected)
+    items = [f'<option value="All"{" selected" if selected == ALL else ""}>All</option>']
+    items += [
+        f'<option value="{html.escape(o)}"{" selected" if o in chosen else ""}>{html.escape(o)}</option>' for o in options
+    ]
+    return f'<select name="{name}" multiple>{"".join(items)}</select>'
+
+
+def render_page(board: Dashboard, data: dict[str, Any], query: Any) -> str:
+    nav = " ".join(
+        f'<a href="/dashboard/{d.uid.removeprefix("quotameter-")}"{" class=current" if d.uid == board.uid else ""}>'
+        f"{html.escape(d.title.split('·')[-1].strip())}</a>"
+        for d in DASHBOARDS
+    )
+    fields = [
+        f'<label>From<input name="from" value="{html.escape(query.get("from", board.time_from))}"></label>',
+        f'<label>To<input name="to" value="{html.escape(query.get("to", board.time_to))}"></label>',
+    ]
+    for variable in board.variables:
+        select = _options_html(variable.name, data["options"].get(variable.name, []), data["selected"][variable.name])
+        fields.append(f"<label>{html.escape(variable.label)}{select}</label>")
+    form = f'<form method="get">{"".join(fields)}<button type="submit">Apply</button></form>'
+    meta = html.escape(
+        f"{data['from']} → {data['to']} · interval {data['interval_s']} s · read from {data['source']}"
+    )
+    payload = json.dumps(data, default=str).replace("</", "<\\/")
+    return (
+        PAGE.replace("__TITLE__", html.escape(board.title))
+        .replace("__NAV__", nav)
+        .replace("__FORM__", form)
+        .replace("__META__", meta)
+        .replace("__DATA__", payload)
+    )
+
+
+def make_app(config: Config, runner_factory: RunnerFactory | None = None, clock: Clock | None = None) -> web.Application:
+    plotly_js_path()  # fail at start, not on the first page, when plotly is missing
+    handler = DashboardApp(config, runner_factory, clock)
+    app = web.Application()
+    app.add_routes([
+        web.get("/", handler.root),
+        web.get("/dashboard", handler.root),
+        web.get("/dashboard/{name}", handler.page),
+        web.get("/api/dashboard/{name}", handler.api),
+        web.get("/static/plotly.min.js", handler.plotly),
+        web.get("/healthz", handler.health),
+    ])
+
+    async def shutdown(_: web.Application) -> None:
+        handler.close()
+
+    app.on_cleanup.append(shutdown)
+    return app
+
+
+def serve(config: Config, host: str = "127.0.0.1", port: int = 8090) -> None:
+    print(f"quotameter dashboard on http://{host}:{port}/dashboard (ledger via {config.services.worker_url}, "
+          f"else {config.services.history_dir})", flush=True)
+    web.run_app(make_app(config), host=host, port=port, print=None)

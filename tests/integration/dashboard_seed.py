@@ -1,0 +1,76 @@
+"""A small, known ledger for the dashboard tests: three customers in March 2025.
+
+Expected figures (range 2025-03-01T00:00Z .. 2025-03-11T00:00Z, config with
+beta's budget overridden to 1.90 USD) are spelled out beside the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline.history import schema
+
+RANGE_FROM = datetime(2025, 3, 1, tzinfo=UTC)
+RANGE_TO = datetime(2025, 3, 11, tzinfo=UTC)
+CONFIG_OVERRIDES = {"customers": {"beta": {"monthly_budget_usd": "1.90"}}}
+
+
+def _row(n: int, customer: str, tier: str, when: str, *, decision: str = "admitted", reason: str | None = None,
+         requested: str | None = None, served: str | None = None, tokens: tuple[int, int] = (0, 0),
+         cost: str = "0", latency_ms: float = 0.0, ttft_ms: float | None = None, status: int = 200,
+         lag_s: float = 1.0, upstream: str | None = "mock") -> dict[str, Any]:
+    time = datetime.fromisoformat(when).replace(tzinfo=UTC)
+    return {
+        "id": f"evt-{n:03d}", "time": time.strftime("%Y-%m-%d %H:%M:%S.000"), "customer": customer,
+        "api_key_id": f"key-{customer}", "tier": tier, "route": "/v1/chat/completions", "status": status,
+        "decision": decision, "reason": reason, "model_requested": requested or served, "model_served": served,
+        "upstream": upstream if decision == "admitted" else None, "input_tokens": tokens[0],
+        "output_tokens": tokens[1], "cached_tokens": 0, "reasoning_tokens": 0, "cost_usd": cost,
+        "price_version": f"{served}@1970-01-01" if served else "", "upstream_cost_usd": None,
+        "usage_source": "upstream" if served else "none", "streamed": ttft_ms is not None, "latency_ms": latency_ms,
+        "ttft_ms": ttft_ms, "request_bytes": 100, "response_bytes": 200, "source": "shim-test",
+        "ingested_at": (time + timedelta(seconds=lag_s)).strftime("%Y-%m-%d %H:%M:%S.000"),
+    }
+
+
+ROWS = [
+    _row(1, "acme", "pro", "2025-03-02 10:00:00", served="gpt-4o", tokens=(1000, 500), cost="0.0075",
+         latency_ms=100, ttft_ms=40, lag_s=2),
+    _row(2, "acme", "pro", "2025-03-05 12:00:00", served="gpt-4o", tokens=(2000, 1000), cost="0.015",
+         latency_ms=200, ttft_ms=60, lag_s=4),
+    _row(3, "acme", "pro", "2025-03-05 12:00:01", decision="refused", reason="rate_limit_requests",
+         requested="gpt-4o", status=429, latency_ms=1),
+    _row(4, "beta", "free", "2025-03-03 09:00:00", served="mock-small", tokens=(50000, 10000), cost="0.009",
+         latency_ms=300),
+    _row(5, "beta", "free", "2025-03-04 09:00:00", decision="refused", reason="quota_tokens",
+         requested="mock-small", status=429, latency_ms=1),
+    _row(6, "beta", "free", "2025-03-06 08:00:00", reason="fallback", requested="gpt-4o-mini", served="mock-small",
+         tokens=(1000, 1000), cost="0.0005", latency_ms=300),
+    _row(7, "cito", "enterprise", "2025-03-07 15:00:00", reason="queued", served="gpt-4o-mini",
+         tokens=(4000, 2000), cost="0.0018", latency_ms=400, ttft_ms=80),
+    _row(8, "cito", "enterprise", "2025-03-08 16:00:00", reason="upstream_error", served="gpt-4o-mini",
+         status=502, latency_ms=50),
+    _row(9, "cito", "enterprise", "2025-03-09 10:00:00", decision="refused", reason="queued",
+         requested="gpt-4o-mini", status=429, latency_ms=30000),
+    # Last month: outside the range and the month to date.
+    _row(10, "acme", "pro", "2025-02-27 10:00:00", served="gpt-4o", tokens=(100000, 50000), cost="1.0",
+         latency_ms=100),
+]
+DUPLICATE = dict(ROWS[0])  # a retried batch wrote event 1 twice: FINAL must count it once
+
+
+def seed(path: Path) -> None:
+    """Create the ledger in a new chDB directory at ``path`` and insert the rows (two batches)."""
+    from chdb.session import Session
+
+    session = Session(str(path))
+    try:
+        for statement in schema.DDL:
+            session.query(statement)
+        for batch in (ROWS, [DUPLICATE]):
+            session.query(schema.INSERT_EVENTS + "\n".join(json.dumps(r) for r in batch))
+    finally:
+        session.close()
