@@ -313,16 +313,19 @@ def dashboards_push(
 
 @app.command("dashboard")
 def dashboard(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8090,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default: services.dashboard_url).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (default: services.dashboard_url).")] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Serve the built-in dashboard (Billing, Quotas, Operations) at http://HOST:PORT/dashboard."""
+    from urllib.parse import urlsplit
+
     from dashboards.server import serve
 
     config = _config(config_path)
+    where = urlsplit(config.services.dashboard_url)
     try:
-        serve(config, host=host, port=port)
+        serve(config, host=host or where.hostname or "127.0.0.1", port=port or where.port or 8090)
     except QuotameterError as exc:
         raise _fail(str(exc)) from None
 

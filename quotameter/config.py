@@ -260,6 +260,8 @@ class Services(_Strict):
     # The worker owns the history store; the CLI reads through it here.
     history_dir: Path = Path("var/history")
     worker_url: str = "http://127.0.0.1:6066"
+    # The built-in dashboard (`quotameter dashboard`, started by `quotameter up`).
+    dashboard_url: str = "http://127.0.0.1:8090"
     worker_app_id: str = "quotameter"
     # The ledger: empty = embedded chDB in history_dir; else a ClickHouse
     # server, clickhouse://user:password@host:8123/quotameter (clickhouses:// = TLS).

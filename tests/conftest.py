@@ -84,6 +84,7 @@ def config_factory(tmp_path: Path, redis_url: str, kafka_bootstrap: str, unique:
                     "events_topic": f"events-{unique}",
                     "history_dir": str(tmp_path / "history"),
                     "worker_url": f"http://127.0.0.1:{free_port()}",
+                    "dashboard_url": f"http://127.0.0.1:{free_port()}",
                     "worker_app_id": f"qm-{unique}",
                 },
             },

@@ -1,8 +1,9 @@
 """``quotameter up`` (what ``make run`` starts): the whole product on one machine.
 
 Starts, in order, a real redis-server, the Tansu broker, the mock model (unless
-an upstream is given), a pipeline worker and the shim, each as a child process
-in its own process group, logging under ``DATA_DIR/logs``. Prints one line
+an upstream is given), a pipeline worker, the shim and the built-in dashboard,
+each as a child process in its own process group, logging under
+``DATA_DIR/logs``. Prints one line
 with ``quotameter ready`` when all of it answers, then a demo key per tier.
 Ctrl-C (or SIGTERM) stops every child, newest first, and waits for each.
 """
@@ -88,9 +89,11 @@ class Stack:
         redis_host, redis_port = _host_port(services.redis_url, 6379)
         kafka_host, kafka_port = _host_port(services.kafka_bootstrap, 9092)
         worker_host, worker_port = _host_port(services.worker_url, 6066)
+        dash_host, dash_port = _host_port(services.dashboard_url, 8090)
         mock_host, mock_port = _host_port(self.config.upstream.url, 80)
         planned = [("redis", redis_host, redis_port), ("broker", kafka_host, kafka_port),
-                   ("worker", worker_host, worker_port), ("shim", shim.host, shim.port)]
+                   ("worker", worker_host, worker_port), ("shim", shim.host, shim.port),
+                   ("dashboard", dash_host, dash_port)]
         if self.use_mock:
             planned.append(("mock-llm", mock_host, mock_port))
         for what, host, port in planned:
@@ -108,6 +111,8 @@ class Stack:
                     "worker joined to its group", WORKER_READY_TIMEOUT_S)
         self._start(self._quotameter("shim", "proxy"), lambda: _http_ok(f"http://{shim.host}:{shim.port}/healthz"),
                     f"shim on port {shim.port}")
+        self._start(self._quotameter("dashboard", "dashboard"), lambda: port_open(dash_host, dash_port),
+                    f"dashboard on port {dash_port}")
 
     def announce(self) -> None:
         shim = self.config.shim
@@ -131,6 +136,7 @@ class Stack:
             f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"
         )
         _say(f"  quotameter usage --customer demo-{next(iter(self.config.tiers))}")
+        _say(f"dashboards: {self.config.services.dashboard_url}/dashboard")
         _say("Ctrl-C stops everything.")
 
     def watch(self, stop_requested) -> int:  # noqa: ANN001

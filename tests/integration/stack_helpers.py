@@ -26,6 +26,7 @@ def stack_config(directory: Path) -> Path:
     services["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
     services["kafka_bootstrap"] = f"127.0.0.1:{free_port()}"
     services["worker_url"] = f"http://127.0.0.1:{free_port()}"
+    services["dashboard_url"] = f"http://127.0.0.1:{free_port()}"
     path = directory / "stack.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

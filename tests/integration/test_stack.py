@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -60,6 +61,9 @@ def test_make_run_meters_a_request_stops_cleanly_and_keeps_history(tmp_path):
         reply = client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "Hello there"}])
         assert reply.usage is not None
         first = _wait_usage(config_path, "demo-pro", lambda r: r["ledger"]["requests"] == "1" and r["in_sync"])
+        dashboard = stack.wait_for(r"^dashboards: (http://\S+/dashboard)").group(1)
+        with urllib.request.urlopen(dashboard + "/billing", timeout=30) as page:
+            assert page.status == 200 and b"plotly.min.js" in page.read()
         assert first["ledger"]["output_tokens"] == str(reply.usage.completion_tokens)
         assert first["ledger"]["input_tokens"] == str(reply.usage.prompt_tokens)
     finally:
