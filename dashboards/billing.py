@@ -4,7 +4,12 @@ against budget, a forecast to month end, top customers."""
 from __future__ import annotations
 
 from dashboards.model import Dashboard, Panel, Viz
-from dashboards.sources import FILTERS, MONTH_START, USAGE_LEDGER
+from dashboards.sources import MONTH_START, usage
+
+# The range's usage (stats, tables), the same per point of a timeseries, the billing month to date.
+RANGE = usage()
+SERIES = usage(step="$__interval_s")
+MONTH_TO_DATE = usage(MONTH_START, "$__toTime")
 
 # USD to six places (a micro-dollar) for charts; the billing export keeps exact decimals.
 SPEND = "round(toFloat64(sum(cost_usd)), 6)"
@@ -26,8 +31,7 @@ TOTAL_SPEND = Panel(
     width=6,
     height=5,
     sql=f"""SELECT {SPEND} AS spend_usd
-FROM {USAGE_LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}""",
+FROM {RANGE}""",
 )
 
 TOTAL_REQUESTS = Panel(
@@ -40,8 +44,7 @@ TOTAL_REQUESTS = Panel(
     width=6,
     height=5,
     sql=f"""SELECT sum(requests) AS requests, sum(refused) AS refused
-FROM {USAGE_LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}""",
+FROM {RANGE}""",
 )
 
 SPEND_PER_CUSTOMER = Panel(
@@ -55,12 +58,11 @@ SPEND_PER_CUSTOMER = Panel(
     values=("spend_usd",),
     description=f"The {TOP_SERIES} customers with the highest spend in the range; the rest summed as 'other'.",
     sql=f"""SELECT $__timeInterval(time) AS t,
-       if(customer IN (SELECT customer FROM {USAGE_LEDGER} WHERE $__timeFilter(time) AND {FILTERS}
+       if(customer IN (SELECT customer FROM {RANGE}
                        GROUP BY customer ORDER BY sum(cost_usd) DESC, customer LIMIT {TOP_SERIES}),
           customer, 'other') AS customer_series,
        {SPEND} AS spend_usd
-FROM {USAGE_LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}
+FROM {SERIES}
 GROUP BY t, customer_series
 ORDER BY t, customer_series""",
 )
@@ -75,8 +77,7 @@ SPEND_PER_MODEL = Panel(
     x="t",
     values=("spend_usd",),
     sql=f"""SELECT $__timeInterval(time) AS t, model, {SPEND} AS spend_usd
-FROM {USAGE_LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}
+FROM {SERIES}
 GROUP BY t, model
 ORDER BY t, model""",
 )
@@ -88,12 +89,10 @@ MTD_VS_BUDGET = Panel(
     description="The billing month holding the end of the time range, up to that end.",
     viz=Viz.TABLE,
     unit="currencyUSD",
-    sql=f"""WITH {MONTH_START} AS month_start
-SELECT customer, argMax(tier, time) AS current_tier, {SPEND} AS mtd_spend_usd,
+    sql=f"""SELECT customer, argMax(tier, time) AS current_tier, {SPEND} AS mtd_spend_usd,
        {BUDGET} AS budget_usd,
        round(100 * mtd_spend_usd / budget_usd, 2) AS budget_used_pct
-FROM {USAGE_LEDGER}
-WHERE time >= month_start AND time <= $__toTime AND {FILTERS}
+FROM {MONTH_TO_DATE}
 GROUP BY customer
 ORDER BY mtd_spend_usd DESC, customer""",
 )
@@ -112,8 +111,7 @@ SELECT customer, argMax(tier, time) AS current_tier, {SPEND} AS mtd_spend_usd,
        round(mtd_spend_usd * month_s / elapsed_s, 6) AS forecast_usd,
        {BUDGET} AS budget_usd,
        round(100 * forecast_usd / budget_usd, 2) AS forecast_budget_pct
-FROM {USAGE_LEDGER}
-WHERE time >= month_start AND time <= $__toTime AND {FILTERS}
+FROM {MONTH_TO_DATE}
 GROUP BY customer
 ORDER BY forecast_usd DESC, customer""",
 )
@@ -126,8 +124,7 @@ TOP_CUSTOMERS = Panel(
     unit="currencyUSD",
     sql=f"""SELECT customer, argMax(tier, time) AS current_tier, sum(requests) AS requests, sum(refused) AS refused,
        sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, {SPEND} AS spend_usd
-FROM {USAGE_LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}
+FROM {RANGE}
 GROUP BY customer
 ORDER BY spend_usd DESC, customer
 LIMIT 10""",

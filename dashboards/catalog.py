@@ -1,14 +1,11 @@
 """The three dashboards, their template variables, and the constants the
 config feeds them (budgets, token quotas, the billing time zone).
 
-TODO(rollups): once the pipeline's ``quotameter.usage_hourly`` /
-``usage_daily`` materialized views exist, switch these panels' ``FROM
-{USAGE_LEDGER}`` to ``{USAGE_HOURLY}`` (month-long ranges: ``{USAGE_DAILY}``):
-billing.total_spend, billing.total_requests, billing.spend_per_customer,
-billing.spend_per_model, billing.mtd_vs_budget, billing.forecast,
-billing.top_customers, quotas.utilisation_per_customer,
-quotas.utilisation_per_tier. Panels reading ``reason``, latency, ttft or
-ingested_at stay on the ledger (the rollups do not carry them).
+Where each panel reads from, and what it promises, is in ``dashboards.sources``:
+spend, requests, tokens and the month-to-date panels from the rollups (whole
+days and hours) stitched to the ledger (the partial hours at the range's
+ends); refusals, fallbacks, queueing, upstream errors, latency, ttft and lag
+from the ledger, filtered before it is read.
 """
 
 from __future__ import annotations
@@ -22,18 +19,15 @@ from dashboards.macros import quote_literal
 from dashboards.model import Dashboard, QueryVariable
 from dashboards.operations import OPERATIONS
 from dashboards.quotas import QUOTAS
-from pipeline.history.schema import EVENTS
+from dashboards.sources import usage
 from quotameter.config import Config
 
+# Options: what was used in the range (unfiltered: a variable's query must not name a variable).
+_USED = usage(filters=False)
 VARIABLES = (
-    QueryVariable("customer", "Customer", f"SELECT DISTINCT customer FROM {EVENTS} WHERE $__timeFilter(time) ORDER BY customer"),
-    QueryVariable("tier", "Tier", f"SELECT DISTINCT tier FROM {EVENTS} WHERE $__timeFilter(time) ORDER BY tier"),
-    QueryVariable(
-        "model",
-        "Model",
-        f"SELECT DISTINCT coalesce(model_served, model_requested, '') AS model FROM {EVENTS} "
-        "WHERE $__timeFilter(time) AND model != '' ORDER BY model",
-    ),
+    QueryVariable("customer", "Customer", f"SELECT DISTINCT customer FROM {_USED} ORDER BY customer"),
+    QueryVariable("tier", "Tier", f"SELECT DISTINCT tier FROM {_USED} ORDER BY tier"),
+    QueryVariable("model", "Model", f"SELECT DISTINCT model FROM {_USED} WHERE model != '' ORDER BY model"),
 )
 
 DASHBOARDS: tuple[Dashboard, ...] = tuple(

@@ -1,10 +1,21 @@
 """Operations: requests/s, latency percentiles, time to first token,
-upstream errors, pipeline lag (ingested_at - time)."""
+upstream errors, pipeline lag (ingested_at - time).
+
+Requests per second and the traffic counts come from the rollups (a range
+with minute points reads the ledger: ``sources.usage``); upstream errors are
+counted from the ledger deduplicated; the percentiles read the ledger without
+``FINAL`` (see ``dashboards.sources``).
+"""
 
 from __future__ import annotations
 
 from dashboards.model import Dashboard, Panel, Viz
-from dashboards.sources import FILTERS, LEDGER
+from dashboards.sources import ledger, usage
+
+# From the request's end at the shim to its row in the ledger.
+LAG_MS = "dateDiff('millisecond', time, ingested_at)"
+# An upstream failure: reason upstream_error, or an admitted request answered 5xx.
+UPSTREAM_ERROR = "reason = 'upstream_error' OR (decision = 'admitted' AND status >= 500)"
 
 REQUESTS_PER_S = Panel(
     id=1,
@@ -15,10 +26,12 @@ REQUESTS_PER_S = Panel(
     x="t",
     series="decision",
     values=("requests_per_s",),
-    sql=f"""SELECT $__timeInterval(time) AS t, decision, round(count() / $__interval_s, 6) AS requests_per_s
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}
-GROUP BY t, decision
+    sql=f"""SELECT t, decision, round(n / $__interval_s, 6) AS requests_per_s
+FROM (SELECT $__timeInterval(time) AS t, sum(requests) AS admitted, sum(refused) AS refused
+      FROM {usage(step="$__interval_s")}
+      GROUP BY t)
+ARRAY JOIN ['admitted', 'refused'] AS decision, [admitted, refused] AS n
+WHERE n > 0
 ORDER BY t, decision""",
 )
 
@@ -31,12 +44,9 @@ LATENCY = Panel(
     unit="ms",
     x="t",
     values=("p50_ms", "p95_ms", "p99_ms"),
-    sql=f"""SELECT $__timeInterval(time) AS t,
-       round(quantileExactInclusive(0.5)(latency_ms), 3) AS p50_ms,
-       round(quantileExactInclusive(0.95)(latency_ms), 3) AS p95_ms,
-       round(quantileExactInclusive(0.99)(latency_ms), 3) AS p99_ms
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND decision = 'admitted' AND {FILTERS}
+    sql=f"""SELECT $__timeInterval(time) AS t, quantilesExactInclusive(0.5, 0.95, 0.99)(latency_ms) AS q,
+       round(q[1], 3) AS p50_ms, round(q[2], 3) AS p95_ms, round(q[3], 3) AS p99_ms
+FROM {ledger("decision = 'admitted'", final=False)}
 GROUP BY t
 ORDER BY t""",
 )
@@ -49,11 +59,9 @@ TTFT = Panel(
     unit="ms",
     x="t",
     values=("p50_ms", "p95_ms"),
-    sql=f"""SELECT $__timeInterval(time) AS t,
-       round(quantileExactInclusive(0.5)(ttft_ms), 3) AS p50_ms,
-       round(quantileExactInclusive(0.95)(ttft_ms), 3) AS p95_ms
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND streamed AND ttft_ms IS NOT NULL AND {FILTERS}
+    sql=f"""SELECT $__timeInterval(time) AS t, quantilesExactInclusive(0.5, 0.95)(ttft_ms) AS q,
+       round(q[1], 3) AS p50_ms, round(q[2], 3) AS p95_ms
+FROM {ledger("streamed AND ttft_ms IS NOT NULL", final=False)}
 GROUP BY t
 ORDER BY t""",
 )
@@ -69,9 +77,7 @@ UPSTREAM_ERRORS = Panel(
     series="upstream_name",
     values=("errors",),
     sql=f"""SELECT $__timeInterval(time) AS t, ifNull(upstream, 'unknown') AS upstream_name, count() AS errors
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND (reason = 'upstream_error' OR (decision = 'admitted' AND status >= 500))
-  AND {FILTERS}
+FROM {ledger(UPSTREAM_ERROR, final=True)}
 GROUP BY t, upstream_name
 ORDER BY t, upstream_name""",
 )
@@ -85,12 +91,9 @@ PIPELINE_LAG = Panel(
     unit="s",
     x="t",
     values=("p50_lag_s", "p99_lag_s", "max_lag_s"),
-    sql=f"""SELECT $__timeInterval(time) AS t,
-       round(quantileExactInclusive(0.5)(dateDiff('millisecond', time, ingested_at)) / 1000, 3) AS p50_lag_s,
-       round(quantileExactInclusive(0.99)(dateDiff('millisecond', time, ingested_at)) / 1000, 3) AS p99_lag_s,
-       round(max(dateDiff('millisecond', time, ingested_at)) / 1000, 3) AS max_lag_s
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}
+    sql=f"""SELECT $__timeInterval(time) AS t, quantilesExactInclusive(0.5, 0.99)({LAG_MS}) AS q,
+       round(q[1] / 1000, 3) AS p50_lag_s, round(q[2] / 1000, 3) AS p99_lag_s, round(max({LAG_MS}) / 1000, 3) AS max_lag_s
+FROM {ledger(final=False)}
 GROUP BY t
 ORDER BY t""",
 )
@@ -102,10 +105,9 @@ TRAFFIC = Panel(
     viz=Viz.STAT,
     unit="short",
     values=("events", "refused", "upstream_errors"),
-    sql=f"""SELECT count() AS events, countIf(decision = 'refused') AS refused,
-       countIf(reason = 'upstream_error' OR (decision = 'admitted' AND status >= 500)) AS upstream_errors
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND {FILTERS}""",
+    sql=f"""SELECT sum(events) AS events, sum(refused) AS refused,
+       (SELECT count() FROM {ledger(UPSTREAM_ERROR, final=True)}) AS upstream_errors
+FROM {usage()}""",
 )
 
 OPERATIONS = Dashboard(

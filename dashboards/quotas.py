@@ -1,29 +1,29 @@
 """Quotas: utilisation per customer and tier, refusals by tier and reason,
 fallbacks, queued requests.
 
-Refusals, fallbacks and queueing are read from the ledger's generic
+Utilisation is month-to-date usage from the rollups (``sources.usage``).
+Refusals, fallbacks and queueing are counted from the ledger's generic
 ``decision`` / ``reason`` columns, so a reason the shim adds later shows up
-without a change here.
+without a change here; those counts read ``FINAL`` after filtering, so an
+event id stored twice counts once.
 """
 
 from __future__ import annotations
 
 from dashboards.billing import BUDGET, SPEND
 from dashboards.model import Dashboard, Panel, Viz
-from dashboards.sources import FILTERS, LEDGER, MONTH_START, USAGE_LEDGER
+from dashboards.sources import MONTH_START, ledger, usage
 
 TOKEN_QUOTA = """toFloat64OrNull(if(mapContains(${customer_monthly_tokens}, customer),
                                    ${customer_monthly_tokens}[customer], ${tier_monthly_tokens}[current_tier]))"""
 
 # Month-to-date use of each customer against its quotas (input + output tokens, spend).
-_PER_CUSTOMER = f"""WITH {MONTH_START} AS month_start
-SELECT customer, argMax(tier, time) AS current_tier,
+_PER_CUSTOMER = f"""SELECT customer, argMax(tier, time) AS current_tier,
        sum(input_tokens + output_tokens) AS mtd_tokens, {TOKEN_QUOTA} AS token_quota,
        round(100 * mtd_tokens / token_quota, 2) AS token_quota_pct,
        {SPEND} AS mtd_spend_usd, {BUDGET} AS budget_usd,
        round(100 * mtd_spend_usd / budget_usd, 2) AS budget_used_pct
-FROM {USAGE_LEDGER}
-WHERE time >= month_start AND time <= $__toTime AND {FILTERS}
+FROM {usage(MONTH_START, "$__toTime")}
 GROUP BY customer"""
 
 UTILISATION_PER_CUSTOMER = Panel(
@@ -67,8 +67,7 @@ REFUSALS_BY_TIER_REASON = Panel(
     series="refusal_reason",
     values=("refusals",),
     sql=f"""SELECT tier, ifNull(reason, 'unknown') AS refusal_reason, count() AS refusals
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND decision = 'refused' AND {FILTERS}
+FROM {ledger("decision = 'refused'", final=True)}
 GROUP BY tier, refusal_reason
 ORDER BY tier, refusal_reason""",
 )
@@ -83,8 +82,7 @@ REFUSALS_OVER_TIME = Panel(
     series="refusal_reason",
     values=("refusals",),
     sql=f"""SELECT $__timeInterval(time) AS t, ifNull(reason, 'unknown') AS refusal_reason, count() AS refusals
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND decision = 'refused' AND {FILTERS}
+FROM {ledger("decision = 'refused'", final=True)}
 GROUP BY t, refusal_reason
 ORDER BY t, refusal_reason""",
 )
@@ -100,8 +98,7 @@ FALLBACKS = Panel(
     series="model",
     values=("fallbacks",),
     sql=f"""SELECT $__timeInterval(time) AS t, model, count() AS fallbacks
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND reason = 'fallback' AND {FILTERS}
+FROM {ledger("reason = 'fallback'", final=True)}
 GROUP BY t, model
 ORDER BY t, model""",
 )
@@ -117,8 +114,7 @@ QUEUED = Panel(
     series="decision",
     values=("queued",),
     sql=f"""SELECT $__timeInterval(time) AS t, decision, count() AS queued
-FROM {LEDGER}
-WHERE $__timeFilter(time) AND reason = 'queued' AND {FILTERS}
+FROM {ledger("reason = 'queued'", final=True)}
 GROUP BY t, decision
 ORDER BY t, decision""",
 )

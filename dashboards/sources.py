@@ -1,50 +1,117 @@
-"""The tables panels read, one constant per source, all with the same columns.
+"""The tables panels read, and what each promises.
 
-Usage panels read ``USAGE_*``: time, customer, tier, model, requests,
-refused, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
-cost_usd, events. Moving a panel from the ledger to a rollup is the one line
-``FROM {USAGE_LEDGER}`` → ``FROM {USAGE_HOURLY}`` (or ``USAGE_DAILY``) in
-its definition.
+Usage panels (spend, requests, tokens) read ``usage(start, end)``: rows with
+the columns time, customer, tier, model, requests, refused, input_tokens,
+output_tokens, cached_tokens, reasoning_tokens, cost_usd, events, for the
+events with ``start <= time <= end``, already filtered by the template
+variables. The range is stitched together from three sources, so its totals
+are those of the ledger rows in the range to the millisecond, whatever the
+range's ends:
 
-The ledger is a ReplacingMergeTree keyed by (customer, id): until merges
-have run a retried batch leaves duplicate rows, so every read is ``FINAL``.
+- whole UTC days inside the range from the ``usage_daily`` rollup;
+- the whole hours left from the ``usage_hourly`` rollup;
+- the partial hours at the ends (at most two) from the ledger.
+
+A timeseries passes ``step="$__interval_s"``: a rollup is then used only
+when the interval is a whole number of its buckets (an hour bucket never
+straddles two points), so a short range with minute points reads the ledger.
+Rows are partial sums: panels always ``sum()``.
+
+Exactness: the rollups are materialized views summing every row inserted
+into the ledger, and the ledger part of ``usage()`` reads without ``FINAL``
+to count the same way (``FINAL`` there would cost ~100 ms at 10 million
+events a month, for nothing the pipeline writes). Both are exact because the
+pipeline inserts an event id only when the ledger does not hold it yet (and
+``rollup_rebuild`` repairs a rollup a killed worker left short). A row
+inserted twice anyway would be counted twice: in the rollups until
+``rollup_rebuild`` recomputes its month from the deduplicated ledger, in a
+partial hour until a merge collapses the copies.
+
+Panels that need the ledger's other columns (``reason``, ``status``,
+latency, ``ingested_at``) read ``ledger(condition, final=…)``, which filters
+in ``PREWHERE`` — time range, the panel's condition and the template
+variables — so only the matching rows are read (and, with ``final``,
+deduplicated). Filtering before ``FINAL`` is exact here because every copy
+of an event id carries the same event (time, customer, reason, …): a copy
+passes a filter exactly when the original does. ``final=True`` is for
+counts (refusals, fallbacks, queueing, upstream errors: a batch stored twice
+never doubles them); percentiles (latency, ttft, lag) read without it: a
+copy adds one equal value, which moves a quantile by at most a rank per copy
+among an interval's thousands of rows, and deduplicating every admitted
+request of a month would cost more than the whole panel does.
 """
 
 from __future__ import annotations
 
-from pipeline.history.schema import EVENTS
+from pipeline.history.schema import DATABASE, EVENTS
 
-# Every event, deduplicated, with ``model`` = the model served (else the one requested).
-LEDGER = f"""(
-    SELECT *, coalesce(model_served, model_requested, '') AS model
-    FROM {EVENTS} FINAL
-)"""
-
-USAGE_LEDGER = f"""(
-    SELECT time, customer, tier, coalesce(model_served, model_requested, '') AS model,
-           toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
-           input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events
-    FROM {EVENTS} FINAL
-)"""
-
-# The pipeline's materialized-view rollups (not created yet: see the TODO in
-# dashboards/catalog.py). Their rows are partial sums, so panels always sum().
-USAGE_HOURLY = """(
-    SELECT hour AS time, customer, tier, model, requests, refused, input_tokens, output_tokens,
-           cached_tokens, reasoning_tokens, cost_usd, events
-    FROM quotameter.usage_hourly
-)"""
-
-USAGE_DAILY = """(
-    SELECT toDateTime(day, 'UTC') AS time, customer, tier, model, requests, refused, input_tokens, output_tokens,
-           cached_tokens, reasoning_tokens, cost_usd, events
-    FROM quotameter.usage_daily
-)"""
+# The model served, else the one requested (the rollups' ``model``).
+MODEL = "coalesce(model_served, model_requested, '')"
 
 # The template-variable filter every panel applies ("All" drops the condition).
 FILTERS = """$__conditionalAll(customer IN (${customer}), $customer)
   AND $__conditionalAll(tier IN (${tier}), $tier)
   AND $__conditionalAll(model IN (${model}), $model)"""
 
+# The same on the ledger's own columns (usable in PREWHERE, before any alias exists).
+LEDGER_FILTERS = FILTERS.replace("model IN", f"{MODEL} IN")
+
 # The billing month holding the end of the time range, in the billing time zone.
 MONTH_START = "toDateTime(toStartOfMonth($__toTime, ${billing_tz}), ${billing_tz})"
+
+_USAGE_COLUMNS = ("customer, tier, model, requests, refused, input_tokens, output_tokens, cached_tokens, "
+                  "reasoning_tokens, cost_usd, events")
+
+
+def usage(start: str = "$__fromTime", end: str = "$__toTime", *, step: str | None = None,
+          filters: bool = True) -> str:
+    """Usage rows of the events with ``start <= time <= end`` (whole-second DateTime
+    expressions): daily and hourly rollups for the whole buckets, the ledger for
+    the rest. ``step``: the points' interval in seconds (a timeseries);
+    ``filters=False`` leaves the template variables out (a variable's own query)."""
+    where = f" AND {FILTERS}" if filters else ""
+    ledger_where = f" AND {LEDGER_FILTERS}" if filters else ""
+    hourly_ok = f" AND {step} % 3600 = 0" if step else ""
+    daily_ok = f" AND {step} % 86400 = 0" if step else ""
+    # Whole hours [hour_from, hour_to) and whole days [day_from, day_to) inside [start, end].
+    hour_from, hour_to = f"toStartOfHour({start} + 3599, 'UTC')", f"toStartOfHour({end}, 'UTC')"
+    day_from, day_to = f"toStartOfDay({start} + 86399, 'UTC')", f"toStartOfDay({end}, 'UTC')"
+    in_hours = f"time >= {hour_from} AND time < {hour_to}{hourly_ok}"
+    return f"""(
+    SELECT toDateTime64(day, 3, 'UTC') AS time, {_USAGE_COLUMNS}
+    FROM {DATABASE}.usage_daily_store
+    WHERE day >= toDate({day_from}, 'UTC') AND day < toDate({day_to}, 'UTC'){daily_ok}{where}
+    UNION ALL
+    SELECT toDateTime64(hour, 3, 'UTC') AS time, {_USAGE_COLUMNS}
+    FROM {DATABASE}.usage_hourly_store
+    WHERE hour >= {hour_from} AND hour < {hour_to}{hourly_ok}
+      AND NOT (hour >= {day_from} AND hour < {day_to}{daily_ok}){where}
+    UNION ALL
+    SELECT time, customer, tier, {MODEL} AS model,
+           toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
+           input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events
+    FROM {EVENTS}
+    PREWHERE time >= {start} AND time <= {end} AND NOT ({in_hours}){ledger_where}
+)"""
+
+
+def ledger(condition: str = "1", *, final: bool) -> str:
+    """The ledger's rows in the time range matching ``condition`` (on the ledger's
+    columns) and the template variables, with ``model``; ``final``: deduplicated
+    by event id."""
+    return f"""(
+    SELECT *, {MODEL} AS model
+    FROM {EVENTS}{" FINAL" if final else ""}
+    PREWHERE $__timeFilter(time) AND ({condition})
+      AND {LEDGER_FILTERS}
+)"""
+
+
+# The usage of every event in the range straight from the deduplicated ledger:
+# what usage() must equal (the tests and the benchmark compare against it).
+USAGE_LEDGER = f"""(
+    SELECT time, customer, tier, {MODEL} AS model,
+           toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
+           input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events
+    FROM {EVENTS} FINAL
+)"""

@@ -2,6 +2,12 @@
 
 Expected figures (range 2025-03-01T00:00Z .. 2025-03-11T00:00Z, config with
 beta's budget overridden to 1.90 USD) are spelled out beside the tests.
+
+March is what the pipeline writes: each event id inserted once, so the
+rollups (materialized views fed by every insert) agree with the ledger.
+January holds the case the ledger's ``FINAL`` reads guard against: a batch
+the sink wrote twice, still unmerged, with its month's rollups recomputed
+from the deduplicated ledger as ``schema.rollup_rebuild`` leaves them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pipeline.history import schema
 
 RANGE_FROM = datetime(2025, 3, 1, tzinfo=UTC)
 RANGE_TO = datetime(2025, 3, 11, tzinfo=UTC)
+JANUARY_FROM = datetime(2025, 1, 1, tzinfo=UTC)
+JANUARY_TO = datetime(2025, 2, 1, tzinfo=UTC)
 CONFIG_OVERRIDES = {"customers": {"beta": {"monthly_budget_usd": "1.90"}}}
 
 
@@ -58,19 +66,39 @@ ROWS = [
     # Last month: outside the range and the month to date.
     _row(10, "acme", "pro", "2025-02-27 10:00:00", served="gpt-4o", tokens=(100000, 50000), cost="1.0",
          latency_ms=100),
+    # After the range, half a minute into an hour (a range ending inside that hour leaves it out).
+    _row(16, "acme", "pro", "2025-03-12 10:00:30", served="gpt-4o", tokens=(100, 50), cost="0.00075",
+         latency_ms=90),
 ]
-DUPLICATE = dict(ROWS[0])  # a retried batch wrote event 1 twice: FINAL must count it once
+
+# January: one batch, then the same batch again (a retried sink insert).
+JANUARY = [
+    _row(11, "acme", "pro", "2025-01-10 10:00:00", served="gpt-4o", tokens=(1000, 500), cost="0.0075",
+         latency_ms=100),
+    _row(12, "beta", "free", "2025-01-10 11:00:00", decision="refused", reason="rate_limit_requests",
+         requested="mock-small", status=429, latency_ms=1),
+    _row(13, "beta", "free", "2025-01-11 08:00:00", reason="fallback", requested="gpt-4o-mini",
+         served="mock-small", tokens=(1000, 1000), cost="0.0005", latency_ms=300),
+    _row(14, "cito", "enterprise", "2025-01-12 15:00:00", reason="upstream_error", served="gpt-4o-mini",
+         status=502, latency_ms=50),
+    _row(15, "cito", "enterprise", "2025-01-12 16:00:00", decision="refused", reason="queued",
+         requested="gpt-4o-mini", status=429, latency_ms=30000),
+]
+JANUARY_MONTH = 202501
 
 
 def seed(path: Path) -> None:
-    """Create the ledger in a new chDB directory at ``path`` and insert the rows (two batches)."""
+    """Create the ledger in a new chDB directory at ``path``: March and February
+    in one batch, January's batch twice, then January's rollups rebuilt."""
     from chdb.session import Session
 
     session = Session(str(path))
     try:
         for statement in schema.DDL:
             session.query(statement)
-        for batch in (ROWS, [DUPLICATE]):
+        for batch in (ROWS, JANUARY, JANUARY):
             session.query(schema.INSERT_EVENTS + "\n".join(json.dumps(r) for r in batch))
+        for statement in schema.rollup_rebuild(JANUARY_MONTH):
+            session.query(statement)
     finally:
         session.close()

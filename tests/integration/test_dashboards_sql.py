@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from dashboards.billing import SPEND
 from dashboards.catalog import DASHBOARDS, config_constants, dashboard
 from dashboards.macros import TimeRange, Variables, expand
 from dashboards.query import ChdbRunner
+from dashboards.sources import USAGE_LEDGER
+from pipeline.history.schema import EVENTS
 from quotameter.config import DEFAULT_CONFIG, parse_config
-from tests.integration.dashboard_seed import CONFIG_OVERRIDES, RANGE_FROM, RANGE_TO, seed
+from tests.integration.dashboard_seed import (CONFIG_OVERRIDES, JANUARY_FROM, JANUARY_TO, RANGE_FROM, RANGE_TO,
+                                              seed)
 
 DAY = TimeRange(RANGE_FROM, RANGE_TO, interval_s=86400)
+JANUARY = TimeRange(JANUARY_FROM, JANUARY_TO, interval_s=86400)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +40,11 @@ def constants() -> dict[str, str]:
     return config_constants(parse_config(document))
 
 
-def rows(runner: ChdbRunner, constants: dict[str, str], key: str, **selected: list[str]) -> list[dict[str, Any]]:
+def rows(runner: ChdbRunner, constants: dict[str, str], key: str, time_range: TimeRange = DAY,
+         **selected: list[str]) -> list[dict[str, Any]]:
     board_uid, panel_key = key.split(".")
     panel = dashboard(board_uid).panel(panel_key)
-    return runner.rows(expand(panel.sql, DAY, Variables(selected=selected, constants=constants)))
+    return runner.rows(expand(panel.sql, time_range, Variables(selected=selected, constants=constants)))
 
 
 def by(rows_: list[dict[str, Any]], column: str) -> dict[str, dict[str, Any]]:
@@ -54,7 +61,7 @@ def test_every_panel_runs(runner: ChdbRunner, constants: dict[str, str], panel: 
 
 
 def test_billing_figures(runner: ChdbRunner, constants: dict[str, str]) -> None:
-    # Event 1 is stored twice and event 10 is last month: FINAL and the range keep both out.
+    # Event 10 is last month and January is before the range: the range keeps both out.
     assert rows(runner, constants, "billing.total_spend") == [{"spend_usd": 0.0338}]
     assert rows(runner, constants, "billing.total_requests") == [{"requests": 6, "refused": 3}]
     per_customer = rows(runner, constants, "billing.spend_per_customer")
@@ -106,3 +113,79 @@ def test_template_variables_filter(runner: ChdbRunner, constants: dict[str, str]
     assert rows(runner, constants, "billing.total_spend", tier=["pro"]) == [{"spend_usd": 0.0225}]
     assert rows(runner, constants, "billing.total_spend", model=["mock-small"]) == [{"spend_usd": 0.0095}]
     assert rows(runner, constants, "billing.total_spend", customer=["x') OR ('1'='1"]) == [{"spend_usd": 0}]
+
+
+def test_a_batch_written_twice_is_counted_once(runner: ChdbRunner, constants: dict[str, str]) -> None:
+    # January's five events are in the ledger twice (unmerged); its rollups were rebuilt from the
+    # deduplicated ledger. The ledger panels read FINAL (filtered first), the usage panels the rollups.
+    (raw,) = runner.rows(f"SELECT count() AS n, uniqExact(id) AS ids FROM {EVENTS} WHERE toYYYYMM(time) = 202501")
+    assert (raw["n"], raw["ids"]) == (10, 5)
+    assert rows(runner, constants, "quotas.refusals_by_tier_reason", JANUARY) == [
+        {"tier": "enterprise", "refusal_reason": "queued", "refusals": 1},
+        {"tier": "free", "refusal_reason": "rate_limit_requests", "refusals": 1}]
+    assert [r["refusals"] for r in rows(runner, constants, "quotas.refusals_over_time", JANUARY)] == [1, 1]
+    assert rows(runner, constants, "quotas.fallbacks", JANUARY) == [
+        {"t": "2025-01-11 00:00:00", "model": "mock-small", "fallbacks": 1}]
+    assert rows(runner, constants, "quotas.queued", JANUARY) == [
+        {"t": "2025-01-12 00:00:00", "decision": "refused", "queued": 1}]
+    assert rows(runner, constants, "operations.upstream_errors", JANUARY) == [
+        {"t": "2025-01-12 00:00:00", "upstream_name": "mock", "errors": 1}]
+    assert rows(runner, constants, "operations.traffic", JANUARY) == [{"events": 5, "refused": 2, "upstream_errors": 1}]
+    assert rows(runner, constants, "billing.total_spend", JANUARY) == [{"spend_usd": 0.008}]
+    assert rows(runner, constants, "billing.total_requests", JANUARY) == [{"requests": 3, "refused": 2}]
+
+
+# Ranges whose ends fall inside hours and days, so usage() stitches days, hours and ledger rows:
+# (from, to, interval s). Event 2 is at 03-05 12:00:00, event 3 one second later, event 16 at 03-12 10:00:30.
+ODD_RANGES = [
+    ("2025-03-02T10:30:00", "2025-03-05T12:00:00", 60),  # event 2 on the end's edge: in
+    ("2025-03-02T09:30:00", "2025-03-05T11:59:59", 3600),  # event 1's hour whole, event 2 out
+    ("2025-03-05T12:00:00", "2025-03-05T12:00:01", 1),  # within one hour: the ledger alone
+    ("2025-03-01T00:00:00", "2025-03-31T23:59:59", 10800),  # Grafana's "this month"
+    ("2025-02-27T10:00:00", "2025-03-09T10:00:00", 7200),  # across a month boundary
+    ("2025-01-01T00:00:00", "2025-03-11T00:00:00", 86400),  # days only (and January's rebuilt rollups)
+    ("2025-03-05T12:00:01", "2025-03-12T10:00:10", 3600),  # event 3 in, event 2 out; event 16 (10:00:30) out
+    ("2025-03-12T10:00:30", "2025-03-12T10:00:30", 60),  # one instant: event 16
+]
+
+
+@pytest.mark.parametrize("start, end, interval_s", ODD_RANGES)
+def test_usage_panels_equal_the_deduplicated_ledger(runner: ChdbRunner, constants: dict[str, str], start: str,
+                                                     end: str, interval_s: int) -> None:
+    time_range = TimeRange(datetime.fromisoformat(start).replace(tzinfo=UTC),
+                           datetime.fromisoformat(end).replace(tzinfo=UTC), interval_s=interval_s)
+
+    def ledger(sql: str) -> list[dict[str, Any]]:
+        return runner.rows(expand(sql.replace("FROM LEDGER", f"FROM {USAGE_LEDGER}"), time_range,
+                                  Variables(constants=constants)))
+
+    in_range = "FROM LEDGER WHERE $__timeFilter(time)"
+    assert rows(runner, constants, "billing.total_spend", time_range) == ledger(f"SELECT {SPEND} AS spend_usd {in_range}")
+    assert rows(runner, constants, "billing.total_requests", time_range) == ledger(
+        f"SELECT sum(requests) AS requests, sum(refused) AS refused {in_range}")
+    assert rows(runner, constants, "billing.spend_per_model", time_range) == ledger(
+        f"SELECT $__timeInterval(time) AS t, model, {SPEND} AS spend_usd {in_range} GROUP BY t, model ORDER BY t, model")
+    top = rows(runner, constants, "billing.top_customers", time_range)
+    assert [(r["customer"], r["requests"], r["refused"], r["input_tokens"], r["spend_usd"]) for r in top] == [
+        (r["customer"], r["requests"], r["refused"], r["input_tokens"], r["spend_usd"]) for r in ledger(
+            f"SELECT customer, sum(requests) AS requests, sum(refused) AS refused, sum(input_tokens) AS input_tokens, "
+            f"{SPEND} AS spend_usd {in_range} GROUP BY customer ORDER BY spend_usd DESC, customer")]
+    month_to_date = ledger(
+        f"SELECT customer, {SPEND} AS mtd_spend_usd FROM LEDGER WHERE time >= toStartOfMonth($__toTime, 'UTC') "
+        "AND time <= $__toTime GROUP BY customer ORDER BY mtd_spend_usd DESC, customer")
+    assert [{k: r[k] for k in ("customer", "mtd_spend_usd")} for r in
+            rows(runner, constants, "billing.mtd_vs_budget", time_range)] == month_to_date
+    rps = {(r["t"], r["decision"]): r["requests_per_s"] for r in
+           rows(runner, constants, "operations.requests_per_s", time_range)}
+    assert rps == {(r["t"], r["decision"]): round(r["n"] / interval_s, 6) for r in ledger(
+        f"SELECT $__timeInterval(time) AS t, if(requests = 1, 'admitted', 'refused') AS decision, count() AS n "
+        f"{in_range} GROUP BY t, decision")}
+
+
+def test_variable_options_are_what_was_used_in_the_range(runner: ChdbRunner, constants: dict[str, str]) -> None:
+    from dashboards.catalog import VARIABLES
+
+    options = {v.name: [next(iter(r.values())) for r in runner.rows(expand(v.sql, DAY, Variables(constants=constants)))]
+               for v in VARIABLES}
+    assert options == {"customer": ["acme", "beta", "cito"], "tier": ["enterprise", "free", "pro"],
+                       "model": ["gpt-4o", "gpt-4o-mini", "mock-small"]}

@@ -41,7 +41,7 @@ def test_every_target_uses_the_clickhouse_query_model() -> None:
                 assert "$__timeInterval(time)" in target["rawSql"]
             else:
                 assert (target["queryType"], target["format"]) == ("table", 1)
-            assert "FINAL" in target["rawSql"] or "usage_" in target["rawSql"]
+            assert "quotameter.usage_hourly_store" in target["rawSql"] or "quotameter.events" in target["rawSql"]
             assert panel["fieldConfig"]["defaults"]["unit"]
 
 
