@@ -207,6 +207,7 @@ def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: i
         # position of each row) answers "seen before?", never the window.
         await sink.ledger.flush()
         sink.dedupe.recent.clear()
+        sink.windows.distrust()
 
     parts.app.on_partitions_revoked.connect(on_rebalance, weak=False)
     parts.app.on_partitions_assigned.connect(on_rebalance, weak=False)

@@ -74,6 +74,11 @@ class WindowTables:
         for table in tables.values():
             self._track(table)
         self.flush_ledger = flush_ledger
+        # Customers whose records this process wrote since its partitions were
+        # last assigned. Any other record came from a changelog recovery, which
+        # on a broker that misreports its latest offset (Tansu) can miss the
+        # newest records: it is rebuilt from the ledger on first touch.
+        self._trusted: set[str] = set()
         self.tz = tz
         self.anchor_day = anchor_day
         self.late_grace_ms = late_grace_ms
@@ -97,6 +102,10 @@ class WindowTables:
         for future in sent:
             await future
 
+    def distrust(self) -> None:
+        """After a rebalance: rebuild each customer's records from the ledger on first touch."""
+        self._trusted.clear()
+
     def record(self, granularity: Granularity, customer: str) -> WindowRecord | None:
         raw = self.tables[granularity].get(customer.encode())
         return None if raw is None else WindowRecord.from_json(raw)
@@ -117,14 +126,16 @@ class WindowTables:
         missing: set[str] = set()
         for granularity in Granularity:
             for customer in by_customer:
-                found = self.record(granularity, customer)
+                found = self.record(granularity, customer) if customer in self._trusted else None
                 if found is None:
                     missing.add(customer)
                 else:
                     records[(granularity, customer)] = found
         if missing:
-            # A customer this table never saw (or saw before the broker lost
-            # its changelog): whatever the ledger holds of it is seeded, below.
+            # A customer this process has not written since its partitions were
+            # assigned (never seen, recovered from a changelog that may lack its
+            # newest records, or lost with the broker): whatever the ledger
+            # holds of it is seeded, below.
             rows = await self.history.query(schema.newest_event_ms(sorted(missing)))
             newest = {row["customer"]: int(row["newest_ms"]) for row in rows}
             for granularity in Granularity:
@@ -153,6 +164,7 @@ class WindowTables:
         for (granularity, customer), record in records.items():
             events = by_customer[customer]
             apply(record, granularity, events, seeds.get((granularity, customer), {}), self.tz, self.anchor_day)
+            self._trusted.add(customer)
             # The changelog record of this value carries totals and watermark
             # together: a crash keeps both or neither.
             self.tables[granularity][customer.encode()] = record.to_json()
