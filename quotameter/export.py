@@ -15,16 +15,15 @@ Errors, and the CLI's exit codes:
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pipeline.history.reader import LedgerReader, open_ledger
+from pipeline.history.store import HistoryError
 from quotameter import billing, export_sql, reconcile, stripe_meter
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
@@ -59,57 +58,17 @@ class ReconciliationFailed(ExportError):
 # -- reading the ledger -------------------------------------------------------
 
 
-class _Ledger:
-    """SELECTs through the worker while it answers, else a read-only store."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.url = f"{config.services.worker_url.rstrip('/')}/query"
-        self.store: Any = None
-        self.source = f"worker {config.services.worker_url}"
-
-    def rows(self, sql: str) -> list[Row]:
-        if self.store is None:
-            request = urllib.request.Request(
-                self.url, data=json.dumps({"sql": sql}).encode(), headers={"Content-Type": "application/json"}
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=WORKER_TIMEOUT_S) as response:  # noqa: S310 - configured URL
-                    return json.loads(response.read())["rows"]
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")[:500]
-                raise ExportError(f"the worker at {self.url} answered {exc.code}: {detail}") from None
-            except (urllib.error.URLError, OSError) as exc:
-                self._open_store(f"no worker at {self.url} ({getattr(exc, 'reason', exc)})")
-        try:
-            return self.store.query(sql)
-        except QuotameterError as exc:
-            raise ExportError(f"the ledger ({self.source}): {exc}") from None
-
-    def _open_store(self, worker_error: str) -> None:
-        from pipeline.history.factory import open_store
-
-        try:
-            self.store = open_store(self.config, read_only=True)
-        except QuotameterError as exc:
-            raise ExportError(f"cannot read the ledger: {worker_error}; and opening it directly failed: {exc}") from None
-        self.source = "the history store, opened read-only (no worker running)"
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-
-
 @contextmanager
-def ledger(config: Config) -> Iterator[_Ledger]:
-    reader = _Ledger(config)
+def ledger(config: Config) -> Iterator[LedgerReader]:
+    """The ledger through the worker, else opened read-only; its errors as ExportError."""
     try:
-        yield reader
-    finally:
-        reader.close()
+        with open_ledger(config, WORKER_TIMEOUT_S) as reader:
+            yield reader
+    except HistoryError as exc:
+        raise ExportError(str(exc)) from None
 
 
-def _paged(reader: _Ledger, query: Callable[[int, int], str], step: str, progress: Progress) -> list[Row]:
+def _paged(reader: LedgerReader, query: Callable[[int, int], str], step: str, progress: Progress) -> list[Row]:
     rows: list[Row] = []
     while True:
         page = reader.rows(query(export_sql.PAGE_ROWS, len(rows)))
@@ -173,7 +132,7 @@ def _window_batches(invoice: billing.Invoice, slots: int) -> Iterator[list[str]]
 
 
 def _stripe(
-    config: Config, reader: _Ledger, invoice: billing.Invoice, fin: reconcile.Finality,
+    config: Config, reader: LedgerReader, invoice: billing.Invoice, fin: reconcile.Finality,
     window: stripe_meter.Window, progress: Progress,
 ) -> tuple[list[stripe_meter.MeterEvent], list[str]]:
     hours = (fin.end - fin.start).total_seconds() / 3600
