@@ -90,6 +90,8 @@ _ROLLUP_SUMS = """
     sum(reasoning_tokens) AS reasoning_tokens,
     sum(cost_usd) AS cost_usd,
     count() AS events"""
+# The same sums for readers: money as exact text.
+_USAGE_SUMS = _ROLLUP_SUMS.replace("sum(cost_usd) AS cost_usd", "toString(sum(cost_usd)) AS cost_usd")
 
 
 def _rollup_select(bucket_column: str, bucket_expr: str, source: str, where: str = "") -> str:
@@ -150,15 +152,7 @@ WHERE ingested_at >= (SELECT max(ingested_at) FROM {EVENTS}) - INTERVAL 10 MINUT
 INSERT_EVENTS = f"INSERT INTO {EVENTS} FORMAT JSONEachRow\n"
 
 USAGE = f"""
-SELECT
-    countIf(decision = 'admitted') AS requests,
-    countIf(decision != 'admitted') AS refused,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
-    sum(cached_tokens) AS cached_tokens,
-    sum(reasoning_tokens) AS reasoning_tokens,
-    toString(sum(cost_usd)) AS cost_usd,
-    count() AS events
+SELECT{_USAGE_SUMS}
 FROM {EVENTS} FINAL
 WHERE customer = {{customer:String}}
   AND time >= {{start:DateTime64(3, 'UTC')}} AND time < {{end:DateTime64(3, 'UTC')}}
@@ -258,17 +252,6 @@ def newest_event_ms(customers: Sequence[str]) -> str:
         f"SELECT customer, toUnixTimestamp64Milli(max(time)) AS newest_ms FROM {EVENTS}"
         f" WHERE customer IN ({', '.join(map(sql_string, customers))}) GROUP BY customer"
     )
-
-
-_USAGE_SUMS = """
-    countIf(decision = 'admitted') AS requests,
-    countIf(decision != 'admitted') AS refused,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
-    sum(cached_tokens) AS cached_tokens,
-    sum(reasoning_tokens) AS reasoning_tokens,
-    toString(sum(cost_usd)) AS cost_usd,
-    count() AS events"""
 
 
 def bucket_totals(customer: str, start_ms: int, end_ms: int) -> str:
