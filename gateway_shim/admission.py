@@ -16,6 +16,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from gateway_shim.keystore import KeyRecord
+from gateway_shim.resp import Script, ScriptPipe, encode_args
 from quotameter.config import RateAlgorithm, TokenCount
 from quotameter.policy import LimitKind, Policy, RateRule, Unit
 from quotameter.redis_keys import RedisKeys
@@ -131,14 +132,25 @@ class _Layout:
     settle_rules: list[tuple[int, RateRule]]  # token rules: (algorithm code, rule)
     reserving: bool
     needs_settle: bool = field(default=False)
+    # The same, RESP-encoded once for the pipelined path (gateway_shim/resp.py).
+    keys_resp: bytes = b""
+    limits_resp: bytes = b""
+    settle_keys_resp: bytes = b""
 
 
 class Admitter:
-    def __init__(self, client: aioredis.Redis, names: RedisKeys) -> None:
+    """``pipe``: run the two scripts over one auto-pipelined connection
+    (gateway_shim/resp.py) instead of redis-py's pool; same scripts, same
+    replies, same exceptions."""
+
+    def __init__(self, client: aioredis.Redis, names: RedisKeys, pipe: ScriptPipe | None = None) -> None:
         self._names = names
         # register_script: EVALSHA, loading the script again after a Redis restart.
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
+        self._pipe = pipe
+        self._admit_script = Script(_ADMIT)
+        self._settle_script = Script(_SETTLE)
         self._layouts: dict[tuple[str, str, str, int], _Layout] = {}
 
     def _layout(self, key: KeyRecord, policy: Policy, period: str) -> _Layout:
@@ -165,6 +177,9 @@ class Admitter:
             reserving=policy.reserves,
         )
         layout.needs_settle = layout.reserving or bool(flights) or bool(token_rules)
+        layout.keys_resp = encode_args(layout.keys)
+        layout.limits_resp = encode_args(layout.limits_argv)
+        layout.settle_keys_resp = encode_args(layout.settle_keys)
         if len(self._layouts) > 50_000:
             self._layouts.clear()
         self._layouts[cache_key] = layout
@@ -186,30 +201,34 @@ class Admitter:
         argv = layout.limits_argv
         if concurrency_limits is not None:  # batch traffic: fewer slots than interactive
             argv = [argv[0], *concurrency_limits, *argv[1 + len(concurrency_limits):]]
-        reply = await self._admit(
-            keys=layout.keys,
-            args=[
-                now_ms,
-                event_id,
-                now_ms + reservation_ttl_ms,
-                period_end_ms,
-                -1 if policy.period_tokens is None else policy.period_tokens,
-                -1 if policy.period_budget_micro_usd is None else policy.period_budget_micro_usd,
-                estimate.input_tokens,
-                estimate.output_tokens,
-                estimate.input_micro_usd,
-                estimate.output_rate,
-                1 if estimate.cuttable else 0,
-                MIN_OUTPUT_TOKENS,
-                estimate.fallback_budget_micro_usd,
-                estimate.fallback_input_micro_usd,
-                estimate.fallback_output_rate,
-                *argv,
-            ],
-        )
+        args = [
+            now_ms,
+            event_id,
+            now_ms + reservation_ttl_ms,
+            period_end_ms,
+            -1 if policy.period_tokens is None else policy.period_tokens,
+            -1 if policy.period_budget_micro_usd is None else policy.period_budget_micro_usd,
+            estimate.input_tokens,
+            estimate.output_tokens,
+            estimate.input_micro_usd,
+            estimate.output_rate,
+            1 if estimate.cuttable else 0,
+            MIN_OUTPUT_TOKENS,
+            estimate.fallback_budget_micro_usd,
+            estimate.fallback_input_micro_usd,
+            estimate.fallback_output_rate,
+        ]
+        if self._pipe is not None:
+            limits = layout.limits_resp if concurrency_limits is None else encode_args(argv)
+            reply = await self._pipe.evalsha(
+                self._admit_script, len(layout.keys), layout.keys_resp, encode_args(args) + limits,
+                len(layout.keys) + len(args) + len(argv),
+            )
+        else:
+            reply = await self._admit(keys=layout.keys, args=[*args, *argv])
         status = int(reply[0])
         nc = len(policy.concurrency)
-        rest = [int(v) for v in reply[8 + nc:]]
+        rest = list(map(int, reply[8 + nc:]))
         return Admission(
             admitted=status == 1,
             revoked=status == -1,
@@ -220,8 +239,8 @@ class Admitter:
             rule=int(reply[5]),
             tokens_used=int(reply[6]),
             micro_usd_used=int(reply[7]),
-            in_flight=tuple(int(v) for v in reply[8:8 + nc]),
-            rates=tuple((rest[i], rest[i + 1]) for i in range(0, len(rest), 2)),
+            in_flight=tuple(map(int, reply[8:8 + nc])),
+            rates=tuple(zip(rest[::2], rest[1::2], strict=True)) if rest else (),
             policy=policy,
         )
 
@@ -260,4 +279,10 @@ class Admitter:
         for algorithm, rule in layout.settle_rules:
             give_back = rule_cost(rule, *reserved) - rule_cost(rule, *used)
             argv += [algorithm, rule.limit, rule.window_ms, give_back]
-        await self._settle(keys=layout.settle_keys, args=argv)
+        if self._pipe is not None:
+            await self._pipe.evalsha(
+                self._settle_script, len(layout.settle_keys), layout.settle_keys_resp, encode_args(argv),
+                len(layout.settle_keys) + len(argv),
+            )
+        else:
+            await self._settle(keys=layout.settle_keys, args=argv)

@@ -49,27 +49,31 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from functools import partial
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.errors import KafkaError
 
 from gateway_shim.errors import ShimError
 from gateway_shim.spool import Spool, SpoolRecord
 from quotameter.config import Config
-from quotameter.events import UsageEvent, encode_event
+from quotameter.events import EncodedEvent, UsageEvent, encode_event
 
 log = logging.getLogger("gateway_shim.emitter")
 
+_LINGER_S = 0.005  # the sender gathers events this long between turns: at most 5 ms between response and broker
 _PRODUCER_OPTIONS = {
     "acks": "all",
-    "linger_ms": 5,  # small batches; adds at most 5 ms between response and broker
+    "linger_ms": 5,  # for send(); the sender's own batches are closed, so they go out at once
     # No compression: aiokafka's lz4 needs cramjam, and every consumer would too.
     "compression_type": None,
     "request_timeout_ms": 15_000,
 }
 _BATCH = 500  # events handed to the producer per turn of the sender
 _RECENT = 10_000  # events kept in memory so the live path never reads the disk
+_LARGE_EVENT_BYTES = 64 * 1024  # larger events go through producer.send() (its size check) alone
 _CHECKPOINT_S = 0.25
 _FULL_LOG_EVERY_S = 5.0
 
@@ -107,6 +111,8 @@ class EventEmitter:
         self._producer: AIOKafkaProducer | None = None
         self._recent: deque[SpoolRecord] = deque(maxlen=_RECENT)
         self._next = 0  # the next seq to hand to the producer
+        self._partition_set: set[int] | None = None  # the topic's partitions, as last seen
+        self._partition_of: dict[bytes, int] = {}  # key -> partition for that set
         self._generation = 0  # bumped on every rewind; stale failures are ignored
         self._rewind = False
         self._wake = asyncio.Event()
@@ -162,14 +168,16 @@ class EventEmitter:
             asyncio.create_task(self._sync_loop(), name="spool-sync"),
         ]
 
-    def emit(self, event: UsageEvent) -> None:
+    def emit(self, event: UsageEvent | EncodedEvent) -> None:
+        """Spool one event (a model, or one encoded already: the shim's hot path)."""
         if self.spool.full:
             self._log_full()
             if not self.refuse_when_full:
                 self.dropped += 1
                 return
+        value = event.value if isinstance(event, EncodedEvent) else encode_event(event)
         try:
-            record = self.spool.append(event.customer_id.encode(), event.time_ms, encode_event(event))
+            record = self.spool.append(event.customer_id.encode(), event.time_ms, value)
         except OSError as exc:
             self.dropped += 1
             self._write_error = f"spool write failed: {exc.strerror or exc}"
@@ -233,7 +241,12 @@ class EventEmitter:
                 self._progress.clear()
                 await _wait(self._progress, 1.0)
                 continue
-            await self._send_batch(self._producer, await self._take(_BATCH))
+            batch = await self._take(_BATCH)
+            await self._send_batch(self._producer, batch)
+            if len(batch) < _BATCH:
+                # Let the next events gather for a linger: one producer batch per partition
+                # and turn, not a turn (and a produce request) per event loop iteration.
+                await asyncio.sleep(_LINGER_S)
 
     async def _take(self, limit: int) -> list[SpoolRecord]:
         recent = self._recent
@@ -245,30 +258,81 @@ class EventEmitter:
         return await asyncio.to_thread(self.spool.read, self._next, limit)
 
     async def _send_batch(self, producer: AIOKafkaProducer, batch: list[SpoolRecord]) -> None:
+        """Hand ``batch`` (in spool order) to the producer as one record batch per
+        partition, each acknowledged as a whole: one future per batch, not per
+        event. A partition's events keep their spool order."""
         generation = self._generation
+        try:
+            partitions = await producer.partitions_for(self.topic)  # metadata, cached by the client
+        except (KafkaError, OSError) as exc:
+            self._failed(generation, exc)
+            return
+        if partitions != self._partition_set:
+            self._partition_set, self._partition_of = set(partitions), {}
+        all_partitions = list(partitions)
+        open_batches: dict[int, tuple[BatchBuilder, list[int]]] = {}
         for record in batch:
             if self._rewind or generation != self._generation:
                 return
             if self.spool.is_acked(record.seq):  # delivered before a rewind
                 self._next = record.seq + 1
                 continue
-            try:
-                delivery = await producer.send(
-                    self.topic, record.value, key=record.key, timestamp_ms=record.timestamp_ms
-                )
-            except (KafkaError, OSError) as exc:
-                self._failed(generation, exc)
-                return
-            delivery.add_done_callback(partial(self._delivered, record.seq, generation))
+            partition = self._partition_of.get(record.key)
+            if partition is None:
+                # The producer's own partitioner (by key) over the topic's partitions, as send() picks.
+                partition = producer._partitioner(record.key, all_partitions, all_partitions)
+                self._partition_of[record.key] = partition
+            if len(record.value) > _LARGE_EVENT_BYTES:
+                # Rare: let send() size-check it as always, after what this partition holds.
+                if not await self._submit(producer, partition, open_batches.pop(partition, None), generation):
+                    return
+                try:
+                    delivery = await producer.send(
+                        self.topic, record.value, key=record.key, partition=partition, timestamp_ms=record.timestamp_ms
+                    )
+                except (KafkaError, OSError) as exc:
+                    self._failed(generation, exc)
+                    return
+                delivery.add_done_callback(partial(self._delivered, (record.seq,), generation))
+                self._next = record.seq + 1
+                continue
+            pending = open_batches.get(partition)
+            if pending is None:
+                pending = open_batches[partition] = (producer.create_batch(), [])
+            if pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms) is None:
+                # Full: send it, and start the next one with this event (a first event always fits).
+                if not await self._submit(producer, partition, open_batches.pop(partition), generation):
+                    return
+                pending = open_batches[partition] = (producer.create_batch(), [])
+                pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms)
+            pending[1].append(record.seq)
             self._next = record.seq + 1
+        for partition in list(open_batches):
+            if not await self._submit(producer, partition, open_batches.pop(partition), generation):
+                return
 
-    def _delivered(self, seq: int, generation: int, delivery: asyncio.Future[object]) -> None:
+    async def _submit(
+        self, producer: AIOKafkaProducer, partition: int, pending: tuple[BatchBuilder, list[int]] | None, generation: int
+    ) -> bool:
+        if pending is None or not pending[1]:
+            return True
+        pending[0].close()  # complete: the producer sends it without lingering (the sender lingered)
+        try:
+            delivery = await producer.send_batch(pending[0], self.topic, partition=partition)
+        except (KafkaError, OSError, AssertionError, TypeError) as exc:  # also: the partition vanished meanwhile
+            self._failed(generation, exc)
+            return False
+        delivery.add_done_callback(partial(self._delivered, pending[1], generation))
+        return True
+
+    def _delivered(self, seqs: Sequence[int], generation: int, delivery: asyncio.Future[object]) -> None:
         exc = asyncio.CancelledError() if delivery.cancelled() else delivery.exception()
         if exc is not None:
             self._failed(generation, exc)
             return
-        self.spool.ack(seq)
-        self.sent += 1
+        for seq in seqs:
+            self.spool.ack(seq)
+        self.sent += len(seqs)
         self._progress.set()
 
     def _failed(self, generation: int, exc: BaseException) -> None:

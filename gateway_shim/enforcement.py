@@ -70,7 +70,7 @@ class Enforcer:
         self.queue = BatchQueue()
         self.fail_mode_decisions: Counter[str] = Counter()
         self._policies: dict[tuple[str, str, str, str | None], Policy] = {}
-        self._rates: dict[tuple[str | None, date], tuple[Decimal, Decimal]] = {}
+        self._rates: dict[tuple[str | None, date], tuple[Decimal, Decimal, str]] = {}
         self._period: tuple[str, int, int, int] = ("", 0, 0, 0)  # name, start, end ms, length s
         self._redis_down_until = 0.0
         self._last_fail_log = 0.0
@@ -109,12 +109,16 @@ class Enforcer:
             self._period = (name, start_ms, end_ms, (end_ms - start_ms) // 1000)
         return self._period
 
-    def _model_rates(self, model: str | None, today: date) -> tuple[Decimal, Decimal]:
-        """(input, output) micro-USD per token (= USD per 1M tokens) for the model today."""
+    def _model_rates(self, model: str | None, today: date) -> tuple[Decimal, Decimal, str]:
+        """(input, output) micro-USD per token (= USD per 1M tokens) for the model today,
+        and the output rate as exact decimal text (what the admission script reads)."""
         rates = self._rates.get((model, today))
         if rates is None:
             price = self.prices.lookup(model, today) or self.config.default_price
-            rates = (price.input_per_million_usd, price.output_per_million_usd) if price else (Decimal(0), Decimal(0))
+            in_rate, out_rate = (price.input_per_million_usd, price.output_per_million_usd) if price else (Decimal(0), Decimal(0))
+            rates = (in_rate, out_rate, format(out_rate, "f"))
+            if len(self._rates) > 50_000:
+                self._rates.clear()
             self._rates[(model, today)] = rates
         return rates
 
@@ -130,20 +134,20 @@ class Enforcer:
         counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
         input_tokens = count_prompt(body, proxied.model) if counts_tokens else 0
         today = datetime.now(UTC).date()
-        in_rate, out_rate = self._model_rates(proxied.model, today)
+        in_rate, _, out_rate_text = self._model_rates(proxied.model, today)
         fallback = policy.fallback
         fb_budget, fb_in, fb_rate = -1, 0, "0"
         if fallback is not None and policy.period_budget_micro_usd is not None:
-            fb_in_rate, fb_out_rate = self._model_rates(fallback.model, today)
+            fb_in_rate, _, fb_rate = self._model_rates(fallback.model, today)
             fb_budget = policy.period_budget_micro_usd + micro_usd(fallback.extra_budget_usd)
-            fb_in, fb_rate = math.ceil(input_tokens * fb_in_rate), format(fb_out_rate, "f")
+            fb_in = math.ceil(input_tokens * fb_in_rate)
         cuttable = policy.tier.cut_streams and explicit is None and choices == 1 and output > 0
         return (
             Estimate(
                 input_tokens=input_tokens,
                 output_tokens=output,
                 input_micro_usd=math.ceil(input_tokens * in_rate),
-                output_rate=format(out_rate, "f"),
+                output_rate=out_rate_text,
                 cuttable=cuttable,
                 fallback_budget_micro_usd=fb_budget,
                 fallback_input_micro_usd=fb_in,
@@ -172,7 +176,7 @@ class Enforcer:
                 f"(allowed: {allowed}).{_hint(policy)}"
             )
         queued = key.batch and policy.queue is not None
-        if not queued:
+        if not queued and self.refusals:
             recalled = self.refusals.recall(key.customer, request_scopes(_request_rule_scopes(policy)))
             if recalled is not None:
                 admission, wait_ms = recalled
@@ -320,6 +324,10 @@ class Enforcer:
             if ticket.admission.local:
                 self.local.release(key, policy, ticket.event_id)
                 return
+            if time.monotonic() < self._redis_down_until:
+                return  # the reservation expires after its TTL instead
+            if not self.admitter.needs_settle(key, policy, ticket.period):
+                return  # nothing held (no quota, concurrency or token rate): no call, no pricing
             usage = meter.usage
             used = (usage.input_tokens, usage.output_tokens)
             model = meter.model_served or ticket.model
@@ -327,8 +335,6 @@ class Enforcer:
                 model, meter.started_at.date(), input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                 cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
             )
-            if time.monotonic() < self._redis_down_until:
-                return  # the reservation expires after its TTL instead
             try:
                 await self.admitter.settle(
                     key, policy, ticket.period, ticket.event_id, int(time.time() * 1000),

@@ -73,7 +73,7 @@ class Proxy:
             if ticket:
                 await self.enforcer.settle(ticket[0], meter)  # before the event: the pipeline's contract
             if billable:
-                self.emitter.emit(meter.to_event(self.config.shim.instance, key))
+                self.emitter.emit(meter.encoded_event(self.config.shim.instance, key))
 
     async def _admitted(
         self,

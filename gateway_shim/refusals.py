@@ -32,6 +32,10 @@ class RefusalMemory:
         self._entries: dict[tuple[str, str], Remembered] = {}
         self.hits = 0
 
+    def __bool__(self) -> bool:
+        """Whether any refusal is remembered (nothing to look up otherwise)."""
+        return bool(self._entries)
+
     @staticmethod
     def scopes(customer: str, admission_policy_scopes: tuple[str, ...]) -> list[tuple[str, str]]:
         return [(customer, scope) for scope in admission_policy_scopes]

@@ -75,6 +75,9 @@ class StreamTally:
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the complete events to forward now."""
         buffer = self._pending + data if self._pending else data
+        return self._feed_lf(buffer) if b"\r" not in buffer else self._feed_any(buffer)
+
+    def _feed_any(self, buffer: bytes) -> bytes:
         out: list[bytes] = []
         start = 0
         for end in _EVENT_END.finditer(buffer):
@@ -88,10 +91,60 @@ class StreamTally:
         self._pending = buffer[start:]
         return b"".join(out)
 
+    def _feed_lf(self, buffer: bytes) -> bytes:
+        """``feed`` for a buffer whose lines all end in "\n" (what servers send):
+        the same events, cut by ``bytes.split``. A run of plain chunks (one
+        ``data:`` line, no usage, no [DONE], no cut to watch, model known) is
+        noted and forwarded in one piece, with ``"usage":null`` cut out of the
+        run at once (the pattern cannot span two events: each starts "data:")."""
+        pieces = buffer.split(b"\n\n")
+        tail = pieces.pop()  # not ended by a blank line yet
+        out: list[bytes] = []
+        run: list[bytes] = []  # plain chunks, without their blank line
+        texts = self._texts
+        for i, piece in enumerate(pieces):
+            if self.cut:
+                self._pending = b"\n\n".join(pieces[i:]) + b"\n\n" + tail
+                if run:
+                    out.append(self._forward_run(run))
+                return b"".join(out)
+            if piece.startswith(b"data: ") and b"\n" not in piece:
+                data = piece[6:]
+                if (
+                    self.cut_at is None and self.model is not None and b"[DONE]" not in data
+                    and not _USAGE_OBJECT.search(data)
+                ):
+                    self.events += 1
+                    texts.append(data)
+                    run.append(piece)
+                    continue
+                if run:
+                    out.append(self._forward_run(run))
+                    run = []
+                forwarded = self._observe_data(piece + b"\n\n", data)
+            else:
+                if run:
+                    out.append(self._forward_run(run))
+                    run = []
+                forwarded = self._observe(piece + b"\n\n")
+            if forwarded:
+                out.append(forwarded)
+        if run:
+            out.append(self._forward_run(run))
+        self._pending = tail
+        return b"".join(out)
+
+    def _forward_run(self, run: list[bytes]) -> bytes:
+        events = b"\n\n".join(run) + b"\n\n"
+        return _NULL_USAGE.sub(b"", events) if self.hide_usage else events
+
     def _observe(self, event: bytes) -> bytes | None:
         data = event_data(event)
         if data is None:
             return event  # comments / keep-alives pass through
+        return self._observe_data(event, data)
+
+    def _observe_data(self, event: bytes, data: bytes) -> bytes | None:
         self.events += 1
         if data.strip() == DONE:
             self.done = True

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 from aiohttp import web
@@ -55,16 +53,36 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    @asynccontextmanager
-    async def open(self, request: web.Request, path: str, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The upstream's response to ``request`` (its path after /v1 is ``path``)."""
+    def open(self, request: web.Request, path: str, body: bytes) -> _Exchange:
+        """``async with``: the upstream's response to ``request`` (its path after /v1
+        is ``path``), released on the way out."""
         assert self._session is not None, "Upstream.start() was not awaited"
+        return _Exchange(self._session, self._authorization, self.base_url, request, path, body)
+
+
+class _Exchange:
+    """One upstream call as an async context manager (a plain class: cheaper than
+    a generator-based one on every request)."""
+
+    __slots__ = ("_session", "_authorization", "_base_url", "_request", "_path", "_body", "_response")
+
+    def __init__(
+        self, session: aiohttp.ClientSession, authorization: str | None, base_url: str,
+        request: web.Request, path: str, body: bytes,
+    ) -> None:
+        self._session, self._authorization, self._base_url = session, authorization, base_url
+        self._request, self._path, self._body = request, path, body
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        request = self._request
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP)
         if self._authorization:
             headers["Authorization"] = self._authorization
-        url = self.base_url + path + (f"?{request.query_string}" if request.query_string else "")
+        query = request.query_string
+        url = self._base_url + self._path + (f"?{query}" if query else "")
         try:
-            response = await self._session.request(request.method, url, data=body or None, headers=headers)
+            self._response = await self._session.request(request.method, url, data=self._body or None, headers=headers)
         except TimeoutError:
             log.warning("upstream %s did not answer within its timeout", url)
             raise UpstreamTimeout("The model server did not answer in time. Please retry.") from None
@@ -72,10 +90,11 @@ class Upstream:
             # The detail (addresses, errno) is for the operator's log, not the client.
             log.warning("upstream %s unavailable: %s", url, exc)
             raise UpstreamUnavailable("The model server is unavailable. Please retry shortly.") from None
-        try:
-            yield response
-        finally:
-            response.release()
+        return self._response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._response is not None:
+            self._response.release()
 
 
 def _client_headers(upstream: aiohttp.ClientResponse, ours: dict[str, str]) -> CIMultiDict[str]:

@@ -16,6 +16,7 @@ both, never below zero (null: unlimited).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -151,8 +152,11 @@ class UsageApi:
         }
 
 
-def register(app: web.Application, config: Config) -> None:
-    """Add ``GET /v1/usage`` (before the proxy's catch-all) with its own Redis client."""
+def register(
+    app: web.Application, config: Config, guard: Callable[[web.Request], web.Response | None] | None = None
+) -> None:
+    """Add ``GET /v1/usage`` (before the proxy's catch-all) with its own Redis client.
+    ``guard``: an answer that pre-empts the route's own (the server's spool guard), or None."""
     holder: dict[str, UsageApi] = {}
 
     async def resources(app: web.Application):  # noqa: ANN202 - async generator
@@ -162,6 +166,9 @@ def register(app: web.Application, config: Config) -> None:
         await client.aclose()
 
     async def usage(request: web.Request) -> web.Response:
+        refused = guard(request) if guard is not None else None
+        if refused is not None:
+            return refused
         return await holder["api"].handle(request)
 
     app.cleanup_ctx.append(resources)

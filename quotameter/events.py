@@ -6,12 +6,14 @@ know, so a v2 that only adds fields never breaks a v1 reader.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
+import time as _time
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Literal
+from json.encoder import encode_basestring as _json_str  # the C encoder where available
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
@@ -113,16 +115,139 @@ class UsageEvent(BaseModel):
         return int(self.time.timestamp() * 1000)
 
 
+# Random bits for event ids, drawn from os.urandom in blocks (one syscall per
+# _RANDOM_BLOCK ids instead of one each); a forked child starts a block of its own.
+_RANDOM_BLOCK = 512
+_random = {"pool": b"", "at": 0}
+os.register_at_fork(after_in_child=lambda: _random.update(pool=b"", at=0))
+
+
 def new_event_id() -> str:
-    """A unique, time-ordered id (UUIDv7 layout) so ledgers sort by it cheaply."""
-    ms = int(datetime.now(UTC).timestamp() * 1000)
-    rand = uuid.uuid4().int & ((1 << 74) - 1)
+    """A unique, time-ordered id (UUIDv7 layout) so ledgers sort by it cheaply:
+    48 bits of Unix milliseconds, version 7, variant 0b10, 74 random bits."""
+    ms = _time.time_ns() // 1_000_000
+    at = _random["at"]
+    pool = _random["pool"]
+    if at + 10 > len(pool):
+        pool, at = os.urandom(10 * _RANDOM_BLOCK), 0
+        _random["pool"] = pool
+    _random["at"] = at + 10
+    rand = int.from_bytes(pool[at : at + 10]) & ((1 << 74) - 1)
     value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
-    return str(uuid.UUID(int=value))
+    text = "%032x" % value
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def encode_event(event: UsageEvent) -> bytes:
     return event.model_dump_json(exclude_none=True).encode()
+
+
+class EncodedEvent(NamedTuple):
+    """An event already encoded (``value``), with what the spool and Kafka need beside it."""
+
+    id: str
+    customer_id: str
+    time_ms: int
+    value: bytes
+
+
+def encode_request_event(
+    id: str,
+    source: str,
+    subject: str,
+    time: datetime,
+    *,
+    api_key_id: str,
+    tier: str,
+    route: str,
+    status: int,
+    decision: Decision,
+    reason: str | None = None,
+    model_requested: str | None = None,
+    model_served: str | None = None,
+    upstream: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cached_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    usage_source: UsageSource = UsageSource.NONE,
+    streamed: bool = False,
+    latency_ms: float = 0.0,
+    ttft_ms: float | None = None,
+    request_bytes: int = 0,
+    response_bytes: int = 0,
+    upstream_cost_usd: Decimal | None = None,
+    queued_ms: float | None = None,
+) -> EncodedEvent:
+    """The event ``UsageEvent(..., data=RequestData(...))`` encoded: the same
+    bytes as ``encode_event`` of that model, without building it (the shim's
+    hot path). Values the direct encoding does not cover exactly (or that the
+    model would refuse) go through the model, which validates them as always."""
+    if (
+        type(id) is str and 0 < len(id) <= 128 and type(source) is str and source != ""
+        and type(subject) is str and subject != "" and type(time) is datetime and time.tzinfo is UTC
+        and type(api_key_id) is str and type(tier) is str and type(route) is str and type(status) is int
+        and type(decision) is Decision and type(usage_source) is UsageSource and type(streamed) is bool
+        and type(input_tokens) is int and input_tokens >= 0 and type(output_tokens) is int and output_tokens >= 0
+        and type(cached_tokens) is int and cached_tokens >= 0
+        and type(cache_write_tokens) is int and cache_write_tokens >= 0
+        and type(reasoning_tokens) is int and reasoning_tokens >= 0
+        and type(request_bytes) is int and request_bytes >= 0 and type(response_bytes) is int and response_bytes >= 0
+        and (reason is None or type(reason) is str) and (model_requested is None or type(model_requested) is str)
+        and (model_served is None or type(model_served) is str) and (upstream is None or type(upstream) is str)
+        and _plain_float(latency_ms) and (ttft_ms is None or _plain_float(ttft_ms))
+        and (queued_ms is None or _plain_float(queued_ms)) and upstream_cost_usd is None
+    ):
+        stamp = time.isoformat()
+        if stamp.endswith("+00:00"):
+            stamp = stamp[:-6] + "Z"
+        optional = ""
+        if reason is not None:
+            optional += ',"reason":' + _json_str(reason)
+        if model_requested is not None:
+            optional += ',"model_requested":' + _json_str(model_requested)
+        if model_served is not None:
+            optional += ',"model_served":' + _json_str(model_served)
+        if upstream is not None:
+            optional += ',"upstream":' + _json_str(upstream)
+        ttft = "" if ttft_ms is None else ',"ttft_ms":' + repr(ttft_ms)
+        queued = "" if queued_ms is None else ',"queued_ms":' + repr(queued_ms)
+        text = (
+            f'{{"specversion":"1.0","id":{_json_str(id)},"source":{_json_str(source)},'
+            f'"type":"{EVENT_TYPE_V1}","subject":{_json_str(subject)},"time":"{stamp}",'
+            f'"datacontenttype":"application/json","data":{{"api_key_id":{_json_str(api_key_id)},'
+            f'"tier":{_json_str(tier)},"route":{_json_str(route)},"status":{status},'
+            f'"decision":"{decision.value}"{optional},"input_tokens":{input_tokens},'
+            f'"output_tokens":{output_tokens},"cached_tokens":{cached_tokens},'
+            f'"cache_write_tokens":{cache_write_tokens},"reasoning_tokens":{reasoning_tokens},'
+            f'"usage_source":"{usage_source.value}","streamed":{"true" if streamed else "false"},'
+            f'"latency_ms":{latency_ms!r}{ttft},"request_bytes":{request_bytes},'
+            f'"response_bytes":{response_bytes}{queued}}}}}'
+        )
+        try:
+            value = text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: the model's encoder decides
+            pass
+        else:
+            return EncodedEvent(id, subject, int(time.timestamp() * 1000), value)
+    event = UsageEvent(
+        id=id, source=source, subject=subject, time=time,
+        data=RequestData(
+            api_key_id=api_key_id, tier=tier, route=route, status=status, decision=decision, reason=reason,
+            model_requested=model_requested, model_served=model_served, upstream=upstream,
+            input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached_tokens,
+            cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens, usage_source=usage_source,
+            streamed=streamed, latency_ms=latency_ms, ttft_ms=ttft_ms, request_bytes=request_bytes,
+            response_bytes=response_bytes, upstream_cost_usd=upstream_cost_usd, queued_ms=queued_ms,
+        ),
+    )
+    return EncodedEvent(event.id, event.customer_id, event.time_ms, encode_event(event))
+
+
+def _plain_float(value: object) -> bool:
+    """A float that repr() writes as pydantic does (no exponent, not negative)."""
+    return type(value) is float and (1e-4 <= value < 1e15 or (value == 0.0 and repr(value) == "0.0"))
 
 
 def decode_event(raw: bytes | str) -> UsageEvent:

@@ -171,7 +171,7 @@ async def test_broker_stopped_mid_traffic_loses_no_event(
     async def client_loop(customer: str) -> None:
         base = f"http://{config.shim.host}:{config.shim.port}/v1"
         async with openai.AsyncOpenAI(base_url=base, api_key=keys[customer], max_retries=0, timeout=10) as client:
-            for n in range(1, 400):
+            for n in range(1, 100_000):  # until stop_sending: running out first would read as a failure
                 if stop_sending.is_set():
                     return
                 stream = n % 2 == 0

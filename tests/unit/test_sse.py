@@ -150,3 +150,27 @@ def test_read_request_injects_usage_only_when_needed() -> None:
 
 def test_reset_durations_are_written_as_openai_does() -> None:
     assert [format_duration(ms) for ms in (20, 8571, 60_000, 61_500)] == ["20ms", "8.571s", "1m0s", "1m1.5s"]
+
+
+def test_the_newline_fast_path_reads_streams_as_the_general_parser_does() -> None:
+    """``feed`` cuts "\\n"-only buffers with bytes.split; the regex parser must agree on every event."""
+    import random
+
+    rng = random.Random(3)
+    pieces = [
+        _event(_chunk("hi")), _event(_chunk(" a,\"usage\":null"), null_usage=True), b": keep-alive\n\n",
+        b"data:" + json.dumps(_chunk("x")).encode() + b"\n\n", b"event: e\ndata: " + json.dumps(_chunk("y")).encode() + b"\n\n",
+        _event(USAGE_CHUNK), b"data: {broken\n\n", b"data: a\ndata: b\n\n", b"\n", b"data: [DONE]\n\n",
+    ]
+    state = ("cut", "counted_output", "chunk_id", "usage", "model", "done", "events", "text", "pending_bytes")
+    for _ in range(2000):
+        stream = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) + rng.choice([b"", b"data: par"])
+        options = {"hide_usage": rng.random() < 0.5, "cut_at": rng.choice([None, 3, 30]), "model": "gpt-4o"}
+        fast, general = StreamTally(**options), StreamTally(**options)
+        cuts = sorted(rng.sample(range(len(stream) + 1), min(3, len(stream) + 1)))
+        for part in (stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)], strict=True)):
+            buffer = general._pending + part
+            assert fast.feed(part) == general._feed_any(buffer)
+            assert [getattr(fast, name) for name in state] == [getattr(general, name) for name in state]
+            if fast.cut:
+                break
