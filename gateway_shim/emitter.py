@@ -56,7 +56,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.errors import KafkaError
 
-from gateway_shim.errors import ShimError
+from gateway_shim.errors import MeteringUnavailable
 from gateway_shim.spool import Spool, SpoolRecord
 from quotameter.config import Config
 from quotameter.events import EncodedEvent, UsageEvent, encode_event
@@ -76,17 +76,6 @@ _RECENT = 10_000  # events kept in memory so the live path never reads the disk
 _LARGE_EVENT_BYTES = 64 * 1024  # larger events go through producer.send() (its size check) alone
 _CHECKPOINT_S = 0.25
 _FULL_LOG_EVERY_S = 5.0
-
-
-class MeteringUnavailable(ShimError):
-    """The usage spool is full (Kafka has been unreachable for long) or cannot
-    be written, so the request could not be billed and was refused. Bring the
-    broker back (``services.kafka_bootstrap``) or free disk space; the shim
-    serves again as soon as the spool drains below ``shim.spool_max_bytes``."""
-
-    status = 503
-    error_type = "server_error"
-    code = "metering_unavailable"
 
 
 class EventEmitter:

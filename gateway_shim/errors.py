@@ -12,7 +12,11 @@
         │   └── QuotaExceeded     429 (or the tier's 402) insufficient_quota
         ├── UpstreamUnavailable   502  the upstream refused or dropped the connection
         ├── UpstreamTimeout       504  the upstream did not answer in upstream.timeout_s
-        └── BackendUnavailable    503  Redis is unreachable (the shim fails closed)
+        ├── BackendUnavailable    503  Redis is unreachable (the shim fails closed)
+        ├── MeteringUnavailable   503  the usage spool is full or cannot be written
+        ├── UsageBadRequest       400  GET /v1/usage: a bad parameter
+        ├── UsageForbidden        403  GET /v1/usage: a key asked for another customer
+        └── UsageNotFound         404  GET /v1/usage: no such customer (admin token)
 
 Bodies follow OpenAI's shape, so every SDK raises its usual exception:
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -134,3 +138,34 @@ def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -
     if isinstance(error, Refusal) and error.retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return response
+
+
+class MeteringUnavailable(ShimError):
+    """The usage spool is full (Kafka has been unreachable for long) or cannot
+    be written, so the request could not be billed and was refused. Bring the
+    broker back (``services.kafka_bootstrap``) or free disk space; the shim
+    serves again as soon as the spool drains below ``shim.spool_max_bytes``."""
+
+    status = 503
+    error_type = "server_error"
+    code = "metering_unavailable"
+
+
+class UsageForbidden(ShimError):
+    """A key asked for another customer's usage: a key reads its own only."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class UsageBadRequest(ShimError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_parameter"
+
+
+class UsageNotFound(ShimError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "customer_not_found"

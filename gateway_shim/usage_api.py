@@ -26,7 +26,7 @@ import redis.exceptions
 from aiohttp import web
 
 from gateway_shim.auth import Authenticator, bearer_token
-from gateway_shim.errors import BackendUnavailable, ShimError, error_response
+from gateway_shim.errors import BackendUnavailable, ShimError, UsageBadRequest, UsageForbidden, UsageNotFound, error_response
 from quotameter.aggregate import format_usd
 from quotameter.config import Config
 from quotameter.periods import period_bounds, period_of
@@ -34,26 +34,6 @@ from quotameter.redis_keys import RedisKeys
 
 _MICRO = Decimal(1_000_000)
 _INT_FIELDS = ("requests", "refused", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "events")
-
-
-class UsageForbidden(ShimError):
-    """A key asked for another customer's usage: a key reads its own only."""
-
-    status = 403
-    error_type = "invalid_request_error"
-    code = "permission_denied"
-
-
-class UsageBadRequest(ShimError):
-    status = 400
-    error_type = "invalid_request_error"
-    code = "invalid_parameter"
-
-
-class UsageNotFound(ShimError):
-    status = 404
-    error_type = "invalid_request_error"
-    code = "customer_not_found"
 
 
 class UsageApi:
