@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.usage import NO_USAGE, Usage
-from quotameter.events import Decision, EncodedEvent, RequestData, UsageEvent, encode_request_event, new_event_id
+from quotameter.events import Decision, EncodedEvent, encode_request_event, new_event_id
 
 
 @dataclass(slots=True)
@@ -36,7 +36,7 @@ class RequestMeter:
             self._first_byte_s = time.perf_counter() - self._t0
 
     def encoded_event(self, source: str, key: KeyRecord) -> EncodedEvent:
-        """The event of ``to_event``, encoded directly (the same bytes; no model built)."""
+        """This request's usage event, encoded directly (the bytes ``encode_event`` would give; no model built)."""
         latency_ms = (time.perf_counter() - self._t0) * 1000
         usage = self.usage
         return encode_request_event(
@@ -64,36 +64,4 @@ class RequestMeter:
             request_bytes=self.request_bytes,
             response_bytes=self.response_bytes,
             queued_ms=None if self.queued_ms is None else round(self.queued_ms, 3),
-        )
-
-    def to_event(self, source: str, key: KeyRecord) -> UsageEvent:
-        latency_ms = (time.perf_counter() - self._t0) * 1000
-        ttft_ms = None if self._first_byte_s is None else self._first_byte_s * 1000
-        return UsageEvent(
-            id=self.event_id,
-            source=source,
-            subject=key.customer,
-            time=self.started_at,
-            data=RequestData(
-                api_key_id=key.key_id,  # never the key itself
-                tier=key.tier,
-                route=self.route,
-                status=self.status,
-                decision=self.decision,
-                reason=self.reason,
-                model_requested=self.model_requested,
-                model_served=self.model_served,
-                upstream=self.upstream,
-                input_tokens=self.usage.input_tokens,
-                output_tokens=self.usage.output_tokens,
-                cached_tokens=self.usage.cached_tokens,
-                reasoning_tokens=self.usage.reasoning_tokens,
-                usage_source=self.usage.source,
-                streamed=self.streamed,
-                latency_ms=round(latency_ms, 3),
-                ttft_ms=None if ttft_ms is None else round(ttft_ms, 3),
-                request_bytes=self.request_bytes,
-                response_bytes=self.response_bytes,
-                queued_ms=None if self.queued_ms is None else round(self.queued_ms, 3),
-            ),
         )
