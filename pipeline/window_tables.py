@@ -25,9 +25,10 @@ from quotameter.windows import (
     Delivered,
     Granularity,
     Seed,
+    GRANULARITIES,
     WindowRecord,
-    apply,
-    bucket_of,
+    apply_all,
+    buckets_of_minute,
     is_late,
     seeds_needed,
 )
@@ -79,6 +80,10 @@ class WindowTables:
         # on a broker that misreports its latest offset (Tansu) can miss the
         # newest records: it is rebuilt from the ledger on first touch.
         self._trusted: set[str] = set()
+        # The decoded records of trusted customers, as last written to the
+        # tables: decoding a table's JSON value each batch cost more than the
+        # arithmetic. Dropped with the trust.
+        self._records: dict[tuple[Granularity, str], WindowRecord] = {}
         self.tz = tz
         self.anchor_day = anchor_day
         self.late_grace_ms = late_grace_ms
@@ -105,6 +110,7 @@ class WindowTables:
     def distrust(self) -> None:
         """After a rebalance: rebuild each customer's records from the ledger on first touch."""
         self._trusted.clear()
+        self._records.clear()
 
     def record(self, granularity: Granularity, customer: str) -> WindowRecord | None:
         raw = self.tables[granularity].get(customer.encode())
@@ -126,7 +132,7 @@ class WindowTables:
         missing: set[str] = set()
         for granularity in Granularity:
             for customer in by_customer:
-                found = self.record(granularity, customer) if customer in self._trusted else None
+                found = self._records.get((granularity, customer)) if customer in self._trusted else None
                 if found is None:
                     missing.add(customer)
                 else:
@@ -147,35 +153,41 @@ class WindowTables:
             stream_ms = records[(Granularity.PERIOD, customer)].t
             flagged = []
             for delivered in events:
-                event_ms = delivered.priced.event.time_ms
+                repeated = id(delivered) in repeat
+                event_ms = delivered.time_ms
                 late = is_late(event_ms, stream_ms, self.late_grace_ms)
-                result.late += late
                 stream_ms = max(stream_ms, event_ms)
-                priced = dataclasses.replace(delivered.priced, late=late) if late else delivered.priced
-                flagged.append(Delivered(priced, delivered.partition, delivered.offset))
-                if id(delivered) not in repeat:
+                if late:
+                    result.late += 1
+                    delivered = Delivered(dataclasses.replace(delivered.priced, late=True), delivered.partition, delivered.offset)
+                priced = delivered.priced
+                flagged.append(delivered)
+                if not repeated:
                     result.rows.append(priced)
-                elif delivered.priced.event.time_ms <= records[(Granularity.PERIOD, customer)].seed:
+                elif delivered.time_ms <= records[(Granularity.PERIOD, customer)].seed:
                     flagged.pop()  # its ledger row is in the record's seed already
             by_customer[customer] = flagged
 
         seeds = await self._seeds(records, by_customer)
         result.seeded = sum(len(buckets) for buckets in seeds.values())
-        for (granularity, customer), record in records.items():
-            events = by_customer[customer]
-            apply(record, granularity, events, seeds.get((granularity, customer), {}), self.tz, self.anchor_day)
+        for customer, events in by_customer.items():
+            mine = {g: records[(g, customer)] for g in Granularity}
+            apply_all(mine, events, {g: seeds.get((g, customer), {}) for g in Granularity}, self.tz, self.anchor_day)
             self._trusted.add(customer)
-            # The changelog record of this value carries totals and watermark
-            # together: a crash keeps both or neither.
-            self.tables[granularity][customer.encode()] = record.to_json()
-            if granularity is Granularity.PERIOD:
-                self._touched_periods(result, customer, record, events)
+            key = customer.encode()
+            for granularity, record in mine.items():
+                self._records[(granularity, customer)] = record
+                # The changelog record of this value carries totals and
+                # watermark together: a crash keeps both or neither.
+                self.tables[granularity][key] = record.to_json()
+            self._touched_periods(result, customer, mine[Granularity.PERIOD], events)
         return result
 
     def _touched_periods(self, result: BatchResult, customer: str, record: WindowRecord, events: list[Delivered]) -> None:
+        period_index = GRANULARITIES.index(Granularity.PERIOD)
         for delivered in events:
             event = delivered.priced.event
-            period = bucket_of(event.time, Granularity.PERIOD, self.tz, self.anchor_day).name
+            period = buckets_of_minute(delivered.minute, self.tz, self.anchor_day)[period_index].name
             key = (customer, period)
             result.ids.setdefault(key, []).append(event.id)
             if period in record.buckets:  # else pruned: too old to enforce on

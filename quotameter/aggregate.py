@@ -39,20 +39,47 @@ class Totals:
     events: int = 0
 
     def __add__(self, other: Totals) -> Totals:
-        return Totals(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        # Written out: this runs for every bucket a batch touches.
+        return Totals(
+            self.requests + other.requests,
+            self.refused + other.refused,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+            self.cost_usd + other.cost_usd,
+            self.events + other.events,
+        )
 
     @property
     def cost_micro_usd(self) -> int:
         """The cost rounded up to whole micro-USD (what Lua compares with budgets)."""
         return math.ceil(self.cost_usd * 1_000_000)
 
+    def to_vector(self) -> list[Any]:
+        """The fields in order (money as Decimal): what sums are kept in."""
+        return [
+            self.requests, self.refused, self.input_tokens, self.output_tokens,
+            self.cached_tokens, self.reasoning_tokens, self.cost_usd, self.events,
+        ]
+
+    @classmethod
+    def from_vector(cls, values: Sequence[Any]) -> Totals:
+        return cls(*values)
+
     def to_list(self) -> list[Any]:
         """Compact form for table values: the fields in order, money as text."""
-        return [format_usd(v) if isinstance(v, Decimal) else v for v in (getattr(self, f.name) for f in fields(self))]
+        values = self.to_vector()
+        values[6] = format_usd(self.cost_usd)
+        return values
 
     @classmethod
     def from_list(cls, values: Sequence[Any]) -> Totals:
-        return cls(*(Decimal(v) if f.name == "cost_usd" else int(v) for f, v in zip(fields(cls), values, strict=True)))
+        requests, refused, input_tokens, output_tokens, cached, reasoning, cost, events = values
+        return cls(
+            int(requests), int(refused), int(input_tokens), int(output_tokens),
+            int(cached), int(reasoning), Decimal(cost), int(events),
+        )
 
     def to_record(self) -> Record:
         record: Record = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -101,7 +128,7 @@ class PricedEvent:
         )
 
 
-def price_event(event: UsageEvent, prices: PriceTable) -> PricedEvent:
+def price_event(event: UsageEvent, prices: PriceTable, partition: int = -1, offset: int = -1) -> PricedEvent:
     """Price by the model that served the request (else the one requested),
     at the price in force on the event's UTC day."""
     data = event.data
@@ -114,7 +141,7 @@ def price_event(event: UsageEvent, prices: PriceTable) -> PricedEvent:
         cache_write_tokens=data.cache_write_tokens,
         reasoning_tokens=data.reasoning_tokens,
     )
-    return PricedEvent(event, cost)
+    return PricedEvent(event, cost, partition=partition, offset=offset)
 
 
 def unique_by_id(events: Iterable[UsageEvent]) -> list[UsageEvent]:

@@ -25,7 +25,8 @@ Each bucket holds totals for all models ("*") and per model: the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -81,19 +82,38 @@ def bucket_of(moment: datetime, granularity: Granularity, tz: str = "UTC", ancho
     return Bucket(start.strftime(fmt), _ms(start), _ms(start + step))
 
 
+GRANULARITIES = tuple(Granularity)  # index i: bit 1 << i in an event's mask below
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def buckets_of_minute(minute: int, tz: str, anchor_day: int) -> tuple[Bucket, ...]:
+    """The buckets (in ``GRANULARITIES`` order) of a UTC minute since the epoch.
+    Every bucket boundary, billing periods in any zone included, falls on a
+    whole minute, so events in the same minute share them: computed once."""
+    moment = datetime.fromtimestamp(minute * 60, UTC)
+    return tuple(bucket_of(moment, g, tz, anchor_day) for g in GRANULARITIES)
+
+
 def model_of(priced: PricedEvent) -> str:
     """The model a usage line is billed under: served, else requested."""
     data = priced.event.data
     return data.model_served or data.model_requested or ""
 
 
-@dataclass(frozen=True, slots=True)
 class Delivered:
-    """One decoded, priced event with where Kafka delivered it."""
+    """One decoded, priced event with where Kafka delivered it, and what the
+    windows need of it computed once: its time, minute, model and totals."""
 
-    priced: PricedEvent
-    partition: int
-    offset: int
+    __slots__ = ("priced", "partition", "offset", "time_ms", "minute", "model", "delta")
+
+    def __init__(self, priced: PricedEvent, partition: int, offset: int) -> None:
+        self.priced = priced
+        self.partition = partition
+        self.offset = offset
+        self.time_ms = priced.event.time_ms
+        self.minute = self.time_ms // 60_000
+        self.model = model_of(priced)
+        self.delta = priced.totals.to_vector()
 
 
 @dataclass(slots=True)
@@ -104,18 +124,16 @@ class WindowRecord:
     pb: int = -1
     buckets: dict[str, dict[str, Totals]] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)  # bucket name -> start ms
+    # Each bucket's JSON form, kept until the bucket changes: a batch touches a
+    # few buckets of a record, and re-encoding the others was most of its cost.
+    encoded: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "wm": self.wm,
-            "t": self.t,
-            "seed": self.seed,
-            "pb": self.pb,
-            "b": {
-                name: {"s": self.starts[name], **{m: totals.to_list() for m, totals in models.items()}}
-                for name, models in self.buckets.items()
-            },
-        }
+        encoded = self.encoded
+        for name, models in self.buckets.items():
+            if name not in encoded:
+                encoded[name] = {"s": self.starts[name], **{m: totals.to_list() for m, totals in models.items()}}
+        return {"wm": dict(self.wm), "t": self.t, "seed": self.seed, "pb": self.pb, "b": dict(encoded)}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> WindowRecord:
@@ -143,11 +161,12 @@ def seeds_needed(
     record: WindowRecord, granularity: Granularity, events: Iterable[Delivered], tz: str, anchor_day: int
 ) -> dict[str, Bucket]:
     """Buckets the events would create in ``record`` that must first be seeded from the ledger."""
+    index = GRANULARITIES.index(granularity)
+    wm = record.wm
+    minutes = {d.minute for d in events if d.offset > wm.get(str(d.partition), -1)}
     out: dict[str, Bucket] = {}
-    for delivered in events:
-        if record.applied(delivered.partition, delivered.offset):
-            continue
-        bucket = bucket_of(delivered.priced.event.time, granularity, tz, anchor_day)
+    for minute in minutes:
+        bucket = buckets_of_minute(minute, tz, anchor_day)[index]
         if bucket.name not in out and record.needs_seed(bucket):
             out[bucket.name] = bucket
     return out
@@ -156,7 +175,7 @@ def seeds_needed(
 def apply(
     record: WindowRecord,
     granularity: Granularity,
-    events: Iterable[Delivered],
+    events: Sequence[Delivered],
     seeds: Mapping[str, Seed],
     tz: str,
     anchor_day: int,
@@ -165,29 +184,68 @@ def apply(
     buckets they touched. ``events`` are new to the ledger (duplicates by id
     are dropped before) and in offset order. A bucket listed in ``seeds``
     starts from the ledger's totals instead of zero."""
-    touched: set[str] = set()
-    for delivered in events:
-        key = str(delivered.partition)
-        if delivered.offset <= record.wm.get(key, -1):
-            continue  # applied before a crash or a rebalance: never twice
-        record.wm[key] = delivered.offset
-        event_ms = delivered.priced.event.time_ms
-        bucket = bucket_of(delivered.priced.event.time, granularity, tz, anchor_day)
-        models = record.buckets.get(bucket.name)
-        if models is None:
-            models = {}
-            for model, seeded in seeds.get(bucket.name, {}).items():
-                models[model] = seeded
-                models[ALL_MODELS] = models.get(ALL_MODELS, Totals()) + seeded
-            record.buckets[bucket.name] = models
-            record.starts[bucket.name] = bucket.start_ms
-        delta = delivered.priced.totals
-        models[ALL_MODELS] = models.get(ALL_MODELS, Totals()) + delta
-        model = model_of(delivered.priced)
-        models[model] = models.get(model, Totals()) + delta
-        record.t = max(record.t, event_ms)
-        touched.add(bucket.name)
-    _prune(record, granularity)
+    return apply_all({granularity: record}, events, {granularity: seeds}, tz, anchor_day)[granularity]
+
+
+def apply_all(
+    records: Mapping[Granularity, WindowRecord],
+    events: Sequence[Delivered],
+    seeds: Mapping[Granularity, Mapping[str, Seed]],
+    tz: str,
+    anchor_day: int,
+) -> dict[Granularity, set[str]]:
+    """``apply`` for one customer's records of several granularities at once:
+    the events are summed once per (minute, model, records they are new to),
+    and each sum is added to the bucket of each record."""
+    grans = [(GRANULARITIES.index(g), g, r) for g, r in records.items()]
+    sums: dict[tuple[int, int, str], list[Any]] = {}  # (mask, minute, model) -> summed delta
+    newest: dict[int, int] = {}  # mask -> newest event time
+    for d in events:
+        key = str(d.partition)
+        mask = 0
+        for index, _, record in grans:
+            wm = record.wm
+            if d.offset > wm.get(key, -1):
+                wm[key] = d.offset  # applied before a crash or a rebalance: never twice
+                mask |= 1 << index
+        if not mask:
+            continue
+        acc = sums.get((mask, d.minute, d.model))
+        if acc is None:
+            sums[(mask, d.minute, d.model)] = list(d.delta)
+        else:
+            delta = d.delta
+            for i in range(len(acc)):
+                acc[i] += delta[i]
+        if d.time_ms > newest.get(mask, -1):
+            newest[mask] = d.time_ms
+
+    touched: dict[Granularity, set[str]] = {g: set() for g in records}
+    for (mask, minute, model), acc in sums.items():
+        delta = Totals.from_vector(acc)
+        buckets = buckets_of_minute(minute, tz, anchor_day)
+        for index, granularity, record in grans:
+            if not mask & (1 << index):
+                continue
+            bucket = buckets[index]
+            models = record.buckets.get(bucket.name)
+            if models is None:
+                models = {}
+                for seeded_model, seeded in seeds.get(granularity, {}).get(bucket.name, {}).items():
+                    models[seeded_model] = seeded
+                    models[ALL_MODELS] = models.get(ALL_MODELS, Totals()) + seeded
+                record.buckets[bucket.name] = models
+                record.starts[bucket.name] = bucket.start_ms
+            models[ALL_MODELS] = models[ALL_MODELS] + delta if ALL_MODELS in models else delta
+            models[model] = models[model] + delta if model in models else delta
+            record.encoded.pop(bucket.name, None)
+            touched[granularity].add(bucket.name)
+    for mask, time_ms in newest.items():
+        for index, _, record in grans:
+            if mask & (1 << index) and time_ms > record.t:
+                record.t = time_ms
+    for granularity, record in records.items():
+        _prune(record, granularity)
     return touched
 
 
@@ -197,6 +255,7 @@ def _prune(record: WindowRecord, granularity: Granularity) -> None:
         # A bucket is dropped once it starts before the cutoff; one that comes
         # back is seeded from the ledger (start < pb), so it stays exact.
         del record.buckets[name], record.starts[name]
+        record.encoded.pop(name, None)
         record.pb = max(record.pb, cutoff)
 
 
