@@ -2,6 +2,8 @@
 ``batch_max_events``, at most ``batch_max_wait_ms`` old) to the steps below.
 Events are acked by hand, by the ledger sink, once their rows are written.
 
+    0. offsets         records the consumer skipped are read directly and
+                           join the batch (pipeline.offset_guard)
     1. decode + price      pure; a malformed event goes to the dead-letter
                            topic with the reason (step 4 waits for it)
     2. dedupe              ids already applied: the in-memory window, else
@@ -24,7 +26,6 @@ said beside the step; in every case the totals end exact.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.types import EventT
 
 from pipeline.app import FaustParts
@@ -40,6 +42,7 @@ from pipeline.dedupe import Deduplicator
 from pipeline.freshness import Freshness
 from pipeline.history.store import HistoryError
 from pipeline.ledger_sink import EXIT_LEDGER_DOWN, LedgerSink
+from pipeline.offset_guard import FilledEvent, OffsetGuard
 from pipeline.redis_writer import UsageWriter
 from pipeline.window_tables import WindowTables
 from quotameter.aggregate import price_event
@@ -60,18 +63,18 @@ class PeriodObserver(Protocol):
     async def observe(self, customer: str, period: str, tier: str | None, tokens: int, cost_usd: Decimal) -> None: ...
 
 
-async def _ledger_call(what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Retry a ledger read; after LEDGER_RETRY_S exit unacked (a supervisor restarts us)."""
+async def _retrying(what: str, call: Callable[[], Awaitable[T]], errors: tuple[type[Exception], ...] = (HistoryError,)) -> T:
+    """Retry a read; after LEDGER_RETRY_S exit unacked (a supervisor restarts us)."""
     deadline = time.monotonic() + LEDGER_RETRY_S
     delay_s = 0.2
     while True:
         try:
             return await call()
-        except HistoryError as exc:
+        except errors as exc:
             if time.monotonic() >= deadline:
-                log.critical("ledger unavailable for %.0fs (%s), exiting without committing: %s", LEDGER_RETRY_S, what, exc)
+                log.critical("%s failing for %.0fs, exiting without committing: %s", what, LEDGER_RETRY_S, exc)
                 os._exit(EXIT_LEDGER_DOWN)
-            log.error("ledger %s failed (retrying in %.1fs): %s", what, delay_s, exc)
+            log.error("%s failed (retrying in %.1fs): %s", what, delay_s, exc)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 5.0)
 
@@ -87,6 +90,7 @@ class UsageSink:
         prices: PriceTable,
         dlq_topic: str,
         freshness: Freshness,
+        guard: OffsetGuard,
     ) -> None:
         self.parts = parts
         self.windows = windows
@@ -96,6 +100,7 @@ class UsageSink:
         self.prices = prices
         self.dlq_topic = dlq_topic
         self.freshness = freshness
+        self.guard = guard
         self.observer: PeriodObserver | None = None
         self.lock = asyncio.Lock()  # batches and rebuilds take turns
         self.counts = {"batches": 0, "events": 0, "applied": 0, "duplicates": 0, "malformed": 0, "late": 0, "seeded": 0}
@@ -105,12 +110,14 @@ class UsageSink:
             await self._process(events)
 
     async def _process(self, events: Sequence[EventT]) -> None:
+        # 0. Read only. A crash here: nothing acked, all redelivered.
+        events = await _retrying("reading skipped offsets", lambda: self.guard.complete(events), (KafkaError, OSError, HistoryError))
         # 1. Pure, plus DLQ sends. A crash here: nothing acked, all redelivered.
         delivered, dead = self._decode(events)
         for event, reason in dead:
             await self._dead_letter(event, reason)
         # 2. Read only. A crash here: as in 1.
-        known = await _ledger_call("lookup", lambda: self.dedupe.known(delivered)) if delivered else {}
+        known = await _retrying("ledger lookup", lambda: self.dedupe.known(delivered)) if delivered else {}
         fresh = [d for d in delivered if d.priced.event.id not in known]
         # An id whose ledger row came from this very delivery (same partition
         # and offset) reached the ledger, but maybe not the tables (a changelog
@@ -119,7 +126,7 @@ class UsageSink:
         # id is a re-sent duplicate: skipped.
         again = [d for d in delivered if known.get(d.priced.event.id) == (d.partition, d.offset)]
         # 3. Tables (in memory until 4). A crash here: as in 1.
-        result = await _ledger_call("seed", lambda: self.windows.apply(fresh, again))
+        result = await _retrying("ledger seed", lambda: self.windows.apply(fresh, again))
         self.dedupe.recent.add(d.priced.event.id for d in fresh)
         # 4. The changelog now holds totals and watermarks together. A crash
         #    after it: redelivered events are at or below the watermark and
@@ -163,7 +170,7 @@ class UsageSink:
             if decoded.id in seen:
                 continue  # a duplicate within the batch: the first one (lowest offset) counts
             seen.add(decoded.id)
-            priced = dataclasses.replace(price_event(decoded, self.prices), partition=message.partition, offset=message.offset)
+            priced = price_event(decoded, self.prices, message.partition, message.offset)
             delivered.append(Delivered(priced, message.partition, message.offset))
         return delivered, dead
 
@@ -193,7 +200,13 @@ class UsageSink:
 def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: int, batch_max_wait_ms: int) -> None:
     @parts.app.agent(parts.events_topic, name="usage")
     async def usage(stream: faust.StreamT) -> None:
-        sink.ledger.ack = stream.ack
+        async def ack(event: Any) -> None:
+            if isinstance(event, FilledEvent):
+                await sink.guard.acked(event)
+            else:
+                await stream.ack(event)
+
+        sink.ledger.ack = ack
         async for events in stream.noack_take(batch_max_events, within=batch_max_wait_ms / 1000):
             await sink.process(events)
 
@@ -205,9 +218,11 @@ def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: i
         # A rebalance re-reads the tables from their changelog, which may lack
         # a record this process wrote: from here on only the ledger (with the
         # position of each row) answers "seen before?", never the window.
+        sink.guard.take_over_gaps(parts.app.consumer)
         await sink.ledger.flush()
         sink.dedupe.recent.clear()
         sink.windows.distrust()
+        sink.guard.reset()
 
     parts.app.on_partitions_revoked.connect(on_rebalance, weak=False)
     parts.app.on_partitions_assigned.connect(on_rebalance, weak=False)

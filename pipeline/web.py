@@ -67,6 +67,7 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
                     "ledger_rows": sink.ledger.inserted,
                     "ledger_inserts": sink.ledger.inserts,
                     "ledger_lookups": sink.dedupe.ledger_lookups,
+                    "skipped_offsets_filled": sink.guard.filled,
                     "freshness": sink.freshness.summary(),
                 }
             )

@@ -26,9 +26,11 @@ from pipeline.alerts import AlertEngine
 from pipeline.app import TOPIC_PARTITIONS, FaustParts, build_app
 from pipeline.dedupe import Deduplicator, RecentIds
 from pipeline.freshness import Freshness
+from pipeline.history import schema
 from pipeline.history.factory import open_store
 from pipeline.history.store import AsyncHistory, HistoryError
 from pipeline.ledger_sink import LedgerSink
+from pipeline.offset_guard import OffsetGuard
 from pipeline.rebuild import rebuild_state
 from pipeline.redis_writer import UsageWriter
 from pipeline.topics import ensure_topic
@@ -103,7 +105,14 @@ def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer:
         parts.tables, history, ledger.flush, billing.timezone, billing.anchor_day, int(settings.late_grace_s * 1000)
     )
     prices = PriceTable(list(config.prices), config.default_price)
-    return UsageSink(parts, windows, Deduplicator(recent, history), ledger, writer, prices, dlq_topic(config), freshness)
+    async def ledger_offsets(partitions: list[int]) -> dict[int, int]:
+        rows = await history.query(schema.applied_offsets(partitions))
+        return {int(row["p"]): int(row["o"]) for row in rows if int(row["o"]) >= 0}
+
+    guard = OffsetGuard(
+        config.services.kafka_bootstrap, config.services.events_topic, config.services.worker_app_id, ledger_offsets
+    )
+    return UsageSink(parts, windows, Deduplicator(recent, history), ledger, writer, prices, dlq_topic(config), freshness, guard)
 
 
 def serve(config: Config) -> None:

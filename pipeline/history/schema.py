@@ -247,6 +247,14 @@ def known_ids(customers: Sequence[str], ids: Sequence[str]) -> str:
     )
 
 
+def applied_offsets(partitions: Sequence[int]) -> str:
+    """The highest Kafka offset each partition's rows were written from."""
+    return (
+        f"SELECT kafka_partition AS p, max(kafka_offset) AS o FROM {EVENTS}"
+        f" WHERE kafka_partition IN ({', '.join(str(int(p)) for p in partitions)}) GROUP BY p"
+    )
+
+
 def newest_event_ms(customers: Sequence[str]) -> str:
     return (
         f"SELECT customer, toUnixTimestamp64Milli(max(time)) AS newest_ms FROM {EVENTS}"
