@@ -42,12 +42,18 @@ class PriceTable:
                 self._by_name.setdefault(name, []).append(price)
         for versions in self._by_name.values():
             versions.sort(key=lambda p: p.effective_from, reverse=True)
+        self._found: dict[tuple[str | None, date], ModelPrice | None] = {}  # the table never changes: lookups are kept
 
     def lookup(self, model: str | None, on: date) -> ModelPrice | None:
-        for price in self._by_name.get(model or "", ()):
-            if price.effective_from <= on:
-                return price
-        return None
+        key = (model, on)
+        try:
+            return self._found[key]
+        except KeyError:
+            pass
+        found = next((p for p in self._by_name.get(model or "", ()) if p.effective_from <= on), None)
+        if len(self._found) < 100_000:  # bounded: models × days seen
+            self._found[key] = found
+        return found
 
     def cost(
         self,
