@@ -227,6 +227,7 @@ def naive_agent_main(argv: list[str]) -> None:
     for flag in ("--bootstrap", "--topic", "--app-id", "--datadir", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--events", type=int, required=True)
+    parser.add_argument("--floor", action="store_true", help="batches of up to 5000, counted and acked: nothing else")
     args = parser.parse_args(argv)
 
     import faust
@@ -253,18 +254,27 @@ def naive_agent_main(argv: list[str]) -> None:
         tmp.write_text(json.dumps(state))
         tmp.replace(out)
 
-    @app.agent(topic)
+    def seen(count: int) -> None:
+        now = time.time()
+        if state["first"] is None:
+            state["first"] = now
+        state["count"] += count
+        state["last"] = now
+        if state["count"] >= args.events:
+            write()
+
+    async def floor(stream: Any) -> None:
+        # Faust's own cost per event on this stack: batches taken, nothing done.
+        async for batch in stream.take(5000, within=0.25):
+            seen(len(batch))
+
     async def meter(stream: Any) -> None:
         async for value in stream:
             event = decode_event(value)
             tokens[event.subject] += event.data.input_tokens + event.data.output_tokens
-            now = time.time()
-            if state["first"] is None:
-                state["first"] = now
-            state["count"] += 1
-            state["last"] = now
-            if state["count"] == args.events:
-                write()
+            seen(1)
+
+    app.agent(topic, name="floor" if args.floor else "meter")(floor if args.floor else meter)
 
     @app.timer(0.5)
     async def progress() -> None:
@@ -273,14 +283,16 @@ def naive_agent_main(argv: list[str]) -> None:
     faust.Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
-def run_naive(bootstrap: str, topic: str, n: int, work: Path, procs: list[ManagedProcess]) -> dict[str, Any]:
-    out = work / "naive.json"
-    app_id = f"bench-naive-{uuid.uuid4().hex[:8]}"
+def run_naive(bootstrap: str, topic: str, n: int, work: Path, procs: list[ManagedProcess], floor: bool = False) -> dict[str, Any]:
+    name = "floor" if floor else "naive"
+    out = work / f"{name}.json"
+    app_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     proc = ManagedProcess(
-        "naive",
+        name,
         [sys.executable, str(Path(__file__).resolve()), "_naive-agent", "--bootstrap", bootstrap, "--topic", topic,
-         "--app-id", app_id, "--datadir", str(work / "naive-data"), "--out", str(out), "--events", str(n)],
-        work / "naive.log", env={"PYTHONPATH": str(ROOT)},
+         "--app-id", app_id, "--datadir", str(work / f"{name}-data"), "--out", str(out), "--events", str(n),
+         *(["--floor"] if floor else [])],
+        work / f"{name}.log", env={"PYTHONPATH": str(ROOT)},
     )
     procs.append(proc.start())
     began = time.monotonic()
@@ -563,6 +575,8 @@ def main() -> None:
             done = "" if results["naive"]["complete"] else f" (stopped after {NAIVE_MAX_S:.0f} s at " \
                 f"{results['naive']['events']} events)"
             print(f"naive Faust agent: {results['naive']['events_s']:,.0f} events/s{done}")
+            results["floor"] = run_naive(bootstrap, topic, n, work, procs, floor=True)
+            print(f"Faust floor (take, no work): {results['floor']['events_s']:,.0f} events/s")
 
             results["worker"] = run_throughput(work, redis_url, bootstrap, topic, n, procs, args.py_spy)
             w = results["worker"]
@@ -604,6 +618,7 @@ def report(r: dict[str, Any], n: int, rate: int, duration_s: float) -> None:
     print("-" * 68)
     for name, value in (("raw aiokafka consumer (ceiling)", raw), ("raw consumer + decode_event", r["raw_decode"]),
                         ("naive Faust agent, 1 table update per event", naive),
+                        ("Faust floor: empty agent taking batches", r["floor"]["events_s"]),
                         ("quotameter worker, until all in the ledger", worker)):
         print(f"{name:<46}{value:>10,.0f}{value / raw:>12.0%}")
     print(f"\nfreshness at {r['fresh']['rate']:,.0f} events/s for {duration_s:.0f} s "
