@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak venv debian-deps clean
+.PHONY: run test venv debian-deps clean
 
 # Debian packages the integration tests drive for real: a headless browser for
 # the built-in dashboard. Installed once, only where missing (needs root).
@@ -32,10 +32,6 @@ run: $(STAMP)
 ## Unit and integration tests against real services started by the fixtures.
 test: $(STAMP) debian-deps
 	$(BIN)/pytest
-
-## Crash and soak runs (minutes each): SIGKILLed workers while events flow.
-soak: $(STAMP)
-	$(BIN)/pytest -m soak
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

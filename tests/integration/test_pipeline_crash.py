@@ -13,7 +13,6 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from quotameter.config import Config
@@ -109,7 +108,6 @@ def redis_totals(config: Config, customers: list[str]) -> dict[str, dict[str, st
     return {c: {k: v for k, v in redis_usage(config, c).items() if k in ("requests", "refused", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "events")} for c in customers}
 
 
-@pytest.mark.soak
 async def test_five_sigkills_while_events_flow_leave_every_total_exact(config_factory, cli_process) -> None:
     config, path = config_factory(FAST)
     began = time.monotonic()
