@@ -248,6 +248,26 @@ def worker(config_path: ConfigOption = None) -> None:
     serve(_config(config_path))
 
 
+@app.command("ledger-server")
+def ledger_server(
+    history_dir: Annotated[
+        Optional[Path], typer.Option(help="The chDB ledger directory (default: services.history_dir).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (there is no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8123,
+    config_path: ConfigOption = None,
+) -> None:
+    """Share one chDB ledger between workers: serve it over ClickHouse's HTTP interface
+    (point services.history_url at http://HOST:PORT)."""
+    from pipeline.history.chdb_server import serve
+
+    directory = history_dir if history_dir is not None else _config(config_path).services.history_dir
+    try:
+        serve(directory, host=host, port=port)
+    except QuotameterError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command("up")
 def up(
     config_path: ConfigOption = None,

@@ -1,14 +1,18 @@
 """The ledger on a ClickHouse server, over clickhouse-connect (HTTP).
 
-UNTESTED AGAINST A LIVE SERVER. No usable ClickHouse server can be installed
-where this was written (Debian's is 18.16, which clickhouse-connect does not
-support). What the tests do cover: the store's own logic against a recorded
-fake of the client (parameter binding, batching, deduplication tokens, error
-mapping), and the same calls through clickhouse-connect's client API on its
-in-process chDB backend, i.e. the shared SQL and the client surface on the
-real ClickHouse engine, but not the HTTP transport, authentication, TLS or
-server-side settings. Run ``tests/unit/test_clickhouse_store.py`` against a
-real server before relying on this in production.
+NOT YET RUN AGAINST A REAL clickhouse-server (Debian's 18.16 is too old for
+clickhouse-connect). What the tests cover: the store's own logic against a
+recorded fake of the client (parameter binding, batching, deduplication
+tokens, error mapping); the same calls through clickhouse-connect's
+in-process chDB backend; and the whole HTTP path, through clickhouse-connect's
+HTTP client, against ``quotameter ledger-server`` (``chdb_server``), which
+answers ClickHouse's HTTP interface from ClickHouse's own engine: ``param_*``
+bound by the server, settings, readonly refusals, error codes, concurrent
+clients (``tests/integration/test_ledger_server.py``). Still untested:
+authentication, TLS, server-side users and profiles, and replication (the
+deduplication tokens act only on Replicated tables or with
+non_replicated_deduplication_window). Try it on a real server before relying
+on it in production.
 
 The SQL is ``schema``'s, shared with the chDB store; nothing here writes SQL.
 
@@ -116,6 +120,10 @@ def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_recei
             secure=address.secure,
             connect_timeout=connect_timeout_s,
             send_receive_timeout=send_receive_timeout_s,
+            # No session: AsyncHistory's writer and reader threads share this
+            # client, and two queries at once in one session are refused (by
+            # the client, else by the server). The store keeps no session state.
+            autogenerate_session_id=False,
         )
     except Exception as exc:  # clickhouse_connect raises its own tree plus OSError
         raise HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
@@ -149,8 +157,9 @@ def dedup_token(chunk: Sequence[PricedEvent]) -> str:
 
 
 class ClickHouseHistory:
-    """``HistoryStore`` over a clickhouse-connect client (thread-confined: the
-    worker calls it through ``AsyncHistory``'s threads)."""
+    """``HistoryStore`` over a clickhouse-connect client. ``AsyncHistory``'s
+    writer and reader threads call it at once: the client is thread-safe and
+    sessionless (see ``connect``)."""
 
     def __init__(self, client: ClientLike, *, where: str = "ClickHouse", read_only: bool = False) -> None:
         self.client = client

@@ -205,7 +205,7 @@ def test_connect_passes_the_address_and_maps_failures(monkeypatch: pytest.Monkey
     assert "clickhouses://qm@db:8443" in str(info.value) and "topsecret" not in str(info.value)
     assert seen | {"connect_timeout": 0, "send_receive_timeout": 0} == {
         "host": "db", "port": 8443, "username": "qm", "password": "topsecret", "secure": True,
-        "connect_timeout": 0, "send_receive_timeout": 0}
+        "connect_timeout": 0, "send_receive_timeout": 0, "autogenerate_session_id": False}
 
 
 def test_open_store_picks_the_store_from_history_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
