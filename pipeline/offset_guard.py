@@ -1,13 +1,13 @@
 """Making sure no offset of the events topic goes unprocessed.
 
-Faust's consumer can drop records it has fetched: a ``getmany`` cut short by
-a rebalance or a paused flow leaves the client's position past records that
-never reached the agent. Faust then sees the jump in offsets, takes it for a
-compacted-away range and commits past it. The events topic is never
-compacted and carries no transaction markers, so here every offset holds an
-event, and a jump means events were skipped: on Tansu, a restart sometimes
-skipped a whole fetch (~150 records per partition) and those events never
-reached the ledger.
+Faust's consumer can skip records: a ``getmany`` cut short by a rebalance
+or a paused flow leaves the client's position past records that never reached
+the agent, and on Tansu a restarted worker at times resumed at the log's end
+instead of its committed offset (the group's offsets were gone and the reset
+landed on the latest offset), about 1,600 events on in the crash test. Faust
+takes a jump in offsets for a compacted-away range and commits past it. The
+events topic is never compacted and carries no transaction markers, so here
+every offset holds an event, and a jump means events were skipped.
 
 So the usage agent asks this guard for each batch:
 

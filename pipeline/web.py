@@ -68,6 +68,8 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
                     "ledger_inserts": sink.ledger.inserts,
                     "ledger_lookups": sink.dedupe.ledger_lookups,
                     "skipped_offsets_filled": sink.guard.filled,
+                    # events partitions this worker processed since its last rebalance
+                    "partitions": sorted(sink.guard.expected),
                     "freshness": sink.freshness.summary(),
                 }
             )
