@@ -44,7 +44,7 @@ def partitions_of(config: Config) -> int:
 async def test_two_workers_share_partitions_through_rebalances_and_a_kill(config_factory, cli_process, tmp_path) -> None:
     port = free_port()
     ledger = cli_process("ledger", "ledger-server", "--history-dir", str(tmp_path / "ledger"), "--port", str(port))
-    ledger.wait_until(lambda: READY_LINE in ledger.log_path.read_text(), 30, "the ledger server's ready line")
+    ledger.wait_until(lambda: READY_LINE.format(host="127.0.0.1", port=port) in ledger.log_path.read_text(), 30, "the ledger server's ready line")
     config_a, path_a = config_factory(FAST_REJOIN | {"services": {"history_url": f"http://127.0.0.1:{port}"}})
     config_b, path_b = second_worker_config(path_a)
 
