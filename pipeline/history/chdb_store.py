@@ -90,9 +90,9 @@ class ChdbHistory:
             return
         if self._rw is None:
             raise HistoryError(f"the chDB ledger at {self.path} is open read-only")
-        body = "\n".join(json.dumps(schema.ledger_row(priced)) for priced in batch)
+        body = schema.ledger_lines(batch)
         with self._lock:
-            self._run(self._rw, schema.INSERT_EVENTS + body)
+            self._run(self._rw, schema.INSERT_ROWS + body)
 
     def usage(self, customer: str, period: str, tz: str) -> UsageRow:
         params = schema.usage_params(customer, period, tz)

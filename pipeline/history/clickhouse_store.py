@@ -16,7 +16,7 @@ on it in production.
 
 The SQL is ``schema``'s, shared with the chDB store; nothing here writes SQL.
 
-    insert_events  INSERT … FORMAT JSONEachRow in chunks of INSERT_CHUNK_ROWS,
+    insert_events  INSERT … FORMAT JSONCompactEachRow in chunks of INSERT_CHUNK_ROWS,
                    each with an ``insert_deduplication_token`` derived from its
                    event ids: a retried chunk is dropped by the server (on
                    Replicated tables, or with non_replicated_deduplication_window),
@@ -191,12 +191,12 @@ class ClickHouseHistory:
             raise HistoryError(f"the ClickHouse ledger at {self.where} is open read-only")
         for start in range(0, len(batch), INSERT_CHUNK_ROWS):
             chunk = batch[start : start + INSERT_CHUNK_ROWS]
-            body = "\n".join(json.dumps(schema.ledger_row(priced)) for priced in chunk).encode()
+            body = schema.ledger_lines(chunk).encode()
             # A failure mid-batch leaves earlier chunks in: the caller retries
             # the whole batch, and those chunks dedupe (token, then FINAL).
             self._call(
                 self.client.command,
-                schema.INSERT_EVENTS,
+                schema.INSERT_ROWS,
                 data=body,
                 settings={"insert_deduplication_token": dedup_token(chunk)},
             )
