@@ -40,6 +40,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from faust.types import TP
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,11 @@ class OffsetGuard:
 
     async def acked(self, event: FilledEvent) -> None:
         """The ledger holds this filled record's row: Faust may commit past it."""
-        if self._declare_gap is not None:
-            from faust.types import TP
+        await self._declare(event.message.partition, event.message.offset, event.message.offset)
 
-            offset = event.message.offset
-            await self._declare_gap(TP(self.topic, event.message.partition), offset, offset)
+    async def _declare(self, partition: int, first: int, last: int) -> None:
+        if self._declare_gap is not None:
+            await self._declare_gap(TP(self.topic, partition), first, last)
 
     async def _committed(self, partitions: list[int]) -> dict[int, int]:
         """Where each partition resumes (see ``expected`` above)."""
@@ -171,7 +172,19 @@ class OffsetGuard:
         )
         await consumer.start()
         out: list[FilledEvent] = []
+        lost: list[Hole] = []
         try:
+            # Offsets already deleted (retention) cannot be read: start each
+            # span at its partition's log start.
+            starts = await consumer.beginning_offsets(list(tps.values()))
+            for partition, span in list(spans.items()):
+                first = starts.get(tps[partition], 0)
+                if first > span.start:
+                    lost.append(Hole(partition, span.start, min(first, span.end)))
+                if first >= span.end:
+                    del spans[partition], tps[partition]
+                elif first > span.start:
+                    spans[partition] = Hole(partition, first, span.end)
             consumer.assign(list(tps.values()))
             for span in spans.values():
                 consumer.seek(tps[span.partition], span.start)
@@ -187,7 +200,10 @@ class OffsetGuard:
                         del spans[tp.partition]
         finally:
             await consumer.stop()
-        for span in spans.values():
-            # Not on the broker any more (retention?): nothing left to process.
-            log.error("offsets %d..%d of %s[%d] could not be read; skipped", span.start, span.end - 1, self.topic, span.partition)
+        for hole in [*lost, *spans.values()]:
+            # Gone from the broker: nothing is left to process, and Faust may
+            # commit past them (else its commits would stop here for good).
+            log.error("offsets %d..%d of %s[%d] are no longer on the broker; they were never processed",
+                      hole.start, hole.end - 1, self.topic, hole.partition)
+            await self._declare(hole.partition, hole.start, hole.end - 1)
         return out
