@@ -25,10 +25,9 @@ from tests.integration.pipeline_helpers import FAST_REJOIN, Traffic, assert_exac
 
 
 def second_worker_config(path: Path) -> tuple[Config, Path]:
-    """The same config with the worker's own web port and data directory."""
+    """The same config with the worker's own web port."""
     document = yaml.safe_load(path.read_text())
     document["services"]["worker_url"] = f"http://127.0.0.1:{free_port()}"
-    document["services"]["history_dir"] = str(path.parent / "history-b")
     second = path.with_name("config-b.yaml")
     second.write_text(yaml.safe_dump(document, sort_keys=False))
     return load_config(second), second
