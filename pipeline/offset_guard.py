@@ -112,10 +112,14 @@ class OffsetGuard:
         unknown = {e.message.partition for e in events} - self.expected.keys()
         if unknown:
             self.expected.update(await self._committed(sorted(unknown)))
-        holes = find_holes(self.expected, [(e.message.partition, e.message.offset) for e in events])
+        # Advanced on a copy: if reading a hole fails, the retried batch finds it again.
+        expected = dict(self.expected)
+        holes = find_holes(expected, [(e.message.partition, e.message.offset) for e in events])
         if not holes:
+            self.expected = expected
             return list(events)
         filled = await self._read(holes)
+        self.expected = expected
         self.holes += len(holes)
         self.filled += len(filled)
         log.warning(

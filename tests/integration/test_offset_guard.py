@@ -77,3 +77,27 @@ async def test_the_ledger_says_where_a_partition_resumes(kafka_bootstrap: str, u
     guard.reset()
     redelivered = delivered(topic, range(3, 6))  # after a rebalance: at or below the ledger, passed as they are
     assert await guard.complete(redelivered) == redelivered
+
+
+async def test_a_failed_read_leaves_the_hole_to_be_found_again(kafka_bootstrap: str, unique: str, monkeypatch) -> None:
+    topic = f"guard-{unique}"
+    await ensure_topic(kafka_bootstrap, topic, 2)
+    await produce(kafka_bootstrap, topic, 5)
+
+    async def ledger(partitions: list[int]) -> dict[int, int]:
+        return {0: 0}
+
+    guard = OffsetGuard(kafka_bootstrap, topic, f"group-{unique}", ledger)
+    read = guard._read
+
+    async def broker_gone(holes: list) -> list:
+        raise ConnectionError("broker gone")
+
+    monkeypatch.setattr(guard, "_read", broker_gone)
+    batch = delivered(topic, range(4, 5))
+    try:
+        await guard.complete(batch)
+    except ConnectionError:
+        pass
+    monkeypatch.setattr(guard, "_read", read)
+    assert [e.message.offset for e in await guard.complete(batch)] == [1, 2, 3, 4]  # the retry, as the agent does it
