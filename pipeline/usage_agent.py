@@ -2,7 +2,7 @@
 ``batch_max_events``, at most ``batch_max_wait_ms`` old) to the steps below.
 Events are acked by hand, by the ledger sink, once their rows are written.
 
-    0. offsets         records the consumer skipped are read directly and
+    0. offsets             records the consumer skipped are read directly and
                            join the batch (pipeline.offset_guard)
     1. decode + price      pure; a malformed event goes to the dead-letter
                            topic with the reason (step 4 waits for it)
