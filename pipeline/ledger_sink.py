@@ -19,21 +19,15 @@ already holds be skipped.
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from faust.types import EventT
 
 from pipeline.dedupe import RecentIds
-from pipeline.history.store import AsyncHistory, HistoryError
+from pipeline.history.store import AsyncHistory
+from pipeline.retry import retrying
 from quotameter.aggregate import PricedEvent
-
-log = logging.getLogger(__name__)
-
-LEDGER_RETRY_S = 30.0  # then exit without acking: a supervisor restarts us
-EXIT_LEDGER_DOWN = 75  # EX_TEMPFAIL
 
 
 class LedgerSink:
@@ -92,20 +86,8 @@ class LedgerSink:
                     await self.ack(event)
 
     async def _insert(self, rows: list[PricedEvent]) -> None:
-        deadline = time.monotonic() + LEDGER_RETRY_S
-        delay_s = 0.2
-        while True:
-            try:
-                await self.history.insert_events(rows)
-                self.inserted += len(rows)
-                self.inserts += 1
-                return
-            except HistoryError as exc:
-                if time.monotonic() >= deadline:
-                    # Acking without a ledger row would lose the events:
-                    # exit hard instead, nothing acked.
-                    log.critical("ledger unavailable for %.0fs, exiting without committing: %s", LEDGER_RETRY_S, exc)
-                    os._exit(EXIT_LEDGER_DOWN)
-                log.error("ledger insert failed (retrying in %.1fs): %s", delay_s, exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 5.0)
+        # Acking without a ledger row would lose the events: after the retries
+        # the process exits instead, nothing acked (pipeline.retry).
+        await retrying("ledger insert", lambda: self.history.insert_events(rows))
+        self.inserted += len(rows)
+        self.inserts += 1

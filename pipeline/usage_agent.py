@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import faust
 from aiokafka.errors import KafkaError
@@ -41,9 +39,10 @@ from pipeline.app import FaustParts
 from pipeline.dedupe import Deduplicator
 from pipeline.freshness import Freshness
 from pipeline.history.store import HistoryError
-from pipeline.ledger_sink import EXIT_LEDGER_DOWN, LedgerSink
+from pipeline.ledger_sink import LedgerSink
 from pipeline.offset_guard import FilledEvent, OffsetGuard
 from pipeline.redis_writer import UsageWriter
+from pipeline.retry import retrying
 from pipeline.window_tables import WindowTables
 from quotameter.aggregate import price_event
 from quotameter.errors import EventError
@@ -53,30 +52,12 @@ from quotameter.windows import Delivered
 
 log = logging.getLogger(__name__)
 
-LEDGER_RETRY_S = 30.0
-T = TypeVar("T")
 
 
 class PeriodObserver(Protocol):
     """What the alert engine offers (``pipeline.alerts.AlertEngine``)."""
 
     async def observe(self, customer: str, period: str, tier: str | None, tokens: int, cost_usd: Decimal) -> None: ...
-
-
-async def _retrying(what: str, call: Callable[[], Awaitable[T]], errors: tuple[type[Exception], ...] = (HistoryError,)) -> T:
-    """Retry a read; after LEDGER_RETRY_S exit unacked (a supervisor restarts us)."""
-    deadline = time.monotonic() + LEDGER_RETRY_S
-    delay_s = 0.2
-    while True:
-        try:
-            return await call()
-        except errors as exc:
-            if time.monotonic() >= deadline:
-                log.critical("%s failing for %.0fs, exiting without committing: %s", what, LEDGER_RETRY_S, exc)
-                os._exit(EXIT_LEDGER_DOWN)
-            log.error("%s failed (retrying in %.1fs): %s", what, delay_s, exc)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 5.0)
 
 
 class UsageSink:
@@ -111,13 +92,13 @@ class UsageSink:
 
     async def _process(self, events: Sequence[EventT]) -> None:
         # 0. Read only. A crash here: nothing acked, all redelivered.
-        events = await _retrying("reading skipped offsets", lambda: self.guard.complete(events), (KafkaError, OSError, HistoryError))
+        events = await retrying("reading skipped offsets", lambda: self.guard.complete(events), (KafkaError, OSError, HistoryError))
         # 1. Pure, plus DLQ sends. A crash here: nothing acked, all redelivered.
         delivered, dead = self._decode(events)
         for event, reason in dead:
             await self._dead_letter(event, reason)
         # 2. Read only. A crash here: as in 1.
-        known = await _retrying("ledger lookup", lambda: self.dedupe.known(delivered)) if delivered else {}
+        known = await retrying("ledger lookup", lambda: self.dedupe.known(delivered)) if delivered else {}
         fresh = [d for d in delivered if d.priced.event.id not in known]
         # An id whose ledger row came from this very delivery (same partition
         # and offset) reached the ledger, but maybe not the tables (a changelog
@@ -126,7 +107,7 @@ class UsageSink:
         # id is a re-sent duplicate: skipped.
         again = [d for d in delivered if known.get(d.priced.event.id) == (d.partition, d.offset)]
         # 3. Tables (in memory until 4). A crash here: as in 1.
-        result = await _retrying("ledger seed", lambda: self.windows.apply(fresh, again))
+        result = await retrying("ledger seed", lambda: self.windows.apply(fresh, again))
         self.dedupe.recent.add(d.priced.event.id for d in fresh)
         # 4. The changelog now holds totals and watermarks together. A crash
         #    after it: redelivered events are at or below the watermark and

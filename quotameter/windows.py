@@ -143,9 +143,6 @@ class WindowRecord:
             record.buckets[name] = {m: Totals.from_list(v) for m, v in models.items() if m != "s"}
         return record
 
-    def applied(self, partition: int, offset: int) -> bool:
-        return offset <= self.wm.get(str(partition), -1)
-
     def needs_seed(self, bucket: Bucket) -> bool:
         """True when ``bucket`` is absent here yet the ledger may hold rows of it."""
         return bucket.name not in self.buckets and (bucket.start_ms <= self.seed or bucket.start_ms < self.pb)
