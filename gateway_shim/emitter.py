@@ -2,10 +2,12 @@
 
 ``emit`` appends the event to the on-disk spool (gateway_shim/spool.py, one
 ``os.write``) and returns; one sender task hands spooled events to the
-producer in spool order and acknowledges each in the spool when Kafka has it.
-Whether the broker is up or down, the path is the same: while it is down
-events accumulate on disk (the spool's depth grows), and when it is back the
-sender resumes from the oldest unacknowledged event, in order.
+producer in spool order, each with its spool id and sequence number as
+headers, and the spool forgets an event once it is delivered: in the ledger
+(the default; step 4 below) or in Kafka (step 3). Whether the broker is up or
+down, the path is the same: while it is down events accumulate on disk (the
+spool's depth grows), and when it is back the sender resumes from the oldest
+undelivered event, in order.
 
 Why write-ahead, not "spool only when a send fails": a send is only known to
 have failed after the producer's timeout, and the events waiting in the
@@ -23,12 +25,21 @@ Guarantee, in order of the steps one event goes through:
    exact loss window is therefore: power loss only, events emitted in the
    last ``spool_fsync_interval_ms`` (with 0, fsync is left to the kernel's
    writeback, ~30 s).
-3. Kafka acknowledges it (``acks=all``): the spool marks it. A crash before
-   the next checkpoint resends it after restart: a duplicate with the same
-   event id, dropped by the pipeline's dedupe. Delivery is at-least-once on
-   the wire and exactly-once after dedupe.
-4. checkpoint: the acknowledged watermark is persisted and spooled segments
-   wholly below it are deleted.
+3. Kafka acknowledges it (``acks=all``). With ``shim.delivery: broker`` the
+   spool marks it delivered here. With ``ledger`` (the default) Kafka's
+   acknowledgement only means "sent": the embedded broker keeps records in
+   memory, so a broker that stops before a worker read them would take them
+   along. The event stays spooled.
+4. ``ledger`` only: a worker wrote the event's ledger row and set its bit in
+   Redis (quotameter/delivery.py); the confirmation poll marks it delivered.
+   Events Kafka took that the ledger still lacks after
+   ``shim.redeliver_after_ms`` (a broker that lost them) are sent again, and
+   so is everything unconfirmed after any failed send: duplicates at worst,
+   dropped by the pipeline's dedupe by event id. Delivery is at-least-once on
+   the wire and exactly-once in the ledger.
+5. checkpoint: the delivered watermark is persisted and spooled segments
+   wholly below it are deleted. A crash before the next checkpoint resends
+   what was delivered since: duplicates again.
 
 What the shim cannot spool is an event that does not exist yet: a request in
 flight when the shim dies is not recorded (the event is built when the
@@ -49,17 +60,21 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
+import redis.exceptions
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.errors import KafkaError
 
+from gateway_shim.confirmations import LedgerConfirmations
 from gateway_shim.errors import MeteringUnavailable
 from gateway_shim.spool import Spool, SpoolRecord
 from quotameter.config import Config
+from quotameter.delivery import AckMode, delivery_headers
 from quotameter.events import EncodedEvent, UsageEvent, encode_event
+from quotameter.redis_keys import RedisKeys
 
 log = logging.getLogger("gateway_shim.emitter")
 
@@ -76,6 +91,9 @@ _RECENT = 10_000  # events kept in memory so the live path never reads the disk
 _LARGE_EVENT_BYTES = 64 * 1024  # larger events go through producer.send() (its size check) alone
 _CHECKPOINT_S = 0.25
 _FULL_LOG_EVERY_S = 5.0
+_CONFIRM_POLL_S = 0.2  # how often the ledger's confirmations are read
+_REDELIVER_BACKOFF_MAX = 8  # the redelivery wait grows to this many times redeliver_after
+_DRAIN_LOG_EVERY_S = 2.0
 
 
 class EventEmitter:
@@ -89,6 +107,9 @@ class EventEmitter:
         refuse_when_full: bool = True,
         retry_s: float = 1.0,
         max_in_flight: int = 20_000,
+        delivery: AckMode = AckMode.BROKER,
+        confirmations: Callable[[str], LedgerConfirmations] | None = None,
+        redeliver_after_s: float = 15.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
@@ -97,6 +118,17 @@ class EventEmitter:
         self.refuse_when_full = refuse_when_full
         self.retry_s = retry_s
         self.max_in_flight = max_in_flight
+        if delivery == AckMode.LEDGER and confirmations is None:
+            raise ValueError("ledger delivery needs the ledger's confirmations (a Redis client)")
+        self.delivery = delivery
+        self._make_confirmations = confirmations
+        self._confirmations: LedgerConfirmations | None = None
+        self.redeliver_after_s = redeliver_after_s
+        self._redeliver_backoff = 1
+        self._last_progress = time.monotonic()  # when the delivered watermark last moved
+        self._stalled_at = -1  # the watermark as last seen by the stall check
+        self._in_producer = 0  # events handed to the producer and not yet acknowledged or failed
+        self.redelivered = 0  # times unconfirmed events were sent again
         self._producer: AIOKafkaProducer | None = None
         self._recent: deque[SpoolRecord] = deque(maxlen=_RECENT)
         self._next = 0  # the next seq to hand to the producer
@@ -114,14 +146,22 @@ class EventEmitter:
         self.dropped = 0  # not spooled: spool full in "drop" mode, or the disk failed
 
     @classmethod
-    def from_config(cls, config: Config) -> EventEmitter:
+    def from_config(cls, config: Config, redis_client: object | None = None) -> EventEmitter:
+        """``redis_client`` (redis.asyncio) reads the ledger's confirmations; needed for ``delivery: ledger``."""
         shim = config.shim
+        names = RedisKeys(config.services.redis_prefix)
+        confirmations = None
+        if redis_client is not None:
+            confirmations = partial(LedgerConfirmations, redis_client, names)
         return cls(
             config.services.kafka_bootstrap,
             config.services.events_topic,
             Spool(shim.spool_dir, shim.spool_max_bytes, durable=shim.spool_fsync_interval_ms > 0),
             fsync_interval_ms=shim.spool_fsync_interval_ms,
             refuse_when_full=shim.spool_full == "refuse",
+            delivery=shim.delivery,
+            confirmations=confirmations,
+            redeliver_after_s=shim.redeliver_after_ms / 1000,
         )
 
     # -- what the server asks -------------------------------------------------
@@ -140,7 +180,9 @@ class EventEmitter:
     def status(self) -> dict[str, object]:
         return {
             "connected": self._producer is not None,
+            "delivery": self.delivery.value,
             "sent": self.sent,
+            "redelivered": self.redelivered,
             "dropped": self.dropped,
             "spool": {**self.spool.stats(), "write_error": self._write_error},
         }
@@ -156,6 +198,10 @@ class EventEmitter:
             asyncio.create_task(self._send_loop(), name="events-sender"),
             asyncio.create_task(self._sync_loop(), name="spool-sync"),
         ]
+        if self.delivery == AckMode.LEDGER:
+            assert self._make_confirmations is not None
+            self._confirmations = self._make_confirmations(self.spool.spool_id.decode())
+            self._tasks.append(asyncio.create_task(self._confirm_loop(), name="ledger-confirmations"))
 
     def emit(self, event: UsageEvent | EncodedEvent) -> None:
         """Spool one event (a model, or one encoded already: the shim's hot path)."""
@@ -178,19 +224,30 @@ class EventEmitter:
         self._wake.set()
 
     async def close(self, timeout_s: float = 10.0) -> None:
-        """Deliver what the broker takes within ``timeout_s``; the rest stays spooled."""
-        deadline = time.monotonic() + timeout_s
-        while self._producer is not None and self.spool.depth and time.monotonic() < deadline:
+        """Deliver (to the ledger, or to Kafka) what gets there within
+        ``timeout_s``, saying how far it is; the rest stays spooled."""
+        began = time.monotonic()
+        deadline = began + timeout_s
+        where = "the ledger" if self.delivery == AckMode.LEDGER else "Kafka"
+        if self.spool.depth:
+            log.info("delivering %d spooled usage events to %s (up to %.0fs)…", self.spool.depth, where, timeout_s)
+        logged = began
+        while self.spool.depth and time.monotonic() < deadline:
+            if self._producer is None:
+                break  # Kafka unreachable: nothing more gets anywhere through us
+            await _wait(self._progress, min(_DRAIN_LOG_EVERY_S, max(deadline - time.monotonic(), 0.01)))
             self._progress.clear()
-            try:
-                await asyncio.wait_for(self._progress.wait(), max(deadline - time.monotonic(), 0.01))
-            except TimeoutError:
-                break
+            if time.monotonic() - logged >= _DRAIN_LOG_EVERY_S:
+                logged = time.monotonic()
+                log.info("  %d usage events still on their way to %s (%.0fs)", self.spool.depth, where, logged - began)
+        if not self.spool.depth:
+            log.info("every usage event is delivered to %s", where)
         self._stopping = True
         self._wake.set()
-        sender, syncer = self._tasks
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        sender, syncer, *confirming = self._tasks
+        for task in (sender, *confirming):
+            task.cancel()
+        await asyncio.gather(sender, *confirming, return_exceptions=True)
         await asyncio.gather(syncer, return_exceptions=True)  # ends after its last sync
         if self._producer is not None:
             try:  # flushes what is batched; callbacks acknowledge it in the spool
@@ -201,9 +258,9 @@ class EventEmitter:
         left = self.spool.depth
         self.spool.close()
         if left:
-            log.error("%d usage events could not be delivered to Kafka yet; they stay spooled in %s "
-                      "and are sent on the next start", left, self.spool.directory)
-        log.info("event emitter closed: %d events delivered", self.sent)
+            log.error("%d usage events could not be delivered to %s yet; they stay spooled in %s "
+                      "and are sent on the next start", left, where, self.spool.directory)
+        log.info("event emitter closed: %d events sent to Kafka", self.sent)
 
     # -- the sender -----------------------------------------------------------
 
@@ -218,7 +275,7 @@ class EventEmitter:
                 self._rewind = False
                 self._generation += 1
                 self._next = self.spool.watermark
-                log.warning("resending usage events from seq %d (%d unacknowledged)",
+                log.warning("resending usage events from seq %d (%d undelivered)",
                             self._next, self.spool.depth)
                 await asyncio.sleep(self.retry_s)
                 continue
@@ -226,7 +283,7 @@ class EventEmitter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._next - self.spool.watermark >= self.max_in_flight:
+            if self._in_producer >= self.max_in_flight:
                 self._progress.clear()
                 await _wait(self._progress, 1.0)
                 continue
@@ -277,23 +334,26 @@ class EventEmitter:
                     return
                 try:
                     delivery = await producer.send(
-                        self.topic, record.value, key=record.key, partition=partition, timestamp_ms=record.timestamp_ms
+                        self.topic, record.value, key=record.key, partition=partition, timestamp_ms=record.timestamp_ms,
+                        headers=delivery_headers(self.spool.spool_id, record.seq),
                     )
                 except (KafkaError, OSError) as exc:
                     self._failed(generation, exc)
                     return
+                self._in_producer += 1
                 delivery.add_done_callback(partial(self._delivered, (record.seq,), generation))
                 self._next = record.seq + 1
                 continue
             pending = open_batches.get(partition)
             if pending is None:
                 pending = open_batches[partition] = (producer.create_batch(), [])
-            if pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms) is None:
+            headers = delivery_headers(self.spool.spool_id, record.seq)
+            if pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms, headers=headers) is None:
                 # Full: send it, and start the next one with this event (a first event always fits).
                 if not await self._submit(producer, partition, open_batches.pop(partition), generation):
                     return
                 pending = open_batches[partition] = (producer.create_batch(), [])
-                pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms)
+                pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms, headers=headers)
             pending[1].append(record.seq)
             self._next = record.seq + 1
         for partition in list(open_batches):
@@ -311,18 +371,66 @@ class EventEmitter:
         except (KafkaError, OSError, AssertionError, TypeError) as exc:  # also: the partition vanished meanwhile
             self._failed(generation, exc)
             return False
+        self._in_producer += len(pending[1])
         delivery.add_done_callback(partial(self._delivered, pending[1], generation))
         return True
 
     def _delivered(self, seqs: Sequence[int], generation: int, delivery: asyncio.Future[object]) -> None:
+        self._in_producer -= len(seqs)
         exc = asyncio.CancelledError() if delivery.cancelled() else delivery.exception()
         if exc is not None:
             self._failed(generation, exc)
             return
-        for seq in seqs:
-            self.spool.ack(seq)
+        if self.delivery == AckMode.BROKER:
+            for seq in seqs:
+                self.spool.ack(seq)
         self.sent += len(seqs)
         self._progress.set()
+
+    # -- the ledger's confirmations (delivery: ledger) ----------------------------
+
+    async def _confirm_loop(self) -> None:
+        assert self._confirmations is not None
+        failing = False
+        while True:
+            await asyncio.sleep(_CONFIRM_POLL_S)
+            spool = self.spool
+            try:
+                if spool.depth:
+                    before = spool.watermark
+                    for seq in await self._confirmations.confirmed(before, min(self._next, spool.next_seq)):
+                        spool.ack(seq)
+                    if spool.watermark != before:
+                        self._progress.set()
+                await self._confirmations.trim(spool.watermark)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("cannot read the ledger's confirmations from Redis (%s); events stay spooled", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("reading the ledger's confirmations again")
+                failing = False
+            self._check_stalled()
+
+    def _check_stalled(self) -> None:
+        """Send again what Kafka took long ago and the ledger still lacks."""
+        now = time.monotonic()
+        if self.spool.watermark != self._stalled_at or not self.spool.depth:
+            self._stalled_at, self._last_progress, self._redeliver_backoff = self.spool.watermark, now, 1
+            return
+        if self._next <= self.spool.watermark:  # nothing was handed to Kafka yet
+            self._last_progress = now
+            return
+        if now - self._last_progress >= self.redeliver_after_s * self._redeliver_backoff:
+            log.warning("the ledger has had none of %d usage events (from seq %d) for %.0fs: sending them again",
+                        self.spool.depth, self.spool.watermark, now - self._last_progress)
+            self.redelivered += 1
+            self._last_progress = now
+            self._redeliver_backoff = min(self._redeliver_backoff * 2, _REDELIVER_BACKOFF_MAX)
+            if not self._rewind:
+                self._rewind = True
+                self._wake.set()
 
     def _failed(self, generation: int, exc: BaseException) -> None:
         if generation == self._generation and not self._rewind:

@@ -57,13 +57,14 @@ def build_app(config: Config) -> web.Application:
         pipe = ScriptPipe.from_url(config.services.redis_url, connect_timeout_s=3, timeout_s=5)
         names = RedisKeys(config.services.redis_prefix)
         upstream = Upstream(config.upstream)
-        emitter = EventEmitter.from_config(config)  # opens the spool, replays what it holds
+        # Opens the spool and replays what it holds; redis_client reads the ledger's confirmations.
+        emitter = EventEmitter.from_config(config, redis_client)
         await upstream.start()
         await emitter.start()
         app[_PROXY] = Proxy(config, Authenticator(redis_client, names), Admitter(redis_client, names, pipe), upstream, emitter)
         yield
         # In-flight requests are done by now (the runner waited for them).
-        await emitter.close()
+        await emitter.close(config.shim.drain_timeout_s)
         await upstream.close()
         if pipe is not None:
             await pipe.close()

@@ -1,11 +1,14 @@
 """The on-disk write-ahead spool of usage events.
 
 Every event is appended here *before* it is handed to Kafka, and stays until
-Kafka acknowledged it. The directory holds:
+it is delivered: in the ledger (``shim.delivery: ledger``, the default) or
+acknowledged by Kafka (``broker``). The directory holds:
 
     LOCK                     flock'ed by the one shim that owns the spool
+    ID                       the spool's random id: with a seq, it names an event
+                             for the ledger's confirmations (quotameter/delivery.py)
     00000000000000000042.seg segments, named by the sequence number of their first record
-    cursor                   the acknowledged watermark: every seq below it is in Kafka
+    cursor                   the acknowledged watermark: every seq below it is delivered
 
 A record is ``header | key | value``; the header is ``<IIQqH``: value length,
 CRC-32 (of seq, timestamp, key length, key and value), sequence number,
@@ -25,8 +28,9 @@ What a crash at each step causes:
    power loss too. A record torn by a power loss is found by its CRC on the
    next start; the tail from there on is cut off (those events are the only
    loss, and only on power loss within one sync interval).
-3. ``ack``: Kafka acknowledged a record; the watermark moves past every
-   contiguous acknowledged seq (in memory).
+3. ``ack``: a record is delivered (the ledger confirmed it, or Kafka
+   acknowledged it); the watermark moves past every contiguous acknowledged
+   seq (in memory).
 4. ``checkpoint`` (every few hundred ms): the watermark is written to
    ``cursor`` (temp file + rename), then segments wholly below it are deleted.
    A crash before the rename replays records acknowledged since the last
@@ -42,6 +46,7 @@ import fcntl
 import logging
 import os
 import struct
+import uuid
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -122,6 +127,7 @@ class Spool:
         self._read_hint: tuple[int, int, int] | None = None
         self.next_seq = 0
         self.watermark = 0
+        self.spool_id = b""  # ASCII hex, read or made by open()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -133,6 +139,7 @@ class Spool:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise SpoolLocked(f"spool {self.directory} is in use by another process") from None
+        self.spool_id = self._read_or_make_id()
         self._segments = sorted(int(p.name[: -len(_SUFFIX)]) for p in self.directory.glob(f"*{_SUFFIX}"))
         self._sizes = {first: self._path(first).stat().st_size for first in self._segments}
         self.watermark = self._read_cursor()
@@ -317,6 +324,37 @@ class Spool:
         self._retired.append(self._fd)  # fdatasync'ed and closed by the next sync
         self._open_segment(self.next_seq)
         return self.next_seq
+
+    def _read_or_make_id(self) -> bytes:
+        path = self.directory / "ID"
+        try:
+            found = path.read_bytes().strip()
+            if found.isalnum():
+                return found
+        except FileNotFoundError:
+            pass
+        # A new spool (or an unreadable id: a new series, and the seqs below
+        # the cursor are delivered whatever their old id was).
+        made = uuid.uuid4().hex.encode()
+        tmp = self.directory / "ID.tmp"
+        tmp.write_bytes(made + b"\n")
+        os.replace(tmp, path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return made
+
+    def advance(self, seq: int) -> None:
+        """Every record below ``seq`` is delivered."""
+        if seq <= self.watermark:
+            return
+        self.watermark = min(seq, self.next_seq)
+        self._acked = {s for s in self._acked if s >= self.watermark}
+        while self.watermark in self._acked:
+            self._acked.discard(self.watermark)
+            self.watermark += 1
 
     def _read_cursor(self) -> int:
         try:

@@ -13,7 +13,11 @@ already holds be skipped.
     2. insert            one INSERT; a crash after it: the events are
                          redelivered, the ledger lookup finds them, nothing
                          is counted or inserted twice
-    3. ack               Faust commits within ``broker_commit_interval``
+    3. confirm           every event of the batches (new rows, and the
+                         duplicates the ledger had) is marked delivered for
+                         the shim that spooled it (pipeline.ledger_marks);
+                         a crash before: the shim sends them again later
+    4. ack               Faust commits within ``broker_commit_interval``
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from faust.types import EventT
 
 from pipeline.dedupe import RecentIds
 from pipeline.history.store import AsyncHistory
+from pipeline.ledger_marks import LedgerMarks
 from pipeline.retry import retrying
 from quotameter.aggregate import PricedEvent
 
@@ -45,6 +50,7 @@ class LedgerSink:
         self.inserted = 0
         self.inserts = 0
         self.on_inserted: Callable[[Sequence[PricedEvent]], None] | None = None
+        self.marks: LedgerMarks | None = None
 
     @property
     def buffered(self) -> int:
@@ -81,6 +87,8 @@ class LedgerSink:
             self.recent.confirm(p.event.id for p in rows)
             if self.on_inserted is not None:
                 self.on_inserted(rows)
+            if self.marks is not None:
+                await self.marks.mark(events)
             if self.ack is not None:
                 for event in events:
                     await self.ack(event)

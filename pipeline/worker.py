@@ -29,6 +29,7 @@ from pipeline.freshness import Freshness
 from pipeline.history import schema
 from pipeline.history.factory import open_store
 from pipeline.history.store import AsyncHistory, HistoryError
+from pipeline.ledger_marks import LedgerMarks
 from pipeline.ledger_sink import LedgerSink
 from pipeline.offset_guard import OffsetGuard
 from pipeline.rebuild import rebuild_state
@@ -101,6 +102,7 @@ def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer:
     freshness = Freshness()
     ledger = LedgerSink(history, recent, settings.ledger_batch_rows, settings.ledger_flush_ms)
     ledger.on_inserted = lambda rows: freshness.observe("clickhouse", (p.event.time_ms for p in rows))
+    ledger.marks = LedgerMarks(writer.client, RedisKeys(config.services.redis_prefix))
     windows = WindowTables(
         parts.tables, history, ledger.flush, billing.timezone, billing.anchor_day, int(settings.late_grace_s * 1000)
     )

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from quotameter.delivery import AckMode
 from quotameter.errors import ConfigError
 
 ENV_PREFIX = "QUOTAMETER_"
@@ -247,6 +248,18 @@ class Shim(_Strict):
     spool_fsync_interval_ms: int = Field(default=10, ge=0, le=10_000)
     # Spool full: "refuse" new requests with 503 (nothing served unbilled) or "drop" their events.
     spool_full: Literal["refuse", "drop"] = "refuse"
+    # When a spooled event may be forgotten: "ledger" once the ledger holds it
+    # (a worker confirms through Redis; needed when the broker keeps nothing,
+    # as the embedded one), "broker" once Kafka acknowledged it (acks=all; only
+    # for a broker that persists and replicates). See quotameter/delivery.py.
+    delivery: AckMode = AckMode.LEDGER
+    # "ledger" delivery: events Kafka took that the ledger still lacks after
+    # this long are sent again (a broker that lost them, a skipped offset);
+    # the wait doubles, up to 8x, while nothing reaches the ledger.
+    redeliver_after_ms: int = Field(default=15_000, ge=1_000)
+    # On SIGTERM: how long the shim waits for in-flight requests, then for its
+    # spooled events to be delivered, before it exits (the rest stay spooled).
+    drain_timeout_s: float = Field(default=10.0, ge=0)
     # Bearer token that may read any customer's GET /v1/usage?customer=ID
     # (unset: no admin reads). Prefer QUOTAMETER_SHIM__ADMIN_TOKEN.
     admin_token: SecretStr | None = None

@@ -16,6 +16,10 @@
                                         same, rounded up to an integer, for Lua),
                                         events, refused, updated_ms
 
+    {p}:ledgered:{spool}:{block}  bitmap  which events of one shim's spool the ledger
+                                        holds (quotameter/delivery.py); set by the
+                                        worker, read and trimmed by that shim
+
     {p}:alert:{customer}:{period}:{kind}:{pct}  str  one fired usage alert (JSON: the
                                         alert and its delivery state); SET NX
                                         claims the firing, so it happens once
@@ -87,6 +91,9 @@ class RedisKeys:
 
     def reserved(self, customer: str, period: str) -> str:
         return f"{self.prefix}:reserved:{{{customer}}}:{period}"
+
+    def ledgered(self, spool_id: str, block: int) -> str:
+        return f"{self.prefix}:ledgered:{spool_id}:{block}"
 
     def alert(self, customer: str, period: str, kind: str, threshold_pct: int) -> str:
         return f"{self.prefix}:alert:{{{customer}}}:{period}:{kind}:{threshold_pct}"

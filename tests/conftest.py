@@ -53,11 +53,11 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -73,7 +73,7 @@ def config_factory(tmp_path: Path, redis_url: str, kafka_bootstrap: str, unique:
 
     def make(overrides: dict[str, Any] | None = None) -> tuple[Config, Path]:
         document = yaml.safe_load(DEFAULT_CONFIG.read_text())
-        document = _merge(
+        document = merge(
             document,
             {
                 "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(tmp_path / "spool")},
@@ -89,7 +89,7 @@ def config_factory(tmp_path: Path, redis_url: str, kafka_bootstrap: str, unique:
                 },
             },
         )
-        document = _merge(document, overrides or {})
+        document = merge(document, overrides or {})
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         return load_config(path), path

@@ -21,6 +21,7 @@ from quotameter.config import Config, KeyOverrides
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.periods import period_of
 from quotameter.redis_keys import RedisKeys
+from tests.conftest import merge
 
 MESSAGES = [{"role": "user", "content": "Say some words."}]
 
@@ -105,8 +106,9 @@ def shim_factory(config_factory, cli_process) -> ShimFactory:
     async def start(tiers: dict[str, Any], token_delay_ms: float = 0, **overrides: Any) -> Shim:
         mock_port = free_port()
         mock = cli_process("mock", "mock-llm", "--port", str(mock_port), "--token-delay-ms", str(token_delay_ms))
-        document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}, "tiers": tiers, **overrides}
-        config, path = config_factory(document)
+        # No worker runs here: the shim forgets an event once Kafka has it.
+        document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}, "tiers": tiers, "shim": {"delivery": "broker"}}
+        config, path = config_factory(merge(document, overrides))
         process = cli_process("shim", "proxy", config_path=path)
         await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)
         await asyncio.to_thread(process.wait_port, config.shim.host, config.shim.port)

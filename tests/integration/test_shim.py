@@ -24,6 +24,7 @@ from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import UsageEvent, decode_event
 from quotameter.redis_keys import RedisKeys
 from quotameter.tokens import count_prompt
+from tests.conftest import merge
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name some words."}]
 
@@ -85,8 +86,10 @@ def start_shim(config_factory, cli_process) -> ShimFactory:
         mock = None
         if with_mock:
             mock = cli_process("mock", "mock-llm", "--port", str(mock_port))
-        document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}}
-        config, path = config_factory({**document, **(overrides or {})})
+        # No worker runs here: the topic, read by the test, stands for the
+        # ledger, so the shim forgets an event once Kafka has it.
+        document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}, "shim": {"delivery": "broker"}}
+        config, path = config_factory(merge(document, overrides or {}))
         process = cli_process("shim", "proxy", config_path=path)
         if mock is not None:
             await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)

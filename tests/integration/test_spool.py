@@ -1,4 +1,9 @@
-"""Kafka away, the shim killed: no usage event is lost.
+"""Kafka away, the shim killed: no usage event is lost (``shim.delivery: broker``).
+
+These tests check the path to Kafka itself, so the shim forgets an event once
+Kafka acknowledged it, as it does in front of a broker that persists; the
+default, holding events until the ledger has them, is tested with a worker
+in test_delivery.py.
 
 Each test runs its own Tansu broker on a fixed port, so it can be stopped and
 started again by PID on the same address. Tansu keeps records in memory only,
@@ -80,7 +85,7 @@ async def _start(cli_process, config_factory, broker: Broker, overrides: dict[st
     mock = cli_process("mock", "mock-llm", "--port", str(mock_port))
     config, path = config_factory(
         {**UNLIMITED, "upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"},
-         "services": {"kafka_bootstrap": broker.bootstrap}, **(overrides or {})}
+         "services": {"kafka_bootstrap": broker.bootstrap}, "shim": {"delivery": "broker"}, **(overrides or {})}
     )
     await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)
     return config, path, await _start_shim(cli_process, config, path, "shim")
@@ -279,7 +284,7 @@ async def test_shim_sigkilled_with_a_full_spool_delivers_after_restart(
 
 async def test_full_spool_refuses_with_503_then_recovers(cli_process, config_factory, broker: Broker) -> None:
     config, _, shim = await _start(
-        cli_process, config_factory, broker, {"shim": {"spool_max_bytes": 4000}}
+        cli_process, config_factory, broker, {"shim": {"spool_max_bytes": 4000, "delivery": "broker"}}
     )
     base = f"http://{config.shim.host}:{config.shim.port}/v1"
     async with openai.AsyncOpenAI(base_url=base, api_key=_key(config, "hoarder"), max_retries=0) as client:
