@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 import redis.exceptions
 from aiohttp import web
@@ -54,8 +55,22 @@ class Proxy:
         headers: dict[str, str] = {}  # rate-limit headers, on every answer once admission ran
         billable = True
         ticket: list[Ticket] = []
+        finished = False
+
+        async def finish() -> None:
+            # Settle before the event (the pipeline's contract), and emit before
+            # the answer's last bytes leave (a stream calls this itself).
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            if ticket:
+                await self.enforcer.settle(ticket[0], meter)
+            if billable:
+                self.emitter.emit(meter.encoded_event(self.config.shim.instance, key))
+
         try:
-            return await self._admitted(request, path, route, key, meter, headers, ticket)
+            return await self._admitted(request, path, route, key, meter, headers, ticket, finish)
         except InvalidApiKey as exc:  # revoked since it was cached: no customer to bill
             billable = False
             return error_response(exc)
@@ -70,10 +85,7 @@ class Proxy:
             meter.status, meter.reason = 500, "internal_error"
             return error_response(ShimError("The gateway failed to process your request."), headers)
         finally:
-            if ticket:
-                await self.enforcer.settle(ticket[0], meter)  # before the event: the pipeline's contract
-            if billable:
-                self.emitter.emit(meter.encoded_event(self.config.shim.instance, key))
+            await finish()  # a JSON answer is written after this returns: billed first
 
     async def _admitted(
         self,
@@ -84,6 +96,7 @@ class Proxy:
         meter: RequestMeter,
         headers: dict[str, str],
         held: list[Ticket],
+        finish: Callable[[], Awaitable[None]],
     ) -> web.StreamResponse:
         raw = await request.read()
         meter.request_bytes = len(raw)
@@ -117,7 +130,7 @@ class Proxy:
                     f"{policy.tier_name.capitalize()} tier budget reached: the response was cut at "
                     f"{cut_at} output tokens.{' ' + policy.upgrade_hint if policy.upgrade_hint else ''}"
                 )
-                return await relay_stream(request, upstream, proxied, meter, headers, cut_at, message)
+                return await relay_stream(request, upstream, proxied, meter, headers, cut_at, message, finish)
             return await relay_body(upstream, proxied, meter, headers)
 
 

@@ -48,8 +48,14 @@ class StreamTally:
     read from the kept raw data only if the shim must count it itself.
     """
 
-    def __init__(self, hide_usage: bool = False, cut_at: int | None = None, model: str | None = None) -> None:
+    def __init__(
+        self, hide_usage: bool = False, cut_at: int | None = None, model: str | None = None, hold_done: bool = False
+    ) -> None:
         self.hide_usage = hide_usage
+        # hold_done: keep the [DONE] event back (in ``held``) for the relay to
+        # write once the request's event is spooled (see upstream.relay_stream).
+        self.hold_done = hold_done
+        self.held = b""
         self.cut_at = cut_at
         self.cut = False
         self.counted_output = 0
@@ -148,6 +154,9 @@ class StreamTally:
         self.events += 1
         if data.strip() == DONE:
             self.done = True
+            if self.hold_done:
+                self.held += event
+                return None
             return event
         if self.cut_at is not None and not self._counting:
             # A token is at least one byte of text, and JSON never shortens

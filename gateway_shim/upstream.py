@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -140,14 +141,21 @@ async def relay_stream(
     headers: dict[str, str],
     cut_at: int | None = None,
     cut_message: str = "",
+    finish: Callable[[], Awaitable[None]] | None = None,
 ) -> web.StreamResponse:
     """``cut_at``: the output tokens the stream may carry before the shim ends
-    it with a final chunk (finish_reason "length") and an error event."""
+    it with a final chunk (finish_reason "length") and an error event.
+
+    ``finish`` (settle and emit the request's event) runs once the usage is
+    known and before the stream's last bytes ([DONE], the cut ending, the end
+    of the body) go out: a client that read the whole answer was billed,
+    whenever the shim is killed. The other order would leave a window, the
+    settle's Redis round trip long, in which a SIGKILL serves a stream unbilled."""
     meter.streamed = True
     meter.status = upstream.status
     response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream, headers))
     await response.prepare(request)
-    tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=cut_at, model=proxied.model)
+    tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=cut_at, model=proxied.model, hold_done=True)
     chunks = upstream.content.iter_any()
     while True:
         try:
@@ -171,24 +179,28 @@ async def relay_stream(
         meter.response_bytes += len(out)
         if tally.cut:
             break
+    ending = b""
     if tally.cut:
         meter.reason = "budget_cut"
-        try:
-            ending = _cut_ending(tally, proxied, cut_message)
-            await response.write(ending)
-            meter.response_bytes += len(ending)
-        except ConnectionError:
-            meter.reason = "client_disconnected"
+        ending = _cut_ending(tally, proxied, cut_message)
+    elif meter.reason != "client_disconnected":
+        ending = tally.held
     if not tally.done and meter.reason is None:
         meter.reason = "upstream_stream_cut"  # ended without [DONE]
     meter.model_served = tally.model
     # A usage chunk is the exact count; without one, count what the client received.
     meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model, tally.text)
     if meter.reason != "client_disconnected":
+        meter.response_bytes += len(ending)
+    if finish is not None:
+        await finish()
+    if meter.reason != "client_disconnected":
         try:
+            if ending:
+                await response.write(ending)
             await response.write_eof()
         except ConnectionError:
-            meter.reason = "client_disconnected"
+            pass  # billed: it had every token, only the closing lines were lost
     return response
 
 

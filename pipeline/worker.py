@@ -33,6 +33,7 @@ from pipeline.ledger_marks import LedgerMarks
 from pipeline.ledger_sink import LedgerSink
 from pipeline.offset_guard import OffsetGuard
 from pipeline.rebuild import rebuild_state
+from pipeline.redis_restarts import CHECK_EVERY_S, RedisRestarts
 from pipeline.redis_writer import UsageWriter
 from pipeline.topics import ensure_topic
 from pipeline.usage_agent import UsageSink, register_usage_agent
@@ -146,6 +147,14 @@ def serve(config: Config) -> None:
     sink = build_sink(config, parts, history, writer)
     readiness = Readiness()
     register_usage_agent(parts, sink, config.pipeline.batch_max_events, config.pipeline.batch_max_wait_ms)
+
+    async def rewrite_quota_state() -> int:
+        async with sink.lock:  # between batches: their rows are in the ledger first
+            await sink.ledger.flush()
+            return (await rebuild_state(history, writer, billing.timezone, billing.anchor_day))["customers"]
+
+    restarts = RedisRestarts(redis_client, rewrite_quota_state)
+    parts.app.timer(CHECK_EVERY_S)(restarts.check)
     register_views(parts, history, readiness, sink, billing.timezone, billing.anchor_day)
     _announce_ready(parts, readiness, started)
 
