@@ -1,0 +1,267 @@
+"""Every served token billed exactly once, whatever stops.
+
+``quotameter up`` runs as a user runs it while several official openai
+clients send chat completions, JSON and streamed, for two customers on tiers
+with real limits. One after another, each part of the stack is SIGKILLed
+(the shim, the worker, the broker, Redis, the mock model) and the stack's
+supervisor restarts it; then the whole process tree is SIGKILLed at once and
+``quotameter up`` is started again on the same data directory. At the end,
+for every customer, the ledger's raw rows, Redis's period totals and the
+billing export equal what the clients were served, to the token.
+
+What a client was served: a JSON answer with its usage, a stream that ended
+with its usage chunk, or a stream the upstream cut (the mock was killed),
+whose prompt tokens are the client's fixed prompt and whose output tokens
+are its content chunks (the mock sends one token per chunk). Anything that
+failed (a connection error, a 5xx, a 429) was not served and must not be
+billed. Clients never retry (``max_retries=0``): a retry is another request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import yaml
+
+from quotameter.config import load_config
+from tests.integration.stack_helpers import RunningStack, alive, descendants, stack_config, start_stack
+
+CUSTOMERS = {"chaos-pro": "pro", "chaos-ent": "enterprise"}
+ROLES = {  # how each part's command line is recognised
+    "shim": lambda argv: argv[-1:] == ["proxy"] or "proxy" in argv[-2:],
+    "worker": lambda argv: "worker" in argv[-2:],
+    "mock-llm": lambda argv: "mock-llm" in argv,
+    "broker": lambda argv: any("--listener-url" in a for a in argv),
+    "redis": lambda argv: any(a.endswith(("redis-server", "valkey-server")) for a in argv[:1]),
+}
+KILL_ORDER = ["worker", "shim", "broker", "mock-llm", "redis"]
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+    except OSError:
+        return []
+
+
+def _find(stack: RunningStack, role: str) -> int | None:
+    for pid in sorted(descendants(stack.proc.pid)):
+        if alive(pid) and ROLES[role](_argv(pid)):
+            return pid
+    return None
+
+
+def _cli(config_path: Path, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "quotameter", *args, "--config", str(config_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, f"quotameter {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+@dataclass
+class Ledger:
+    """What one customer's clients were served."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def serve(self, prompt: int, completion: int, how: str) -> None:
+        self.requests += 1
+        self.input_tokens += prompt
+        self.output_tokens += completion
+        self.outcomes[how] += 1
+
+
+class Client(threading.Thread):
+    """One openai client sending requests back to back until told to stop."""
+
+    def __init__(self, base_url: str, key: str, served: Ledger, lock: threading.Lock, stream: bool, n: int) -> None:
+        super().__init__(daemon=True)
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=15)
+        self.served, self.lock, self.stream, self.n = served, lock, stream, n
+        self.messages = [{"role": "user", "content": f"Client {n} counts to ten, slowly please."}]
+        self.prompt_tokens: int | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            max_tokens = 3 + (i * 7 + self.n) % 12
+            try:
+                if self.stream:
+                    self._stream(max_tokens)
+                else:
+                    reply = self.client.chat.completions.create(model="mock-small", messages=self.messages, max_tokens=max_tokens)
+                    assert reply.usage is not None
+                    self._served(reply.usage.prompt_tokens, reply.usage.completion_tokens, "json")
+            except (openai.APIError, openai.APIConnectionError):
+                with self.lock:
+                    self.served.outcomes["failed"] += 1
+                time.sleep(0.05)
+            time.sleep(0.01)
+
+    def _stream(self, max_tokens: int) -> None:
+        chunks, usage = 0, None
+        stream = self.client.chat.completions.create(
+            model="mock-small", messages=self.messages, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+        if usage is not None:
+            self.prompt_tokens = usage.prompt_tokens
+            self._served(usage.prompt_tokens, usage.completion_tokens, "stream")
+        else:  # cut by the upstream: billed as delivered (prompt counted, one token per chunk)
+            assert self.prompt_tokens is not None, "a cut stream before any complete one"
+            self._served(self.prompt_tokens, chunks, "cut stream")
+
+    def _served(self, prompt: int, completion: int, how: str) -> None:
+        with self.lock:
+            self.served.serve(prompt, completion, how)
+
+
+def _wait(check, timeout_s: float, what: str):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last: {last!r}")
+
+
+def _get_json(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return {}
+
+
+def _ledger_rows(worker_url: str) -> dict[str, dict[str, int]]:
+    sql = """SELECT customer, count() AS rows, uniqExact(id) AS ids, countIf(status = 200) AS ok,
+                    sumIf(input_tokens, status = 200) AS input_tokens, sumIf(output_tokens, status = 200) AS output_tokens,
+                    sumIf(input_tokens + output_tokens, status != 200) AS unserved_tokens
+             FROM quotameter.events GROUP BY customer"""
+    request = urllib.request.Request(f"{worker_url}/query", data=sql.encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        rows = json.loads(response.read())["rows"]
+    return {row.pop("customer"): {k: int(v) for k, v in row.items()} for row in rows}
+
+
+def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(tmp_path: Path) -> None:
+    config_path = stack_config(tmp_path)
+    document = yaml.safe_load(config_path.read_text())
+    document["shim"]["redeliver_after_ms"] = 3000
+    document["pipeline"] = {**document.get("pipeline", {}), "session_timeout_s": 4}
+    config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    config = load_config(config_path)
+    data_dir = tmp_path / "var"
+    began = time.monotonic()
+
+    stack = start_stack(config_path, data_dir)
+    clients: list[Client] = []
+    served = {customer: Ledger() for customer in CUSTOMERS}
+    lock = threading.Lock()
+    try:
+        base_url = stack.wait_for(r"quotameter ready on (http://\S+/v1)").group(1)
+        stack.wait_for(r"Ctrl-C stops everything")
+        keys = {c: _cli(config_path, "keys", "create", "--customer", c, "--tier", tier).strip() for c, tier in CUSTOMERS.items()}
+        time.sleep(1.5)  # Redis's append-only file is synced every second: the keys survive its SIGKILL
+        for n, customer in enumerate(list(CUSTOMERS) * 2):
+            clients.append(Client(base_url, keys[customer], served[customer], lock, stream=n % 2 == 1, n=n))
+        for client in clients:
+            client.start()
+
+        for role in KILL_ORDER:
+            time.sleep(3)
+            pid = _find(stack, role)
+            assert pid is not None, f"no {role} process under the stack\n{stack.output}"
+            os.kill(pid, signal.SIGKILL)
+            replacement = _wait(lambda: (p := _find(stack, role)) not in (None, pid) and p, 60, f"{role} restarted")
+            print(f"{time.monotonic() - began:5.1f}s  killed {role} (pid {pid}); restarted as pid {replacement}")
+            _wait(lambda: _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz").get("status") == "ok", 60,
+                  "the shim to answer again")
+
+        # Everything at once: the launcher and every process below it.
+        time.sleep(3)
+        tree = [stack.proc.pid, *descendants(stack.proc.pid)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stack.proc.wait(10)
+        print(f"{time.monotonic() - began:5.1f}s  killed the whole tree ({len(tree)} processes)")
+        time.sleep(1)
+        stack = start_stack(config_path, data_dir)
+        stack.wait_for(r"quotameter ready on ")
+        print(f"{time.monotonic() - began:5.1f}s  stack up again")
+        time.sleep(4)  # traffic on the new stack too
+        for client in clients:
+            client.stop.set()
+        for client in clients:
+            client.join(30)
+
+        # Every spooled event reaches the ledger; then the three views must agree.
+        health = _wait(
+            lambda: (h := _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz")).get("events", {})
+            .get("spool", {}).get("depth") == 0 and h, 90, "the shim's spool to drain into the ledger",
+        )
+        expected = {c: {"ok": s.requests, "input_tokens": s.input_tokens, "output_tokens": s.output_tokens} for c, s in served.items()}
+        ledger = _wait(
+            lambda: (rows := _ledger_rows(config.services.worker_url))
+            and all(rows.get(c, {}).get("ok", 0) >= e["ok"] for c, e in expected.items()) and rows,
+            30, "the ledger to hold every served request",
+        )
+        time.sleep(2)  # anything more would be a duplicate or an unserved request: let it land, then look
+        ledger = _ledger_rows(config.services.worker_url)
+        for customer, seen in served.items():
+            print(f"{customer}: served {seen.requests} requests ({dict(seen.outcomes)}), "
+                  f"{seen.input_tokens} input / {seen.output_tokens} output tokens; ledger {ledger.get(customer)}")
+        print(f"spool: {health['events']}")
+        for customer, want in expected.items():
+            rows = ledger[customer]
+            assert rows["rows"] == rows["ids"], f"{customer}: duplicate rows in the ledger: {rows}"
+            assert {k: rows[k] for k in want} == want, f"{customer}: ledger {rows} != served {want}"
+            assert rows["unserved_tokens"] == 0, f"{customer}: tokens billed on refused or failed requests: {rows}"
+            assert sum(seen for how, seen in served[customer].outcomes.items() if how != "failed") == want["ok"]
+
+        # Redis's period totals, as `quotameter usage` shows them beside the ledger's.
+        for customer, want in expected.items():
+            report = _wait(lambda: (r := json.loads(_cli(config_path, "usage", "--customer", customer, "--json")))["in_sync"] and r,
+                           30, f"{customer}'s quota state to match the ledger")
+            redis_side = report["redis"]
+            assert (int(redis_side["input_tokens"]), int(redis_side["output_tokens"])) == (
+                want["input_tokens"], want["output_tokens"]), report
+        print(f"exact after 5 single kills and one of the whole tree; {time.monotonic() - began:.0f}s")
+    finally:
+        for client in clients:
+            client.stop.set()
+        if stack.proc.poll() is None:
+            stack.proc.send_signal(signal.SIGINT)
+            try:
+                stack.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                for pid in [stack.proc.pid, *descendants(stack.proc.pid)]:
+                    os.kill(pid, signal.SIGKILL)
