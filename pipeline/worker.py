@@ -102,7 +102,7 @@ def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer:
     ledger = LedgerSink(history, recent, settings.ledger_batch_rows, settings.ledger_flush_ms)
     ledger.on_inserted = lambda rows: freshness.observe("clickhouse", (p.event.time_ms for p in rows))
     windows = WindowTables(
-        parts.tables, history, ledger.flush, billing.timezone, billing.anchor_day, int(settings.late_grace_s * 1000)
+        parts.tables, history, ledger.flush, billing.calendar, int(settings.late_grace_s * 1000)
     )
     prices = PriceTable(list(config.prices), config.default_price)
     async def ledger_offsets(partitions: list[int]) -> dict[int, int]:
@@ -135,7 +135,7 @@ def serve(config: Config) -> None:
     try:
         # Redis flushed, or behind a ledger kept across a lost broker: the
         # ledger's totals now, before the first batch (never lowers a total).
-        counts = loop.run_until_complete(rebuild_state(history, writer, billing.timezone, billing.anchor_day))
+        counts = loop.run_until_complete(rebuild_state(history, writer, billing.calendar))
         log.info("quota state of %d customers checked against the ledger", counts["customers"])
     except (HistoryError, RedisError, OSError, ConnectionError) as exc:
         log.warning("quota state not rebuilt from the ledger on start (the next batches write it): %s", exc)
@@ -144,7 +144,7 @@ def serve(config: Config) -> None:
     sink = build_sink(config, parts, history, writer)
     readiness = Readiness()
     register_usage_agent(parts, sink, config.pipeline.batch_max_events, config.pipeline.batch_max_wait_ms)
-    register_views(parts, history, readiness, sink, billing.timezone, billing.anchor_day)
+    register_views(parts, history, readiness, sink, billing.calendar)
     _announce_ready(parts, readiness, started)
 
     # Faust, mode and aiokafka log every step at INFO; set

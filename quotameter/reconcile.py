@@ -25,7 +25,6 @@ from typing import Any
 
 from quotameter.billing import Invoice, exact
 from quotameter.config import Config
-from quotameter.periods import period_bounds
 
 COMPARED = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "events", "cost_usd")
 
@@ -55,7 +54,7 @@ class Finality:
 def finality(config: Config, month: str, now: datetime) -> Finality:
     """Raises ValueError naming the expected format for a bad ``month``."""
     billing = config.billing
-    start, end = period_bounds(month, billing.timezone, billing.anchor_day)
+    start, end = billing.calendar.bounds(month)
     grace = max(timedelta(hours=billing.finalize_after_hours), timedelta(seconds=config.pipeline.late_grace_s))
     return Finality(month, start, end, end + grace, now)
 

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from quotameter.aggregate import PricedEvent, format_usd
-from quotameter.periods import period_bounds
+from quotameter.periods import BillingCalendar
 
 DATABASE = "quotameter"
 EVENTS = f"{DATABASE}.events"
@@ -250,8 +250,9 @@ def ledger_lines(batch: Sequence[PricedEvent]) -> str:
     return "\n".join([json.dumps(ledger_values(priced), separators=(",", ":")) for priced in batch])
 
 
-def usage_params(customer: str, period: str, tz: str) -> dict[str, str]:
-    start, end = period_bounds(period, tz)
+def usage_params(customer: str, period: str, calendar: BillingCalendar) -> dict[str, str]:
+    """The bound parameters of USAGE: the period's UTC bounds, never a calendar month."""
+    start, end = calendar.bounds(period)
     return {"customer": customer, "start": _clickhouse_time(start), "end": _clickhouse_time(end)}
 
 
