@@ -215,7 +215,7 @@ class Billing(_Strict):
     # day past a short month's end means its last day) and is named for the
     # month it starts in: with 15, "2026-11" is Nov 15 - Dec 15.
     anchor_day: int = Field(default=1, ge=1, le=31)
-    # A period is final (exported without --force) this long after it ends,
+    # A period is final (exported without --draft) this long after it ends,
     # or after pipeline.late_grace_s if that is longer: late events may land
     # in it until then.
     finalize_after_hours: float = Field(default=48.0, ge=0)

@@ -1,8 +1,10 @@
-"""When a billing month is final, and whether an export adds up. Pure.
+"""When a billing period is final, and whether an export adds up. Pure.
 
-A month is final ``billing.finalize_after_hours`` after it ends (or after
-``pipeline.late_grace_s``, if that is longer): until then late events may
-still land in it, so an export of it is provisional and needs ``--force``.
+A period is final ``billing.finalize_after_hours`` after it ends — its end on
+the billing calendar (``config.billing.calendar``), not the calendar month's —
+or after ``pipeline.late_grace_s``, if that is longer: until then late events
+may still land in it, so an export of it is a draft (``--draft``), marked not
+final.
 
 Reconciliation compares, per customer, three independent sums:
 
