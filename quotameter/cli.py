@@ -373,9 +373,10 @@ def export(
     """Export a billing period's usage per customer and model, after reconciling
     the ledger, the invoice lines and Redis's totals (printed on stderr).
 
-    A period is final billing.finalize_after_hours after it ends (now, by the clock).
-    Exit codes: 1 a source failed, 2 bad arguments, 3 refused (open period: --draft;
-    Stripe's time range: --force), 4 reconciliation failed (nothing written)."""
+    A period is final billing.finalize_after_hours after it ends, by the clock.
+
+    Exit codes: 1 a source failed, 2 bad arguments, 4 reconciliation failed (nothing written),
+    3 refused: an open period (--draft exports it marked not final) or Stripe's time range (--force)."""
     import os
     import tempfile
 
@@ -383,6 +384,7 @@ def export(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quotameter.export import FORMATS, ExportError, ExportRefused, ReconciliationFailed, run_export
+
     config = _config(config_path)
     if fmt not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
@@ -407,7 +409,9 @@ def export(
 
     try:
         with bar:
-            result = run_export(config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, progress=progress)
+            result = run_export(
+                config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, progress=progress
+            )
     except ExportError as exc:
         # soft_wrap: long messages stay on one line each, whole numbers intact.
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
