@@ -194,8 +194,10 @@ def test_variable_options_are_what_was_used_in_the_range(runner: ChdbRunner, con
 
 # -- the billing period in SQL: the same calendar as quotameter.periods -------------------------------
 
+# Santiago, anchor 8: 2024-09-08 has no midnight (clocks jump to 01:00); the period starts at the jump.
 CALENDARS = [(zone, anchor) for zone in ("UTC", "America/New_York", "Europe/London", "Pacific/Kiritimati",
                                          "Asia/Kolkata", "Pacific/Chatham") for anchor in (1, 15, 28, 31)]
+CALENDARS += [("America/Santiago", 8)]
 
 
 def _calendar_constants(zone: str, anchor: int) -> dict[str, str]:

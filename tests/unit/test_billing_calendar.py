@@ -91,6 +91,8 @@ def test_a_period_starts_at_local_midnight_on_the_anchor_or_the_months_last_day(
         ("Pacific/Tongatapu", 15, "2026-11", datetime(2026, 11, 14, 11, tzinfo=UTC), datetime(2026, 12, 14, 11, tzinfo=UTC)),
         ("Asia/Kolkata", 15, "2026-11", datetime(2026, 11, 14, 18, 30, tzinfo=UTC), datetime(2026, 12, 14, 18, 30, tzinfo=UTC)),
         ("Pacific/Chatham", 1, "2026-07", datetime(2026, 6, 30, 11, 15, tzinfo=UTC), datetime(2026, 7, 31, 11, 15, tzinfo=UTC)),
+        # No midnight on 2024-09-08 in Santiago (00:00 -04 jumps to 01:00 -03): the period starts at the jump.
+        ("America/Santiago", 8, "2024-09", datetime(2024, 9, 8, 4, tzinfo=UTC), datetime(2024, 10, 8, 3, tzinfo=UTC)),
     ],
 )
 def test_known_bounds(zone: str, anchor: int, period: str, start: datetime, end: datetime) -> None:
