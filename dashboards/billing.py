@@ -1,15 +1,15 @@
-"""Billing: spend per customer and per model over time, month to date
-against budget, a forecast to month end, top customers."""
+"""Billing: spend per customer and per model over time, billing period to date
+against budget, a forecast to the period end, top customers."""
 
 from __future__ import annotations
 
 from dashboards.model import Dashboard, Panel, Viz
-from dashboards.sources import MONTH_START, usage
+from dashboards.sources import PERIOD_END, PERIOD_START, usage
 
-# The range's usage (stats, tables), the same per point of a timeseries, the billing month to date.
+# The range's usage (stats, tables), the same per point of a timeseries, the billing period to date.
 RANGE = usage()
 SERIES = usage(step="$__interval_s")
-MONTH_TO_DATE = usage(MONTH_START, "$__toTime")
+MONTH_TO_DATE = usage(PERIOD_START, "$__toTime")
 
 # USD to six places (a micro-dollar) for charts; the billing export keeps exact decimals.
 SPEND = "round(toFloat64(sum(cost_usd)), 6)"
@@ -85,8 +85,8 @@ ORDER BY t, model""",
 MTD_VS_BUDGET = Panel(
     id=5,
     key="mtd_vs_budget",
-    title="Month to date against budget",
-    description="The billing month holding the end of the time range, up to that end.",
+    title="Period to date against budget",
+    description="The billing period holding the end of the time range (billing.anchor_day, billing.timezone), up to that end.",
     viz=Viz.TABLE,
     unit="currencyUSD",
     sql=f"""SELECT customer, argMax(tier, time) AS current_tier, {SPEND} AS mtd_spend_usd,
@@ -100,15 +100,15 @@ ORDER BY mtd_spend_usd DESC, customer""",
 FORECAST = Panel(
     id=6,
     key="forecast",
-    title="Forecast to month end",
-    description="Month-to-date spend extrapolated linearly over the whole billing month.",
+    title="Forecast to period end",
+    description="Period-to-date spend extrapolated linearly over the whole billing period.",
     viz=Viz.TABLE,
     unit="currencyUSD",
-    sql=f"""WITH {MONTH_START} AS month_start,
-     dateDiff('second', month_start, month_start + INTERVAL 1 MONTH) AS month_s,
-     greatest(dateDiff('second', month_start, $__toTime), 1) AS elapsed_s
+    sql=f"""WITH {PERIOD_START} AS period_start,
+     dateDiff('second', period_start, {PERIOD_END}) AS period_s,
+     greatest(dateDiff('second', period_start, $__toTime), 1) AS elapsed_s
 SELECT customer, argMax(tier, time) AS current_tier, {SPEND} AS mtd_spend_usd,
-       round(mtd_spend_usd * month_s / elapsed_s, 6) AS forecast_usd,
+       round(mtd_spend_usd * period_s / elapsed_s, 6) AS forecast_usd,
        {BUDGET} AS budget_usd,
        round(100 * forecast_usd / budget_usd, 2) AS forecast_budget_pct
 FROM {MONTH_TO_DATE}
@@ -133,7 +133,7 @@ LIMIT 10""",
 BILLING = Dashboard(
     uid="quotameter-billing",
     title="quotameter · Billing",
-    description="Spend from the usage ledger: per customer and model, month to date, forecast.",
+    description="Spend from the usage ledger: per customer and model, billing period to date, forecast.",
     time_from="now/M",
     panels=(TOTAL_SPEND, TOTAL_REQUESTS, SPEND_PER_CUSTOMER, SPEND_PER_MODEL, MTD_VS_BUDGET, FORECAST, TOP_CUSTOMERS),
 )

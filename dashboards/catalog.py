@@ -1,5 +1,5 @@
 """The three dashboards, their template variables, and the constants the
-config feeds them (budgets, token quotas, the billing time zone).
+config feeds them (budgets, token quotas, the billing calendar).
 
 Where each panel reads from, and what it promises, is in ``dashboards.sources``:
 spend, requests, tokens and the month-to-date panels from the rollups (whole
@@ -35,7 +35,7 @@ DASHBOARDS: tuple[Dashboard, ...] = tuple(
 )
 FOLDER_UID = "quotameter"
 FOLDER_TITLE = "quotameter"
-CONSTANT_NAMES = ("billing_tz", "tier_budget_usd", "customer_budget_usd", "tier_monthly_tokens",
+CONSTANT_NAMES = ("billing_tz", "billing_anchor_day", "tier_budget_usd", "customer_budget_usd", "tier_monthly_tokens",
                   "customer_monthly_tokens")
 
 
@@ -66,6 +66,7 @@ def config_constants(config: Config) -> dict[str, str]:
     customer_tokens = {n: c.monthly_tokens for n, c in config.customers.items() if c.monthly_tokens is not None}
     return {
         "billing_tz": quote_literal(config.billing.timezone),
+        "billing_anchor_day": str(int(config.billing.anchor_day)),
         "tier_budget_usd": _string_map(tier_budget),
         "customer_budget_usd": _string_map(customer_budget),
         "tier_monthly_tokens": _string_map(tier_tokens),

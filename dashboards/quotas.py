@@ -1,7 +1,7 @@
 """Quotas: utilisation per customer and tier, refusals by tier and reason,
 fallbacks, queued requests.
 
-Utilisation is month-to-date usage from the rollups (``sources.usage``).
+Utilisation is billing-period-to-date usage from the rollups (``sources.usage``).
 Refusals, fallbacks and queueing are counted from the ledger's generic
 ``decision`` / ``reason`` columns, so a reason the shim adds later shows up
 without a change here; those counts read ``FINAL`` after filtering, so an
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dashboards.billing import BUDGET, SPEND
 from dashboards.model import Dashboard, Panel, Viz
-from dashboards.sources import MONTH_START, ledger, usage
+from dashboards.sources import PERIOD_START, ledger, usage
 
 TOKEN_QUOTA = """toFloat64OrNull(if(mapContains(${customer_monthly_tokens}, customer),
                                    ${customer_monthly_tokens}[customer], ${tier_monthly_tokens}[current_tier]))"""
@@ -23,14 +23,14 @@ _PER_CUSTOMER = f"""SELECT customer, argMax(tier, time) AS current_tier,
        round(100 * mtd_tokens / token_quota, 2) AS token_quota_pct,
        {SPEND} AS mtd_spend_usd, {BUDGET} AS budget_usd,
        round(100 * mtd_spend_usd / budget_usd, 2) AS budget_used_pct
-FROM {usage(MONTH_START, "$__toTime")}
+FROM {usage(PERIOD_START, "$__toTime")}
 GROUP BY customer"""
 
 UTILISATION_PER_CUSTOMER = Panel(
     id=1,
     key="utilisation_per_customer",
-    title="Quota utilisation per customer (month to date)",
-    description="Tokens (input + output) and spend in the billing month holding the end of the range.",
+    title="Quota utilisation per customer (billing period to date)",
+    description="Tokens (input + output) and spend in the billing period holding the end of the range.",
     viz=Viz.TABLE,
     unit="percent",
     width=24,
@@ -41,7 +41,7 @@ ORDER BY greatest(ifNull(token_quota_pct, 0), ifNull(budget_used_pct, 0)) DESC, 
 UTILISATION_PER_TIER = Panel(
     id=2,
     key="utilisation_per_tier",
-    title="Quota utilisation per tier (month to date)",
+    title="Quota utilisation per tier (billing period to date)",
     description="Each tier's customers together: their use over the sum of their quotas.",
     viz=Viz.BAR,
     unit="percent",

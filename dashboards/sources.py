@@ -56,8 +56,28 @@ FILTERS = """$__conditionalAll(customer IN (${customer}), $customer)
 # The same on the ledger's own columns (usable in PREWHERE, before any alias exists).
 LEDGER_FILTERS = FILTERS.replace("model IN", f"{MODEL} IN")
 
-# The billing month holding the end of the time range, in the billing time zone.
-MONTH_START = "toDateTime(toStartOfMonth($__toTime, ${billing_tz}), ${billing_tz})"
+
+
+# The billing period holding the end of the time range, as
+# ``quotameter.periods.BillingCalendar`` has it (the tests compare the two): it
+# starts on ${billing_anchor_day} (a short month's last day if that is
+# earlier) at midnight in ${billing_tz}, and ends where the next one starts.
+def _anchor_day_of(month: str) -> str:
+    """The period's first local day (a Date) of the month beginning on ``month`` (a Date)."""
+    last_day = f"toDayOfMonth(subtractDays(addMonths({month}, 1), 1))"
+    return f"addDays({month}, least(${{billing_anchor_day}}, {last_day}) - 1)"
+
+
+_LOCAL_MONTH = "toStartOfMonth($__toTime, ${billing_tz})"
+_PERIOD_FIRST_DAY = (
+    f"if(toDate($__toTime, ${{billing_tz}}) >= {_anchor_day_of(_LOCAL_MONTH)}, "
+    f"{_anchor_day_of(_LOCAL_MONTH)}, {_anchor_day_of(f'addMonths({_LOCAL_MONTH}, -1)')})"
+)
+# As DateTimes at local midnight: a period's UTC bounds need not be whole UTC
+# days or even hours (Asia/Kolkata +5:30); usage() reads what the rollups
+# cannot cover from the ledger, so totals over [PERIOD_START, …] stay exact.
+PERIOD_START = f"toDateTime({_PERIOD_FIRST_DAY}, ${{billing_tz}})"
+PERIOD_END = f"toDateTime({_anchor_day_of(f'addMonths(toStartOfMonth({_PERIOD_FIRST_DAY}), 1)')}, ${{billing_tz}})"
 
 _USAGE_COLUMNS = ("customer, tier, model, requests, refused, input_tokens, output_tokens, cached_tokens, "
                   "reasoning_tokens, cost_usd, events")

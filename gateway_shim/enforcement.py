@@ -30,7 +30,6 @@ from gateway_shim.refusals import RefusalMemory, request_scopes
 from gateway_shim.routes import ProxiedRequest
 from quotameter.config import Config
 from quotameter.events import Decision
-from quotameter.periods import period_bounds, period_of
 from quotameter.policy import Policy, micro_usd, resolve
 from quotameter.pricing import PriceTable
 from quotameter.tokens import count_prompt
@@ -102,10 +101,9 @@ class Enforcer:
 
     def period(self, now_ms: int) -> tuple[str, int, int, int]:
         if not (self._period[1] <= now_ms < self._period[2]):
-            billing = self.config.billing
-            name = period_of(datetime.fromtimestamp(now_ms / 1000, UTC), billing.timezone, billing.anchor_day)
-            start, end = period_bounds(name, billing.timezone, billing.anchor_day)
-            start_ms, end_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+            calendar = self.config.billing.calendar
+            name = calendar.period_of(datetime.fromtimestamp(now_ms / 1000, UTC))
+            start_ms, end_ms = calendar.bounds_ms(name)
             self._period = (name, start_ms, end_ms, (end_ms - start_ms) // 1000)
         return self._period
 

@@ -29,7 +29,6 @@ from gateway_shim.auth import Authenticator, bearer_token
 from gateway_shim.errors import BackendUnavailable, ShimError, UsageBadRequest, UsageForbidden, UsageNotFound, error_response
 from quotameter.aggregate import format_usd
 from quotameter.config import Config
-from quotameter.periods import period_bounds, period_of
 from quotameter.redis_keys import RedisKeys
 
 _MICRO = Decimal(1_000_000)
@@ -60,10 +59,10 @@ class UsageApi:
 
     async def _answer(self, request: web.Request) -> dict[str, Any]:
         asked = request.query.get("customer") or None
-        billing = self.config.billing
-        period = request.query.get("period") or period_of(datetime.now(UTC), billing.timezone, billing.anchor_day)
+        calendar = self.config.billing.calendar
+        period = request.query.get("period") or calendar.current(datetime.now(UTC))
         try:
-            start, end = period_bounds(period, billing.timezone, billing.anchor_day)
+            start, end = calendar.bounds(period)
         except ValueError as exc:
             raise UsageBadRequest(str(exc)) from None
         authorization = request.headers.get("Authorization")

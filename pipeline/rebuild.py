@@ -18,7 +18,7 @@ from pipeline.history.store import AsyncHistory
 from pipeline.redis_writer import UsageWriter
 from pipeline.window_tables import _totals_of
 from quotameter.aggregate import Totals
-from quotameter.periods import period_bounds, period_of
+from quotameter.periods import BillingCalendar
 
 PAGE = 5000
 
@@ -26,16 +26,15 @@ PAGE = 5000
 async def rebuild_state(
     history: AsyncHistory,
     writer: UsageWriter,
-    tz: str,
-    anchor_day: int,
+    calendar: BillingCalendar,
     customer: str | None = None,
     period: str | None = None,
     force: bool = False,
 ) -> dict[str, int]:
     """Write the ledger's totals of ``period`` (default: the current one) for
     ``customer`` (default: every customer in it). Returns counts."""
-    period = period or period_of(datetime.now(UTC), tz, anchor_day)
-    start, end = period_bounds(period, tz, anchor_day)
+    period = period or calendar.current(datetime.now(UTC))
+    start, end = calendar.bounds(period)
     written = 0
     offset = 0
     while True:

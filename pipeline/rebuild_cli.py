@@ -19,7 +19,6 @@ from pipeline.rebuild import rebuild_state
 from pipeline.redis_writer import UsageWriter
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
-from quotameter.periods import period_bounds
 from quotameter.redis_keys import RedisKeys
 
 WORKER_TIMEOUT_S = 120.0
@@ -44,8 +43,7 @@ async def _directly(config: Config, customer: str | None, month: str | None, for
     client = Redis.from_url(config.services.redis_url, socket_connect_timeout=3)
     writer = UsageWriter(client, RedisKeys(config.services.redis_prefix), lambda: time.time_ns() // 1_000_000)
     try:
-        billing = config.billing
-        return await rebuild_state(history, writer, billing.timezone, billing.anchor_day, customer, month, force)
+        return await rebuild_state(history, writer, config.billing.calendar, customer, month, force)
     except ConnectionError as exc:
         raise QuotameterError(f"cannot write to Redis at {config.services.redis_url}: {exc}") from None
     finally:
@@ -55,7 +53,7 @@ async def _directly(config: Config, customer: str | None, month: str | None, for
 
 def rebuild_from_cli(config: Config, customer: str | None, month: str | None, force: bool) -> tuple[dict[str, int], str]:
     if month is not None:
-        period_bounds(month, config.billing.timezone, config.billing.anchor_day)  # ValueError names the format
+        config.billing.calendar.validate(month)  # ValueError names the format
     counts = _through_worker(config, customer, month, force)
     if counts is not None:
         return counts, f"through the worker at {config.services.worker_url}"

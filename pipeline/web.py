@@ -28,7 +28,7 @@ from pipeline.rebuild import rebuild_state
 from pipeline.usage_agent import UsageSink
 from quotameter.windows import Granularity
 from pipeline.history.store import AsyncHistory, HistoryError, QueryRejected
-from quotameter.periods import period_bounds
+from quotameter.periods import BillingCalendar
 
 
 class Readiness:
@@ -36,7 +36,7 @@ class Readiness:
         self.ready = False
 
 
-def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readiness, sink: UsageSink, tz: str, anchor_day: int) -> None:
+def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readiness, sink: UsageSink, calendar: BillingCalendar) -> None:
     app = parts.app
 
     @app.page("/rebuild-state")
@@ -47,13 +47,13 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
             force = request.query.get("force", "") in ("1", "true")
             if month is not None:
                 try:
-                    period_bounds(month, tz, anchor_day)
+                    calendar.validate(month)
                 except ValueError as exc:
                     return self.json({"error": str(exc)}, status=400)
             try:
                 async with sink.lock:  # between two batches: the ledger has every applied event
                     await sink.ledger.flush()
-                    counts = await rebuild_state(history, sink.writer, tz, anchor_day, customer, month, force)
+                    counts = await rebuild_state(history, sink.writer, calendar, customer, month, force)
             except (HistoryError, ConnectionError) as exc:
                 return self.json({"error": str(exc)}, status=503)
             return self.json(counts)
@@ -98,11 +98,11 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
             if not customer:
                 return self.json({"error": "customer is required"}, status=400)
             try:
-                period_bounds(period, tz)
+                calendar.validate(period)
             except ValueError as exc:
                 return self.json({"error": str(exc)}, status=400)
             try:
-                return self.json(await history.usage(customer, period, tz))
+                return self.json(await history.usage(customer, period, calendar))
             except HistoryError as exc:
                 return self.json({"error": str(exc)}, status=500)
 

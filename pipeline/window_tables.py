@@ -20,6 +20,7 @@ import faust
 from pipeline.history import schema
 from pipeline.history.store import AsyncHistory
 from quotameter.aggregate import PricedEvent, Totals
+from quotameter.periods import BillingCalendar
 from quotameter.windows import (
     Bucket,
     Delivered,
@@ -65,8 +66,7 @@ class WindowTables:
         tables: dict[Granularity, faust.Table],
         history: AsyncHistory,
         flush_ledger: Callable[[], Awaitable[None]],
-        tz: str,
-        anchor_day: int,
+        calendar: BillingCalendar,
         late_grace_ms: int,
     ) -> None:
         self.tables = tables
@@ -84,8 +84,7 @@ class WindowTables:
         # tables: decoding a table's JSON value each batch cost more than the
         # arithmetic. Dropped with the trust.
         self._records: dict[tuple[Granularity, str], WindowRecord] = {}
-        self.tz = tz
-        self.anchor_day = anchor_day
+        self.calendar = calendar
         self.late_grace_ms = late_grace_ms
 
     def _track(self, table: faust.Table) -> None:
@@ -172,7 +171,7 @@ class WindowTables:
         result.seeded = sum(len(buckets) for buckets in seeds.values())
         for customer, events in by_customer.items():
             mine = {g: records[(g, customer)] for g in Granularity}
-            apply_all(mine, events, {g: seeds.get((g, customer), {}) for g in Granularity}, self.tz, self.anchor_day)
+            apply_all(mine, events, {g: seeds.get((g, customer), {}) for g in Granularity}, self.calendar)
             self._trusted.add(customer)
             key = customer.encode()
             for granularity, record in mine.items():
@@ -187,7 +186,7 @@ class WindowTables:
         period_index = GRANULARITIES.index(Granularity.PERIOD)
         for delivered in events:
             event = delivered.priced.event
-            period = buckets_of_minute(delivered.minute, self.tz, self.anchor_day)[period_index].name
+            period = buckets_of_minute(delivered.minute, self.calendar)[period_index].name
             key = (customer, period)
             result.ids.setdefault(key, []).append(event.id)
             if period in record.buckets:  # else pruned: too old to enforce on
@@ -199,7 +198,7 @@ class WindowTables:
     ) -> dict[tuple[Granularity, str], dict[str, Seed]]:
         wanted: list[tuple[Granularity, str, Bucket]] = []
         for (granularity, customer), record in records.items():
-            for bucket in seeds_needed(record, granularity, by_customer[customer], self.tz, self.anchor_day).values():
+            for bucket in seeds_needed(record, granularity, by_customer[customer], self.calendar).values():
                 wanted.append((granularity, customer, bucket))
         if not wanted:
             return {}

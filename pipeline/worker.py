@@ -105,7 +105,7 @@ def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer:
     ledger.on_inserted = lambda rows: freshness.observe("clickhouse", (p.event.time_ms for p in rows))
     ledger.marks = LedgerMarks(writer.client, RedisKeys(config.services.redis_prefix))
     windows = WindowTables(
-        parts.tables, history, ledger.flush, billing.timezone, billing.anchor_day, int(settings.late_grace_s * 1000)
+        parts.tables, history, ledger.flush, billing.calendar, int(settings.late_grace_s * 1000)
     )
     prices = PriceTable(list(config.prices), config.default_price)
     async def ledger_offsets(partitions: list[int]) -> dict[int, int]:
@@ -138,7 +138,7 @@ def serve(config: Config) -> None:
     try:
         # Redis flushed, or behind a ledger kept across a lost broker: the
         # ledger's totals now, before the first batch (never lowers a total).
-        counts = loop.run_until_complete(rebuild_state(history, writer, billing.timezone, billing.anchor_day))
+        counts = loop.run_until_complete(rebuild_state(history, writer, billing.calendar))
         log.info("quota state of %d customers checked against the ledger", counts["customers"])
     except (HistoryError, RedisError, OSError, ConnectionError) as exc:
         log.warning("quota state not rebuilt from the ledger on start (the next batches write it): %s", exc)
@@ -151,11 +151,11 @@ def serve(config: Config) -> None:
     async def rewrite_quota_state() -> int:
         async with sink.lock:  # between batches: their rows are in the ledger first
             await sink.ledger.flush()
-            return (await rebuild_state(history, writer, billing.timezone, billing.anchor_day))["customers"]
+            return (await rebuild_state(history, writer, billing.calendar))["customers"]
 
     restarts = RedisRestarts(redis_client, rewrite_quota_state)
     parts.app.timer(CHECK_EVERY_S)(restarts.check)
-    register_views(parts, history, readiness, sink, billing.timezone, billing.anchor_day)
+    register_views(parts, history, readiness, sink, billing.calendar)
     _announce_ready(parts, readiness, started)
 
     # Faust, mode and aiokafka log every step at INFO; set

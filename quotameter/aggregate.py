@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from quotameter.events import Decision, UsageEvent
-from quotameter.periods import period_of
+from quotameter.periods import BillingCalendar
 from quotameter.pricing import COST_QUANTUM, Cost, PriceTable
 
 Record = dict[str, Any]  # what a table or Redis holds: ints, and money as a string
@@ -159,10 +159,10 @@ def price_batch(events: Iterable[UsageEvent], prices: PriceTable) -> list[Priced
     return [price_event(event, prices) for event in unique_by_id(events)]
 
 
-def totals_by_period(batch: Iterable[PricedEvent], tz: str, anchor_day: int = 1) -> dict[tuple[str, str], Totals]:
+def totals_by_period(batch: Iterable[PricedEvent], calendar: BillingCalendar) -> dict[tuple[str, str], Totals]:
     """(customer, billing period ``YYYY-MM``) → the batch's totals."""
     out: dict[tuple[str, str], Totals] = {}
     for priced in batch:
-        key = (priced.event.customer_id, period_of(priced.event.time, tz, anchor_day))
+        key = (priced.event.customer_id, calendar.period_of(priced.event.time))
         out[key] = out.get(key, Totals()) + priced.totals
     return out

@@ -213,10 +213,14 @@ def _line_cells(line: Line, currency: str) -> list[str]:
 
 
 def render_csv(invoice: Invoice) -> str:
-    """One ``line`` record per line, then a ``customer_total`` record per customer."""
+    """One ``line`` record per line, then a ``customer_total`` record per
+    customer; a period exported before it was final starts with a ``draft``
+    record, so the file says so itself."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
+    if not invoice.final:
+        writer.writerow(["draft"] + [""] * (len(CSV_COLUMNS) - 1))
     for customer in invoice.customers:
         for line in customer.lines:
             writer.writerow(_line_cells(line, invoice.currency))

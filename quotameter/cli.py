@@ -16,13 +16,17 @@ from rich.console import Console
 
 from quotameter.config import Config, load_config
 from quotameter.errors import QuotameterError
-from quotameter.periods import period_of
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Usage metering and quota enforcement for LLM APIs.")
 keys_app = typer.Typer(no_args_is_help=True, help="Create, revoke and list API keys.")
 app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
+# A period is named for the month it starts in (billing.anchor_day, billing.timezone).
+PERIOD_HELP = (
+    "Billing period YYYY-MM, named for the month it starts in: with billing.anchor_day 15, "
+    "2026-11 is Nov 15 - Dec 15 (midnight in billing.timezone). Default: the current one."
+)
 ConfigOption = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", envvar="QUOTAMETER_CONFIG", help="YAML config (default: the bundled example)."),
@@ -142,15 +146,15 @@ def keys_list(config_path: ConfigOption = None) -> None:
 @app.command("usage")
 def usage(
     customer: Annotated[str, typer.Option(help="Customer id.")],
-    month: Annotated[Optional[str], typer.Option(help="Billing period YYYY-MM (default: the current one).")] = None,
+    month: Annotated[Optional[str], typer.Option(help=PERIOD_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     config_path: ConfigOption = None,
 ) -> None:
-    """A customer's usage for a month: the ClickHouse ledger beside Redis's quota state."""
+    """A customer's usage in a billing period: the ClickHouse ledger beside Redis's quota state."""
     from quotameter.usage_report import gather_usage, render_usage
 
     config = _config(config_path)
-    period = month or period_of(datetime.now(UTC), config.billing.timezone)
+    period = month or config.billing.calendar.current(datetime.now(UTC))
     try:
         report = gather_usage(config, customer, period)
     except QuotameterError as exc:
@@ -164,20 +168,19 @@ def usage(
 @app.command("alerts")
 def alerts(
     customer: Annotated[Optional[str], typer.Option(help="Only this customer (default: all).")] = None,
-    month: Annotated[Optional[str], typer.Option(help="Billing period YYYY-MM (default: the current one).")] = None,
+    month: Annotated[Optional[str], typer.Option(help=PERIOD_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output: one JSON list.")] = False,
     config_path: ConfigOption = None,
 ) -> None:
-    """Usage alerts fired in a month, with their delivery state (read from Redis)."""
+    """Usage alerts fired in a billing period, with their delivery state (read from Redis)."""
     from pipeline.alerts import list_alerts
-    from quotameter.periods import period_bounds
     from quotameter.redis_keys import RedisKeys
 
     config = _config(config_path)
-    billing = config.billing
-    period = month or period_of(datetime.now(UTC), billing.timezone, billing.anchor_day)
+    calendar = config.billing.calendar
+    period = month or calendar.current(datetime.now(UTC))
     try:
-        period_bounds(period, billing.timezone)
+        calendar.validate(period)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     try:
@@ -205,7 +208,7 @@ def alerts(
 @app.command("rebuild-state")
 def rebuild_state_command(
     customer: Annotated[Optional[str], typer.Option(help="Only this customer (default: every customer in the ledger).")] = None,
-    month: Annotated[Optional[str], typer.Option(help="Billing period YYYY-MM (default: the current one).")] = None,
+    month: Annotated[Optional[str], typer.Option(help=PERIOD_HELP)] = None,
     force: Annotated[bool, typer.Option(help="Overwrite Redis even where it is ahead of the ledger.")] = False,
     config_path: ConfigOption = None,
 ) -> None:
@@ -353,25 +356,27 @@ def dashboard(
 # -- billing export (quotameter/export.py) ------------------------------------
 @app.command("export")
 def export(
-    month: Annotated[str, typer.Option(help="Billing period YYYY-MM.")],
+    month: Annotated[
+        str, typer.Option(help="Billing period YYYY-MM, named for the month it starts in (billing.anchor_day).")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="csv, json, or stripe (meter events as JSON lines).")] = "csv",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write here (atomically) instead of stdout.")] = None,
-    force: Annotated[
-        bool, typer.Option(help="Export an open month, or Stripe events outside Stripe's time range, anyway.")
+    draft: Annotated[
+        bool, typer.Option(help="Export an open period anyway, marked not final (csv, json; never stripe).")
     ] = False,
+    force: Annotated[bool, typer.Option(help="Write Stripe events outside Stripe's time range anyway.")] = False,
     stripe_window: Annotated[
         Optional[str], typer.Option("--stripe-window", help="hour or day (default: billing.stripe.window).")
     ] = None,
-    now: Annotated[
-        Optional[datetime], typer.Option(hidden=True, help="Judge finality and Stripe's range as of this UTC time.")
-    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
-    """Export a month's usage per customer and model for billing, after reconciling
+    """Export a billing period's usage per customer and model, after reconciling
     the ledger, the invoice lines and Redis's totals (printed on stderr).
 
-    Exit codes: 1 a source failed, 2 bad arguments, 3 refused (open month, or Stripe's
-    time range; --force), 4 reconciliation failed (nothing written)."""
+    A period is final billing.finalize_after_hours after it ends, by the clock.
+
+    Exit codes: 1 a source failed, 2 bad arguments, 4 reconciliation failed (nothing written),
+    3 refused: an open period (--draft exports it marked not final) or Stripe's time range (--force)."""
     import os
     import tempfile
 
@@ -379,18 +384,18 @@ def export(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quotameter.export import FORMATS, ExportError, ExportRefused, ReconciliationFailed, run_export
-    from quotameter.periods import period_bounds
 
     config = _config(config_path)
     if fmt not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
     if stripe_window not in (None, "hour", "day"):
         raise _fail("--stripe-window must be hour or day", 2)
+    if draft and fmt == "stripe":
+        raise _fail("--draft exports csv or json only: Stripe meter events are sent once, when the period is final", 2)
     try:
-        period_bounds(month, config.billing.timezone, config.billing.anchor_day)
+        config.billing.calendar.validate(month)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    moment = (now.replace(tzinfo=UTC) if now.tzinfo is None else now) if now else datetime.now(UTC)
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=True, disable=not err.is_terminal,
@@ -404,7 +409,9 @@ def export(
 
     try:
         with bar:
-            result = run_export(config, month, fmt, moment, force=force, window=stripe_window, progress=progress)
+            result = run_export(
+                config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, progress=progress
+            )
     except ExportError as exc:
         # soft_wrap: long messages stay on one line each, whole numbers intact.
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from datetime import date
+from functools import cached_property
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
@@ -32,6 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from quotameter.delivery import AckMode
 from quotameter.errors import ConfigError
+from quotameter.periods import BillingCalendar
 
 ENV_PREFIX = "QUOTAMETER_"
 DEFAULT_CONFIG = Path(__file__).parent / "example.yaml"
@@ -212,9 +214,9 @@ class Billing(_Strict):
     timezone: str = "UTC"
     # A period starts on this day of the month at midnight in ``timezone`` (a
     # day past a short month's end means its last day) and is named for the
-    # month it starts in.
+    # month it starts in: with 15, "2026-11" is Nov 15 - Dec 15.
     anchor_day: int = Field(default=1, ge=1, le=31)
-    # A period is final (exported without --force) this long after it ends,
+    # A period is final (exported without --draft) this long after it ends,
     # or after pipeline.late_grace_s if that is longer: late events may land
     # in it until then.
     finalize_after_hours: float = Field(default=48.0, ge=0)
@@ -228,6 +230,11 @@ class Billing(_Strict):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @cached_property
+    def calendar(self) -> BillingCalendar:
+        """The one billing calendar every reader and writer of periods uses."""
+        return BillingCalendar.from_config(self)
 
 
 class Upstream(_Strict):

@@ -9,8 +9,12 @@ unless every check passes; the CLI writes the text it returns.
 Errors, and the CLI's exit codes:
 
     ExportError              1  the ledger or Redis cannot be read, a mapping is missing
-    ├── ExportRefused        3  an open month, or Stripe would refuse timestamps (--force)
+    ├── ExportRefused        3  an open period (--draft), or Stripe would refuse timestamps (--force)
     └── ReconciliationFailed 4  the ledger, the lines and Redis disagree (never forced)
+
+Finality is judged against the wall clock by the CLI: there is no way to
+tell it another time, so nothing but the calendar's period end plus the
+grace makes an export final. ``run_export`` takes ``now`` so tests can.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ class ExportError(QuotameterError):
 
 
 class ExportRefused(ExportError):
-    """The month is open, or Stripe would refuse some events. The message says
-    until when; ``--force`` writes the export anyway (marked not final)."""
+    """The period is open, or Stripe would refuse some events. The message says
+    until when; ``--draft`` exports an open period marked not final, and
+    ``--force`` writes Stripe events outside Stripe's range."""
 
 
 class ReconciliationFailed(ExportError):
@@ -140,7 +145,7 @@ def _stripe(
     rows: list[Row] = []
     batches = list(_window_batches(invoice, slots))
     for done, customers in enumerate(batches, 1):
-        page = reader.rows(export_sql.windows(fin.start, fin.end, customers, window.value, config.billing.timezone))
+        page = reader.rows(export_sql.windows(fin.start, fin.end, customers, window.value, config.billing.calendar))
         if len(page) >= export_sql.PAGE_ROWS:
             raise ExportError(
                 f"{customers[0]} has more {window.value}ly windows than one query returns ({export_sql.PAGE_ROWS}): "
@@ -173,23 +178,30 @@ def run_export(
     fmt: str,
     now: datetime,
     *,
+    draft: bool = False,
     force: bool = False,
     window: str | None = None,
     progress: Progress = lambda step, done, total: None,
 ) -> Export:
-    """Build, reconcile and render one month's export. ``now`` decides
-    finality and Stripe's accepted range."""
+    """Build, reconcile and render one period's export. ``now`` decides
+    finality and Stripe's accepted range. ``draft``: an open period is
+    exported marked not final (never as Stripe events, which are sent once)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if draft and fmt == "stripe":
+        raise ExportRefused(
+            "a draft cannot be exported as Stripe meter events: Stripe keeps what is sent and a later final "
+            "export could not correct it. Export csv or json as a draft, and Stripe once the period is final."
+        )
     try:
         fin = reconcile.finality(config, month, now)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     warnings = []
     if not fin.final:
-        if not force:
-            raise ExportRefused(f"{fin.describe()}. Pass --force to export it anyway (marked not final).")
-        warnings.append(f"{fin.describe()}; exporting anyway (--force): the export is marked not final")
+        if not draft:
+            raise ExportRefused(f"{fin.describe()}. Pass --draft to export it marked not final.")
+        warnings.append(f"{fin.describe()}; exported as a draft (--draft): marked not final")
     with ledger(config) as reader:
         line_rows = _paged(reader, lambda n, o: export_sql.lines(fin.start, fin.end, n, o), "invoice lines", progress)
         invoice = billing.build_invoice(

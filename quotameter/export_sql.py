@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from quotameter.billing import BILLED_COLUMNS, Component
+from quotameter.periods import BillingCalendar
 
 EVENTS = "quotameter.events"
 PAGE_ROWS = 10_000
@@ -47,17 +48,18 @@ def _time(moment: datetime) -> str:
     return f"toDateTime64({quote(stamp)}, 3, 'UTC')"
 
 
-def _in_month(start: datetime, end: datetime) -> str:
+def _in_period(start: datetime, end: datetime) -> str:
     return f"time >= {_time(start)} AND time < {_time(end)}"
 
 
 def _events(start: datetime, end: datetime, where: str = "") -> str:
-    """The month's unique events, columns renamed for summing."""
+    """The period's unique events (its UTC bounds, whatever the partitions),
+    columns renamed for summing."""
     return f"""(SELECT customer, coalesce(model_served, model_requested, '') AS model, price_version,
         decision = 'admitted' AS ok, time AS t, input_tokens AS it, output_tokens AS ot, cached_tokens AS ca,
         cache_write_tokens AS cw, reasoning_tokens AS rt, cost_usd AS cost
     FROM {EVENTS} FINAL
-    WHERE {_in_month(start, end)}{where})"""
+    WHERE {_in_period(start, end)}{where})"""
 
 
 def lines(start: datetime, end: datetime, limit: int = PAGE_ROWS, offset: int = 0) -> str:
@@ -96,13 +98,14 @@ ORDER BY customer
 LIMIT {int(limit)} OFFSET {int(offset)}"""
 
 
-def windows(start: datetime, end: datetime, customers: Sequence[str], window: str, tz: str) -> str:
+def windows(start: datetime, end: datetime, customers: Sequence[str], window: str, calendar: BillingCalendar) -> str:
     """Admitted usage per customer, model and window (its start in unix
-    seconds; hours and days in the billing time zone) for some customers."""
+    seconds; hours and days in the billing time zone, so a day window never
+    straddles a period's start at local midnight) for some customers."""
     bucket = {"hour": "toStartOfHour", "day": "toStartOfDay"}[window]
     only = f" AND customer IN ({', '.join(map(quote, customers))})"
     return f"""SELECT customer, model,
-    toUnixTimestamp({bucket}(t, {quote(tz)})) AS window_s,
+    toUnixTimestamp({bucket}(t, {quote(calendar.timezone)})) AS window_s,
     countIf(ok) AS requests,
     {_BILLED_SUMS}
 FROM {_events(start, end, only)}

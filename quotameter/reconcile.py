@@ -1,8 +1,10 @@
-"""When a billing month is final, and whether an export adds up. Pure.
+"""When a billing period is final, and whether an export adds up. Pure.
 
-A month is final ``billing.finalize_after_hours`` after it ends (or after
-``pipeline.late_grace_s``, if that is longer): until then late events may
-still land in it, so an export of it is provisional and needs ``--force``.
+A period is final ``billing.finalize_after_hours`` after it ends — its end on
+the billing calendar (``config.billing.calendar``), not the calendar month's —
+or after ``pipeline.late_grace_s``, if that is longer: until then late events
+may still land in it, so an export of it is a draft (``--draft``), marked not
+final.
 
 Reconciliation compares, per customer, three independent sums:
 
@@ -25,7 +27,6 @@ from typing import Any
 
 from quotameter.billing import Invoice, exact
 from quotameter.config import Config
-from quotameter.periods import period_bounds
 
 COMPARED = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "events", "cost_usd")
 
@@ -55,7 +56,7 @@ class Finality:
 def finality(config: Config, month: str, now: datetime) -> Finality:
     """Raises ValueError naming the expected format for a bad ``month``."""
     billing = config.billing
-    start, end = period_bounds(month, billing.timezone, billing.anchor_day)
+    start, end = billing.calendar.bounds(month)
     grace = max(timedelta(hours=billing.finalize_after_hours), timedelta(seconds=config.pipeline.late_grace_s))
     return Finality(month, start, end, end + grace, now)
 

@@ -33,7 +33,7 @@ from enum import StrEnum
 from typing import Any
 
 from quotameter.aggregate import PricedEvent, Totals
-from quotameter.periods import period_bounds, period_of
+from quotameter.periods import BillingCalendar
 
 ALL_MODELS = "*"
 
@@ -65,14 +65,14 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def bucket_of(moment: datetime, granularity: Granularity, tz: str = "UTC", anchor_day: int = 1) -> Bucket:
+def bucket_of(moment: datetime, granularity: Granularity, calendar: BillingCalendar) -> Bucket:
     """The bucket an event time falls in. Minutes, hours and days are UTC;
-    periods follow the billing time zone and anchor day."""
+    periods follow the billing calendar."""
     utc = moment.astimezone(UTC)
     if granularity is Granularity.PERIOD:
-        name = period_of(utc, tz, anchor_day)
-        start, end = period_bounds(name, tz, anchor_day)
-        return Bucket(name, _ms(start), _ms(end))
+        name = calendar.period_of(utc)
+        start_ms, end_ms = calendar.bounds_ms(name)
+        return Bucket(name, start_ms, end_ms)
     if granularity is Granularity.MINUTE:
         start, step, fmt = utc.replace(second=0, microsecond=0), timedelta(minutes=1), "%Y-%m-%dT%H:%M"
     elif granularity is Granularity.HOUR:
@@ -86,12 +86,12 @@ GRANULARITIES = tuple(Granularity)  # index i: bit 1 << i in an event's mask bel
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def buckets_of_minute(minute: int, tz: str, anchor_day: int) -> tuple[Bucket, ...]:
+def buckets_of_minute(minute: int, calendar: BillingCalendar) -> tuple[Bucket, ...]:
     """The buckets (in ``GRANULARITIES`` order) of a UTC minute since the epoch.
     Every bucket boundary, billing periods in any zone included, falls on a
     whole minute, so events in the same minute share them: computed once."""
     moment = datetime.fromtimestamp(minute * 60, UTC)
-    return tuple(bucket_of(moment, g, tz, anchor_day) for g in GRANULARITIES)
+    return tuple(bucket_of(moment, g, calendar) for g in GRANULARITIES)
 
 
 def model_of(priced: PricedEvent) -> str:
@@ -155,7 +155,7 @@ Seed = Mapping[str, Totals]  # model -> ledger totals of one bucket (the "*" lin
 
 
 def seeds_needed(
-    record: WindowRecord, granularity: Granularity, events: Iterable[Delivered], tz: str, anchor_day: int
+    record: WindowRecord, granularity: Granularity, events: Iterable[Delivered], calendar: BillingCalendar
 ) -> dict[str, Bucket]:
     """Buckets the events would create in ``record`` that must first be seeded from the ledger."""
     index = GRANULARITIES.index(granularity)
@@ -163,7 +163,7 @@ def seeds_needed(
     minutes = {d.minute for d in events if d.offset > wm.get(str(d.partition), -1)}
     out: dict[str, Bucket] = {}
     for minute in minutes:
-        bucket = buckets_of_minute(minute, tz, anchor_day)[index]
+        bucket = buckets_of_minute(minute, calendar)[index]
         if bucket.name not in out and record.needs_seed(bucket):
             out[bucket.name] = bucket
     return out
@@ -174,22 +174,20 @@ def apply(
     granularity: Granularity,
     events: Sequence[Delivered],
     seeds: Mapping[str, Seed],
-    tz: str,
-    anchor_day: int,
+    calendar: BillingCalendar,
 ) -> set[str]:
     """Add the events not yet applied (by offset) to ``record``; return the
     buckets they touched. ``events`` are new to the ledger (duplicates by id
     are dropped before) and in offset order. A bucket listed in ``seeds``
     starts from the ledger's totals instead of zero."""
-    return apply_all({granularity: record}, events, {granularity: seeds}, tz, anchor_day)[granularity]
+    return apply_all({granularity: record}, events, {granularity: seeds}, calendar)[granularity]
 
 
 def apply_all(
     records: Mapping[Granularity, WindowRecord],
     events: Sequence[Delivered],
     seeds: Mapping[Granularity, Mapping[str, Seed]],
-    tz: str,
-    anchor_day: int,
+    calendar: BillingCalendar,
 ) -> dict[Granularity, set[str]]:
     """``apply`` for one customer's records of several granularities at once:
     the events are summed once per (minute, model, records they are new to),
@@ -220,7 +218,7 @@ def apply_all(
     touched: dict[Granularity, set[str]] = {g: set() for g in records}
     for (mask, minute, model), acc in sums.items():
         delta = Totals.from_vector(acc)
-        buckets = buckets_of_minute(minute, tz, anchor_day)
+        buckets = buckets_of_minute(minute, calendar)
         for index, granularity, record in grans:
             if not mask & (1 << index):
                 continue

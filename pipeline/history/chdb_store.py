@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.history import schema
 from pipeline.history.store import HistoryError, QueryRejected, UsageRow
 from quotameter.aggregate import PricedEvent
+from quotameter.periods import BillingCalendar
 
 MAX_QUERY_ROWS = 10_000
 CLEAN_MARKER = "quotameter-closed-cleanly"
@@ -94,8 +95,8 @@ class ChdbHistory:
         with self._lock:
             self._run(self._rw, schema.INSERT_ROWS + body)
 
-    def usage(self, customer: str, period: str, tz: str) -> UsageRow:
-        params = schema.usage_params(customer, period, tz)
+    def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
+        params = schema.usage_params(customer, period, calendar)
         rows = self._json_rows(self._run(self._ro, schema.USAGE, params, fmt="JSONEachRow"))
         return schema.usage_row(customer, period, rows[0] if rows else None)
 

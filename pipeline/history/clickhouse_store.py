@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 from pipeline.history import schema
 from pipeline.history.store import HistoryError, QueryRejected, UsageRow
 from quotameter.aggregate import PricedEvent
+from quotameter.periods import BillingCalendar
 
 INSERT_CHUNK_ROWS = 10_000
 MAX_QUERY_ROWS = 10_000
@@ -201,8 +202,8 @@ class ClickHouseHistory:
                 settings={"insert_deduplication_token": dedup_token(chunk)},
             )
 
-    def usage(self, customer: str, period: str, tz: str) -> UsageRow:
-        params = schema.usage_params(customer, period, tz)
+    def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
+        params = schema.usage_params(customer, period, calendar)
         rows = self._json_rows(self._select(schema.USAGE, params))
         return schema.usage_row(customer, period, rows[0] if rows else None)
 

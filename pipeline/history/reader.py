@@ -19,7 +19,6 @@ from pipeline.history.chdb_store import ChdbHistory
 from pipeline.history.store import HistoryError
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
-from quotameter.periods import period_bounds
 
 WORKER_TIMEOUT_S = 5.0
 
@@ -41,7 +40,7 @@ def _from_worker(config: Config, customer: str, period: str) -> dict[str, Any]:
 def _from_directory(config: Config, customer: str, period: str) -> dict[str, Any]:
     store = ChdbHistory(config.services.history_dir, read_only=True)
     try:
-        return store.usage(customer, period, config.billing.timezone)
+        return store.usage(customer, period, config.billing.calendar)
     finally:
         store.close()
 
@@ -55,7 +54,7 @@ def ledger_usage(config: Config, customer: str, period: str) -> dict[str, Any]:
     the data directory can answer.
     """
     try:
-        period_bounds(period, config.billing.timezone)
+        config.billing.calendar.validate(period)
     except ValueError as exc:
         raise QuotameterError(str(exc)) from None
     try:

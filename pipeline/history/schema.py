@@ -12,6 +12,13 @@ sums every inserted row, so it is exact only if no id is inserted twice: the
 pipeline inserts only ids the ledger does not hold yet (``KNOWN_IDS``), and a
 worker killed between the table's part and a view's part is repaired on its
 next start (``rollup_rebuild``). ``model`` is the model served, else requested.
+
+Partitions are calendar months in UTC: storage only. A billing period (see
+``quotameter.periods``) can start at any local midnight, 18:30 UTC for
+Asia/Kolkata, so period totals (``USAGE``, ``period_totals``, the export)
+select the deduplicated ledger by the period's UTC bounds, never by
+``toYYYYMM``; the dashboards stitch rollup days and hours to ledger rows
+for what no whole UTC hour covers (``dashboards.sources.usage``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from decimal import Decimal
 from typing import Any
 
 from quotameter.aggregate import PricedEvent, format_usd
-from quotameter.periods import period_bounds
+from quotameter.periods import BillingCalendar
 
 DATABASE = "quotameter"
 EVENTS = f"{DATABASE}.events"
@@ -250,8 +257,9 @@ def ledger_lines(batch: Sequence[PricedEvent]) -> str:
     return "\n".join([json.dumps(ledger_values(priced), separators=(",", ":")) for priced in batch])
 
 
-def usage_params(customer: str, period: str, tz: str) -> dict[str, str]:
-    start, end = period_bounds(period, tz)
+def usage_params(customer: str, period: str, calendar: BillingCalendar) -> dict[str, str]:
+    """The bound parameters of USAGE: the period's UTC bounds, never a calendar month."""
+    start, end = calendar.bounds(period)
     return {"customer": customer, "start": _clickhouse_time(start), "end": _clickhouse_time(end)}
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from quotameter.aggregate import PricedEvent
+from quotameter.periods import BillingCalendar
 from quotameter.errors import QuotameterError
 
 UsageRow = dict[str, Any]  # customer, period, requests, refused, *_tokens, cost_usd (str), events
@@ -33,7 +34,7 @@ class HistoryStore(Protocol):
         """Write one row per event. Idempotent by event id: a retried batch
         never changes a total (the table is deduplicated by id)."""
 
-    def usage(self, customer: str, period: str, tz: str) -> UsageRow:
+    def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
         """Exact totals of the unique events of ``customer`` in billing ``period``."""
 
     def query(self, sql: str) -> list[dict[str, Any]]:
@@ -55,8 +56,8 @@ class AsyncHistory:
     async def insert_events(self, batch: Sequence[PricedEvent]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.insert_events, batch)
 
-    async def usage(self, customer: str, period: str, tz: str) -> UsageRow:
-        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.usage, customer, period, tz)
+    async def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.usage, customer, period, calendar)
 
     async def query(self, sql: str) -> list[dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.query, sql)

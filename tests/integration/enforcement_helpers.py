@@ -19,7 +19,6 @@ import redis
 from gateway_shim.keystore import create_key
 from quotameter.config import Config, KeyOverrides
 from quotameter.embedded.procs import ManagedProcess, free_port
-from quotameter.periods import period_of
 from quotameter.redis_keys import RedisKeys
 from tests.conftest import merge
 
@@ -72,7 +71,7 @@ class Shim:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
 
     def period(self) -> str:
-        return period_of(datetime.now(UTC), self.config.billing.timezone, self.config.billing.anchor_day)
+        return self.config.billing.calendar.current(datetime.now(UTC))
 
     def set_totals(self, customer: str, tokens: int = 0, micro_usd: int = 0, included: list[str] = ()) -> None:
         client = self.redis()

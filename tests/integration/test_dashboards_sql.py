@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,10 @@ from dashboards.billing import SPEND
 from dashboards.catalog import DASHBOARDS, config_constants, dashboard
 from dashboards.macros import TimeRange, Variables, expand
 from dashboards.query import ChdbRunner
-from dashboards.sources import USAGE_LEDGER
+from dashboards.sources import PERIOD_END, PERIOD_START, USAGE_LEDGER
 from pipeline.history.schema import EVENTS
 from quotameter.config import DEFAULT_CONFIG, parse_config
+from quotameter.periods import BillingCalendar
 from tests.integration.dashboard_seed import (CONFIG_OVERRIDES, JANUARY_FROM, JANUARY_TO, RANGE_FROM, RANGE_TO,
                                               seed)
 
@@ -189,3 +190,64 @@ def test_variable_options_are_what_was_used_in_the_range(runner: ChdbRunner, con
                for v in VARIABLES}
     assert options == {"customer": ["acme", "beta", "cito"], "tier": ["enterprise", "free", "pro"],
                        "model": ["gpt-4o", "gpt-4o-mini", "mock-small"]}
+
+
+# -- the billing period in SQL: the same calendar as quotameter.periods -------------------------------
+
+# Santiago, anchor 8: 2024-09-08 has no midnight (clocks jump to 01:00); the period starts at the jump.
+CALENDARS = [(zone, anchor) for zone in ("UTC", "America/New_York", "Europe/London", "Pacific/Kiritimati",
+                                         "Asia/Kolkata", "Pacific/Chatham") for anchor in (1, 15, 28, 31)]
+CALENDARS += [("America/Santiago", 8)]
+
+
+def _calendar_constants(zone: str, anchor: int) -> dict[str, str]:
+    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    document.update(CONFIG_OVERRIDES)
+    document["billing"] = {**document.get("billing", {}), "timezone": zone, "anchor_day": anchor}
+    return config_constants(parse_config(document))
+
+
+@pytest.mark.parametrize(("zone", "anchor"), CALENDARS)
+def test_period_bounds_in_sql_are_the_calendars(runner: ChdbRunner, zone: str, anchor: int) -> None:
+    calendar = BillingCalendar(zone, anchor)
+    moments = []
+    period = "2024-01"
+    for _ in range(26):  # two years: leap February, both DST changes, anchor 31 in short months
+        start, _end = calendar.bounds(period)
+        moments += [start - timedelta(minutes=1), start, start + timedelta(minutes=1), start + timedelta(days=12)]
+        period = calendar.next(period)
+    seconds = ", ".join(str(int(m.timestamp())) for m in moments)
+    sql = f"""SELECT toUnixTimestamp(at) AS m, toUnixTimestamp({PERIOD_START}) AS s, toUnixTimestamp({PERIOD_END}) AS e
+FROM (SELECT toDateTime(arrayJoin([{seconds}]), 'UTC') AS at) ORDER BY m""".replace("$__toTime", "at")
+    got = runner.rows(expand(sql, DAY, Variables(constants=_calendar_constants(zone, anchor))))
+    want = []
+    for moment in moments:
+        start, end = calendar.bounds(calendar.period_of(moment))
+        want.append({"m": int(moment.timestamp()), "s": int(start.timestamp()), "e": int(end.timestamp())})
+    assert got == want
+
+
+@pytest.mark.parametrize(("zone", "anchor", "range_to"), [
+    ("Asia/Kolkata", 5, RANGE_TO),  # starts 2025-03-04 18:30 UTC: a half hour, inside a UTC day
+    ("America/New_York", 27, datetime(2025, 3, 20, tzinfo=UTC)),  # 2025-02 from 02-27 05:00 UTC holds event 10
+    ("Pacific/Kiritimati", 3, RANGE_TO),  # +14: starts 2025-03-02 10:00 UTC, event 1's very hour
+    ("Europe/London", 31, RANGE_TO),  # 2025-02: Feb 28 - Mar 31 (BST by then), not a month from Feb 28
+])
+def test_period_to_date_panels_follow_the_calendar(runner: ChdbRunner, zone: str, anchor: int, range_to: datetime) -> None:
+    calendar = BillingCalendar(zone, anchor)
+    constants = _calendar_constants(zone, anchor)
+    time_range = TimeRange(RANGE_FROM, range_to, interval_s=86400)
+    start, end = calendar.bounds(calendar.period_of(range_to))
+    expected = runner.rows(
+        f"SELECT customer, toString(sum(cost_usd)) AS spend FROM {EVENTS} FINAL"
+        f" WHERE time >= fromUnixTimestamp64Milli({int(start.timestamp()) * 1000}, 'UTC')"
+        f" AND time <= fromUnixTimestamp64Milli({int(range_to.timestamp()) * 1000}, 'UTC') GROUP BY customer")
+    spend = {r["customer"]: round(float(r["spend"]), 6) for r in expected}
+    budget = by(rows(runner, constants, "billing.mtd_vs_budget", time_range), "customer")
+    assert {c: r["mtd_spend_usd"] for c, r in budget.items()} == spend
+    elapsed = (range_to - start).total_seconds()
+    forecast = by(rows(runner, constants, "billing.forecast", time_range), "customer")
+    assert {c: r["forecast_usd"] for c, r in forecast.items()} == {
+        c: round(s * (end - start).total_seconds() / elapsed, 6) for c, s in spend.items()}
+    util = by(rows(runner, constants, "quotas.utilisation_per_customer", time_range), "customer")
+    assert {c: r["mtd_spend_usd"] for c, r in util.items()} == spend

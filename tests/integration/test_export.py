@@ -10,8 +10,10 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
 
+from quotameter.export import ExportRefused, run_export
 from quotameter.redis_keys import RedisKeys
 from tests.integration.pipeline_helpers import (
     ACME_EVENTS,
@@ -25,7 +27,9 @@ from tests.integration.pipeline_helpers import (
     wait_for,
 )
 
-AFTER_GRACE = "2025-04-03T01:00:00"  # 2025-03 ended 2025-04-01, final 48 h later; 2025-03-10 is 24 days back
+# 2025-03 ended 2025-04-01, final 48 h later; 2025-03-10 is 24 days back. The CLI judges by
+# the clock (2025-03 is long final, and too old for Stripe): times of our choosing go in-process.
+AFTER_GRACE = datetime(2025, 4, 3, 1, tzinfo=UTC)
 BETA = make_event("beta-1", "beta", model="gpt-4o", input_tokens=12345, output_tokens=678, cached_tokens=1000)
 EXPECTED_CSV = """\
 record,customer,model,price_version,currency,requests,input_tokens,cached_tokens,cache_write_tokens,output_tokens,reasoning_tokens,billed_input_tokens,price_input_per_million,billed_cached_input_tokens,price_cached_input_per_million,billed_cache_write_tokens,price_cache_write_per_million,billed_output_tokens,price_output_per_million,billed_reasoning_tokens,price_reasoning_per_million,amount_exact,amount_rounded
@@ -39,10 +43,10 @@ STRIPE = {"billing": {"stripe": {"customers": {"acme": "cus_acme", "beta": "cus_
                                  "meters": {"requests": "qm_requests", "input": "qm_input", "output": "qm_output"}}}}
 
 
-def export(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def export(path: Path, *args: str, month: str = PERIOD) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "QUOTAMETER_CONFIG": str(path)}
     return subprocess.run(
-        [sys.executable, "-m", "quotameter", "export", "--month", PERIOD, *args],
+        [sys.executable, "-m", "quotameter", "export", "--month", month, *args],
         env=env, capture_output=True, text=True, timeout=60,
     )
 
@@ -62,7 +66,7 @@ async def seeded(config_factory, cli_process):
 async def test_export_is_exact_reconciled_and_byte_identical(config_factory, cli_process, tmp_path: Path) -> None:
     config, path, worker = await seeded(config_factory, cli_process)
 
-    first = export(path, "--format", "csv", "--now", AFTER_GRACE)
+    first = export(path, "--format", "csv")
     assert first.returncode == 0, first.stderr
     assert first.stdout == EXPECTED_CSV
     assert "reconciled 2025-03" in first.stderr and "ledger = lines = redis for 2 customer(s)" in first.stderr
@@ -70,12 +74,13 @@ async def test_export_is_exact_reconciled_and_byte_identical(config_factory, cli
 
     outputs = {}
     for run in ("a", "b"):
-        for fmt in ("csv", "json", "stripe"):
+        for fmt in ("csv", "json"):
             out = tmp_path / run / f"export.{fmt}"
-            result = export(path, "--format", fmt, "--out", str(out), "--now", AFTER_GRACE)
+            result = export(path, "--format", fmt, "--out", str(out))
             assert result.returncode == 0, result.stderr
             assert result.stdout == ""  # stdout stays clean with --out
             outputs[run, fmt] = out.read_bytes()
+        outputs[run, "stripe"] = run_export(config, PERIOD, "stripe", AFTER_GRACE).text.encode()
     for fmt in ("csv", "json", "stripe"):
         assert outputs["a", fmt] == outputs["b", fmt]
     assert outputs["a", "csv"].decode() == EXPECTED_CSV
@@ -96,21 +101,37 @@ async def test_export_is_exact_reconciled_and_byte_identical(config_factory, cli
                     ("cus_beta", "qm_requests"): 1, ("cus_beta", "qm_input"): 11345, ("cus_beta", "qm_output"): 678}
     assert len({e["identifier"] for e in events}) == len(events)
     assert {e["timestamp"] for e in events} == {int(datetime(2025, 3, 10, tzinfo=UTC).timestamp())}  # daily windows
-    hourly = export(path, "--format", "stripe", "--stripe-window", "hour", "--now", AFTER_GRACE)
-    assert {json.loads(line)["timestamp"] for line in hourly.stdout.splitlines()} == {int(datetime(2025, 3, 10, 12, tzinfo=UTC).timestamp())}
+    hourly = run_export(config, PERIOD, "stripe", AFTER_GRACE, window="hour")
+    assert {json.loads(line)["timestamp"] for line in hourly.text.splitlines()} == {int(datetime(2025, 3, 10, 12, tzinfo=UTC).timestamp())}
 
     # Too late for Stripe: refused, naming the oldest timestamp it still accepts.
-    late = export(path, "--format", "stripe", "--now", "2025-04-20T00:00:00")
-    assert late.returncode == 3 and late.stdout == ""
-    assert "oldest timestamp accepted is 2025-03-16T01:00:00+00:00" in late.stderr
-    assert export(path, "--format", "stripe", "--now", "2025-04-20T00:00:00", "--force").returncode == 0
+    with pytest.raises(ExportRefused, match=r"oldest timestamp accepted is 2025-03-16T01:00:00\+00:00"):
+        run_export(config, PERIOD, "stripe", datetime(2025, 4, 20, tzinfo=UTC))
+    assert run_export(config, PERIOD, "stripe", datetime(2025, 4, 20, tzinfo=UTC), force=True).text
+    # The CLI has the clock only: 2025-03 is far too old for Stripe now.
+    late = export(path, "--format", "stripe")
+    assert late.returncode == 3 and late.stdout == "" and "oldest timestamp accepted" in late.stderr
 
-    # An open month: refused without --force, marked not final with it.
-    early = export(path, "--format", "json", "--now", "2025-04-02T00:00:00")
-    assert early.returncode == 3 and "2025-03 is open" in early.stderr and "--force" in early.stderr
-    forced = export(path, "--format", "json", "--now", "2025-04-02T00:00:00", "--force")
-    assert forced.returncode == 0 and json.loads(forced.stdout)["final"] is False
-    assert "warning:" in forced.stderr
+    # An open period: refused, unless exported as a draft, marked not final (never as Stripe events).
+    early_at = datetime(2025, 4, 2, tzinfo=UTC)
+    with pytest.raises(ExportRefused, match="2025-03 is open.*--draft"):
+        run_export(config, PERIOD, "json", early_at)
+    with pytest.raises(ExportRefused, match="draft"):
+        run_export(config, PERIOD, "stripe", early_at, draft=True)
+    draft = run_export(config, PERIOD, "json", early_at, draft=True)
+    assert json.loads(draft.text)["final"] is False and any("draft" in w for w in draft.warnings)
+    draft_csv = run_export(config, PERIOD, "csv", early_at, draft=True).text.splitlines()
+    assert draft_csv[1].startswith("draft,") and draft_csv[2:] == EXPECTED_CSV.splitlines()[1:]
+    # From the command line, the clock decides: the current period is open.
+    current = config.billing.calendar.current(datetime.now(UTC))
+    open_now = export(path, "--format", "json", month=current)
+    assert open_now.returncode == 3 and f"{current} is open" in open_now.stderr and "--draft" in open_now.stderr
+    drafted = export(path, "--format", "json", "--draft", month=current)
+    assert drafted.returncode == 0, drafted.stderr
+    assert json.loads(drafted.stdout)["final"] is False and "warning:" in drafted.stderr
+    assert export(path, "--format", "stripe", "--draft", month=current).returncode == 2
+    # No option tells the export another time: nothing but the clock makes a period final.
+    assert export(path, "--format", "json", "--now", "2099-01-01T00:00:00", month=current).returncode == 2
 
     # A redelivered event changes nothing. The April marker shares acme's
     # partition, so once it is in the ledger the duplicate before it was processed.
@@ -118,13 +139,13 @@ async def test_export_is_exact_reconciled_and_byte_identical(config_factory, cli
         update={"time": datetime(2025, 4, 1, 1, tzinfo=UTC)})])
     wait_for(lambda: http_json(f"{config.services.worker_url}/usage?customer=acme&period=2025-04")[1]["events"] == 1,
              what="the April marker")
-    again = export(path, "--format", "csv", "--now", AFTER_GRACE)
+    again = export(path, "--format", "csv")
     assert again.returncode == 0, again.stderr
     assert again.stdout == EXPECTED_CSV
 
     # Without a worker the export opens the ledger read-only: same bytes.
     assert worker.stop(timeout_s=20, sig=signal.SIGTERM) == 0
-    direct = export(path, "--format", "json", "--now", AFTER_GRACE)
+    direct = export(path, "--format", "json")
     assert direct.returncode == 0, direct.stderr
     assert direct.stdout.encode() == outputs["a", "json"] and "no worker running" in direct.stderr
 
@@ -137,7 +158,7 @@ async def test_export_fails_loudly_when_redis_differs(config_factory, cli_proces
     finally:
         client.close()
     out = tmp_path / "export.csv"
-    result = export(path, "--format", "csv", "--out", str(out), "--now", AFTER_GRACE)
+    result = export(path, "--format", "csv", "--out", str(out))
     assert result.returncode == 4
     assert "reconciliation failed" in result.stderr
     assert "acme: input_tokens is 3000 in the ledger but 3007 in redis" in result.stderr
@@ -150,5 +171,5 @@ async def test_export_fails_loudly_when_redis_differs(config_factory, cli_proces
     client.close()
     env_path = tmp_path / "nomap.yaml"
     env_path.write_text(path.read_text().replace("beta: cus_beta", ""))
-    missing = export(env_path, "--format", "stripe", "--now", AFTER_GRACE)
+    missing = export(env_path, "--format", "stripe", "--force")
     assert missing.returncode == 1 and "no Stripe customer for beta" in missing.stderr

@@ -34,8 +34,11 @@ from quotameter.aggregate import PricedEvent, format_usd, price_batch
 from quotameter.config import parse_config
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import RequestData, UsageEvent
+from quotameter.periods import BillingCalendar
 from quotameter.pricing import PriceTable
 from tests.conftest import CliRunner
+
+UTC_MONTHS = BillingCalendar("UTC", 1)
 
 AT = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
 CONFIG = parse_config({"tiers": {"pro": {}}, "prices": [
@@ -122,17 +125,17 @@ def test_inserts_then_exact_usage_and_a_retried_batch_counts_once(ledger: Ledger
         mine, other = priced(3, f"acme-{unique}"), priced(2, f"other-{unique}", input_tokens=7)
         store.insert_events(mine + other)
         store.insert_events(mine)  # the sink retried the batch
-        usage = store.usage(f"acme-{unique}", "2025-03", "UTC")
+        usage = store.usage(f"acme-{unique}", "2025-03", UTC_MONTHS)
         assert (usage["requests"], usage["input_tokens"], usage["output_tokens"], usage["events"]) == (3, 30, 15, 3)
         assert usage["cost_usd"] == cost_of(mine) and Decimal(usage["cost_usd"]) == Decimal("0.000075")
-        assert store.usage(f"other-{unique}", "2025-03", "UTC")["cost_usd"] == cost_of(other)
-        assert store.usage(f"acme-{unique}", "2025-04", "UTC")["events"] == 0
+        assert store.usage(f"other-{unique}", "2025-03", UTC_MONTHS)["cost_usd"] == cost_of(other)
+        assert store.usage(f"acme-{unique}", "2025-04", UTC_MONTHS)["events"] == 0
 
         # The placeholders are bound by the engine from param_*: quotes and
         # backslashes in a customer id reach it intact, and inject nothing.
         odd = f"o'dd\\\"{unique}'; DROP TABLE {schema.EVENTS}; --"
         store.insert_events(priced(2, odd))
-        assert store.usage(odd, "2025-03", "UTC")["events"] == 2
+        assert store.usage(odd, "2025-03", UTC_MONTHS)["events"] == 2
         assert store.query(f"SELECT count() AS n FROM {schema.EVENTS} WHERE customer = 'acme-{unique}'") == [{"n": 6}]
     finally:
         store.close()
@@ -182,7 +185,7 @@ def test_parallel_clients_all_land(ledger: Ledger, unique: str) -> None:
         try:
             for n in range(10):
                 own.insert_events(priced(5, f"{name}-{unique}", start=5 * n))
-                own.usage(f"{name}-{unique}", "2025-03", "UTC")  # reads interleaved with the other's writes
+                own.usage(f"{name}-{unique}", "2025-03", UTC_MONTHS)  # reads interleaved with the other's writes
         except BaseException as exc:  # reported below, not lost in the thread
             errors.append(exc)
         finally:
@@ -200,7 +203,7 @@ def test_parallel_clients_all_land(ledger: Ledger, unique: str) -> None:
     try:
         assert errors == []
         for name in "abcd":
-            usage = shared.usage(f"{name}-{unique}", "2025-03", "UTC")
+            usage = shared.usage(f"{name}-{unique}", "2025-03", UTC_MONTHS)
             assert (usage["events"], usage["input_tokens"]) == (50, 500)
     finally:
         shared.close()
@@ -213,12 +216,12 @@ def test_open_store_with_history_url(ledger: Ledger, unique: str) -> None:
         assert isinstance(store, ClickHouseHistory)
         batch = priced(4, f"cfg-{unique}")
         store.insert_events(batch)
-        assert store.usage(f"cfg-{unique}", "2025-03", "UTC")["cost_usd"] == cost_of(batch)
+        assert store.usage(f"cfg-{unique}", "2025-03", UTC_MONTHS)["cost_usd"] == cost_of(batch)
     finally:
         store.close()
     reader = open_store(config, read_only=True)
     try:
-        assert reader.usage(f"cfg-{unique}", "2025-03", "UTC")["events"] == 4
+        assert reader.usage(f"cfg-{unique}", "2025-03", UTC_MONTHS)["events"] == 4
     finally:
         reader.close()
 

@@ -15,6 +15,7 @@ from pipeline.history.reader import ledger_usage
 from pipeline.history.store import QueryRejected
 from quotameter.aggregate import price_batch
 from quotameter.errors import QuotameterError
+from quotameter.periods import BillingCalendar
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
 from tests.integration.pipeline_helpers import (
@@ -32,6 +33,8 @@ from tests.integration.pipeline_helpers import (
     wait_for,
     worker_usage,
 )
+
+UTC_MONTHS = BillingCalendar("UTC", 1)
 
 
 async def test_worker_meters_events_into_redis_and_the_ledger(config_factory, cli_process) -> None:
@@ -127,9 +130,9 @@ def test_chdb_ledger_counts_a_retried_batch_once(tmp_path: Path) -> None:
     try:
         store.insert_events(batch)
         store.insert_events(batch)  # the sink retried after a crash
-        usage = store.usage("acme", PERIOD, "UTC")
+        usage = store.usage("acme", PERIOD, UTC_MONTHS)
         assert (usage["requests"], usage["refused"], usage["events"], usage["input_tokens"]) == (2, 1, 3, 3000)
-        assert store.usage("acme", "2025-04", "UTC")["events"] == 0
+        assert store.usage("acme", "2025-04", UTC_MONTHS)["events"] == 0
         with pytest.raises(QueryRejected):
             store.query("DELETE FROM quotameter.events WHERE 1")
         assert store.query("SELECT uniqExact(id) AS n FROM quotameter.events")[0]["n"] == 3

@@ -19,8 +19,11 @@ from quotameter.aggregate import (
 )
 from quotameter.config import ModelPrice
 from quotameter.events import RequestData, UsageEvent
+from quotameter.periods import BillingCalendar
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import USAGE_FIELDS, RedisKeys
+
+UTC_MONTHS = BillingCalendar("UTC", 1)
 
 PRICES = PriceTable(
     [
@@ -83,29 +86,29 @@ def test_price_follows_the_effective_date_and_cached_rate() -> None:
 
 def test_refused_counts_separately_from_requests() -> None:
     batch = price_batch([event("a"), event("b", decision="refused", tokens=(0, 0, 0, 0))], PRICES)
-    totals = totals_by_period(batch, "UTC")[("acme", "2025-01")]
+    totals = totals_by_period(batch, UTC_MONTHS)[("acme", "2025-01")]
     assert (totals.requests, totals.refused, totals.events) == (1, 1, 2)
     assert totals.input_tokens == 100 and totals.cost_usd == Decimal("0.000030000000")
 
 
 def test_duplicates_within_a_batch_count_once() -> None:
     assert [e.id for e in unique_by_id([event("a"), event("b"), event("a")])] == ["a", "b"]
-    totals = totals_by_period(price_batch([event("a"), event("a")], PRICES), "UTC")
+    totals = totals_by_period(price_batch([event("a"), event("a")], PRICES), UTC_MONTHS)
     assert totals[("acme", "2025-01")].requests == 1
 
 
 def test_totals_split_by_customer_and_billing_period() -> None:
     feb = datetime(2025, 2, 1, 0, 0, 10, tzinfo=UTC)
     batch = price_batch([event("a"), event("b", at=feb), event("c", customer="zeta")], PRICES)
-    keys = set(totals_by_period(batch, "UTC"))
+    keys = set(totals_by_period(batch, UTC_MONTHS))
     assert keys == {("acme", "2025-01"), ("acme", "2025-02"), ("zeta", "2025-01")}
     # In New York, 2025-02-01 00:00:10 UTC is still January.
-    assert set(totals_by_period(batch, "America/New_York")) == {("acme", "2025-01"), ("zeta", "2025-01")}
+    assert set(totals_by_period(batch, BillingCalendar("America/New_York", 1))) == {("acme", "2025-01"), ("zeta", "2025-01")}
 
 
 def test_tokens_of_every_kind_are_summed() -> None:
     batch = price_batch([event("a", tokens=(10, 20, 5, 7)), event("b", tokens=(1, 2, 3, 4))], PRICES)
-    t = totals_by_period(batch, "UTC")[("acme", "2025-01")]
+    t = totals_by_period(batch, UTC_MONTHS)[("acme", "2025-01")]
     assert (t.input_tokens, t.output_tokens, t.cached_tokens, t.reasoning_tokens) == (11, 22, 8, 11)
 
 

@@ -35,7 +35,10 @@ from pipeline.history.store import HistoryError, QueryRejected
 from quotameter.aggregate import PricedEvent, price_batch
 from quotameter.config import parse_config
 from quotameter.events import RequestData, UsageEvent
+from quotameter.periods import BillingCalendar
 from quotameter.pricing import PriceTable
+
+UTC_MONTHS = BillingCalendar("UTC", 1)
 
 AT = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
 CONFIG = parse_config({"tiers": {"pro": {}}, "prices": [
@@ -123,10 +126,10 @@ def test_usage_binds_parameters_on_the_server_and_reads_the_row() -> None:
     client = RecordedClient(rows=[{"requests": 3, "refused": "1", "input_tokens": "30", "output_tokens": 15,
                                    "cached_tokens": 0, "reasoning_tokens": 0, "cost_usd": "0.000075", "events": 4}])
     store = ClickHouseHistory(client, read_only=True)
-    row = store.usage("acme'; DROP TABLE x", "2025-03", "UTC")
+    row = store.usage("acme'; DROP TABLE x", "2025-03", UTC_MONTHS)
     [(args, kwargs)] = client.named("raw_query")
     assert args == (schema.USAGE,)
-    assert kwargs["parameters"] == schema.usage_params("acme'; DROP TABLE x", "2025-03", "UTC")
+    assert kwargs["parameters"] == schema.usage_params("acme'; DROP TABLE x", "2025-03", UTC_MONTHS)
     assert kwargs["settings"]["readonly"] == 2 and kwargs["fmt"] == "JSONEachRow"
     assert row == schema.usage_row("acme'; DROP TABLE x", "2025-03", client.rows[0])
     assert row["refused"] == 1 and row["cost_usd"] == "0.000075000000"
@@ -142,7 +145,7 @@ def test_usage_binds_parameters_on_the_server_and_reads_the_row() -> None:
 
 def test_usage_of_nobody_is_zero() -> None:
     store = ClickHouseHistory(RecordedClient(rows=[]), read_only=True)
-    assert store.usage("nobody", "2025-03", "UTC") == schema.usage_row("nobody", "2025-03", None)
+    assert store.usage("nobody", "2025-03", UTC_MONTHS) == schema.usage_row("nobody", "2025-03", None)
 
 
 def test_query_allows_one_select_read_only_and_bounded() -> None:
@@ -164,7 +167,7 @@ def test_errors_become_history_errors_with_the_first_line_and_no_password() -> N
     store = ClickHouseHistory(client, where="clickhouse://qm@db:8123", read_only=True)
     client.fail = DatabaseError("Code: 60. DB::Exception: Table quotameter.events does not exist\nStack trace: …")
     with pytest.raises(HistoryError) as info:
-        store.usage("acme", "2025-03", "UTC")
+        store.usage("acme", "2025-03", UTC_MONTHS)
     assert str(info.value) == (
         "ClickHouse ledger at clickhouse://qm@db:8123: Code: 60. DB::Exception: Table quotameter.events does not exist"
     )
@@ -233,11 +236,11 @@ def test_the_same_calls_on_the_real_engine_through_clickhouse_connect(tmp_path: 
         batch = priced(3) + priced(2, customer="other")
         store.insert_events(batch)
         store.insert_events(batch[:3])  # a retried batch
-        usage = store.usage("acme", "2025-03", "UTC")
+        usage = store.usage("acme", "2025-03", UTC_MONTHS)
         assert (usage["requests"], usage["input_tokens"], usage["output_tokens"], usage["events"]) == (3, 30, 15, 3)
         assert Decimal(usage["cost_usd"]) == 3 * (Decimal(10) * 1 + Decimal(5) * 3) / 1_000_000
-        assert store.usage("acme", "2025-04", "UTC")["events"] == 0
-        assert store.usage("o'ther", "2025-03", "UTC")["events"] == 0
+        assert store.usage("acme", "2025-04", UTC_MONTHS)["events"] == 0
+        assert store.usage("o'ther", "2025-03", UTC_MONTHS)["events"] == 0
         rows = store.query(f"SELECT customer, count() AS n FROM {schema.EVENTS} FINAL GROUP BY customer ORDER BY customer")
         assert rows == [{"customer": "acme", "n": 3}, {"customer": "other", "n": 2}]
         with pytest.raises(QueryRejected):
@@ -251,13 +254,13 @@ def test_both_stores_answer_usage_alike(tmp_path: Path) -> None:
     chdb_store = ChdbHistory(tmp_path / "chdb")
     try:
         chdb_store.insert_events(batch)
-        expected = chdb_store.usage("acme", "2025-03", "UTC")
+        expected = chdb_store.usage("acme", "2025-03", UTC_MONTHS)
     finally:
         chdb_store.close()
     client = clickhouse_connect.get_client(interface="chdb", path=str(tmp_path / "engine"))
     server_store = ClickHouseHistory(client, where="chdb")
     try:
         server_store.insert_events(batch)
-        assert server_store.usage("acme", "2025-03", "UTC") == expected
+        assert server_store.usage("acme", "2025-03", UTC_MONTHS) == expected
     finally:
         server_store.close()

@@ -4,21 +4,21 @@ import pytest
 
 from quotameter.errors import KeyFormatError
 from quotameter.keys import generate_key, split_key, verify_secret
-from quotameter.periods import minute_of, period_bounds, period_of
+from quotameter.periods import BillingCalendar, minute_of
 
 
 def test_period_follows_the_billing_time_zone():
     moment = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
-    assert period_of(moment) == "2026-11"
-    assert period_of(moment, "Asia/Tokyo") == "2026-12"
+    assert BillingCalendar("UTC", 1).period_of(moment) == "2026-11"
+    assert BillingCalendar("Asia/Tokyo", 1).period_of(moment) == "2026-12"
 
 
 def test_period_bounds_cover_the_calendar_month():
-    assert period_bounds("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
-    start, end = period_bounds("2026-03", "America/New_York")
+    assert BillingCalendar("UTC", 1).bounds("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    start, end = BillingCalendar("America/New_York", 1).bounds("2026-03")
     assert start == datetime(2026, 3, 1, 5, tzinfo=UTC) and end == datetime(2026, 4, 1, 4, tzinfo=UTC)
     with pytest.raises(ValueError, match="YYYY-MM"):
-        period_bounds("2026-13")
+        BillingCalendar("UTC", 1).bounds("2026-13")
 
 
 def test_minute_of():

@@ -11,7 +11,7 @@ from gateway_shim.admission import Admission, Reason
 from gateway_shim.ratelimit_headers import ratelimit_headers
 from quotameter.config import Customer, KeyOverrides, Tier, parse_config
 from quotameter.errors import ConfigError
-from quotameter.periods import period_bounds, period_of
+from quotameter.periods import BillingCalendar
 from quotameter.policy import LimitKind, Unit, micro_usd, resolve
 
 TIER = Tier(
@@ -40,12 +40,12 @@ def test_tier_then_customer_then_key_then_model() -> None:
 
 
 def test_billing_periods_follow_the_anchor_and_zone() -> None:
-    assert period_of(datetime(2025, 3, 14, 23, tzinfo=UTC), "UTC", 15) == "2025-02"
-    assert period_of(datetime(2025, 3, 15, 0, tzinfo=UTC), "UTC", 15) == "2025-03"
-    assert period_of(datetime(2025, 3, 31, 23, 30, tzinfo=UTC), "Europe/Paris") == "2025-04"
-    start, end = period_bounds("2025-01", "UTC", 31)
+    assert BillingCalendar("UTC", 15).period_of(datetime(2025, 3, 14, 23, tzinfo=UTC)) == "2025-02"
+    assert BillingCalendar("UTC", 15).period_of(datetime(2025, 3, 15, 0, tzinfo=UTC)) == "2025-03"
+    assert BillingCalendar("Europe/Paris", 1).period_of(datetime(2025, 3, 31, 23, 30, tzinfo=UTC)) == "2025-04"
+    start, end = BillingCalendar("UTC", 31).bounds("2025-01")
     assert (start.day, end.month, end.day) == (31, 2, 28)  # anchor past February's end: its last day
-    assert period_bounds("2025-03") == (datetime(2025, 3, 1, tzinfo=UTC), datetime(2025, 4, 1, tzinfo=UTC))
+    assert BillingCalendar("UTC", 1).bounds("2025-03") == (datetime(2025, 3, 1, tzinfo=UTC), datetime(2025, 4, 1, tzinfo=UTC))
 
 
 def test_bad_billing_and_tier_settings_are_rejected() -> None:
