@@ -21,7 +21,16 @@ import redis.exceptions
 
 from gateway_shim.admission import Admission, Admitter, Estimate, Reason
 from gateway_shim.batch_queue import BatchQueue
-from gateway_shim.errors import BackendUnavailable, InvalidApiKey, ModelNotAllowed, QueueRefused, QuotaExceeded, RateLimited, Refusal
+from gateway_shim.errors import (
+    BackendBusy,
+    BackendUnavailable,
+    InvalidApiKey,
+    ModelNotAllowed,
+    QueueRefused,
+    QuotaExceeded,
+    RateLimited,
+    Refusal,
+)
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.local_limiter import LocalLimiter
 from gateway_shim.metering import RequestMeter
@@ -33,13 +42,15 @@ from quotameter.events import Decision
 from quotameter.periods import period_bounds, period_of
 from quotameter.policy import Policy, micro_usd, resolve
 from quotameter.pricing import PriceTable
+from quotameter.redis_pool import RedisPoolExhausted
 from quotameter.tokens import count_prompt
 
 log = logging.getLogger("gateway_shim.enforcement")
 
 REDIS_RETRY_S = 1.0  # after a failure, skip Redis (fail mode) this long before trying again
 _TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY)
-# Redis unreachable (not a script error, which is a bug and answered 500).
+# Redis unreachable (not a script error, which is a bug and answered 500). A pool
+# whose connections all stayed busy (RedisPoolExhausted) is not among them: Redis is up.
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -74,11 +85,14 @@ class Enforcer:
         self._period: tuple[str, int, int, int] = ("", 0, 0, 0)  # name, start, end ms, length s
         self._redis_down_until = 0.0
         self._last_fail_log = 0.0
+        self.busy_refusals = 0
+        self._last_busy_log = 0.0
 
     def status(self) -> dict[str, object]:
         return {
             "redis": "down" if time.monotonic() < self._redis_down_until else "up",
             "fail_mode_decisions": dict(self.fail_mode_decisions),
+            "busy_refusals": self.busy_refusals,
             "remembered_refusals_served": self.refusals.hits,
             "queue": self.queue.status(),
         }
@@ -216,6 +230,9 @@ class Enforcer:
                     key, policy, period, end_ms, event_id, now_ms, estimate,
                     int(policy.tier.reservation_ttl_s * 1000), limits,
                 )
+            except RedisPoolExhausted as exc:
+                meter.decision, meter.reason = Decision.REFUSED, "redis_busy"
+                raise self.busy(exc) from None
             except _REDIS_ERRORS as exc:
                 self._redis_down_until = time.monotonic() + REDIS_RETRY_S
                 log.error("Redis unreachable during admission (%s): following each tier's fail modes", exc)
@@ -238,6 +255,16 @@ class Enforcer:
         if admission.admitted:
             meter.reason = "fail_open"
         return admission
+
+    def busy(self, exc: RedisPoolExhausted) -> BackendBusy:
+        """The answer while Redis is up but no pooled connection freed up in time."""
+        self.busy_refusals += 1
+        now = time.monotonic()
+        if now - self._last_busy_log >= 1.0:
+            self._last_busy_log = now
+            log.warning("Redis pool exhausted (%s; %d refused so far): raise services.redis_max_connections",
+                        exc, self.busy_refusals)
+        return BackendBusy("The quota service is busy. Please retry shortly.")
 
     def _count_fail_mode(self, outcome: str, key: KeyRecord, policy: Policy) -> None:
         self.fail_mode_decisions[outcome] += 1
@@ -341,6 +368,8 @@ class Enforcer:
                     reserved=ticket.reserved, used=used, used_micro_usd=micro_usd(cost.usd),
                     settled_ttl_ms=int(policy.tier.settled_ttl_s * 1000),
                 )
+            except RedisPoolExhausted as exc:
+                log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
             except _REDIS_ERRORS as exc:
                 self._redis_down_until = time.monotonic() + REDIS_RETRY_S
                 log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
