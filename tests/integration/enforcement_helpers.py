@@ -105,7 +105,8 @@ def shim_factory(config_factory, cli_process) -> ShimFactory:
     async def start(tiers: dict[str, Any], token_delay_ms: float = 0, **overrides: Any) -> Shim:
         mock_port = free_port()
         mock = cli_process("mock", "mock-llm", "--port", str(mock_port), "--token-delay-ms", str(token_delay_ms))
-        document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}, "tiers": tiers, **overrides}
+        upstream = {"url": f"http://127.0.0.1:{mock_port}/v1", **overrides.pop("upstream", {})}
+        document = {"upstream": upstream, "tiers": tiers, **overrides}
         config, path = config_factory(document)
         process = cli_process("shim", "proxy", config_path=path)
         await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)
