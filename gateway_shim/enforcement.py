@@ -49,6 +49,10 @@ log = logging.getLogger("gateway_shim.enforcement")
 
 REDIS_RETRY_S = 1.0  # after a failure, skip Redis (fail mode) this long before trying again
 _TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY)
+# A period quota or budget refused only while this shim holds requests of the
+# customer in flight: their reservations (the worst case) settle to the true
+# usage, usually lower, so a batch request may fit once they end.
+_QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET)
 # Redis unreachable (not a script error, which is a bug and answered 500). A pool
 # whose connections all stayed busy (RedisPoolExhausted) is not among them: Redis is up.
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -86,6 +90,7 @@ class Enforcer:
         self._redis_down_until = 0.0
         self._last_fail_log = 0.0
         self.busy_refusals = 0
+        self._in_flight: Counter[str] = Counter()  # admitted, not yet settled, per customer
         self._last_busy_log = 0.0
 
     def status(self) -> dict[str, object]:
@@ -199,7 +204,7 @@ class Enforcer:
         admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued)
         if admission.revoked:
             raise KeyRevoked("revoked")
-        if not admission.admitted and queued and admission.reason in _TRANSIENT:
+        if not admission.admitted and queued and self._may_free(key, admission):
             admission = await self._wait_in_queue(key, policy, estimate, meter, admission)
         headers.update(self._headers(admission, int(time.time() * 1000)))
         if not admission.admitted:
@@ -212,8 +217,14 @@ class Enforcer:
             meter.reason = "fallback"
         elif admission.output_tokens < estimate.output_tokens:
             meter.reason = "budget_cut"
+        self._in_flight[key.customer] += 1
         return Ticket(key, policy, self.period(int(time.time() * 1000))[0], meter.event_id, admission,
                       (estimate.input_tokens, admission.output_tokens), model)
+
+    def _may_free(self, key: KeyRecord, admission: Admission) -> bool:
+        """Whether waiting can help: a rate or concurrency limit, or a quota held by
+        requests of the customer still running here (see _QUOTA)."""
+        return admission.reason in _TRANSIENT or (admission.reason in _QUOTA and self._in_flight[key.customer] > 0)
 
     async def _decide(
         self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate, meter: RequestMeter, batch: bool
@@ -283,14 +294,21 @@ class Enforcer:
         try:
             ticket = self.queue.enter(key.customer, policy.queue.max_depth)
         except QueueRefused:
+            if admission.reason in _QUOTA:
+                return admission  # no room to wait: the quota's own refusal
             meter.decision, meter.reason = Decision.REFUSED, "queue_full"
             raise
         deadline = time.monotonic() + policy.queue.max_wait_s
         try:
             while not admission.admitted:
-                if admission.reason not in _TRANSIENT:
-                    return admission  # e.g. the quota ran out meanwhile: refuse as such
+                if not self._may_free(key, admission):
+                    meter.queued_ms = ticket.waited_ms
+                    return admission  # the quota is spent, nothing here can free it: refuse as such
                 if not await ticket.next_try(admission.retry_after_ms, deadline):
+                    if admission.reason in _QUOTA:
+                        self.queue.timed_out += 1
+                        meter.queued_ms = ticket.waited_ms
+                        return admission  # refused as the quota it waited on
                     self.queue.timed_out += 1
                     meter.decision, meter.reason = Decision.REFUSED, "queue_timeout"
                     meter.queued_ms = ticket.waited_ms
@@ -374,6 +392,9 @@ class Enforcer:
                 self._redis_down_until = time.monotonic() + REDIS_RETRY_S
                 log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
         finally:
+            self._in_flight[key.customer] -= 1
+            if not self._in_flight[key.customer]:
+                del self._in_flight[key.customer]
             self.queue.released(key.customer)
 
 
