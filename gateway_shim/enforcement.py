@@ -48,10 +48,10 @@ from quotameter.tokens import count_prompt
 log = logging.getLogger("gateway_shim.enforcement")
 
 REDIS_RETRY_S = 1.0  # after a failure, skip Redis (fail mode) this long before trying again
+# Refusals a batch request may wait out: rate and concurrency limits free up with
+# time; a period quota or budget only while this shim has requests of the customer
+# in flight, whose worst-case reservations settle to the true usage, usually lower.
 _TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY)
-# A period quota or budget refused only while this shim holds requests of the
-# customer in flight: their reservations (the worst case) settle to the true
-# usage, usually lower, so a batch request may fit once they end.
 _QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET)
 # Redis unreachable (not a script error, which is a bug and answered 500). A pool
 # whose connections all stayed busy (RedisPoolExhausted) is not among them: Redis is up.

@@ -19,14 +19,7 @@ from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
-from gateway_shim.errors import (
-    BackendUnavailable,
-    InvalidApiKey,
-    MalformedRequest,
-    Refusal,
-    ShimError,
-    error_response,
-)
+from gateway_shim.errors import BackendUnavailable, InvalidApiKey, MalformedRequest, Refusal, ShimError, error_response
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
 from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request

@@ -64,8 +64,8 @@ class UsageApi:
             return web.json_response(await self._answer(request))
         except ShimError as exc:
             return error_response(exc)
-        except RedisPoolExhausted as exc:
-            return error_response(BackendBusy(f"The quota service is busy ({exc}). Please retry shortly."))
+        except RedisPoolExhausted:
+            return error_response(BackendBusy("The quota service is busy. Please retry shortly."))
         except redis.exceptions.RedisError:
             return error_response(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
 
