@@ -133,3 +133,18 @@ async def test_burst_past_the_upstream_connection_limit_waits_for_a_connection(s
     print(f"200 streams over 10 upstream connections: answered in {elapsed:.1f}s")
     assert counts == {(200, ""): 200}
     assert elapsed > 3, "the upstream connection limit did not hold"
+
+
+async def test_a_pool_too_small_for_the_burst_is_busy_not_an_outage(shim_factory: ShimFactory) -> None:
+    # One pooled connection, a 1 ms wait: most of 300 first lookups find it busy.
+    # That is 503 quota_backend_busy with Retry-After, and no fail mode applies.
+    tiers = {"strict": {"fail_modes": {"requests_per_minute": "closed"}, "requests_per_minute": 10_000}}
+    shim = await shim_factory(tiers, services={"redis_max_connections": 1, "redis_pool_timeout_ms": 1})
+    keys = [("squeezed", key) for key in _keys(shim, "squeezed", "strict", 300)]
+    body = {"model": "mock-small", "messages": MESSAGES, "max_tokens": 1}
+    counts = _counts(await _burst(shim, keys, body))
+    assert set(counts) <= {(200, ""), (503, "quota_backend_busy")}, counts
+    assert counts[(503, "quota_backend_busy")] > 0
+    admission = (await shim.health())["admission"]
+    assert admission["redis"] == "up" and admission["fail_mode_decisions"] == {}
+    assert admission["busy_refusals"] == counts[(503, "quota_backend_busy")]
