@@ -5,10 +5,14 @@ costs one Redis round trip (the admission script). The cache never decides
 revocation: the admission script reads the key's ``revoked`` flag on every
 request, and a revoked key is dropped from here on the spot. What a cached
 record can hold stale for up to ``ttl_s`` is the key's tier.
+
+Concurrent misses of one key share one lookup: a burst on a key not cached
+yet costs one HGETALL, not one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -38,6 +42,7 @@ class Authenticator:
         self._max_entries = max_entries
         # Keyed by a digest of the presented key: the plaintext is not kept.
         self._cache: dict[bytes, tuple[KeyRecord, float]] = {}
+        self._lookups: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         """The key's record, or InvalidApiKey."""
@@ -49,7 +54,12 @@ class Authenticator:
         now = time.monotonic()
         if cached and cached[1] > now:
             return cached[0]
-        record = await authenticate(self._client, self._names, token)
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = self._lookups[digest] = asyncio.ensure_future(authenticate(self._client, self._names, token))
+            lookup.add_done_callback(lambda done: self._looked_up(digest, done))
+        # Shielded: a client that goes away does not cancel the others' lookup.
+        record = await asyncio.shield(lookup)
         if record is None:
             self._cache.pop(digest, None)
             raise InvalidApiKey(_INVALID)
@@ -57,6 +67,12 @@ class Authenticator:
             self._cache.clear()  # crude, bounded; a busy shim refills it in one TTL
         self._cache[digest] = (record, now + self._ttl_s)
         return record
+
+    def _looked_up(self, digest: bytes, lookup: asyncio.Future[KeyRecord | None]) -> None:
+        if self._lookups.get(digest) is lookup:
+            del self._lookups[digest]
+        if not lookup.cancelled():
+            lookup.exception()  # seen, even when every waiter went away
 
     def forget(self, key_id: str) -> None:
         """Drop a key (it was found revoked)."""

@@ -21,7 +21,16 @@ import redis.exceptions
 
 from gateway_shim.admission import Admission, Admitter, Estimate, Reason
 from gateway_shim.batch_queue import BatchQueue
-from gateway_shim.errors import BackendUnavailable, InvalidApiKey, ModelNotAllowed, QueueRefused, QuotaExceeded, RateLimited, Refusal
+from gateway_shim.errors import (
+    BackendBusy,
+    BackendUnavailable,
+    InvalidApiKey,
+    ModelNotAllowed,
+    QueueRefused,
+    QuotaExceeded,
+    RateLimited,
+    Refusal,
+)
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.local_limiter import LocalLimiter
 from gateway_shim.metering import RequestMeter
@@ -32,13 +41,19 @@ from quotameter.config import Config
 from quotameter.events import Decision
 from quotameter.policy import Policy, micro_usd, resolve
 from quotameter.pricing import PriceTable
+from quotameter.redis_pool import RedisPoolExhausted
 from quotameter.tokens import count_prompt
 
 log = logging.getLogger("gateway_shim.enforcement")
 
 REDIS_RETRY_S = 1.0  # after a failure, skip Redis (fail mode) this long before trying again
+# Refusals a batch request may wait out: rate and concurrency limits free up with
+# time; a period quota or budget only while this shim has requests of the customer
+# in flight, whose worst-case reservations settle to the true usage, usually lower.
 _TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY)
-# Redis unreachable (not a script error, which is a bug and answered 500).
+_QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET)
+# Redis unreachable (not a script error, which is a bug and answered 500). A pool
+# whose connections all stayed busy (RedisPoolExhausted) is not among them: Redis is up.
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -73,11 +88,15 @@ class Enforcer:
         self._period: tuple[str, int, int, int] = ("", 0, 0, 0)  # name, start, end ms, length s
         self._redis_down_until = 0.0
         self._last_fail_log = 0.0
+        self.busy_refusals = 0
+        self._in_flight: Counter[str] = Counter()  # admitted, not yet settled, per customer
+        self._last_busy_log = 0.0
 
     def status(self) -> dict[str, object]:
         return {
             "redis": "down" if time.monotonic() < self._redis_down_until else "up",
             "fail_mode_decisions": dict(self.fail_mode_decisions),
+            "busy_refusals": self.busy_refusals,
             "remembered_refusals_served": self.refusals.hits,
             "queue": self.queue.status(),
         }
@@ -183,7 +202,7 @@ class Enforcer:
         admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued)
         if admission.revoked:
             raise KeyRevoked("revoked")
-        if not admission.admitted and queued and admission.reason in _TRANSIENT:
+        if not admission.admitted and queued and self._may_free(key, admission):
             admission = await self._wait_in_queue(key, policy, estimate, meter, admission)
         headers.update(self._headers(admission, int(time.time() * 1000)))
         if not admission.admitted:
@@ -196,8 +215,14 @@ class Enforcer:
             meter.reason = "fallback"
         elif admission.output_tokens < estimate.output_tokens:
             meter.reason = "budget_cut"
+        self._in_flight[key.customer] += 1
         return Ticket(key, policy, self.period(int(time.time() * 1000))[0], meter.event_id, admission,
                       (estimate.input_tokens, admission.output_tokens), model)
+
+    def _may_free(self, key: KeyRecord, admission: Admission) -> bool:
+        """Whether waiting can help: a rate or concurrency limit, or a quota held by
+        requests of the customer still running here (see _QUOTA)."""
+        return admission.reason in _TRANSIENT or (admission.reason in _QUOTA and self._in_flight[key.customer] > 0)
 
     async def _decide(
         self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate, meter: RequestMeter, batch: bool
@@ -214,6 +239,9 @@ class Enforcer:
                     key, policy, period, end_ms, event_id, now_ms, estimate,
                     int(policy.tier.reservation_ttl_s * 1000), limits,
                 )
+            except RedisPoolExhausted as exc:
+                meter.decision, meter.reason = Decision.REFUSED, "redis_busy"
+                raise self.busy(exc) from None
             except _REDIS_ERRORS as exc:
                 self._redis_down_until = time.monotonic() + REDIS_RETRY_S
                 log.error("Redis unreachable during admission (%s): following each tier's fail modes", exc)
@@ -237,6 +265,16 @@ class Enforcer:
             meter.reason = "fail_open"
         return admission
 
+    def busy(self, exc: RedisPoolExhausted) -> BackendBusy:
+        """The answer while Redis is up but no pooled connection freed up in time."""
+        self.busy_refusals += 1
+        now = time.monotonic()
+        if now - self._last_busy_log >= 1.0:
+            self._last_busy_log = now
+            log.warning("Redis pool exhausted (%s; %d refused so far): raise services.redis_max_connections",
+                        exc, self.busy_refusals)
+        return BackendBusy("The quota service is busy. Please retry shortly.")
+
     def _count_fail_mode(self, outcome: str, key: KeyRecord, policy: Policy) -> None:
         self.fail_mode_decisions[outcome] += 1
         now = time.monotonic()
@@ -254,14 +292,21 @@ class Enforcer:
         try:
             ticket = self.queue.enter(key.customer, policy.queue.max_depth)
         except QueueRefused:
+            if admission.reason in _QUOTA:
+                return admission  # no room to wait: the quota's own refusal
             meter.decision, meter.reason = Decision.REFUSED, "queue_full"
             raise
         deadline = time.monotonic() + policy.queue.max_wait_s
         try:
             while not admission.admitted:
-                if admission.reason not in _TRANSIENT:
-                    return admission  # e.g. the quota ran out meanwhile: refuse as such
+                if not self._may_free(key, admission):
+                    meter.queued_ms = ticket.waited_ms
+                    return admission  # the quota is spent, nothing here can free it: refuse as such
                 if not await ticket.next_try(admission.retry_after_ms, deadline):
+                    if admission.reason in _QUOTA:
+                        self.queue.timed_out += 1
+                        meter.queued_ms = ticket.waited_ms
+                        return admission  # refused as the quota it waited on
                     self.queue.timed_out += 1
                     meter.decision, meter.reason = Decision.REFUSED, "queue_timeout"
                     meter.queued_ms = ticket.waited_ms
@@ -339,10 +384,15 @@ class Enforcer:
                     reserved=ticket.reserved, used=used, used_micro_usd=micro_usd(cost.usd),
                     settled_ttl_ms=int(policy.tier.settled_ttl_s * 1000),
                 )
+            except RedisPoolExhausted as exc:
+                log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
             except _REDIS_ERRORS as exc:
                 self._redis_down_until = time.monotonic() + REDIS_RETRY_S
                 log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
         finally:
+            self._in_flight[key.customer] -= 1
+            if not self._in_flight[key.customer]:
+                del self._in_flight[key.customer]
             self.queue.released(key.customer)
 
 

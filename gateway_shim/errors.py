@@ -13,6 +13,7 @@
         ├── UpstreamUnavailable   502  the upstream refused or dropped the connection
         ├── UpstreamTimeout       504  the upstream did not answer in upstream.timeout_s
         ├── BackendUnavailable    503  Redis is unreachable (the shim fails closed)
+        ├── BackendBusy           503  Redis is up, but no pooled connection freed up in time
         ├── MeteringUnavailable   503  the usage spool is full or cannot be written
         ├── UsageBadRequest       400  GET /v1/usage: a bad parameter
         ├── UsageForbidden        403  GET /v1/usage: a key asked for another customer
@@ -38,6 +39,7 @@ class ShimError(QuotameterError):
     status = 500
     error_type = "server_error"
     code = "internal_error"
+    retry_after_s: float | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -132,10 +134,22 @@ class BackendUnavailable(ShimError):
     code = "quota_backend_unavailable"
 
 
+class BackendBusy(ShimError):
+    """Redis is up, but every connection of the shim's pool stayed busy for
+    ``services.redis_pool_timeout_ms``: the shim is asked more than Redis
+    answers. Not an outage, so no fail mode applies. Raise
+    ``services.redis_max_connections`` or add shim processes."""
+
+    status = 503
+    error_type = "server_error"
+    code = "quota_backend_busy"
+    retry_after_s = 1.0
+
+
 def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
     body = {"error": {"message": error.message, "type": error.error_type, "param": None, "code": error.code}}
     response = web.json_response(body, status=error.status, headers=dict(headers or {}))
-    if isinstance(error, Refusal) and error.retry_after_s is not None:
+    if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return response
 

@@ -27,6 +27,7 @@ from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request
 from gateway_shim.upstream import Upstream, is_stream, relay_body, relay_stream
 from quotameter.config import Config
 from quotameter.events import Decision
+from quotameter.redis_pool import RedisPoolExhausted
 
 log = logging.getLogger("gateway_shim.proxy")
 
@@ -49,6 +50,8 @@ class Proxy:
             key = await self.auth.authenticate(request.headers.get("Authorization"))
         except ShimError as exc:
             return error_response(exc)
+        except RedisPoolExhausted as exc:  # Redis is up: not an outage
+            return error_response(self.enforcer.busy(exc))
         except redis.exceptions.RedisError as exc:
             return error_response(_backend_down(exc))
         meter = RequestMeter(route=route.name, upstream=self.upstream.base_url)

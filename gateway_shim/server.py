@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway_shim.admission import Admitter
@@ -25,6 +25,7 @@ from gateway_shim.upstream import Upstream
 from gateway_shim.usage_api import register as register_usage_api
 from quotameter.config import Config
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import redis_client as waiting_redis_client
 
 log = logging.getLogger("gateway_shim.server")
 SHUTDOWN_TIMEOUT_S = 30.0  # how long in-flight requests (long streams) get to finish
@@ -49,9 +50,8 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=32 * 1024 * 1024)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        redis_client = aioredis.Redis.from_url(
-            config.services.redis_url, socket_connect_timeout=3, socket_timeout=5, health_check_interval=30
-        )
+        # Authentication (and the scripts, where the pipe below cannot go) use this pool.
+        redis_client = waiting_redis_client(config.services, health_check_interval=30)
         # The admission and settle scripts go over one auto-pipelined connection (None: TLS
         # or a unix socket, where they stay on redis-py's pool).
         pipe = ScriptPipe.from_url(config.services.redis_url, connect_timeout_s=3, timeout_s=5)
@@ -98,7 +98,7 @@ def build_app(config: Config) -> web.Application:
 async def _serve(config: Config) -> None:
     runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    await web.TCPSite(runner, config.shim.host, config.shim.port).start()
+    await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,8 +114,27 @@ async def _serve(config: Config) -> None:
 def serve(config: Config) -> None:
     """Run the proxy until SIGINT or SIGTERM (blocking); exits 0 after a clean stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _raise_open_files_limit(config)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(config))
+
+
+def _raise_open_files_limit(config: Config) -> None:
+    """Each request in flight holds two sockets (client, upstream): a soft limit
+    of 1024 open files would fail a burst of 500 with EMFILE, so take the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+    # Full upstream and Redis pools, a client socket per upstream one, and some files.
+    needed = 2 * config.upstream.max_connections + config.services.redis_max_connections + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("open files are limited to %d, below the %d a full upstream.max_connections "
+                    "can need: raise the hard limit (ulimit -Hn)", soft, needed)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

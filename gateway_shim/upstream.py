@@ -43,11 +43,14 @@ class Upstream:
         self.base_url = config.url.rstrip("/")
         self._authorization = f"Bearer {config.api_key.get_secret_value()}" if config.api_key else None
         # No total timeout (streams run long); the upstream must connect and keep talking.
+        # No connect timeout either: it would also bound the wait for a free
+        # connection, turning a burst past max_connections into 504s.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.timeout_s)
+        self._max_connections = config.max_connections
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
 
     async def close(self) -> None:

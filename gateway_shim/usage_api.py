@@ -26,10 +26,19 @@ import redis.exceptions
 from aiohttp import web
 
 from gateway_shim.auth import Authenticator, bearer_token
-from gateway_shim.errors import BackendUnavailable, ShimError, UsageBadRequest, UsageForbidden, UsageNotFound, error_response
+from gateway_shim.errors import (
+    BackendBusy,
+    BackendUnavailable,
+    ShimError,
+    UsageBadRequest,
+    UsageForbidden,
+    UsageNotFound,
+    error_response,
+)
 from quotameter.aggregate import format_usd
 from quotameter.config import Config
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import RedisPoolExhausted, redis_client
 
 _MICRO = Decimal(1_000_000)
 _INT_FIELDS = ("requests", "refused", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "events")
@@ -54,6 +63,8 @@ class UsageApi:
             return web.json_response(await self._answer(request))
         except ShimError as exc:
             return error_response(exc)
+        except RedisPoolExhausted:
+            return error_response(BackendBusy("The quota service is busy. Please retry shortly."))
         except redis.exceptions.RedisError:
             return error_response(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
 
@@ -139,7 +150,7 @@ def register(
     holder: dict[str, UsageApi] = {}
 
     async def resources(app: web.Application):  # noqa: ANN202 - async generator
-        client = aioredis.Redis.from_url(config.services.redis_url, socket_connect_timeout=3, socket_timeout=5)
+        client = redis_client(config.services)
         holder["api"] = UsageApi(config, client)
         yield
         await client.aclose()

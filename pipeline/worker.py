@@ -43,6 +43,7 @@ from quotameter.config import Config
 from quotameter.errors import QuotameterError
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import redis_client as waiting_redis_client
 
 READY_LINE = "quotameter worker ready"
 LIBRARY_LOG_LEVEL_ENV = "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL"
@@ -133,7 +134,10 @@ def serve(config: Config) -> None:
         raise SystemExit(f"error: {exc}") from None
 
     history = AsyncHistory(store)
-    redis_client = Redis.from_url(services.redis_url)
+    # Batch writes, alert claims and deliveries, and rebuilds share it: they wait
+    # for a free connection rather than fail (no read timeout: a batch's writes
+    # may take long, and a failed write is retried with the next batch anyway).
+    redis_client = waiting_redis_client(services, timeout_s=None)
     writer = UsageWriter(redis_client, RedisKeys(services.redis_prefix), lambda: time.time_ns() // 1_000_000)
     try:
         # Redis flushed, or behind a ledger kept across a lost broker: the

@@ -241,11 +241,17 @@ class Upstream(_Strict):
     url: str = "http://127.0.0.1:8081/v1"
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=600.0, gt=0)
+    # Connections the shim keeps open to the upstream at once; requests past
+    # it wait for a free one (never refused).
+    max_connections: PositiveInt = 1000
 
 
 class Shim(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Connections the kernel queues before the shim accepts them (capped by
+    # net.core.somaxconn); a burst past it sees connects retried, seconds late.
+    listen_backlog: PositiveInt = 1024
     instance: str = "shim-1"
     # Usage events are written ahead to this spool and kept until Kafka has
     # them (gateway_shim/spool.py). One directory per shim instance.
@@ -275,6 +281,10 @@ class Shim(_Strict):
 class Services(_Strict):
     redis_url: str = "redis://127.0.0.1:6390/0"
     redis_prefix: str = "qm"
+    # Each process's Redis connection pool: a call finding every connection
+    # busy waits up to redis_pool_timeout_ms for one (a burst is not an outage).
+    redis_max_connections: PositiveInt = 100
+    redis_pool_timeout_ms: PositiveInt = 2000
     kafka_bootstrap: str = "127.0.0.1:9092"
     events_topic: str = "quotameter.events"
     # The worker owns the history store; the CLI reads through it here.

@@ -186,7 +186,7 @@ def _envelope(model: str, kind: str) -> dict[str, Any]:
 async def _serve(host: str, port: int, token_delay_ms: float) -> None:
     runner = web.AppRunner(MockLLM(token_delay_ms).app(), access_log=None, shutdown_timeout=5)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, backlog=1024).start()  # a shim's burst connects at once
     bound_port = runner.addresses[0][1] if runner.addresses else port
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
