@@ -1,7 +1,8 @@
 """Shared pieces of the enforcement tests: a shim (real process) in front of
-the mock, keys with priorities and overrides, and the pipeline's atomic
-"totals + drop the included reservations" step, emulated exactly as the
-pipeline must run it (see PIPELINE_APPLY_TOTALS)."""
+the mock, keys with priorities and overrides, and period totals written into
+Redis by the pipeline's own quota-state script (``pipeline/usage_state.lua``)
+where a test needs a customer's state without running a worker.
+``test_enforcement_pipeline`` runs the real worker instead."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,36 +20,25 @@ import pytest
 import redis
 
 from gateway_shim.keystore import create_key
+from pipeline.redis_writer import SCRIPT as PIPELINE_USAGE_STATE
+from pipeline.redis_writer import usage_hash
+from quotameter.aggregate import Totals
 from quotameter.config import Config, KeyOverrides
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.redis_keys import RedisKeys
 from tests.conftest import merge
 
 MESSAGES = [{"role": "user", "content": "Say some words."}]
-
-# The pipeline's step, atomically, per customer and period: write the absolute
-# totals and drop the reservations of the event ids those totals now include.
-PIPELINE_APPLY_TOTALS = """
-redis.call('HSET', KEYS[1], 'input_tokens', ARGV[1], 'output_tokens', ARGV[2],
-           'cost_usd', ARGV[3], 'cost_micro_usd', ARGV[4])
-for i = 5, #ARGV do
-  local entry = redis.call('HGET', KEYS[2], ARGV[i])
-  if entry then
-    local t, m = string.match(entry, '^(%-?%d+):(%-?%d+)$')
-    redis.call('HINCRBY', KEYS[4], 'tokens', -tonumber(t))
-    redis.call('HINCRBY', KEYS[4], 'micro_usd', -tonumber(m))
-    redis.call('HDEL', KEYS[2], ARGV[i])
-  end
-  redis.call('ZREM', KEYS[3], ARGV[i])
-end
-return 1
-"""
+# Under o200k_base (mock models), checked against tiktoken: 3 per message,
+# "user" 1, "Say some words." 4, 3 priming the reply.
+PROMPT_TOKENS = 11
 
 
 @dataclass
 class Shim:
     config: Config
     process: ManagedProcess
+    config_path: Path
 
     @property
     def base_url(self) -> str:
@@ -74,11 +66,15 @@ class Shim:
         return self.config.billing.calendar.current(datetime.now(UTC))
 
     def set_totals(self, customer: str, tokens: int = 0, micro_usd: int = 0, included: list[str] = ()) -> None:
+        """Write the customer's period totals as the worker does (forced, as
+        ``rebuild-state --force``), releasing the reservations of ``included``."""
+        totals = Totals(input_tokens=tokens, cost_usd=Decimal(micro_usd) / 1_000_000, events=len(included))
+        fields = [part for pair in usage_hash(totals, 1).items() for part in pair]
         client = self.redis()
         try:
             n, p = self.names, self.period()
             keys = [n.usage(customer, p), n.pending(customer, p), n.pending_expiry(customer, p), n.reserved(customer, p)]
-            client.eval(PIPELINE_APPLY_TOTALS, 4, *keys, tokens, 0, f"{micro_usd / 1e6:.6f}", micro_usd, *included)
+            client.eval(PIPELINE_USAGE_STATE, 4, *keys, totals.events, 1, len(fields), *fields, *sorted(included))
         finally:
             client.close()
 
@@ -111,6 +107,6 @@ def shim_factory(config_factory, cli_process) -> ShimFactory:
         process = cli_process("shim", "proxy", config_path=path)
         await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)
         await asyncio.to_thread(process.wait_port, config.shim.host, config.shim.port)
-        return Shim(config, process)
+        return Shim(config, process, path)
 
     return start

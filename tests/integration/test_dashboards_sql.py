@@ -52,7 +52,21 @@ def by(rows_: list[dict[str, Any]], column: str) -> dict[str, dict[str, Any]]:
     return {str(r[column]): r for r in rows_}
 
 
-@pytest.mark.parametrize("panel", [(d, p) for d in DASHBOARDS for p in d.panels], ids=lambda dp: f"{dp[0].uid}.{dp[1].key}")
+PANELS = [(d, p) for d in DASHBOARDS for p in d.panels]
+
+
+def test_every_panel_is_in_the_parametrized_run() -> None:
+    assert [f"{d.uid.removeprefix('quotameter-')}.{p.key}" for d, p in PANELS] == [
+        "billing.total_spend", "billing.total_requests", "billing.spend_per_customer", "billing.spend_per_model",
+        "billing.mtd_vs_budget", "billing.forecast", "billing.top_customers",
+        "quotas.utilisation_per_customer", "quotas.utilisation_per_tier", "quotas.refusals_by_tier_reason",
+        "quotas.refusals_over_time", "quotas.fallbacks", "quotas.queued",
+        "operations.traffic", "operations.requests_per_s", "operations.latency", "operations.ttft",
+        "operations.upstream_errors", "operations.pipeline_lag",
+    ]
+
+
+@pytest.mark.parametrize("panel", PANELS, ids=lambda dp: f"{dp[0].uid}.{dp[1].key}")
 def test_every_panel_runs(runner: ChdbRunner, constants: dict[str, str], panel: tuple) -> None:
     board, definition = panel
     result = runner.rows(expand(definition.sql, DAY, Variables(constants=constants)))

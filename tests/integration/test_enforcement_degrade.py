@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from quotameter.embedded.mock_llm import completion_pieces
-from tests.integration.enforcement_helpers import MESSAGES, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.test_enforcement_race import _events
 
 PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
@@ -43,7 +43,8 @@ async def test_stream_is_cut_cleanly_at_the_hard_budget(shim_factory: ShimFactor
 
     [event] = await _events(shim, 1)
     assert event.data.reason == "budget_cut" and event.data.output_tokens == delivered
-    input_micro = event.data.input_tokens * 1
+    assert event.data.input_tokens == PROMPT_TOKENS
+    input_micro = PROMPT_TOKENS * 1
     assert input_micro + 4 * delivered <= 50 < input_micro + 4 * (delivered + 1)  # cut exactly at the budget
 
 
@@ -61,34 +62,53 @@ async def test_budget_spent_falls_back_to_the_cheaper_model(shim_factory: ShimFa
 async def test_batch_waits_in_a_fair_bounded_queue_and_interactive_never_waits(shim_factory: ShimFactory) -> None:
     shim = await shim_factory(TIERS, token_delay_ms=50)
     batch_key = shim.new_key("factory", "batchy", priority="batch")
+    started: dict[str, float] = {}
     finished: dict[str, float] = {}
+    streaming: dict[str, asyncio.Event] = {}
 
     async def request(name: str, key: str, tokens: int = 6) -> None:
+        started[name] = time.monotonic()
+        streaming[name] = asyncio.Event()
         async with shim.client(key) as client:  # streamed: the mock paces streams only
             stream = await client.chat.completions.create(
                 model="mock-small", messages=MESSAGES, max_tokens=tokens, stream=True
             )
+            streaming[name].set()
             _ = [chunk async for chunk in stream]
         finished[name] = time.monotonic()
 
-    t0 = time.monotonic()
-    batch = []
-    for i in range(4):  # one runs (one slot is kept for interactive traffic), three wait
+    async def queue_depth_is(depth: int) -> None:
+        deadline = time.monotonic() + 10
+        while (await shim.health())["admission"]["queue"]["depth"] != depth:
+            assert time.monotonic() < deadline, f"the batch queue never held {depth}"
+            await asyncio.sleep(0.02)
+
+    # One runs (one slot is kept for interactive traffic), long enough for
+    # three more to line up behind it in order.
+    batch = [asyncio.create_task(request("b0", batch_key, tokens=40))]
+    while "b0" not in streaming:
+        await asyncio.sleep(0)
+    await asyncio.wait_for(streaming["b0"].wait(), 10)
+    for i in range(1, 4):
         batch.append(asyncio.create_task(request(f"b{i}", batch_key)))
-        await asyncio.sleep(0.05)
+        await queue_depth_is(i)
     async with shim.client(batch_key) as client:
         with pytest.raises(openai.RateLimitError) as full:
             await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
     assert "queue is full" in full.value.message
-    await request("interactive", shim.new_key("factory", "batchy"), tokens=1)
+    interactive_key = shim.new_key("factory", "batchy")
+    await request("interactive", interactive_key, tokens=1)
     await asyncio.gather(*batch)
     order = sorted(finished, key=finished.get)
-    assert order[0] == "interactive" and finished["interactive"] - t0 < 0.5
+    # Measured from its own start: the batch requests' staggered starts are not its wait.
+    assert order[0] == "interactive" and finished["interactive"] - started["interactive"] < 0.5
     assert [n for n in order if n.startswith("b")] == ["b0", "b1", "b2", "b3"]
 
     events = await _events(shim, 6)
     queued = [e.data for e in events if e.data.reason == "queued"]
     assert len(queued) == 3 and all(d.queued_ms and d.queued_ms > 100 for d in queued)
+    [interactive] = [e.data for e in events if e.data.api_key_id == interactive_key.split("_")[1]]
+    assert (interactive.decision, interactive.reason, interactive.queued_ms) == ("admitted", None, None)
     assert [e.data.reason for e in events].count("queue_full") == 1
 
 

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer
 
 from quotameter.events import decode_event
 from quotameter.pricing import PriceTable
-from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
 
 QUOTA_TOKENS = 1500
 BUDGET_USD = "0.0002"  # 200 micro-USD; mock-large is priced at 1 + 4 USD per 1M below
@@ -76,6 +76,13 @@ async def test_hundred_clients_never_pass_quota_or_budget(shim_factory: ShimFact
     print(f"quota {QUOTA_TOKENS}: used {used_tokens} by {len(racer)}; budget {BUDGET_USD}: spent {spent}")
     assert used_tokens <= QUOTA_TOKENS
     assert spent <= Decimal(BUDGET_USD)
+    # Nor refuse early: each refused request no longer fitted in what the
+    # admitted ones used (their true usage is their worst case here), so what
+    # is left is less than the largest request: 11 + 26 tokens, 11 + 4 × 26 µ$.
+    largest_tokens = PROMPT_TOKENS + 26
+    assert QUOTA_TOKENS - largest_tokens < used_tokens
+    assert Decimal(BUDGET_USD) - spent < Decimal(PROMPT_TOKENS * 1 + 4 * 26) / 1_000_000
+    assert all(d.input_tokens == PROMPT_TOKENS and d.output_tokens >= 20 for d in racer + pauper)
     # Settled before each event: the reservations now hold the true usage exactly.
     tokens, _, pending = shim.reserved("racer")
     assert tokens == used_tokens and len(pending) == len(racer)

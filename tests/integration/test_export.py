@@ -60,6 +60,10 @@ async def seeded(config_factory, cli_process):
     wait_for(ledger_has(config, "beta", 1), what="beta in the ledger")
     wait_for(lambda: redis_usage(config, "acme").get("events") == "3" and redis_usage(config, "beta").get("events") == "1",
              what="Redis totals")
+    # The export reads FINAL; the ledger itself must hold the retried send once.
+    status, body = http_json(f"{config.services.worker_url}/query",
+                             "SELECT count() AS rows, uniqExact(id) AS ids FROM quotameter.events")
+    assert status == 200 and body["rows"] == [{"rows": 4, "ids": 4}], body
     return config, path, worker
 
 

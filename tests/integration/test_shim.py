@@ -23,10 +23,13 @@ from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import UsageEvent, decode_event
 from quotameter.redis_keys import RedisKeys
-from quotameter.tokens import count_prompt
 from tests.conftest import merge
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name some words."}]
+# Under o200k_base (mock-small's encoding), checked against tiktoken: 3 per
+# message, "system" 1 + "You are terse." 4, "user" 1 + "Name some words." 4,
+# and 3 priming the reply. A constant, so a miscounting tokenizer shows.
+PROMPT_TOKENS = 19
 
 
 @dataclass
@@ -113,7 +116,7 @@ async def test_chat_completion_is_metered_exactly(start_shim: ShimFactory) -> No
     completion = raw.parse()
     assert completion.choices[0].message.content == "".join(completion_pieces(5))
     assert completion.usage is not None
-    assert completion.usage.prompt_tokens == count_prompt({"messages": MESSAGES}, "mock-small")
+    assert completion.usage.prompt_tokens == PROMPT_TOKENS
     assert completion.usage.completion_tokens == 5
     assert raw.headers["x-ratelimit-limit-requests"] == "600"
     assert raw.headers["x-ratelimit-remaining-requests"] == "599"
@@ -125,12 +128,13 @@ async def test_chat_completion_is_metered_exactly(start_shim: ShimFactory) -> No
     assert key.encode() not in record.value  # only the key id travels
     assert event.subject == "acme" and event.source == shim.config.shim.instance
     data = event.data
-    assert (data.input_tokens, data.output_tokens) == (completion.usage.prompt_tokens, 5)
+    assert (data.input_tokens, data.output_tokens) == (PROMPT_TOKENS, 5)
     assert data.usage_source == "upstream" and data.status == 200 and data.decision == "admitted"
     assert data.model_requested == "mock-small" and data.model_served == "mock-small"
     assert data.route == "/v1/chat/completions" and data.upstream == shim.config.upstream.url
     assert data.api_key_id == key.split("_")[1] and data.tier == "pro"
-    assert not data.streamed and data.latency_ms > 0 and data.request_bytes > 0 and data.response_bytes > 0
+    assert not data.streamed and data.latency_ms > 0
+    assert (data.request_bytes, data.response_bytes) == (len(raw.http_request.content), len(raw.http_response.content))
 
 
 async def test_streams_pass_through_and_report_usage(start_shim: ShimFactory) -> None:
@@ -162,8 +166,7 @@ async def test_streams_pass_through_and_report_usage(start_shim: ShimFactory) ->
     assert "".join(d.get("content", "") for d in deltas) == "".join(completion_pieces(4))
 
     events = sorted(_decoded(await shim.events(2)), key=lambda e: e.data.output_tokens)
-    prompt_tokens = count_prompt({"messages": MESSAGES}, "mock-small")
-    assert [(e.data.input_tokens, e.data.output_tokens) for e in events] == [(prompt_tokens, 4), (prompt_tokens, 6)]
+    assert [(e.data.input_tokens, e.data.output_tokens) for e in events] == [(PROMPT_TOKENS, 4), (PROMPT_TOKENS, 6)]
     assert all(e.data.streamed and e.data.usage_source == "upstream" and e.data.ttft_ms is not None for e in events)
 
 
@@ -256,7 +259,7 @@ async def test_upstream_errors_and_garbage_pass_through(start_shim: ShimFactory)
     events = {e.data.status: e.data for e in _decoded(await shim.events(2))}
     assert events[500].reason == "upstream_error" and events[500].usage_source == "none"
     assert events[200].usage_source == "counted" and events[200].output_tokens == 0
-    assert events[200].input_tokens == count_prompt({"messages": MESSAGES}, "mock-small")
+    assert events[200].input_tokens == PROMPT_TOKENS
 
 
 async def test_upstream_down_is_502_and_recorded(start_shim: ShimFactory) -> None:
@@ -290,7 +293,32 @@ async def test_stream_cut_midway_is_ended_and_counted(start_shim: ShimFactory) -
     [event] = _decoded(await shim.events(1))
     assert event.data.usage_source == "counted" and event.data.reason == "upstream_stream_cut"
     assert event.data.output_tokens == 3
-    assert event.data.input_tokens == count_prompt({"messages": MESSAGES}, "mock-small")
+    assert event.data.input_tokens == PROMPT_TOKENS
+
+
+async def test_upstream_without_usage_is_counted_by_the_shim(start_shim: ShimFactory) -> None:
+    shim = await start_shim()
+    silent = {"x-mock-fault": "no-usage"}
+    async with shim.client(shim.new_key("mute")) as client:
+        completion = await client.chat.completions.create(
+            model="mock-small", messages=MESSAGES, max_tokens=7, extra_headers=silent
+        )
+        assert completion.usage is None
+        stream = await client.chat.completions.create(
+            model="mock-small", messages=MESSAGES, max_tokens=12, stream=True,
+            stream_options={"include_usage": True}, extra_headers=silent,
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # The mock's words are one token each (see test_tokens): the whitespace
+    # split is a count that owes nothing to the tokenizer.
+    assert len(text.split()) == 12
+
+    events = sorted(_decoded(await shim.events(2)), key=lambda e: e.data.streamed)
+    assert [(e.data.streamed, e.data.usage_source, e.data.input_tokens, e.data.output_tokens) for e in events] == [
+        (False, "counted", PROMPT_TOKENS, 7),
+        (True, "counted", PROMPT_TOKENS, 12),
+    ]
 
 
 async def test_serves_without_broker_and_stops_cleanly(start_shim: ShimFactory) -> None:

@@ -42,8 +42,10 @@ async def test_gcra_sliding_window_quota_and_expiry_with_injected_time(redis_url
         base = (t0 // 60_000 + 100) * 60_000
         assert [(await admit(sliding, base + 59_000 + i)).admitted for i in range(3)] == [True, True, False]
         at_boundary = await admit(sliding, base + 60_001)
-        assert not at_boundary.admitted and 0 < at_boundary.retry_after_ms <= 60_000
-        assert (await admit(sliding, base + 60_000 + at_boundary.retry_after_ms + 1)).admitted
+        # The previous minute's two weigh 2 x (1 - elapsed / 60 s): a third fits once that is 1, 30 s in.
+        assert not at_boundary.admitted and at_boundary.retry_after_ms == 90_000 - 60_001
+        assert not (await admit(sliding, base + 89_999)).admitted
+        assert (await admit(sliding, base + 90_000)).admitted
 
         # Quota: totals + reservations; an expired reservation stops counting.
         quota = resolve("q", Tier(monthly_tokens=100), None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import aiohttp
 
 from tests.integration.enforcement_helpers import shim_factory  # noqa: F401 - fixture
@@ -12,6 +10,9 @@ from tests.integration.pipeline_helpers import redis_usage, start_worker, wait_f
 ADMIN = "admin-token-for-tests-only"
 TIERS = {"pro": {"monthly_tokens": 1_000_000, "monthly_budget_usd": "10.00"}}
 MESSAGES = [{"role": "user", "content": "Name some words."}]
+# Per request: 11 prompt tokens (3 + "user" 1 + 4 + 3, o200k_base) and the 20
+# asked for; mock-small costs $0.10 in and $0.40 out per 1M tokens.
+INPUT, OUTPUT = 11, 20
 
 
 async def get(url: str, token: str | None) -> tuple[int, dict, str]:
@@ -22,9 +23,9 @@ async def get(url: str, token: str | None) -> tuple[int, dict, str]:
             return response.status, await response.json(content_type=None), text
 
 
-async def test_usage_endpoint_is_scoped_to_the_key_and_open_to_the_admin(shim_factory, cli_process, tmp_path: Path) -> None:  # noqa: F811
+async def test_usage_endpoint_is_scoped_to_the_key_and_open_to_the_admin(shim_factory, cli_process) -> None:  # noqa: F811
     shim = await shim_factory(TIERS, shim={"admin_token": ADMIN})
-    start_worker(cli_process, shim.config, tmp_path / "config.yaml", "worker")
+    start_worker(cli_process, shim.config, shim.config_path, "worker")
     acme_key, beta_key = shim.new_key("acme", "pro"), shim.new_key("beta", "pro")
     for key, count in ((acme_key, 2), (beta_key, 1)):
         client = shim.client(key)
@@ -40,10 +41,15 @@ async def test_usage_endpoint_is_scoped_to_the_key_and_open_to_the_admin(shim_fa
     assert status == 200, body
     assert (body["object"], body["customer"], body["tier"], body["period"]) == ("usage", "acme", "pro", period)
     usage = body["usage"]
-    assert usage["requests"] == 2 and usage["input_tokens"] == int(acme["input_tokens"])
-    assert usage["cost_usd"] == acme["cost_usd"] and usage["total_tokens"] == int(acme["input_tokens"]) + int(acme["output_tokens"])
+    assert {name: usage[name] for name in ("requests", "refused", "input_tokens", "output_tokens", "total_tokens", "cost_usd")} == {
+        "requests": 2, "refused": 0, "input_tokens": 2 * INPUT, "output_tokens": 2 * OUTPUT,
+        "total_tokens": 2 * (INPUT + OUTPUT), "cost_usd": "0.000018200000",
+    }
+    assert (usage["input_tokens"], usage["cost_usd"]) == (int(acme["input_tokens"]), acme["cost_usd"])
+    # The worker's write that brought these totals released the reservations they include.
+    assert body["reserved"] == {"tokens": 0, "cost_usd": "0.000000000000"}
     assert body["limits"] == {"monthly_tokens": 1_000_000, "monthly_budget_usd": "10.000000000000"}
-    assert body["remaining"]["tokens"] == 1_000_000 - usage["total_tokens"] - body["reserved"]["tokens"]
+    assert body["remaining"] == {"tokens": 1_000_000 - 2 * (INPUT + OUTPUT), "budget_usd": "9.999981800000"}
     assert "beta" not in text and acme_key not in text and acme_key.split("_")[1] not in text
 
     status, body, text = await get(url, beta_key)

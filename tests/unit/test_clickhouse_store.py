@@ -241,6 +241,9 @@ def test_the_same_calls_on_the_real_engine_through_clickhouse_connect(tmp_path: 
         assert Decimal(usage["cost_usd"]) == 3 * (Decimal(10) * 1 + Decimal(5) * 3) / 1_000_000
         assert store.usage("acme", "2025-04", UTC_MONTHS)["events"] == 0
         assert store.usage("o'ther", "2025-03", UTC_MONTHS)["events"] == 0
+        # The retry's rows are there (no merge ran): the reads above collapsed them.
+        raw = store.query(f"SELECT customer, count() AS n FROM {schema.EVENTS} GROUP BY customer ORDER BY customer")
+        assert raw == [{"customer": "acme", "n": 6}, {"customer": "other", "n": 2}]
         rows = store.query(f"SELECT customer, count() AS n FROM {schema.EVENTS} FINAL GROUP BY customer ORDER BY customer")
         assert rows == [{"customer": "acme", "n": 3}, {"customer": "other", "n": 2}]
         with pytest.raises(QueryRejected):

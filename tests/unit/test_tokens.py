@@ -18,11 +18,31 @@ def test_known_models_get_their_encoding_and_unknown_ones_o200k() -> None:
     assert encoding_for(None).name == "o200k_base"
 
 
+# Ground truth written down, not computed by the code under test: counts under
+# tiktoken 0.14's own BPE over the same vocabulary files (whose SHA-256 equal
+# the ones OpenAI publishes for o200k_base and cl100k_base).
+KNOWN_COUNTS = [  # text, o200k_base, cl100k_base
+    ("hello world", 2, 2),
+    ("You are terse.", 4, 4),
+    ("Name some words.", 4, 4),
+    ("Say some words.", 4, 4),
+    ("<|endoftext|>", 7, 7),  # a user's special-token text is just text, never an error
+    ("alpha delta echo hotel the and cat dog sun red blue tree", 12, 12),
+    ("Ünïcödé façade — naïve café 北京 🚀 x²", 15, 21),
+    ("  leading   spaces\n\nand\ttabs", 8, 8),
+    ("12345678901", 4, 4),
+    ("don't I'll we've", 3, 6),
+]
+
+
+@pytest.mark.parametrize(("text", "o200k", "cl100k"), KNOWN_COUNTS)
+def test_count_text_matches_an_independent_tokenizer(text: str, o200k: int, cl100k: int) -> None:
+    assert (count_text(text, "gpt-4o-mini"), count_text(text, "gpt-4")) == (o200k, cl100k)
+
+
 def test_count_text() -> None:
     assert count_text("") == 0
     assert count_text("hello world", "gpt-4o-mini") == 2
-    # A user's special-token text is just text, never an error.
-    assert count_text("<|endoftext|>", "gpt-4o") > 1
 
 
 def test_chat_prompt_follows_openais_recipe() -> None:
