@@ -89,6 +89,10 @@ def describe_exit(returncode: int | None, meanings: dict[int, str]) -> str:
     return f"exit {returncode} ({meaning})" if meaning else f"exit {returncode}"
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
+
+
 def _indented(tail: str) -> str:
     return "\n".join(f"    | {line}" for line in tail.splitlines()) or "    | (log is empty)"
 
@@ -254,7 +258,7 @@ class Supervisor:
                 continue
             bound_s = max(min(part.stop_timeout_s, deadline - self.clock()), 0.0)
             step = self.clock()
-            self.say(f"  stopping {part.name}: {part.stopping}… (up to {bound_s:.0f}s)")
+            self.say(f"  stopping {part.name}: {part.stopping}… (up to {_seconds(bound_s)})")
             proc.send_signal(signal.SIGTERM)
             while proc.alive() and self.clock() - step < bound_s and not escalated():
                 time.sleep(0.05)
@@ -262,7 +266,7 @@ class Supervisor:
                 break
             if proc.alive():
                 proc.kill()
-                self.say(f"  {part.name} did not stop within {bound_s:.0f}s: killed")
+                self.say(f"  {part.name} did not stop within {_seconds(bound_s)}: killed")
             else:
                 how = describe_exit(proc.returncode, part.exit_meanings)
                 self.say(f"  stopped {part.name} in {self.clock() - step:.1f}s ({how})")

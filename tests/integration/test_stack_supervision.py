@@ -256,3 +256,28 @@ def test_a_part_that_keeps_crashing_is_given_up(tmp_path):
         if stack.proc.poll() is None:
             stack.proc.send_signal(signal.SIGINT)
             stack.proc.wait(90)
+
+
+def test_a_second_ctrl_c_kills_what_is_left(tmp_path):
+    stack = start_stack(stack_config(tmp_path), tmp_path / "var")
+    mock = None
+    try:
+        stack.wait_for(r"starting worker", 60)
+        children = descendants(stack.proc.pid)
+        mock = _pid(stack, "mock-llm")
+        os.kill(mock, signal.SIGSTOP)  # a part that will not stop on SIGTERM
+        stack.proc.send_signal(signal.SIGINT)
+        stack.wait_for("quotameter: interrupted while starting", 10)
+        stack.wait_for(r"stopping mock-llm: .*\(up to 10s\)", 30)
+        stack.proc.send_signal(signal.SIGINT)
+        stack.wait_for(r"quotameter: Ctrl-C again: killing mock-llm, broker, redis$", 5)
+        assert stack.proc.wait(timeout=10) == 130
+        stack.wait_for("quotameter: stopped everything")
+        left = sorted(pid for pid in children if alive(pid))
+        assert not left, f"orphans left behind: {left}\n{stack.output}"
+    finally:
+        if mock is not None and alive(mock):
+            os.kill(mock, signal.SIGCONT)
+        if stack.proc.poll() is None:
+            stack.proc.send_signal(signal.SIGINT)
+            stack.proc.wait(90)

@@ -76,7 +76,14 @@ def test_an_optional_part_given_up_leaves_the_rest_running(tmp_path):
 
 def test_a_part_is_stopped_while_what_it_needs_is_down(tmp_path):
     said: list[str] = []
-    supervisor = Supervisor(FAST, said.append)
+    worker_alive_at_broker_restart: list[bool] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if "restarted broker" in line:
+            worker_alive_at_broker_restart.append(worker.proc.alive())
+
+    supervisor = Supervisor(FAST, say)
     broker = _part(tmp_path, "broker", SLEEPS)
     worker = _part(tmp_path, "worker", IGNORES_SIGTERM, needs=("broker",))
     supervisor.start(broker)
@@ -89,7 +96,7 @@ def test_a_part_is_stopped_while_what_it_needs_is_down(tmp_path):
         text = "\n".join(said)
         assert f"stopping worker (pid {old_worker}) until broker is ready again" in text
         # The broker came back only once the old worker was gone (SIGKILLed after its grace).
-        assert text.index("restarted broker") > text.index("stopping worker")
+        assert worker_alive_at_broker_restart == [False]
         assert worker.proc.pid != old_worker and worker.proc.alive() and broker.proc.alive()
         assert "crashed" not in text.split("restarted broker")[1]  # the worker was held, not crashed
     finally:
@@ -112,7 +119,7 @@ def test_the_drain_is_bounded_and_a_second_interrupt_kills_what_is_left(tmp_path
     text = "\n".join(said)
     assert 1.4 < took < 5, text
     assert "stopping shim: finishing in-flight requests and delivering spooled events" in text
-    assert "shim did not stop within 0s: killed" in text or "shim did not stop within 1s: killed" in text
+    assert "shim did not stop within 0.5s: killed" in text
     assert "stopping worker" in text and "Ctrl-C again: killing worker, redis" in text
     assert not any(w.part.proc.alive() for w in supervisor.watches)
 
@@ -127,4 +134,4 @@ def test_the_whole_drain_fits_its_total_bound(tmp_path):
     supervisor.drain(2, lambda: False)
     assert time.monotonic() - began < 4
     assert not any(w.part.proc.alive() for w in supervisor.watches)
-    assert "broker did not stop within 0s: killed" in "\n".join(said)
+    assert re.search(r"broker did not stop within 0\.\ds: killed", "\n".join(said))
