@@ -224,7 +224,10 @@ class Supervisor:
         watch.state = State.STARTING
         watch.started_at = now
         watch.next_poll = now
-        self._event(f"restarted {part.name} (pid {part.proc.pid}, restart {watch.restarts}); waiting for {part.what}")
+        self._event(
+            f"restarted {part.name} (pid {part.proc.pid}, restart {watch.restarts}); waiting for its readiness check "
+            f"({part.what})"
+        )
 
     def _check_ready(self, watch: _Watch, now: float) -> None:
         part = watch.part
