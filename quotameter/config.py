@@ -347,6 +347,22 @@ class Pipeline(_Strict):
     session_timeout_s: float = Field(default=10.0, ge=3, le=300)
 
 
+class Supervisor(_Strict):
+    """How ``quotameter up`` restarts a crashed part of the embedded stack and
+    how long its shutdown may take (quotameter/embedded/supervisor.py)."""
+
+    # Wait before a restart: doubles per crash up to the cap, and starts over
+    # once the part has run this long after its readiness check passed.
+    restart_backoff_initial_s: float = Field(default=0.5, gt=0)
+    restart_backoff_max_s: float = Field(default=15.0, gt=0)
+    healthy_after_s: float = Field(default=60.0, gt=0)
+    # This many crashes within the window: the part is not restarted again.
+    max_crashes: PositiveInt = 5
+    crash_window_s: float = Field(default=120.0, gt=0)
+    # Ctrl-C: past this, whatever has not stopped is killed.
+    shutdown_timeout_s: float = Field(default=90.0, gt=0)
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
@@ -364,6 +380,7 @@ class Config(BaseSettings):
     services: Services = Services()
     pipeline: Pipeline = Pipeline()
     alerts: Alerts = Alerts()
+    supervisor: Supervisor = Supervisor()
 
     @classmethod
     def settings_customise_sources(

@@ -76,11 +76,25 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
     def log_tail(self, lines: int = 20) -> str:
+        # Only the end of the file: a long-running child's log can be large.
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_path, "rb") as log:
+                log.seek(max(log.seek(0, os.SEEK_END) - 64 * 1024, 0))
+                text = log.read().decode(errors="replace")
         except OSError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def note(self, line: str) -> None:
+        """Append a line of our own to the child's log (e.g. where a restart begins)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"{line}\n")
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -112,12 +126,17 @@ class ManagedProcess:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-        # Reap stragglers of the group (a child's own children).
+        self.reap_group()
+        return self.proc.returncode
+
+    def reap_group(self) -> None:
+        """Kill what is left of the group once its leader is gone (a child's own children)."""
+        if self.proc is None:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc is None:

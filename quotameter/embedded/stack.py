@@ -5,7 +5,10 @@ an upstream is given), a pipeline worker, the shim and the built-in dashboard,
 each as a child process in its own process group, logging under
 ``DATA_DIR/logs``. Prints one line
 with ``quotameter ready`` when all of it answers, then a demo key per tier.
-Ctrl-C (or SIGTERM) stops every child, newest first, and waits for each.
+From then on it supervises them (supervisor.py): a part that crashes is
+restarted with backoff while the others keep running; one that keeps crashing
+is given up. Ctrl-C (or SIGTERM) drains them in reverse order: dashboard,
+shim, worker, mock, broker, Redis; a second Ctrl-C kills what is left.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,12 +25,22 @@ import redis
 from gateway_shim.keystore import create_key
 from quotameter.config import Config, load_config
 from quotameter.embedded.broker import broker_process
+from pipeline.retry import EXIT_UNAVAILABLE, RETRY_S
 from quotameter.embedded.procs import ManagedProcess, port_open
 from quotameter.embedded.redis_server import redis_process
+from quotameter.embedded.restart_policy import RestartPolicy
+from quotameter.embedded.supervisor import Part, Supervisor
 from quotameter.errors import ServiceError
 from quotameter.redis_keys import RedisKeys
 
 WORKER_READY_TIMEOUT_S = 120.0
+# Ctrl-C: how long each part may take after SIGTERM. The shim finishes its
+# in-flight requests (up to 30 s, gateway_shim/server.py) and flushes its
+# spool; the worker flushes the ledger and commits. The total is capped by
+# supervisor.shutdown_timeout_s.
+SHIM_STOP_S = 40.0
+WORKER_STOP_S = 25.0
+WORKER_EXITS = {EXIT_UNAVAILABLE: f"EX_TEMPFAIL: the ledger or the broker failed for {RETRY_S:.0f}s, nothing committed"}
 
 
 def _host_port(url: str, default_port: int) -> tuple[str, int]:
@@ -65,7 +77,17 @@ class Stack:
         os.environ.update(self.env)
         self.config: Config = load_config(config_path)
         self.use_mock = not upstream_url
-        self.children: list[ManagedProcess] = []
+        limits = self.config.supervisor
+        self.supervisor = Supervisor(
+            RestartPolicy(
+                backoff_initial_s=limits.restart_backoff_initial_s,
+                backoff_max_s=limits.restart_backoff_max_s,
+                healthy_after_s=limits.healthy_after_s,
+                max_crashes=limits.max_crashes,
+                crash_window_s=limits.crash_window_s,
+            ),
+            _say,
+        )
 
     def _check_free(self, what: str, host: str, port: int) -> None:
         if port_open(host, port):
@@ -73,13 +95,6 @@ class Stack:
                 f"port {port} ({what}) is already in use: is another `quotameter up` running? "
                 f"Stop it, or change the port in the config."
             )
-
-    def _start(self, proc: ManagedProcess, ready, what: str, timeout_s: float = 30.0) -> None:  # noqa: ANN001
-        began = time.monotonic()
-        _say(f"  starting {proc.name:<8} … (log: {proc.log_path})")
-        self.children.append(proc.start())
-        proc.wait_until(ready, timeout_s, what)
-        _say(f"  {proc.name:<8} ready in {time.monotonic() - began:.1f}s (pid {proc.pid})")
 
     def _quotameter(self, name: str, *args: str) -> ManagedProcess:
         return ManagedProcess(name, [sys.executable, "-m", "quotameter", *args], self.logs / f"{name}.log", env=self.env)
@@ -100,19 +115,24 @@ class Stack:
             self._check_free(what, host, port)
 
         _say(f"quotameter: starting the embedded stack in {self.data_dir}")
-        self._start(redis_process(redis_port, self.data_dir / "redis", self.logs / "redis.log"),
-                    lambda: port_open(redis_host, redis_port), f"redis on port {redis_port}")
-        self._start(broker_process(kafka_port, self.logs / "broker.log"),
-                    lambda: port_open(kafka_host, kafka_port), f"broker on port {kafka_port}")
+        start = self.supervisor.start
+        start(Part(redis_process(redis_port, self.data_dir / "redis", self.logs / "redis.log"),
+                   lambda: port_open(redis_host, redis_port), f"redis on port {redis_port}",
+                   stopping="saving its data"))
+        start(Part(broker_process(kafka_port, self.logs / "broker.log"),
+                   lambda: port_open(kafka_host, kafka_port), f"broker on port {kafka_port}"))
         if self.use_mock:
-            self._start(self._quotameter("mock-llm", "mock-llm", "--host", mock_host, "--port", str(mock_port)),
-                        lambda: port_open(mock_host, mock_port), f"mock model on port {mock_port}")
-        self._start(self._quotameter("worker", "worker"), lambda: _http_ok(f"{services.worker_url}/healthz"),
-                    "worker joined to its group", WORKER_READY_TIMEOUT_S)
-        self._start(self._quotameter("shim", "proxy"), lambda: _http_ok(f"http://{shim.host}:{shim.port}/healthz"),
-                    f"shim on port {shim.port}")
-        self._start(self._quotameter("dashboard", "dashboard"), lambda: port_open(dash_host, dash_port),
-                    f"dashboard on port {dash_port}")
+            start(Part(self._quotameter("mock-llm", "mock-llm", "--host", mock_host, "--port", str(mock_port)),
+                       lambda: port_open(mock_host, mock_port), f"mock model on port {mock_port}"))
+        start(Part(self._quotameter("worker", "worker"), lambda: _http_ok(f"{services.worker_url}/healthz"),
+                   "worker joined to its group", WORKER_READY_TIMEOUT_S, stop_timeout_s=WORKER_STOP_S,
+                   stopping="writing the ledger and committing its offsets", exit_meanings=WORKER_EXITS,
+                   needs=("broker",)))
+        start(Part(self._quotameter("shim", "proxy"), lambda: _http_ok(f"http://{shim.host}:{shim.port}/healthz"),
+                   f"shim on port {shim.port}", stop_timeout_s=SHIM_STOP_S,
+                   stopping="finishing in-flight requests and delivering spooled events"))
+        start(Part(self._quotameter("dashboard", "dashboard"), lambda: _http_ok(f"{services.dashboard_url}/healthz"),
+                   f"dashboard on port {dash_port}", stop_timeout_s=5.0, essential=False))
 
     def announce(self) -> None:
         shim = self.config.shim
@@ -139,31 +159,22 @@ class Stack:
         _say(f"dashboards: {self.config.services.dashboard_url}/dashboard")
         _say("Ctrl-C stops everything.")
 
-    def watch(self, stop_requested) -> int:  # noqa: ANN001
-        """Block until asked to stop (0) or until a child dies (1)."""
-        while not stop_requested():
-            for proc in self.children:
-                if not proc.alive():
-                    _say(f"quotameter: {proc.name} exited unexpectedly; last log lines:\n{proc.log_tail()}")
-                    return 1
-            time.sleep(0.2)
-        return 0
+    def supervise(self, stop_requested) -> int:  # noqa: ANN001
+        """Restart crashed parts until asked to stop (0) or an essential part is given up (1)."""
+        return self.supervisor.run(stop_requested)
 
-    def stop(self) -> None:
-        for proc in reversed(self.children):
-            code = proc.stop(timeout_s=20)
-            _say(f"  stopped {proc.name} (exit {code})")
-        self.children.clear()
+    def stop(self, escalated) -> None:  # noqa: ANN001
+        self.supervisor.drain(self.config.supervisor.shutdown_timeout_s, escalated)
 
 
 def run_stack(config_path: Path | None, data_dir: Path, upstream_url: str | None) -> int:
-    stopping = False
+    signals = 0
     started = False
 
     def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        if not started:  # still starting: abandon the waits, then stop what is up
+        nonlocal signals
+        signals += 1
+        if signals == 1 and not started:  # still starting: abandon the waits, then stop what is up
             raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -172,14 +183,12 @@ def run_stack(config_path: Path | None, data_dir: Path, upstream_url: str | None
         stack.start()
         started = True
         stack.announce()
-        code = stack.watch(lambda: stopping)
-        _say("quotameter: stopping…")
-        return code
+        return stack.supervise(lambda: signals > 0)
     except KeyboardInterrupt:
         _say("quotameter: interrupted while starting")
         return 130
     finally:
-        stack.stop()
+        started = True  # from here on a signal only counts, it never interrupts the drain
+        stack.stop(lambda: signals > 1)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _say("quotameter: stopped")

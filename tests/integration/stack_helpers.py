@@ -43,9 +43,10 @@ class RunningStack:
             for line in self.proc.stdout:
                 self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pattern: str, timeout_s: float = 180.0) -> re.Match[str]:
+    def wait_for(self, pattern: str, timeout_s: float = 180.0, since: int = 0) -> re.Match[str]:
+        """The first line from index ``since`` on that matches (``mark()`` gives an index)."""
         deadline = time.monotonic() + timeout_s
-        seen = 0
+        seen = since
         while time.monotonic() < deadline:
             while seen < len(self.lines):
                 match = re.search(pattern, self.lines[seen])
@@ -56,6 +57,10 @@ class RunningStack:
                 break
             time.sleep(0.05)
         raise AssertionError(f"no line matching {pattern!r}; output so far:\n" + "\n".join(self.lines))
+
+    def mark(self) -> int:
+        """Where the output ends now: ``wait_for(..., since=mark)`` ignores what came before."""
+        return len(self.lines)
 
     @property
     def output(self) -> str:
