@@ -35,6 +35,7 @@ import openai
 import yaml
 
 from quotameter.config import load_config
+from tests.integration.pipeline_helpers import wait_for
 from tests.integration.stack_helpers import RunningStack, alive, descendants, stack_config, start_stack
 
 CUSTOMERS = {"chaos-pro": "pro", "chaos-ent": "enterprise"}
@@ -139,17 +140,6 @@ class Client(threading.Thread):
             self.served.serve(prompt, completion, how)
 
 
-def _wait(check, timeout_s: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last: {last!r}")
-
-
 def _get_json(url: str) -> dict:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -200,9 +190,9 @@ def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(t
             pid = _find(stack, role)
             assert pid is not None, f"no {role} process under the stack\n{stack.output}"
             os.kill(pid, signal.SIGKILL)
-            replacement = _wait(lambda: (p := _find(stack, role)) not in (None, pid) and p, 60, f"{role} restarted")
+            replacement = wait_for(lambda: (p := _find(stack, role)) not in (None, pid) and p, 60, f"{role} restarted")
             print(f"{time.monotonic() - began:5.1f}s  killed {role} (pid {pid}); restarted as pid {replacement}")
-            _wait(lambda: _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz").get("status") == "ok", 60,
+            wait_for(lambda: _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz").get("status") == "ok", 60,
                   "the shim to answer again")
 
         # Everything at once: the launcher and every process below it.
@@ -226,12 +216,12 @@ def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(t
             client.join(30)
 
         # Every spooled event reaches the ledger; then the three views must agree.
-        health = _wait(
+        health = wait_for(
             lambda: (h := _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz")).get("events", {})
             .get("spool", {}).get("depth") == 0 and h, 90, "the shim's spool to drain into the ledger",
         )
         expected = {c: {"ok": s.requests, "ok_input": s.input_tokens, "ok_output": s.output_tokens} for c, s in served.items()}
-        ledger = _wait(
+        ledger = wait_for(
             lambda: (rows := _ledger_rows(config.services.worker_url))
             and all(rows.get(c, {}).get("ok", 0) >= e["ok"] for c, e in expected.items()) and rows,
             30, "the ledger to hold every served request",
@@ -251,7 +241,7 @@ def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(t
 
         # Redis's period totals, as `quotameter usage` shows them beside the ledger's.
         for customer, want in expected.items():
-            report = _wait(lambda: (r := json.loads(_cli(config_path, "usage", "--customer", customer, "--json")))["in_sync"] and r,
+            report = wait_for(lambda: (r := json.loads(_cli(config_path, "usage", "--customer", customer, "--json")))["in_sync"] and r,
                            30, f"{customer}'s quota state to match the ledger")
             redis_side = report["redis"]
             assert (int(redis_side["input_tokens"]), int(redis_side["output_tokens"])) == (

@@ -170,6 +170,9 @@ def test_a_sigkilled_broker_is_restarted_and_the_worker_follows(running):
     assert new != old and alive(new) and not alive(worker) and alive(next_worker)
     assert traffic.served() > 20 and not traffic.failures(), traffic.failures()
     assert _http_ok(f"{config['services']['worker_url']}/healthz")
+    # What the dead broker held and no worker had read comes again from the
+    # shim's spool (after shim.redeliver_after_ms): nothing lost, nothing doubled.
+    _wait_ledger(config_path, "sup-broker", lambda count: count == traffic.served(), timeout_s=75)
 
 
 def test_a_sigkilled_shim_is_restarted_and_clients_fail_only_meanwhile(running):
