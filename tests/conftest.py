@@ -76,7 +76,10 @@ def config_factory(tmp_path: Path, redis_url: str, kafka_bootstrap: str, unique:
         document = merge(
             document,
             {
-                "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(tmp_path / "spool")},
+                # A test's teardown stops its worker before its shim: a shim's
+                # events left unconfirmed then would hold it for the full drain.
+                "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(tmp_path / "spool"),
+                         "drain_timeout_s": 2},
                 "services": {
                     "redis_url": redis_url,
                     "redis_prefix": f"qm{unique}",
