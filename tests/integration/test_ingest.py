@@ -4,8 +4,11 @@ reaches the ledger through the spool, Kafka and a real worker, once per id."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -183,3 +186,17 @@ async def test_a_full_spool_refuses_reports(cli_process, config_factory) -> None
     status, body = await post(config, event("f-late", "acme", 1, 1))
     assert status == 503 and body["error"]["code"] == "metering_unavailable", body
     assert await spool_depth(config) == 10
+
+
+async def test_the_readme_curl_works(cli_process, config_factory) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in readme.split("```") if b.lstrip().startswith("curl -s http://127.0.0.1:8080/v1/events"))
+    *command, expected = block.strip().splitlines()
+    config, _, _ = await start_shim(cli_process, config_factory)
+    script = "\n".join(command).replace("http://127.0.0.1:8080", f"http://{config.shim.host}:{config.shim.port}")
+    done = await asyncio.to_thread(
+        subprocess.run, ["bash", "-c", script], capture_output=True, text=True, timeout=20,
+        env={**os.environ, "QUOTAMETER_SHIM__INGEST_TOKEN": TOKEN},
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, expected), done.stderr
+    assert await spool_depth(config) == 1
