@@ -47,7 +47,6 @@ class Ingest:
         self.max_bytes = shim.ingest_max_bytes
         self.max_events = shim.ingest_max_events
         self._emitter = emitter
-        self.accepted = 0  # events spooled since start
 
     async def handle(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
         try:
@@ -102,7 +101,6 @@ class Ingest:
             )
             error.retry_after_s = 5
             raise error
-        self.accepted += len(events)
 
 
 def register(

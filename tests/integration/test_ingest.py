@@ -200,3 +200,13 @@ async def test_the_readme_curl_works(cli_process, config_factory) -> None:
     )
     assert (done.returncode, done.stdout.strip()) == (0, expected), done.stderr
     assert await spool_depth(config) == 1
+
+
+async def test_events_a_dropping_spool_could_not_take_are_not_acknowledged(cli_process, config_factory) -> None:
+    # spool_full: drop keeps serving the proxy, but a report is only taken if all of it was spooled.
+    config, _, _ = await start_shim(cli_process, config_factory, spool_max_bytes=2048, spool_full="drop")
+    status, body = await post(config, [event(f"d-{n}", "acme", 1, 1) for n in range(10)], BATCH)
+    depth = await spool_depth(config)
+    assert 0 < depth < 10
+    assert status == 503 and body["error"]["code"] == "metering_unavailable", body
+    assert body["error"]["message"].startswith(f"{10 - depth} of 10 events could not be recorded")
