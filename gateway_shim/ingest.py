@@ -70,7 +70,7 @@ class Ingest:
             raise IngestDisabled("POST /v1/events is not enabled on this gateway (no shim.ingest_token is set).")
         token = bearer_token(authorization)
         # Constant time: the token's bytes never leak through the comparison's duration.
-        if token is None or not hmac.compare_digest(token.encode(), self._token):
+        if token is None or not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._token):
             raise InvalidApiKey("Missing or incorrect ingest token. Send Authorization: Bearer <shim.ingest_token>.")
 
     async def _read(self, request: web.Request) -> bytes:
