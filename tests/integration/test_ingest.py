@@ -136,6 +136,13 @@ async def test_bad_requests_are_refused_and_nothing_is_spooled(cli_process, conf
         assert status == 401 and body["error"]["code"] == "invalid_api_key", body
     status, body = await post(config, one, token=None, headers={"Authorization": f"Basic {TOKEN}"})
     assert status == 401, body
+    # A token that is not UTF-8 (raw bytes on the wire) is a wrong token too.
+    reader, writer = await asyncio.open_connection(config.shim.host, config.shim.port)
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe" + TOKEN.encode()
+                 + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in answer, answer
 
     status, body = await post(config, one, content_type="application/json")
     assert status == 415 and body["error"]["code"] == "unsupported_media_type", body
