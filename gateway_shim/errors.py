@@ -17,7 +17,11 @@
         ├── MeteringUnavailable   503  the usage spool is full or cannot be written
         ├── UsageBadRequest       400  GET /v1/usage: a bad parameter
         ├── UsageForbidden        403  GET /v1/usage: a key asked for another customer
-        └── UsageNotFound         404  GET /v1/usage: no such customer (admin token)
+        ├── UsageNotFound         404  GET /v1/usage: no such customer (admin token)
+        ├── IngestDisabled        404  POST /v1/events: no shim.ingest_token is set
+        ├── InvalidEvents         400  POST /v1/events: an event breaks the schema (param: where)
+        ├── PayloadTooLarge       413  POST /v1/events: over ingest_max_bytes or ingest_max_events
+        └── UnsupportedMediaType  415  POST /v1/events: not a CloudEvents content type
 
 Bodies follow OpenAI's shape, so every SDK raises its usual exception:
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -40,6 +44,7 @@ class ShimError(QuotameterError):
     error_type = "server_error"
     code = "internal_error"
     retry_after_s: float | None = None  # sent as Retry-After when set
+    param: str | None = None  # the offending field, when one is to blame
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -147,7 +152,7 @@ class BackendBusy(ShimError):
 
 
 def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": error.message, "type": error.error_type, "param": None, "code": error.code}}
+    body = {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
     response = web.json_response(body, status=error.status, headers=dict(headers or {}))
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
@@ -183,3 +188,40 @@ class UsageNotFound(ShimError):
     status = 404
     error_type = "invalid_request_error"
     code = "customer_not_found"
+
+
+class IngestDisabled(ShimError):
+    """POST /v1/events is off until ``shim.ingest_token`` is set (best from
+    QUOTAMETER_SHIM__INGEST_TOKEN)."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "ingest_disabled"
+
+
+class InvalidEvents(ShimError):
+    """Reported usage events that break the ``quotameter.request.v1`` schema;
+    ``param`` names the first offending field. Nothing of the request was taken."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_event"
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class PayloadTooLarge(ShimError):
+    """A POST /v1/events body past ``shim.ingest_max_bytes`` or a batch past
+    ``shim.ingest_max_events``: send smaller batches."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ShimError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"

@@ -19,6 +19,7 @@ from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import RouteNotFound, error_response
+from gateway_shim.ingest import register as register_ingest
 from gateway_shim.proxy import Proxy
 from gateway_shim.resp import ScriptPipe
 from gateway_shim.upstream import Upstream
@@ -90,6 +91,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
     register_usage_api(app, config, _spool_guard)  # GET /v1/usage (gateway_shim/usage_api.py), before the catch-all
+    register_ingest(app, config, lambda app: app[_PROXY].emitter, _spool_guard)  # POST /v1/events (gateway_shim/ingest.py)
     app.router.add_route("*", "/v1/{tail:.*}", proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -276,6 +276,12 @@ class Shim(_Strict):
     # Bearer token that may read any customer's GET /v1/usage?customer=ID
     # (unset: no admin reads). Prefer QUOTAMETER_SHIM__ADMIN_TOKEN.
     admin_token: SecretStr | None = None
+    # Bearer token of POST /v1/events, where other gateways report usage
+    # (unset: the endpoint answers 404). Prefer QUOTAMETER_SHIM__INGEST_TOKEN.
+    ingest_token: SecretStr | None = None
+    # Largest POST /v1/events body (413 past it), and most events in one batch.
+    ingest_max_bytes: PositiveInt = 1024 * 1024
+    ingest_max_events: PositiveInt = 1000
 
 
 class Services(_Strict):

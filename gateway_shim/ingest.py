@@ -1,0 +1,117 @@
+"""``POST /v1/events``: usage reported by a gateway quotameter does not proxy.
+
+    POST /v1/events
+    Authorization: Bearer <shim.ingest_token>
+    Content-Type: application/cloudevents+json          one event
+                  application/cloudevents-batch+json    a JSON array of events
+
+The events (quotameter.request.v1, gateway_shim/cloudevents.py) take the path
+of the shim's own: written to the spool (``EventEmitter.emit``) and kept there
+until the ledger confirms them, so an answer 202 means the usage will be
+billed, and billed once per event id: the pipeline drops an id it has seen.
+A reporter that got no answer, or a 503, sends the same events again.
+
+Answers, in the order they are checked: 404 with no ingest token configured
+(the endpoint does not exist), 401 for a missing or wrong token, 503 while the
+spool refuses (as the proxy does), 415, 413 (body or batch too large), 400
+(naming the field and the event's index), else 202 ``{"accepted": N}``.
+
+Reported events settle no reservation: admission never reserved anything for
+them (see README, "Reporting usage from elsewhere").
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway_shim.auth import bearer_token
+from gateway_shim.cloudevents import parse_events
+from gateway_shim.emitter import EventEmitter
+from gateway_shim.errors import IngestDisabled, InvalidApiKey, MeteringUnavailable, PayloadTooLarge, ShimError, error_response
+from quotameter.config import Config
+from quotameter.events import EncodedEvent
+
+log = logging.getLogger("gateway_shim.ingest")
+_READ_CHUNK = 64 * 1024
+
+
+class Ingest:
+    def __init__(self, config: Config, emitter: Callable[[], EventEmitter]) -> None:
+        shim = config.shim
+        token = shim.ingest_token.get_secret_value() if shim.ingest_token is not None else ""
+        self._token = token.encode() if token else None
+        self.max_bytes = shim.ingest_max_bytes
+        self.max_events = shim.ingest_max_events
+        self._emitter = emitter
+
+    async def handle(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
+        try:
+            self._authenticate(request.headers.get("Authorization"))
+        except ShimError as exc:
+            return error_response(exc)
+        refused = guard(request)  # the spool refuses: nothing can be recorded
+        if refused is not None:
+            return refused
+        try:
+            raw = await self._read(request)
+            content_type = request.content_type if "Content-Type" in request.headers else ""
+            events = parse_events(content_type, raw, self.max_events)
+            self._spool(events)
+        except ShimError as exc:
+            return error_response(exc)
+        return web.json_response({"accepted": len(events)}, status=202)
+
+    def _authenticate(self, authorization: str | None) -> None:
+        if self._token is None:
+            raise IngestDisabled("POST /v1/events is not enabled on this gateway (no shim.ingest_token is set).")
+        token = bearer_token(authorization)
+        # Constant time: the token's bytes never leak through the comparison's duration.
+        if token is None or not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._token):
+            raise InvalidApiKey("Missing or incorrect ingest token. Send Authorization: Bearer <shim.ingest_token>.")
+
+    async def _read(self, request: web.Request) -> bytes:
+        too_large = PayloadTooLarge(
+            f"The request body is larger than {self.max_bytes} bytes (shim.ingest_max_bytes). Send smaller batches."
+        )
+        if request.content_length is not None and request.content_length > self.max_bytes:
+            raise too_large
+        body = bytearray()
+        while chunk := await request.content.read(_READ_CHUNK):  # chunked bodies carry no length
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise too_large
+        return bytes(body)
+
+    def _spool(self, events: list[EncodedEvent]) -> None:
+        emitter = self._emitter()
+        dropped = emitter.dropped
+        for event in events:
+            emitter.emit(event)
+        lost = emitter.dropped - dropped
+        if lost:
+            # Spool full in "drop" mode, or the disk failed: the events that made it are
+            # spooled, and a resend of the whole request is billed once per id.
+            log.error("%d of %d reported usage events could not be spooled", lost, len(events))
+            error = MeteringUnavailable(
+                f"{lost} of {len(events)} events could not be recorded. Send the same events again later."
+            )
+            error.retry_after_s = 5
+            raise error
+
+
+def register(
+    app: web.Application, config: Config, emitter: Callable[[web.Application], EventEmitter],
+    guard: Callable[[web.Request], web.Response | None],
+) -> None:
+    """Add ``POST /v1/events`` (before the proxy's catch-all). ``emitter`` finds the
+    shim's event emitter once the app runs; ``guard`` is the server's spool guard."""
+    ingest = Ingest(config, lambda: emitter(app))
+
+    async def events(request: web.Request) -> web.Response:
+        return await ingest.handle(request, guard)
+
+    app.router.add_post("/v1/events", events)
