@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quotameter.config import DEFAULT_CONFIG, parse_config
@@ -23,7 +23,7 @@ calendars = st.builds(BillingCalendar, st.sampled_from(ZONES), st.sampled_from(A
 moments = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2040, 12, 31), timezones=st.just(UTC))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(calendars, moments)
 def test_a_moment_lies_within_the_bounds_of_its_period(calendar: BillingCalendar, moment: datetime) -> None:
     period = calendar.period_of(moment)
@@ -38,7 +38,7 @@ def test_a_moment_lies_within_the_bounds_of_its_period(calendar: BillingCalendar
     assert calendar.period_of(moment.astimezone(ZoneInfo("Asia/Tokyo"))) == period
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(calendars, moments)
 def test_periods_are_contiguous_and_never_overlap(calendar: BillingCalendar, moment: datetime) -> None:
     period = calendar.period_of(moment)
@@ -52,13 +52,13 @@ def test_periods_are_contiguous_and_never_overlap(calendar: BillingCalendar, mom
     assert calendar.current(moment) == period
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(calendars, moments, st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=400)))
 def test_later_moments_are_never_in_earlier_periods(calendar: BillingCalendar, moment: datetime, gap: timedelta) -> None:
     assert calendar.period_of(moment) <= calendar.period_of(moment + gap)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(calendars, st.integers(2000, 2040), st.integers(1, 12))
 def test_a_period_starts_at_local_midnight_on_the_anchor_or_the_months_last_day(
     calendar: BillingCalendar, year: int, month: int
