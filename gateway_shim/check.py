@@ -12,7 +12,8 @@ to serve, when degraded to a fallback) as ``x-quotameter-*`` headers, plus
 the rate-limit headers. The request's usage event comes later from the
 gateway through ``POST /v1/events`` under that event id, which settles the
 reservation (gateway_shim/check_tickets.py). A refusal is an event of its
-own, emitted here as the proxy does.
+own, emitted here as the proxy does; its answer also carries its JSON body in
+``x-quotameter-error``, for nginx (see ``_refused``).
 
 Without a body the worst case reserved is the tier's ``default_max_tokens``
 of output (the prompt is not seen).
@@ -40,6 +41,7 @@ log = logging.getLogger("gateway_shim.check")
 
 MODEL_HEADER = "x-quotameter-model"
 EVENT_ID_HEADER = "x-quotameter-event-id"
+ERROR_HEADER = "x-quotameter-error"
 # Where proxies put the original request's URI: nginx (by convention), Traefik / Caddy.
 _URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
 
@@ -54,12 +56,12 @@ class Check:
         try:
             key = await proxy.auth.authenticate(request.headers.get("Authorization"))
         except ShimError as exc:
-            return error_response(exc)
+            return _refused(exc)
         except RedisPoolExhausted as exc:  # Redis is up: not an outage
-            return error_response(proxy.enforcer.busy(exc))
+            return _refused(proxy.enforcer.busy(exc))
         except redis.exceptions.RedisError as exc:
             log.error("Redis unreachable: %s", exc)
-            return error_response(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
+            return _refused(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
         meter = RequestMeter(route=_route(request), upstream=None)
         headers: dict[str, str] = {}
         body = await _body(request)
@@ -77,9 +79,9 @@ class Check:
                 ticket = await enforcer.admit(key, policy, proxied, estimate, meter, headers)
             except KeyRevoked:
                 proxy.auth.forget(key.key_id)
-                return error_response(proxy.auth.invalid())  # no customer to bill
+                return _refused(proxy.auth.invalid())  # no customer to bill
         except InvalidApiKey as exc:
-            return error_response(exc)
+            return _refused(exc)
         except ShimError as exc:
             # Refused: the request ends here, and its event is emitted as the proxy does.
             meter.status = exc.status
@@ -87,7 +89,7 @@ class Check:
                 meter.decision, meter.reason = Decision.REFUSED, exc.reason
             meter.reason = meter.reason or exc.code
             proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
-            return error_response(exc, headers)
+            return _refused(exc, headers)
         enforcer.hand_off(ticket)
         if not ticket.admission.local:
             try:
@@ -103,6 +105,16 @@ class Check:
             headers["x-quotameter-served-model"] = ticket.model  # degraded to the tier's fallback
         answer = {"event_id": ticket.event_id, "customer": key.customer, "tier": key.tier, "model": ticket.model}
         return web.json_response(answer, headers=headers)
+
+
+def _refused(error: ShimError, headers: dict[str, str] | None = None) -> web.Response:
+    """The proxy's own error answer, its body also in ``x-quotameter-error`` (one line of
+    ASCII JSON): nginx's auth_request keeps a subrequest's headers, never its body, so
+    its error_page can only give the client the answer from there (deploy/nginx/)."""
+    response = error_response(error, headers)
+    assert isinstance(response.body, bytes)
+    response.headers[ERROR_HEADER] = json.dumps(json.loads(response.body), ensure_ascii=True)
+    return response
 
 
 def _route(request: web.Request) -> str:
