@@ -102,3 +102,13 @@ async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
         )
     finally:
         nginx.stop()
+
+
+def test_the_readme_snippet_is_the_shipped_file() -> None:
+    # The README shows the file abridged: every directive it shows is the file's own.
+    readme = (SNIPPET.parents[2] / "README.md").read_text()
+    block = next(b for b in readme.split("```") if b.startswith("nginx\nlocation /v1/"))
+    shipped = {" ".join(line.split("#")[0].split()) for line in SNIPPET.read_text().splitlines()}
+    shown = [" ".join(line.split()) for line in block.splitlines()[1:]]
+    missing = [line for line in shown if line and not line.startswith("#") and line not in shipped]
+    assert missing == [], missing
