@@ -64,11 +64,10 @@ class Check:
             return _refused(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
         meter = RequestMeter(route=_route(request), upstream=None)
         headers: dict[str, str] = {}
-        body = await _body(request)
+        body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case
         model = request.headers.get(MODEL_HEADER) or (body.get("model") if isinstance(body.get("model"), str) else None)
         if model is not None:
             body["model"] = model
-        body.setdefault("messages", [])  # the prompt unseen: reserve the output's worst case
         proxied = ProxiedRequest(body, b"", model, body.get("stream") is True, False)
         meter.model_requested, meter.streamed = model, proxied.stream
         enforcer = proxy.enforcer
@@ -90,6 +89,11 @@ class Check:
             meter.reason = meter.reason or exc.code
             proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
             return _refused(exc, headers)
+        except Exception:
+            log.exception("check for %s failed", meter.route)
+            meter.status, meter.decision, meter.reason = 500, Decision.REFUSED, "internal_error"
+            proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
+            return _refused(ShimError("The gateway failed to check your request."), headers)
         enforcer.hand_off(ticket)
         if not ticket.admission.local:
             try:

@@ -10,6 +10,8 @@ reserved, the model for pricing) is stored beside the ``pending`` entry under
 A report takes its ticket with GET and DEL in one transaction, so of two
 reports of one id (a reporter's retry) only one settles. A crash between
 taking it and the settle leaves the reservation to expire after its TTL.
+(On Redis Cluster a batch's transaction spans the customers' slots: it
+would have to be split per customer, as the admission's note on clusters says.)
 """
 
 from __future__ import annotations
