@@ -4,11 +4,16 @@ usage report of the check's event id settling its reservation (real worker)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
-from tests.integration.enforcement_helpers import ShimFactory, shim_factory  # noqa: F401
+from quotameter.config import load_config
+from quotameter.embedded.procs import free_port
+
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import start_worker, wait_for
 from tests.integration.test_ingest import ledger_rows, post
 
@@ -35,6 +40,19 @@ async def check(base_url: str, key: str | None, model: str | None = "mock-small"
     async with aiohttp.ClientSession() as session:
         async with session.request(method, f"{base_url}/check", headers=headers) as response:
             return response.status, response.headers, await response.json(content_type=None)
+
+
+async def second_shim(cli_process, shim_config_path: Path) -> Any:
+    """Another shim process on the same Redis and topic (its own port, spool and name)."""
+    document = yaml.safe_load(shim_config_path.read_text())
+    document["shim"].update(port=free_port(), spool_dir=document["shim"]["spool_dir"] + "-2",
+                            instance=document["shim"]["instance"] + "-2")
+    path = shim_config_path.with_name("config-2.yaml")
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    config = load_config(path)
+    process = cli_process("shim-2", "proxy", config_path=path)
+    await asyncio.to_thread(process.wait_port, config.shim.host, config.shim.port)
+    return config
 
 
 def reported(event_id: str, customer: str, input_tokens: int, output_tokens: int) -> dict[str, Any]:
@@ -82,8 +100,9 @@ async def test_check_admits_refuses_and_a_report_settles(shim_factory: ShimFacto
         ttl_ms = client.pttl(names.check_ticket("edge", first))
         assert 0 < ttl_ms <= 900_000
 
-        # The report of the first settles it with the true usage; any shim process could.
-        assert await post(shim.config, reported(first, "edge", 7, 5)) == (202, {"accepted": 1})
+        # The report of the first settles it with the true usage, on another shim process.
+        other = await second_shim(cli_process, shim.config_path)
+        assert await post(other, reported(first, "edge", 7, 5)) == (202, {"accepted": 1})
         tokens, _, pending = shim.reserved("edge")
         assert pending[first].startswith("12:")
         assert client.zscore(names.in_flight("edge"), first) is None  # its concurrency slot is free
@@ -101,6 +120,23 @@ async def test_check_admits_refuses_and_a_report_settles(shim_factory: ShimFacto
         assert await post(shim.config, reported(first, "edge", 7, 5)) == (202, {"accepted": 1})
         assert await post(shim.config, reported("gw-unknown", "edge", 1, 1)) == (202, {"accepted": 1})
         assert shim.reserved("edge")[2] == {first: pending[first]}
+
+        # A proxy that sends the body (Envoy's with_request_body): the model and the
+        # prompt are read from it, and max_tokens bounds the worst case.
+        body_key = shim.new_key("edge-body", "checked")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{shim.base_url}/check", headers={"Authorization": f"Bearer {body_key}"},
+                json={"model": "mock-small", "messages": MESSAGES, "max_tokens": 10},
+            ) as response:
+                assert response.status == 200, await response.text()
+                body_id = response.headers["x-quotameter-event-id"]
+            async with session.post(
+                f"{shim.base_url}/check", headers={"Authorization": f"Bearer {body_key}"},
+                json={"model": "gpt-4o", "messages": MESSAGES},
+            ) as response:
+                assert response.status == 403 and (await response.json())["error"]["code"] == "model_not_allowed"
+        assert shim.reserved("edge-body")[2][body_id].startswith(f"{PROMPT_TOKENS + 10}:")
 
         # The worker: one ledger row per id (both refusals' too: 403 and 429), and the first's
         # settled entry released once its totals include it.
