@@ -15,7 +15,7 @@ from quotameter.embedded.procs import free_port
 
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import start_worker, wait_for
-from tests.integration.test_ingest import ledger_rows, post
+from tests.integration.test_ingest import event, ledger_rows, post
 
 TOKEN = "ingest-token-for-tests-only"
 TIERS = {
@@ -56,8 +56,6 @@ async def second_shim(cli_process, shim_config_path: Path) -> Any:
 
 
 def reported(event_id: str, customer: str, input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    from tests.integration.test_ingest import event
-
     body = event(event_id, customer, input_tokens, output_tokens)
     body["data"].update(tier="checked", api_key_id="nginx")
     return body
