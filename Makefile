@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: run test venv debian-deps clean
 
 # Debian packages the integration tests drive for real: a headless browser for
-# the built-in dashboard. Installed once, only where missing (needs root).
-DEBIAN_PACKAGES := chromium
+# the built-in dashboard, nginx for the check endpoint behind auth_request.
+# Installed once, only where missing (needs root).
+DEBIAN_PACKAGES := chromium nginx-light
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -266,7 +266,7 @@ class Admitter:
         layout = self._layout(key, policy, period)
         if not layout.needs_settle:
             return
-        argv: list[int | str] = [
+        await self._run_settle(layout.settle_keys, layout.settle_keys_resp, [
             event_id,
             sum(used),
             used_micro_usd,
@@ -275,14 +275,70 @@ class Admitter:
             now_ms,
             len(policy.concurrency),
             len(layout.settle_rules),
-        ]
-        for algorithm, rule in layout.settle_rules:
-            give_back = rule_cost(rule, *reserved) - rule_cost(rule, *used)
-            argv += [algorithm, rule.limit, rule.window_ms, give_back]
+            *_give_backs([(a, r.limit, r.window_ms, _counts(r)) for a, r in layout.settle_rules], reserved, used),
+        ])
+
+    def settle_context(self, key: KeyRecord, policy: Policy, period: str, reserved: tuple[int, int]) -> SettleContext | None:
+        """What a settle of this admission needs, for a process without its ticket
+        (gateway_shim/check_tickets.py); None when it holds nothing to settle."""
+        layout = self._layout(key, policy, period)
+        if not layout.needs_settle:
+            return None
+        rules = [(a, r.limit, r.window_ms, _counts(r)) for a, r in layout.settle_rules]
+        return SettleContext(list(layout.settle_keys), layout.reserving, len(policy.concurrency), rules, reserved)
+
+    async def settle_reported(
+        self, context: SettleContext, event_id: str, now_ms: int, *, used: tuple[int, int], used_micro_usd: int,
+        settled_ttl_ms: int,
+    ) -> None:
+        """Settle from a usage report: as ``settle``, except that an entry already
+        gone (expired, or released by the pipeline) is left gone."""
+        await self._run_settle(context.keys, encode_args(context.keys), [
+            event_id,
+            sum(used),
+            used_micro_usd,
+            now_ms + settled_ttl_ms,
+            2 if context.reserving else 0,
+            now_ms,
+            context.concurrency,
+            len(context.rules),
+            *_give_backs(context.rules, context.reserved, used),
+        ])
+
+    async def _run_settle(self, keys: list[str], keys_resp: bytes, argv: list[int | str]) -> None:
         if self._pipe is not None:
             await self._pipe.evalsha(
-                self._settle_script, len(layout.settle_keys), layout.settle_keys_resp, encode_args(argv),
-                len(layout.settle_keys) + len(argv),
+                self._settle_script, len(keys), keys_resp, encode_args(argv), len(keys) + len(argv),
             )
         else:
-            await self._settle(keys=layout.settle_keys, args=argv)
+            await self._settle(keys=keys, args=argv)
+
+
+@dataclass(frozen=True, slots=True)
+class SettleContext:
+    """The settle script's keys and constants of one admission, kept in Redis by
+    the check endpoint: the report that settles it may reach another process."""
+
+    keys: list[str]
+    reserving: bool
+    concurrency: int  # how many of ``keys`` after the first three are concurrency sets
+    rules: list[tuple[int, int, int, int]]  # token rules: (algorithm, limit, window ms, counts code)
+    reserved: tuple[int, int]  # (input, output) tokens reserved
+
+
+def _counts(rule: RateRule) -> int:
+    return _COUNTS[rule.counts]
+
+
+def _give_backs(
+    rules: list[tuple[int, int, int, int]], reserved: tuple[int, int], used: tuple[int, int]
+) -> list[int | str]:
+    """Per token rule: algorithm, limit, window, and what the worst case over-charged."""
+    argv: list[int | str] = []
+    for algorithm, limit, window_ms, counts in rules:
+        argv += [algorithm, limit, window_ms, _count(counts, *reserved) - _count(counts, *used)]
+    return argv
+
+
+def _count(counts: int, input_tokens: int, output_tokens: int) -> int:
+    return input_tokens if counts == 1 else output_tokens if counts == 2 else input_tokens + output_tokens

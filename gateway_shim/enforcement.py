@@ -360,6 +360,20 @@ class Enforcer:
 
     # -- settlement ---------------------------------------------------------
 
+    def hand_off(self, ticket: Ticket) -> None:
+        """An admission of the check endpoint: the request runs behind another proxy,
+        so nothing of it stays in flight here. Its Redis reservation is settled by its
+        usage report (gateway_shim/check_tickets.py) or expires; a fail-open admission
+        by the in-process limiter frees its slot now, as no report can reach it."""
+        key = ticket.key
+        if ticket.admission.local:
+            self.local.release(key, ticket.policy, ticket.event_id)
+        self._in_flight[key.customer] -= 1
+        if not self._in_flight[key.customer]:
+            del self._in_flight[key.customer]
+        self.queue.released(key.customer)
+
+
     async def settle(self, ticket: Ticket, meter: RequestMeter) -> None:
         """Replace the reservation with the true usage. Runs before the event is emitted."""
         key, policy = ticket.key, ticket.policy

@@ -16,8 +16,10 @@ Answers, in the order they are checked: 404 with no ingest token configured
 spool refuses (as the proxy does), 415, 413 (body or batch too large), 400
 (naming the field and the event's index), else 202 ``{"accepted": N}``.
 
-Reported events settle no reservation: admission never reserved anything for
-them (see README, "Reporting usage from elsewhere").
+An event whose ``id`` is the event id of an admission of ``/v1/check``
+settles that reservation with the event's usage before it is spooled
+(gateway_shim/check_tickets.py); any other event settles nothing, as nothing
+was reserved for it (see README, "Reporting usage from elsewhere").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway_shim.auth import bearer_token
+from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.cloudevents import parse_events
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import IngestDisabled, InvalidApiKey, MeteringUnavailable, PayloadTooLarge, ShimError, error_response
@@ -40,13 +43,16 @@ _READ_CHUNK = 64 * 1024
 
 
 class Ingest:
-    def __init__(self, config: Config, emitter: Callable[[], EventEmitter]) -> None:
+    def __init__(
+        self, config: Config, emitter: Callable[[], EventEmitter], tickets: Callable[[], CheckTickets] | None = None
+    ) -> None:
         shim = config.shim
         token = shim.ingest_token.get_secret_value() if shim.ingest_token is not None else ""
         self._token = token.encode() if token else None
         self.max_bytes = shim.ingest_max_bytes
         self.max_events = shim.ingest_max_events
         self._emitter = emitter
+        self._tickets = tickets
 
     async def handle(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
         try:
@@ -60,6 +66,10 @@ class Ingest:
             raw = await self._read(request)
             content_type = request.content_type if "Content-Type" in request.headers else ""
             events = parse_events(content_type, raw, self.max_events)
+            if self._tickets is not None:
+                # Before spooling, as the proxy settles before it emits. A resend after
+                # a 503 finds the tickets taken: its events are only ingested.
+                await self._tickets().settle_reported(events)
             self._spool(events)
         except ShimError as exc:
             return error_response(exc)
@@ -106,10 +116,12 @@ class Ingest:
 def register(
     app: web.Application, config: Config, emitter: Callable[[web.Application], EventEmitter],
     guard: Callable[[web.Request], web.Response | None],
+    tickets: Callable[[web.Application], CheckTickets] | None = None,
 ) -> None:
     """Add ``POST /v1/events`` (before the proxy's catch-all). ``emitter`` finds the
-    shim's event emitter once the app runs; ``guard`` is the server's spool guard."""
-    ingest = Ingest(config, lambda: emitter(app))
+    shim's event emitter once the app runs, ``tickets`` the check endpoint's
+    admissions to settle; ``guard`` is the server's spool guard."""
+    ingest = Ingest(config, lambda: emitter(app), None if tickets is None else lambda: tickets(app))
 
     async def events(request: web.Request) -> web.Response:
         return await ingest.handle(request, guard)

@@ -17,6 +17,8 @@ from aiohttp import web
 
 from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
+from gateway_shim.check import Check
+from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import RouteNotFound, error_response
 from gateway_shim.ingest import register as register_ingest
@@ -31,6 +33,7 @@ from quotameter.redis_pool import redis_client as waiting_redis_client
 log = logging.getLogger("gateway_shim.server")
 SHUTDOWN_TIMEOUT_S = 30.0  # how long in-flight requests (long streams) get to finish
 _PROXY = web.AppKey("proxy", Proxy)
+_CHECK = web.AppKey("check", Check)
 
 
 # -- spool hook (gateway_shim/spool.py): no request is served that could not be billed --
@@ -62,7 +65,10 @@ def build_app(config: Config) -> web.Application:
         emitter = EventEmitter.from_config(config, redis_client)
         await upstream.start()
         await emitter.start()
-        app[_PROXY] = Proxy(config, Authenticator(redis_client, names), Admitter(redis_client, names, pipe), upstream, emitter)
+        admitter = Admitter(redis_client, names, pipe)
+        app[_PROXY] = Proxy(config, Authenticator(redis_client, names), admitter, upstream, emitter)
+        # /v1/check admits for another proxy; the usage reports of its admissions settle them.
+        app[_CHECK] = Check(app[_PROXY], CheckTickets(config, redis_client, names, admitter))
         yield
         # In-flight requests are done by now (the runner waited for them).
         await emitter.close(config.shim.drain_timeout_s)
@@ -85,13 +91,19 @@ def build_app(config: Config) -> web.Application:
         body["admission"] = request.app[_PROXY].enforcer.status()  # fail-mode decisions, queue, refusals
         return web.json_response({**body, "events": emitter.status()}, status=200 if refusing is None else 503)
 
+    async def check(request: web.Request) -> web.Response:
+        refused = _spool_guard(request)  # a refusal could not be billed either
+        return refused if refused is not None else await request.app[_CHECK].handle(request)
+
     async def not_found(request: web.Request) -> web.Response:
         return error_response(RouteNotFound(f"Unknown request URL: {request.method} {request.path}."))
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
     register_usage_api(app, config, _spool_guard)  # GET /v1/usage (gateway_shim/usage_api.py), before the catch-all
-    register_ingest(app, config, lambda app: app[_PROXY].emitter, _spool_guard)  # POST /v1/events (gateway_shim/ingest.py)
+    # POST /v1/events (gateway_shim/ingest.py); a report of a check's admission settles it.
+    register_ingest(app, config, lambda app: app[_PROXY].emitter, _spool_guard, lambda app: app[_CHECK].tickets)
+    app.router.add_route("*", "/v1/check", check)  # any method: proxies send the client's own
     app.router.add_route("*", "/v1/{tail:.*}", proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

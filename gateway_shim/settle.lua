@@ -5,7 +5,9 @@
 -- KEYS[1] pending  KEYS[2] pending expiry  KEYS[3] reserved
 -- KEYS[4 .. 3+NC] concurrency sets   KEYS[4+NC ..] token rate state
 -- ARGV 1 event id  2 true tokens  3 true micro-USD (rounded up)
---      4 settled entry expiry (absolute ms)  5 reserving (1/0)  6 now_ms
+--      4 settled entry expiry (absolute ms)  6 now_ms
+--      5 reserving: 0 no, 1 yes, 2 yes but only an entry still pending (a
+--        reported usage: a gone entry expired, or the pipeline released it)
 --      7 NC  8 NR, then per rule: algorithm, limit, window ms, tokens to give back
 --        (negative: charge more, the request used more than it reserved)
 
@@ -14,15 +16,19 @@ local tokens, micro = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = tonumber(ARGV[6])
 local nc, nr = tonumber(ARGV[7]), tonumber(ARGV[8])
 
-if ARGV[5] == '1' then
+local entry = nil
+if ARGV[5] ~= '0' then
+  entry = redis.call('HGET', KEYS[1], id)
+end
+if ARGV[5] == '1' or (ARGV[5] == '2' and entry) then
   local old_tokens, old_micro = 0, 0
-  local entry = redis.call('HGET', KEYS[1], id)
   if entry then
     local t, m = string.match(entry, '^(%-?%d+):(%-?%d+)$')
     old_tokens, old_micro = tonumber(t), tonumber(m)
   end
-  -- No entry: it expired meanwhile; the true usage still counts until the
-  -- pipeline's totals include it.
+  -- No entry (mode 1): it expired meanwhile; the true usage still counts
+  -- until the pipeline's totals include it. Mode 2 never gets here without
+  -- one: re-adding it after the pipeline released it would count it twice.
   if tokens == 0 and micro == 0 then
     redis.call('HDEL', KEYS[1], id)
     redis.call('ZREM', KEYS[2], id)

@@ -39,6 +39,12 @@ totals. Per customer and period:
     {p}:reserved:{customer}:{period} hash  tokens, micro_usd: the running sum of
                                            the pending entries
 
+    {p}:check:{customer}:{event id}  str  an admission of the check endpoint not
+                                           settled yet: what its settle needs (JSON,
+                                           gateway_shim/check_tickets.py), taken by
+                                           the usage report of that id; expires
+                                           with the reservation
+
 The shim reserves (adds an entry), settles (replaces it with the true usage,
 before it emits the event), and the pipeline, in the same atomic step that
 writes a customer's totals, removes the entries of the event ids those totals
@@ -91,6 +97,9 @@ class RedisKeys:
 
     def reserved(self, customer: str, period: str) -> str:
         return f"{self.prefix}:reserved:{{{customer}}}:{period}"
+
+    def check_ticket(self, customer: str, event_id: str) -> str:
+        return f"{self.prefix}:check:{{{customer}}}:{event_id}"
 
     def ledgered(self, spool_id: str, block: int) -> str:
         return f"{self.prefix}:ledgered:{spool_id}:{block}"

@@ -1,0 +1,141 @@
+"""``/v1/check``: admission without proxying, for a proxy that forwards itself
+(nginx ``auth_request``, Traefik ``forwardAuth``, Caddy ``forward_auth``,
+Envoy ext_authz over HTTP).
+
+The proxy calls it with the client's request headers (any method) and
+forwards only on a 2xx. It authenticates the client's ``Authorization:
+Bearer`` key, takes the model from ``x-quotameter-model`` (else the JSON
+body's ``model``, when the proxy sends the body; else the tier's defaults),
+and runs the proxy's own admission: same script, same limits, same refusals
+and headers. Admitted: 200 with the event id, customer, tier (and the model
+to serve, when degraded to a fallback) as ``x-quotameter-*`` headers, plus
+the rate-limit headers. The request's usage event comes later from the
+gateway through ``POST /v1/events`` under that event id, which settles the
+reservation (gateway_shim/check_tickets.py). A refusal is an event of its
+own, emitted here as the proxy does; its answer also carries its JSON body in
+``x-quotameter-error``, for nginx (see ``_refused``).
+
+Without a body the worst case reserved is the tier's ``default_max_tokens``
+of output (the prompt is not seen).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis.exceptions
+from aiohttp import web
+
+from gateway_shim.check_tickets import CheckTickets
+from gateway_shim.enforcement import KeyRevoked
+from gateway_shim.errors import BackendUnavailable, InvalidApiKey, Refusal, ShimError, error_response
+from gateway_shim.metering import RequestMeter
+from gateway_shim.proxy import Proxy
+from gateway_shim.routes import ProxiedRequest
+from quotameter.events import Decision
+from quotameter.redis_pool import RedisPoolExhausted
+
+log = logging.getLogger("gateway_shim.check")
+
+MODEL_HEADER = "x-quotameter-model"
+EVENT_ID_HEADER = "x-quotameter-event-id"
+ERROR_HEADER = "x-quotameter-error"
+# Where proxies put the original request's URI: nginx (by convention), Traefik / Caddy.
+_URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
+
+
+class Check:
+    def __init__(self, proxy: Proxy, tickets: CheckTickets) -> None:
+        self._proxy = proxy
+        self.tickets = tickets
+
+    async def handle(self, request: web.Request) -> web.Response:
+        proxy = self._proxy
+        try:
+            key = await proxy.auth.authenticate(request.headers.get("Authorization"))
+        except ShimError as exc:
+            return _refused(exc)
+        except RedisPoolExhausted as exc:  # Redis is up: not an outage
+            return _refused(proxy.enforcer.busy(exc))
+        except redis.exceptions.RedisError as exc:
+            log.error("Redis unreachable: %s", exc)
+            return _refused(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
+        meter = RequestMeter(route=_route(request), upstream=None)
+        headers: dict[str, str] = {}
+        body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case
+        model = request.headers.get(MODEL_HEADER) or (body.get("model") if isinstance(body.get("model"), str) else None)
+        if model is not None:
+            body["model"] = model
+        proxied = ProxiedRequest(body, b"", model, body.get("stream") is True, False)
+        meter.model_requested, meter.streamed = model, proxied.stream
+        enforcer = proxy.enforcer
+        try:
+            policy = enforcer.policy(key, model)
+            estimate, _ = enforcer.estimate(policy, proxied, True)
+            try:
+                ticket = await enforcer.admit(key, policy, proxied, estimate, meter, headers)
+            except KeyRevoked:
+                proxy.auth.forget(key.key_id)
+                return _refused(proxy.auth.invalid())  # no customer to bill
+        except InvalidApiKey as exc:
+            return _refused(exc)
+        except ShimError as exc:
+            # Refused: the request ends here, and its event is emitted as the proxy does.
+            meter.status = exc.status
+            if isinstance(exc, Refusal):
+                meter.decision, meter.reason = Decision.REFUSED, exc.reason
+            meter.reason = meter.reason or exc.code
+            proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
+            return _refused(exc, headers)
+        except Exception:
+            log.exception("check for %s failed", meter.route)
+            meter.status, meter.decision, meter.reason = 500, Decision.REFUSED, "internal_error"
+            proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
+            return _refused(ShimError("The gateway failed to check your request."), headers)
+        enforcer.hand_off(ticket)
+        if not ticket.admission.local:
+            try:
+                await self.tickets.keep(ticket)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                # Admitted all the same: its report is ingested without a settle, and
+                # the reservation expires after its TTL.
+                log.error("cannot keep check ticket %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
+        headers[EVENT_ID_HEADER] = ticket.event_id
+        headers["x-quotameter-customer"] = key.customer
+        headers["x-quotameter-tier"] = key.tier
+        if ticket.model is not None and ticket.model != model:
+            headers["x-quotameter-served-model"] = ticket.model  # degraded to the tier's fallback
+        answer = {"event_id": ticket.event_id, "customer": key.customer, "tier": key.tier, "model": ticket.model}
+        return web.json_response(answer, headers=headers)
+
+
+def _refused(error: ShimError, headers: dict[str, str] | None = None) -> web.Response:
+    """The proxy's own error answer, its body also in ``x-quotameter-error`` (one line of
+    ASCII JSON): nginx's auth_request keeps a subrequest's headers, never its body, so
+    its error_page can only give the client the answer from there (deploy/nginx/)."""
+    response = error_response(error, headers)
+    assert isinstance(response.body, bytes)
+    response.headers[ERROR_HEADER] = json.dumps(json.loads(response.body), ensure_ascii=True)
+    return response
+
+
+def _route(request: web.Request) -> str:
+    for name in _URI_HEADERS:
+        uri = request.headers.get(name)
+        if uri and uri.startswith("/"):
+            return uri.partition("?")[0][:200]
+    return "/v1/check"
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON body a proxy may pass along (Envoy's with_request_body), else {}.
+    The body is the upstream's business: one that is not a JSON object is ignored."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}

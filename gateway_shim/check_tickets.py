@@ -1,0 +1,111 @@
+"""Admissions of the check endpoint, kept in Redis until a usage report settles them.
+
+The check endpoint admits a request that another proxy forwards; its usage
+comes back later through ``POST /v1/events``, carrying the check's event id,
+and maybe to another shim process. So what the proxy's settle takes from its
+in-memory ticket (the settle script's keys, the token rules, the tokens
+reserved, the model for pricing) is stored beside the ``pending`` entry under
+``{p}:check:{customer}:{event id}``, expiring with the reservation.
+
+A report takes its ticket with GET and DEL in one transaction, so of two
+reports of one id (a reporter's retry) only one settles. A crash between
+taking it and the settle leaves the reservation to expire after its TTL.
+(On Redis Cluster a batch's transaction spans the customers' slots: it
+would have to be split per customer, as the admission's note on clusters says.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from gateway_shim.admission import Admitter, SettleContext
+from gateway_shim.enforcement import Ticket
+from quotameter.config import Config
+from quotameter.events import EncodedEvent
+from quotameter.policy import micro_usd
+from quotameter.pricing import PriceTable
+from quotameter.redis_keys import RedisKeys
+
+log = logging.getLogger("gateway_shim.check_tickets")
+
+
+class CheckTickets:
+    def __init__(self, config: Config, client: aioredis.Redis, names: RedisKeys, admitter: Admitter) -> None:
+        self._client = client
+        self._names = names
+        self._admitter = admitter
+        self._prices = PriceTable(config.prices, config.default_price)
+
+    async def keep(self, ticket: Ticket) -> None:
+        """Store what settling ``ticket`` takes, for as long as its reservation lasts.
+        Nothing is stored for an admission that holds nothing to settle."""
+        context = self._admitter.settle_context(ticket.key, ticket.policy, ticket.period, ticket.reserved)
+        if context is None:
+            return
+        value = json.dumps({
+            "keys": context.keys,
+            "reserving": context.reserving,
+            "concurrency": context.concurrency,
+            "rules": context.rules,
+            "reserved": context.reserved,
+            "model": ticket.model,
+            "settled_ttl_ms": int(ticket.policy.tier.settled_ttl_s * 1000),
+        }, separators=(",", ":"))
+        ttl_ms = int(ticket.policy.tier.reservation_ttl_s * 1000)
+        await self._client.set(self._names.check_ticket(ticket.key.customer, ticket.event_id), value, px=ttl_ms)
+
+    async def settle_reported(self, events: list[EncodedEvent]) -> int:
+        """Settle the reservations of reported events whose ids are checked admissions;
+        the rest (unknown, already settled or expired ids) are only ingested. Returns
+        how many were settled. Runs before the events are spooled: settled first, as
+        the proxy does, though the script also copes with the pipeline having them."""
+        if not events:
+            return 0
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for event in events:
+                    key = self._names.check_ticket(event.customer_id, event.id)
+                    pipe.get(key)
+                    pipe.delete(key)
+                replies = await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # The reports are still ingested; the reservations expire after their TTL.
+            log.error("cannot read check tickets (%s): %d reported events settle nothing", exc, len(events))
+            return 0
+        settled = 0
+        for event, raw in zip(events, replies[::2], strict=True):
+            if raw is None:
+                continue
+            try:
+                await self._settle(event, json.loads(raw))
+                settled += 1
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.error("cannot settle %s from its report (%s): its reservation expires after its TTL", event.id, exc)
+        return settled
+
+    async def _settle(self, event: EncodedEvent, stored: dict) -> None:
+        data = json.loads(event.value)["data"]
+        used = (data.get("input_tokens") or 0, data.get("output_tokens") or 0)
+        model = data.get("model_served") or data.get("model_requested") or stored["model"]
+        cost = self._prices.cost(
+            model, datetime.fromtimestamp(event.time_ms / 1000, UTC).date(),
+            input_tokens=used[0], output_tokens=used[1],
+            cached_tokens=data.get("cached_tokens") or 0, reasoning_tokens=data.get("reasoning_tokens") or 0,
+        )
+        context = SettleContext(
+            keys=stored["keys"],
+            reserving=stored["reserving"],
+            concurrency=stored["concurrency"],
+            rules=[tuple(rule) for rule in stored["rules"]],
+            reserved=tuple(stored["reserved"]),
+        )
+        await self._admitter.settle_reported(
+            context, event.id, int(time.time() * 1000), used=used, used_micro_usd=micro_usd(cost.usd),
+            settled_ttl_ms=stored["settled_ttl_ms"],
+        )
