@@ -71,7 +71,8 @@ async def _wait_depth(config: Config, depth: int, timeout_s: float) -> dict[str,
         await asyncio.sleep(0.1)
 
 
-async def test_events_the_broker_lost_reach_the_ledger_once(cli_process, config_factory, own_broker: Broker) -> None:
+async def test_events_the_broker_lost_reach_the_ledger_once(own_broker: Broker, cli_process, config_factory) -> None:
+    # own_broker first: set up first, torn down last, after the processes that use it.
     mock_port = free_port()
     mock = cli_process("mock", "mock-llm", "--port", str(mock_port))
     config, path = config_factory({
