@@ -30,7 +30,7 @@ from aiohttp import web
 
 from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.enforcement import KeyRevoked
-from gateway_shim.errors import BackendUnavailable, InvalidApiKey, Refusal, ShimError, error_response
+from gateway_shim.errors import InvalidApiKey, ShimError, error_response, quota_backend_down
 from gateway_shim.metering import RequestMeter
 from gateway_shim.proxy import Proxy
 from gateway_shim.routes import ProxiedRequest
@@ -60,8 +60,7 @@ class Check:
         except RedisPoolExhausted as exc:  # Redis is up: not an outage
             return _refused(proxy.enforcer.busy(exc))
         except redis.exceptions.RedisError as exc:
-            log.error("Redis unreachable: %s", exc)
-            return _refused(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
+            return _refused(quota_backend_down(exc))
         meter = RequestMeter(route=_route(request), upstream=None)
         headers: dict[str, str] = {}
         body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case
@@ -83,10 +82,7 @@ class Check:
             return _refused(exc)
         except ShimError as exc:
             # Refused: the request ends here, and its event is emitted as the proxy does.
-            meter.status = exc.status
-            if isinstance(exc, Refusal):
-                meter.decision, meter.reason = Decision.REFUSED, exc.reason
-            meter.reason = meter.reason or exc.code
+            meter.refused(exc)
             proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
             return _refused(exc, headers)
         except Exception:

@@ -29,6 +29,7 @@ Bodies follow OpenAI's shape, so every SDK raises its usual exception:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -36,6 +37,8 @@ from aiohttp import web
 
 from quotameter.errors import QuotameterError
 
+
+log = logging.getLogger("gateway_shim.errors")
 
 class ShimError(QuotameterError):
     """A request the shim answers itself. ``code`` also becomes the event's reason."""
@@ -138,6 +141,12 @@ class BackendUnavailable(ShimError):
     error_type = "server_error"
     code = "quota_backend_unavailable"
 
+
+
+def quota_backend_down(exc: Exception) -> BackendUnavailable:
+    """Redis unreachable (not merely busy): the answer of every /v1/ endpoint, logged here once."""
+    log.error("Redis unreachable: %s", exc)
+    return BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly.")
 
 class BackendBusy(ShimError):
     """Redis is up, but every connection of the shim's pool stayed busy for

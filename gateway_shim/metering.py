@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from gateway_shim.errors import Refusal, ShimError
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.usage import NO_USAGE, Usage
 from quotameter.events import Decision, EncodedEvent, encode_request_event, new_event_id
@@ -29,6 +30,13 @@ class RequestMeter:
     event_id: str = field(default_factory=new_event_id)  # also the reservation's id
     _t0: float = field(default_factory=time.perf_counter)
     _first_byte_s: float | None = None
+
+    def refused(self, exc: ShimError) -> None:
+        """The request ends with ``exc``'s answer: its status, and the refusal's reason."""
+        self.status = exc.status
+        if isinstance(exc, Refusal):
+            self.decision, self.reason = Decision.REFUSED, exc.reason
+        self.reason = self.reason or exc.code
 
     def first_byte(self) -> None:
         """The first body byte went to the client (time to first token, for streams)."""

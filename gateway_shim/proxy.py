@@ -20,13 +20,12 @@ from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
-from gateway_shim.errors import BackendUnavailable, InvalidApiKey, MalformedRequest, Refusal, ShimError, error_response
+from gateway_shim.errors import InvalidApiKey, MalformedRequest, ShimError, error_response, quota_backend_down
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
 from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request
 from gateway_shim.upstream import Upstream, is_stream, relay_body, relay_stream
 from quotameter.config import Config
-from quotameter.events import Decision
 from quotameter.redis_pool import RedisPoolExhausted
 
 log = logging.getLogger("gateway_shim.proxy")
@@ -53,7 +52,7 @@ class Proxy:
         except RedisPoolExhausted as exc:  # Redis is up: not an outage
             return error_response(self.enforcer.busy(exc))
         except redis.exceptions.RedisError as exc:
-            return error_response(_backend_down(exc))
+            return error_response(quota_backend_down(exc))
         meter = RequestMeter(route=route.name, upstream=self.upstream.base_url)
         headers: dict[str, str] = {}  # rate-limit headers, on every answer once admission ran
         billable = True
@@ -78,10 +77,7 @@ class Proxy:
             billable = False
             return error_response(exc)
         except ShimError as exc:
-            meter.status = exc.status
-            if isinstance(exc, Refusal):
-                meter.decision, meter.reason = Decision.REFUSED, exc.reason
-            meter.reason = meter.reason or exc.code
+            meter.refused(exc)
             return error_response(exc, headers)
         except Exception:
             log.exception("%s %s failed", request.method, route.name)
@@ -148,7 +144,3 @@ def _rewrite(proxied: ProxiedRequest, model: str | None, max_tokens: int | None)
         body["max_tokens"] = max_tokens
     return json.dumps(body, separators=(",", ":")).encode()
 
-
-def _backend_down(exc: Exception) -> BackendUnavailable:
-    log.error("Redis unreachable: %s", exc)
-    return BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly.")

@@ -346,16 +346,6 @@ class Spool:
             os.close(dir_fd)
         return made
 
-    def advance(self, seq: int) -> None:
-        """Every record below ``seq`` is delivered."""
-        if seq <= self.watermark:
-            return
-        self.watermark = min(seq, self.next_seq)
-        self._acked = {s for s in self._acked if s >= self.watermark}
-        while self.watermark in self._acked:
-            self._acked.discard(self.watermark)
-            self.watermark += 1
-
     def _read_cursor(self) -> int:
         try:
             return int((self.directory / "cursor").read_text().strip())

@@ -28,12 +28,12 @@ from aiohttp import web
 from gateway_shim.auth import Authenticator, bearer_token
 from gateway_shim.errors import (
     BackendBusy,
-    BackendUnavailable,
     ShimError,
     UsageBadRequest,
     UsageForbidden,
     UsageNotFound,
     error_response,
+    quota_backend_down,
 )
 from quotameter.aggregate import format_usd
 from quotameter.config import Config
@@ -65,8 +65,8 @@ class UsageApi:
             return error_response(exc)
         except RedisPoolExhausted:
             return error_response(BackendBusy("The quota service is busy. Please retry shortly."))
-        except redis.exceptions.RedisError:
-            return error_response(BackendUnavailable("The quota service is temporarily unavailable. Please retry shortly."))
+        except redis.exceptions.RedisError as exc:
+            return error_response(quota_backend_down(exc))
 
     async def _answer(self, request: web.Request) -> dict[str, Any]:
         asked = request.query.get("customer") or None
