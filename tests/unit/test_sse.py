@@ -174,3 +174,15 @@ def test_the_newline_fast_path_reads_streams_as_the_general_parser_does() -> Non
             assert [getattr(fast, name) for name in state] == [getattr(general, name) for name in state]
             if fast.cut:
                 break
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_done_is_held_back_for_the_relay_to_write_after_billing(newline: bytes) -> None:
+    chunk = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}' + newline * 2
+    done = b"data: [DONE]" + newline * 2
+    tally = StreamTally(model="m", hold_done=True)
+    assert tally.feed(chunk + done) == chunk
+    assert tally.done and tally.held == done
+    # Without hold_done it goes out at once, as before.
+    plain = StreamTally(model="m")
+    assert plain.feed(chunk + done) == chunk + done and plain.held == b""
