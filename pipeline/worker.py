@@ -139,6 +139,16 @@ def serve(config: Config) -> None:
     # may take long, and a failed write is retried with the next batch anyway).
     redis_client = waiting_redis_client(services, timeout_s=None)
     writer = UsageWriter(redis_client, RedisKeys(services.redis_prefix), lambda: time.time_ns() // 1_000_000)
+
+    async def rewrite_quota_state() -> int:
+        async with sink.lock:  # between batches: their rows are in the ledger first
+            await sink.ledger.flush()
+            return (await rebuild_state(history, writer, billing.calendar))["customers"]
+
+    # Redis's run_id is taken before the state is written below: a restart
+    # from then on, however soon, is one the worker rewrites after.
+    restarts = RedisRestarts(redis_client, rewrite_quota_state)
+    loop.run_until_complete(restarts.check())
     try:
         # Redis flushed, or behind a ledger kept across a lost broker: the
         # ledger's totals now, before the first batch (never lowers a total).
@@ -152,12 +162,6 @@ def serve(config: Config) -> None:
     readiness = Readiness()
     register_usage_agent(parts, sink, config.pipeline.batch_max_events, config.pipeline.batch_max_wait_ms)
 
-    async def rewrite_quota_state() -> int:
-        async with sink.lock:  # between batches: their rows are in the ledger first
-            await sink.ledger.flush()
-            return (await rebuild_state(history, writer, billing.calendar))["customers"]
-
-    restarts = RedisRestarts(redis_client, rewrite_quota_state)
     parts.app.timer(CHECK_EVERY_S)(restarts.check)
     register_views(parts, history, readiness, sink, billing.calendar)
     _announce_ready(parts, readiness, started)
