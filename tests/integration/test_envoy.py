@@ -149,12 +149,11 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
                 assert raw.headers["RateLimit"].startswith('"requests";r=2;')
 
                 # A stream without include_usage: the shim asks the model for it (the body
-                # rewritten, its content-length right) and hides it from the client.
-                stream = await edge.chat.completions.create(
-                    model="mock-small", messages=MESSAGES, max_tokens=7, stream=True
-                )
+                # rewritten, its content-length right) and hides it from the client. No
+                # max_tokens: the tier's default is reserved, the mock's 16 words settled.
+                stream = await edge.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
                 hidden = [chunk async for chunk in stream]
-                assert text_of(hidden) == "".join(completion_pieces(7))
+                assert text_of(hidden) == "".join(completion_pieces(16))
                 assert all(chunk.usage is None for chunk in hidden) and hidden[-1].choices
                 headers, body = relay.seen[-1]
                 assert json.loads(body)["stream_options"] == {"include_usage": True}
@@ -202,13 +201,17 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             assert len(relay.seen) == 4
             assert all("authorization" not in headers for headers, _ in relay.seen)
 
+            # Every reservation was settled to the true usage (until the worker releases it).
+            assert shim.reserved("edge")[0] == 3 * PROMPT_TOKENS + 5 + 16 + 6
+            assert shim.reserved("cutter")[0] == PROMPT_TOKENS + delivered
+
             # The ledger holds each request once, to the token the clients were served.
             await asyncio.to_thread(start_worker, cli_process, shim.config, shim.config_path, "worker")
             edge_rows = await asyncio.to_thread(
                 wait_for, lambda: (r := ledger_rows(shim.config, "edge"))["rows"] >= 4 and r, 60.0, "edge's events"
             )
             assert edge_rows["rows"] == edge_rows["ids"] == 4  # three admitted, one refused
-            assert edge_rows["input_tokens"] == 3 * PROMPT_TOKENS and edge_rows["output_tokens"] == 5 + 7 + 6
+            assert edge_rows["input_tokens"] == 3 * PROMPT_TOKENS and edge_rows["output_tokens"] == 5 + 16 + 6
             cut_rows = await asyncio.to_thread(
                 wait_for, lambda: (r := ledger_rows(shim.config, "cutter"))["rows"] and r, 30.0, "cutter's event"
             )
