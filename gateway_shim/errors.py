@@ -39,7 +39,6 @@ from aiohttp import web
 
 from quotameter.errors import QuotameterError
 
-
 log = logging.getLogger("gateway_shim.errors")
 
 class ShimError(QuotameterError):

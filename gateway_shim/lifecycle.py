@@ -31,10 +31,18 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
+from gateway_shim import refusal_text
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
-from gateway_shim.errors import Answer, InvalidApiKey, MalformedRequest, ShimError, error_answer, quota_backend_down
+from gateway_shim.errors import (
+    Answer,
+    InvalidApiKey,
+    MalformedRequest,
+    ShimError,
+    error_answer,
+    quota_backend_down,
+)
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
 from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request
@@ -132,11 +140,7 @@ class Exchange:
         cut_at = None
         if proxied.stream and policy.tier.cut_streams and policy.reserves:
             cut_at = ticket.admission.output_tokens  # a stream never carries past its reservation
-        message = ""
-        if cut_at is not None:
-            hint = f" {policy.upgrade_hint}" if policy.upgrade_hint else ""
-            message = (f"{policy.tier_name.capitalize()} tier budget reached: the response was cut at "
-                       f"{cut_at} output tokens.{hint}")
+        message = "" if cut_at is None else refusal_text.stream_cut(policy, cut_at)
         return Forward(body, rewritten, proxied.stream, cut_at, message)
 
     def refuse(self, exc: BaseException) -> Answer:

@@ -22,7 +22,13 @@ from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer
-from gateway_shim.errors import ShimError, UpstreamTimeout, UpstreamUnavailable, error_response, to_response
+from gateway_shim.errors import (
+    ShimError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_response,
+    to_response,
+)
 from gateway_shim.lifecycle import Exchange, Forward, Lifecycle
 from gateway_shim.upstream import Upstream, client_headers
 from quotameter.config import Config
