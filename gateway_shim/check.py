@@ -29,13 +29,10 @@ import redis.exceptions
 from aiohttp import web
 
 from gateway_shim.check_tickets import CheckTickets
-from gateway_shim.enforcement import KeyRevoked
-from gateway_shim.errors import InvalidApiKey, ShimError, error_response, quota_backend_down
-from gateway_shim.metering import RequestMeter
+from gateway_shim.errors import Answer, ShimError, error_answer
 from gateway_shim.proxy import Proxy
-from gateway_shim.routes import ProxiedRequest
+from gateway_shim.routes import Route
 from quotameter.events import Decision
-from quotameter.redis_pool import RedisPoolExhausted
 
 log = logging.getLogger("gateway_shim.check")
 
@@ -52,45 +49,28 @@ class Check:
         self.tickets = tickets
 
     async def handle(self, request: web.Request) -> web.Response:
-        proxy = self._proxy
+        lifecycle = self._proxy.lifecycle
+        route = Route(_route(request), has_body=True, streams=True)
         try:
-            key = await proxy.auth.authenticate(request.headers.get("Authorization"))
+            exchange = await lifecycle.open_route(route, request.headers.get("Authorization"), None)
         except ShimError as exc:
-            return _refused(exc)
-        except RedisPoolExhausted as exc:  # Redis is up: not an outage
-            return _refused(proxy.enforcer.busy(exc))
-        except redis.exceptions.RedisError as exc:
-            return _refused(quota_backend_down(exc))
-        meter = RequestMeter(route=_route(request), upstream=None)
-        headers: dict[str, str] = {}
+            return _refused(error_answer(exc))
         body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case
         model = request.headers.get(MODEL_HEADER) or (body.get("model") if isinstance(body.get("model"), str) else None)
         if model is not None:
             body["model"] = model
-        proxied = ProxiedRequest(body, b"", model, body.get("stream") is True, False)
-        meter.model_requested, meter.streamed = model, proxied.stream
-        enforcer = proxy.enforcer
         try:
-            policy = enforcer.policy(key, model)
-            estimate, _ = enforcer.estimate(policy, proxied, True)
-            try:
-                ticket = await enforcer.admit(key, policy, proxied, estimate, meter, headers)
-            except KeyRevoked:
-                proxy.auth.forget(key.key_id)
-                return _refused(proxy.auth.invalid())  # no customer to bill
-        except InvalidApiKey as exc:
-            return _refused(exc)
-        except ShimError as exc:
-            # Refused: the request ends here, and its event is emitted as the proxy does.
-            meter.refused(exc)
-            proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
-            return _refused(exc, headers)
-        except Exception:
-            log.exception("check for %s failed", meter.route)
-            meter.status, meter.decision, meter.reason = 500, Decision.REFUSED, "internal_error"
-            proxy.emitter.emit(meter.encoded_event(proxy.config.shim.instance, key))
-            return _refused(ShimError("The gateway failed to check your request."), headers)
-        enforcer.hand_off(ticket)
+            await exchange.admit(json.dumps(body).encode())
+        except Exception as exc:
+            # Refused: the request ends here, and its event is emitted as the proxy's are.
+            answer = exchange.refuse(exc)
+            if answer.status >= 500:
+                exchange.meter.decision = Decision.REFUSED  # never forwarded
+            await exchange.finish()
+            return _refused(answer)
+        exchange.hand_off()
+        ticket, key = exchange.ticket, exchange.key
+        assert ticket is not None
         if not ticket.admission.local:
             try:
                 await self.tickets.keep(ticket)
@@ -98,6 +78,7 @@ class Check:
                 # Admitted all the same: its report is ingested without a settle, and
                 # the reservation expires after its TTL.
                 log.error("cannot keep check ticket %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
+        headers = exchange.headers
         headers[EVENT_ID_HEADER] = ticket.event_id
         headers["x-quotameter-customer"] = key.customer
         headers["x-quotameter-tier"] = key.tier
@@ -107,14 +88,12 @@ class Check:
         return web.json_response(answer, headers=headers)
 
 
-def _refused(error: ShimError, headers: dict[str, str] | None = None) -> web.Response:
+def _refused(answer: Answer) -> web.Response:
     """The proxy's own error answer, its body also in ``x-quotameter-error`` (one line of
     ASCII JSON): nginx's auth_request keeps a subrequest's headers, never its body, so
     its error_page can only give the client the answer from there (deploy/nginx/)."""
-    response = error_response(error, headers)
-    assert isinstance(response.body, bytes)
-    response.headers[ERROR_HEADER] = json.dumps(json.loads(response.body), ensure_ascii=True)
-    return response
+    return web.Response(status=answer.status, body=answer.body,
+                        headers={**answer.headers, ERROR_HEADER: answer.body.decode("ascii")})
 
 
 def _route(request: web.Request) -> str:

@@ -1,6 +1,7 @@
-"""Enforcement of one request: the policy, the worst-case estimate, admission
-(Redis, or the fail mode while it is away), degradation (fallback model,
-batch queue), the refusal answers, and settlement after the response.
+"""Enforcement of one request: the policy that applies, admission (Redis, or
+the fail modes while it is away: fail_modes.py), degradation (fallback model,
+batch queue), and settlement after the response. The worst-case estimate and
+prices are in estimates.py, the refusal texts in refusal_text.py.
 
 The hot path costs one Redis round trip to admit and, only when the request
 holds something (a reservation, a concurrency slot, a tokens/min charge),
@@ -10,51 +11,40 @@ one more to settle; a customer remembered as refused costs none.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from decimal import Decimal
+from datetime import UTC, datetime
 
-import redis.exceptions
-
+from gateway_shim import refusal_text
 from gateway_shim.admission import Admission, Admitter, Estimate, Reason
 from gateway_shim.batch_queue import BatchQueue
 from gateway_shim.errors import (
     BackendBusy,
     BackendUnavailable,
     InvalidApiKey,
-    ModelNotAllowed,
     QueueRefused,
-    QuotaExceeded,
-    RateLimited,
     Refusal,
 )
+from gateway_shim.estimates import Estimator
+from gateway_shim.fail_modes import REDIS_DOWN, FailModes
 from gateway_shim.keystore import KeyRecord
-from gateway_shim.local_limiter import LocalLimiter
 from gateway_shim.metering import RequestMeter
 from gateway_shim.ratelimit_headers import ratelimit_headers
 from gateway_shim.refusals import RefusalMemory, request_scopes
 from gateway_shim.routes import ProxiedRequest
 from quotameter.config import Config
 from quotameter.events import Decision
-from quotameter.policy import Policy, micro_usd, resolve
-from quotameter.pricing import PriceTable
+from quotameter.policy import Policy, resolve
 from quotameter.redis_pool import RedisPoolExhausted
-from quotameter.tokens import count_prompt
 
 log = logging.getLogger("gateway_shim.enforcement")
 
-REDIS_RETRY_S = 1.0  # after a failure, skip Redis (fail mode) this long before trying again
 # Refusals a batch request may wait out: rate and concurrency limits free up with
 # time; a period quota or budget only while this shim has requests of the customer
 # in flight, whose worst-case reservations settle to the true usage, usually lower.
 _TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY)
 _QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET)
-# Redis unreachable (not a script error, which is a bug and answered 500). A pool
-# whose connections all stayed busy (RedisPoolExhausted) is not among them: Redis is up.
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 class KeyRevoked(InvalidApiKey):
@@ -78,25 +68,19 @@ class Enforcer:
     def __init__(self, config: Config, admitter: Admitter) -> None:
         self.config = config
         self.admitter = admitter
-        self.prices = PriceTable(config.prices, config.default_price)
-        self.local = LocalLimiter()
+        self.estimator = Estimator(config)
+        self.fail_modes = FailModes()
         self.refusals = RefusalMemory()
         self.queue = BatchQueue()
-        self.fail_mode_decisions: Counter[str] = Counter()
         self._policies: dict[tuple[str, str, str, str | None], Policy] = {}
-        self._rates: dict[tuple[str | None, date], tuple[Decimal, Decimal, str]] = {}
         self._period: tuple[str, int, int, int] = ("", 0, 0, 0)  # name, start, end ms, length s
-        self._redis_down_until = 0.0
-        self._last_fail_log = 0.0
-        self.busy_refusals = 0
         self._in_flight: Counter[str] = Counter()  # admitted, not yet settled, per customer
-        self._last_busy_log = 0.0
 
     def status(self) -> dict[str, object]:
         return {
-            "redis": "down" if time.monotonic() < self._redis_down_until else "up",
-            "fail_mode_decisions": dict(self.fail_mode_decisions),
-            "busy_refusals": self.busy_refusals,
+            "redis": "down" if self.fail_modes.redis_down else "up",
+            "fail_mode_decisions": dict(self.fail_modes.decisions),
+            "busy_refusals": self.fail_modes.busy_refusals,
             "remembered_refusals_served": self.refusals.hits,
             "queue": self.queue.status(),
         }
@@ -126,52 +110,9 @@ class Enforcer:
             self._period = (name, start_ms, end_ms, (end_ms - start_ms) // 1000)
         return self._period
 
-    def _model_rates(self, model: str | None, today: date) -> tuple[Decimal, Decimal, str]:
-        """(input, output) micro-USD per token (= USD per 1M tokens) for the model today,
-        and the output rate as exact decimal text (what the admission script reads)."""
-        rates = self._rates.get((model, today))
-        if rates is None:
-            price = self.prices.lookup(model, today) or self.config.default_price
-            in_rate, out_rate = (price.input_per_million_usd, price.output_per_million_usd) if price else (Decimal(0), Decimal(0))
-            rates = (in_rate, out_rate, format(out_rate, "f"))
-            if len(self._rates) > 50_000:
-                self._rates.clear()
-            self._rates[(model, today)] = rates
-        return rates
-
     def estimate(self, policy: Policy, proxied: ProxiedRequest, streams: bool) -> tuple[Estimate, bool]:
         """The request's worst case, and whether it named its own max_tokens."""
-        body = proxied.body
-        if body is None:
-            return Estimate(0, 0, 0, "0"), False
-        explicit = body.get("max_completion_tokens") or body.get("max_tokens")
-        explicit = explicit if isinstance(explicit, int) and not isinstance(explicit, bool) and explicit > 0 else None
-        choices = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
-        output = (explicit or policy.default_max_tokens) * choices if streams or "messages" in body else 0
-        counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
-        input_tokens = count_prompt(body, proxied.model) if counts_tokens else 0
-        today = datetime.now(UTC).date()
-        in_rate, _, out_rate_text = self._model_rates(proxied.model, today)
-        fallback = policy.fallback
-        fb_budget, fb_in, fb_rate = -1, 0, "0"
-        if fallback is not None and policy.period_budget_micro_usd is not None:
-            fb_in_rate, _, fb_rate = self._model_rates(fallback.model, today)
-            fb_budget = policy.period_budget_micro_usd + micro_usd(fallback.extra_budget_usd)
-            fb_in = math.ceil(input_tokens * fb_in_rate)
-        cuttable = policy.tier.cut_streams and explicit is None and choices == 1 and output > 0
-        return (
-            Estimate(
-                input_tokens=input_tokens,
-                output_tokens=output,
-                input_micro_usd=math.ceil(input_tokens * in_rate),
-                output_rate=out_rate_text,
-                cuttable=cuttable,
-                fallback_budget_micro_usd=fb_budget,
-                fallback_input_micro_usd=fb_in,
-                fallback_output_rate=fb_rate,
-            ),
-            explicit is not None,
-        )
+        return self.estimator.estimate(policy, proxied, streams)
 
     # -- admission ----------------------------------------------------------
 
@@ -187,11 +128,7 @@ class Enforcer:
         """Admit the request or raise the refusal; ``headers`` gets the rate-limit headers."""
         if proxied.body is not None and proxied.model is not None and not policy.model_allowed(proxied.model):
             meter.decision, meter.reason = Decision.REFUSED, "model_not_allowed"
-            allowed = ", ".join(sorted(policy.allowed_models or ()))
-            raise ModelNotAllowed(
-                f"The model '{proxied.model}' is not available on the {policy.tier_name.capitalize()} tier "
-                f"(allowed: {allowed}).{_hint(policy)}"
-            )
+            raise refusal_text.model_not_allowed(policy, proxied.model)
         queued = key.batch and policy.queue is not None
         if not queued and self.refusals:
             recalled = self.refusals.recall(key.customer, request_scopes(_request_rule_scopes(policy)))
@@ -228,7 +165,7 @@ class Enforcer:
         self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate, meter: RequestMeter, batch: bool
     ) -> Admission:
         now_ms = int(time.time() * 1000)
-        if time.monotonic() >= self._redis_down_until:
+        if not self.fail_modes.redis_down:
             period, _, end_ms, _ = self.period(now_ms)
             limits = None
             if batch and policy.concurrency and policy.queue and policy.queue.interactive_reserved_concurrency:
@@ -242,48 +179,14 @@ class Enforcer:
             except RedisPoolExhausted as exc:
                 meter.decision, meter.reason = Decision.REFUSED, "redis_busy"
                 raise self.busy(exc) from None
-            except _REDIS_ERRORS as exc:
-                self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+            except REDIS_DOWN as exc:
+                self.fail_modes.redis_failed()
                 log.error("Redis unreachable during admission (%s): following each tier's fail modes", exc)
-        return self._fail_mode(key, policy, event_id, now_ms, estimate, meter)
-
-    def _fail_mode(
-        self, key: KeyRecord, policy: Policy, event_id: str, now_ms: int, estimate: Estimate, meter: RequestMeter
-    ) -> Admission:
-        closed = policy.fail_closed_kinds()
-        if closed:
-            outcome = "closed_refused"
-            self._count_fail_mode(outcome, key, policy)
-            meter.decision, meter.reason = Decision.REFUSED, "redis_unavailable"
-            raise BackendUnavailable(
-                f"The quota service is unreachable and the {policy.tier_name.capitalize()} tier's "
-                f"{', '.join(k.value for k in closed)} limits fail closed. Please retry shortly."
-            )
-        admission = self.local.admit(key, policy, event_id, now_ms, estimate)
-        self._count_fail_mode("open_admitted" if admission.admitted else "open_refused", key, policy)
-        if admission.admitted:
-            meter.reason = "fail_open"
-        return admission
+        return self.fail_modes.admit(key, policy, event_id, now_ms, estimate, meter)
 
     def busy(self, exc: RedisPoolExhausted) -> BackendBusy:
         """The answer while Redis is up but no pooled connection freed up in time."""
-        self.busy_refusals += 1
-        now = time.monotonic()
-        if now - self._last_busy_log >= 1.0:
-            self._last_busy_log = now
-            log.warning("Redis pool exhausted (%s; %d refused so far): raise services.redis_max_connections",
-                        exc, self.busy_refusals)
-        return BackendBusy("The quota service is busy. Please retry shortly.")
-
-    def _count_fail_mode(self, outcome: str, key: KeyRecord, policy: Policy) -> None:
-        self.fail_mode_decisions[outcome] += 1
-        now = time.monotonic()
-        if now - self._last_fail_log >= 1.0 or self.fail_mode_decisions[outcome] == 1:
-            self._last_fail_log = now
-            log.warning(
-                "Redis unreachable: fail-%s decision for customer %s (tier %s); so far %s",
-                outcome.replace("_", " "), key.customer, policy.tier_name, dict(self.fail_mode_decisions),
-            )
+        return self.fail_modes.busy(exc)
 
     async def _wait_in_queue(
         self, key: KeyRecord, policy: Policy, estimate: Estimate, meter: RequestMeter, admission: Admission
@@ -313,7 +216,7 @@ class Enforcer:
                     raise QueueRefused(
                         "queue_timeout",
                         f"Waited {policy.queue.max_wait_s:g}s in the batch queue without capacity freeing up "
-                        f"({_describe(admission, estimate)}). Please retry later.",
+                        f"({refusal_text.describe(admission, estimate)}). Please retry later.",
                         max(admission.retry_after_ms, 1) / 1000,
                     )
                 admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=True)
@@ -328,35 +231,9 @@ class Enforcer:
         return ratelimit_headers(admission, length_s, end_ms - now_ms)
 
     def _refusal(self, admission: Admission, wait_ms: int, estimate: Estimate, meter: RequestMeter) -> Refusal:
-        policy = admission.policy
         meter.decision, meter.reason = Decision.REFUSED, admission.reason.code
-        tier = f"{policy.tier_name.capitalize()} tier"
-        what = _describe(admission, estimate)
-        if admission.reason in (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET):
-            _, _, end_ms, _ = self.period(int(time.time() * 1000))
-            resets = datetime.fromtimestamp(end_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
-            return QuotaExceeded(
-                f"{tier} limit exceeded: {what}. Your quota resets at {resets}.{_hint(policy)}",
-                wait_ms / 1000,
-                admission.reason.code,
-                status=policy.tier.quota_status,
-            )
-        if admission.reason is Reason.TOO_LARGE:
-            return RateLimited(
-                f"{tier} limit exceeded: {what}, more than the limit can ever admit. "
-                f"Lower max_tokens or shorten the prompt.{_hint(policy)}",
-                None,
-                "rate_limit_tokens",
-                unit="tokens",
-            )
-        retry_s = max(1, math.ceil(wait_ms / 1000))
-        unit = "tokens" if admission.reason is Reason.TOKENS else "requests"
-        return RateLimited(
-            f"{tier} limit exceeded: {what}. Please retry after {retry_s}s.{_hint(policy)}",
-            wait_ms / 1000,
-            admission.reason.code,
-            unit=unit,
-        )
+        _, _, end_ms, _ = self.period(int(time.time() * 1000))
+        return refusal_text.refusal(admission, wait_ms, estimate, end_ms)
 
     # -- settlement ---------------------------------------------------------
 
@@ -367,7 +244,7 @@ class Enforcer:
         by the in-process limiter frees its slot now, as no report can reach it."""
         key = ticket.key
         if ticket.admission.local:
-            self.local.release(key, ticket.policy, ticket.event_id)
+            self.fail_modes.local.release(key, ticket.policy, ticket.event_id)
         self._in_flight[key.customer] -= 1
         if not self._in_flight[key.customer]:
             del self._in_flight[key.customer]
@@ -379,29 +256,25 @@ class Enforcer:
         key, policy = ticket.key, ticket.policy
         try:
             if ticket.admission.local:
-                self.local.release(key, policy, ticket.event_id)
+                self.fail_modes.local.release(key, policy, ticket.event_id)
                 return
-            if time.monotonic() < self._redis_down_until:
+            if self.fail_modes.redis_down:
                 return  # the reservation expires after its TTL instead
             if not self.admitter.needs_settle(key, policy, ticket.period):
                 return  # nothing held (no quota, concurrency or token rate): no call, no pricing
             usage = meter.usage
             used = (usage.input_tokens, usage.output_tokens)
-            model = meter.model_served or ticket.model
-            cost = self.prices.cost(
-                model, meter.started_at.date(), input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
-            )
+            cost = self.estimator.cost_micro_usd(meter.model_served or ticket.model, meter.started_at.date(), usage)
             try:
                 await self.admitter.settle(
                     key, policy, ticket.period, ticket.event_id, int(time.time() * 1000),
-                    reserved=ticket.reserved, used=used, used_micro_usd=micro_usd(cost.usd),
+                    reserved=ticket.reserved, used=used, used_micro_usd=cost,
                     settled_ttl_ms=int(policy.tier.settled_ttl_s * 1000),
                 )
             except RedisPoolExhausted as exc:
                 log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
-            except _REDIS_ERRORS as exc:
-                self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+            except REDIS_DOWN as exc:
+                self.fail_modes.redis_failed()
                 log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)
         finally:
             self._in_flight[key.customer] -= 1
@@ -412,35 +285,3 @@ class Enforcer:
 
 def _request_rule_scopes(policy: Policy) -> tuple[str, ...]:
     return tuple(rule.scope for rule in policy.rates if rule.unit.value == "requests")
-
-
-def _hint(policy: Policy) -> str:
-    return f" {policy.upgrade_hint}" if policy.upgrade_hint else ""
-
-
-def _usd(micro: int) -> str:
-    text = f"{Decimal(micro) / 1_000_000:.6f}".rstrip("0")
-    return "$" + (text + "0" * (2 - len(text.split(".")[1])))
-
-
-def _describe(admission: Admission, estimate: Estimate) -> str:
-    """The limit, what was used, and what this request needs."""
-    policy, reason = admission.policy, admission.reason
-    needs = estimate.input_tokens + estimate.output_tokens
-    if reason in (Reason.REQUESTS, Reason.TOKENS, Reason.TOO_LARGE):
-        rule = admission.refused_rule()
-        assert rule is not None
-        remaining = admission.rates[admission.rule - 1][0]
-        where = {"": ""}.get(rule.scope, f" for {rule.scope.replace(':', ' ')}")
-        if rule.unit.value == "requests":
-            return f"{rule.limit} requests per minute{where} (used {rule.limit - remaining})"
-        return (f"{rule.limit} tokens per minute{where} (used {rule.limit - remaining}, "
-                f"this request needs up to {needs})")
-    if reason is Reason.CONCURRENCY:
-        rule = policy.concurrency[admission.rule - 1]
-        return f"{rule.limit} concurrent requests (in flight: {admission.in_flight[admission.rule - 1]})"
-    if reason is Reason.QUOTA_TOKENS:
-        return (f"{policy.period_tokens} tokens per billing period (used {admission.tokens_used}, "
-                f"this request needs up to {needs})")
-    budget = policy.period_budget_micro_usd or 0
-    return f"budget of {_usd(budget)} per billing period (spent {_usd(admission.micro_usd_used)})"

@@ -29,14 +29,15 @@ Bodies follow OpenAI's shape, so every SDK raises its usual exception:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from quotameter.errors import QuotameterError
-
 
 log = logging.getLogger("gateway_shim.errors")
 
@@ -160,12 +161,30 @@ class BackendBusy(ShimError):
     retry_after_s = 1.0
 
 
-def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer the shim gives itself, before any transport writes it."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def error_answer(error: ShimError, headers: Mapping[str, str] | None = None) -> Answer:
+    """``error`` as OpenAI's error JSON, with ``headers`` (the rate-limit ones) and Retry-After."""
     body = {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
-    response = web.json_response(body, status=error.status, headers=dict(headers or {}))
+    answer_headers = {**(headers or {}), "Content-Type": "application/json; charset=utf-8"}
     if error.retry_after_s is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    return response
+        answer_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return Answer(error.status, answer_headers, json.dumps(body).encode())
+
+
+def to_response(answer: Answer) -> web.Response:
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
+def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
+    return to_response(error_answer(error, headers))
 
 
 class MeteringUnavailable(ShimError):

@@ -53,7 +53,7 @@ class StreamTally:
     ) -> None:
         self.hide_usage = hide_usage
         # hold_done: keep the [DONE] event back (in ``held``) for the relay to
-        # write once the request's event is spooled (see upstream.relay_stream).
+        # write once the request's event is spooled (see proxy._relay_stream).
         self.hold_done = hold_done
         self.held = b""
         self.cut_at = cut_at

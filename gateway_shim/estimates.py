@@ -1,0 +1,82 @@
+"""A request's worst case before it runs (tokens and micro-USD, what admission
+reserves), and the price of what it used once it ran.
+
+Prices are looked up once per model and day and kept: admission reads the
+output rate as exact decimal text, the settle prices usage in micro-USD.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+from gateway_shim.admission import Estimate
+from gateway_shim.routes import ProxiedRequest
+from gateway_shim.usage import Usage
+from quotameter.config import Config
+from quotameter.policy import Policy, micro_usd
+from quotameter.pricing import PriceTable
+from quotameter.tokens import count_prompt
+
+
+class Estimator:
+    def __init__(self, config: Config) -> None:
+        self.default_price = config.default_price
+        self.prices = PriceTable(config.prices, config.default_price)
+        self._rates: dict[tuple[str | None, date], tuple[Decimal, Decimal, str]] = {}
+
+    def _model_rates(self, model: str | None, today: date) -> tuple[Decimal, Decimal, str]:
+        """(input, output) micro-USD per token (= USD per 1M tokens) for the model today,
+        and the output rate as exact decimal text (what the admission script reads)."""
+        rates = self._rates.get((model, today))
+        if rates is None:
+            price = self.prices.lookup(model, today) or self.default_price
+            in_rate, out_rate = (price.input_per_million_usd, price.output_per_million_usd) if price else (Decimal(0), Decimal(0))
+            rates = (in_rate, out_rate, format(out_rate, "f"))
+            if len(self._rates) > 50_000:
+                self._rates.clear()
+            self._rates[(model, today)] = rates
+        return rates
+
+    def estimate(self, policy: Policy, proxied: ProxiedRequest, streams: bool) -> tuple[Estimate, bool]:
+        """The request's worst case, and whether it named its own max_tokens."""
+        body = proxied.body
+        if body is None:
+            return Estimate(0, 0, 0, "0"), False
+        explicit = body.get("max_completion_tokens") or body.get("max_tokens")
+        explicit = explicit if isinstance(explicit, int) and not isinstance(explicit, bool) and explicit > 0 else None
+        choices = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
+        output = (explicit or policy.default_max_tokens) * choices if streams or "messages" in body else 0
+        counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
+        input_tokens = count_prompt(body, proxied.model) if counts_tokens else 0
+        today = datetime.now(UTC).date()
+        in_rate, _, out_rate_text = self._model_rates(proxied.model, today)
+        fallback = policy.fallback
+        fb_budget, fb_in, fb_rate = -1, 0, "0"
+        if fallback is not None and policy.period_budget_micro_usd is not None:
+            fb_in_rate, _, fb_rate = self._model_rates(fallback.model, today)
+            fb_budget = policy.period_budget_micro_usd + micro_usd(fallback.extra_budget_usd)
+            fb_in = math.ceil(input_tokens * fb_in_rate)
+        cuttable = policy.tier.cut_streams and explicit is None and choices == 1 and output > 0
+        return (
+            Estimate(
+                input_tokens=input_tokens,
+                output_tokens=output,
+                input_micro_usd=math.ceil(input_tokens * in_rate),
+                output_rate=out_rate_text,
+                cuttable=cuttable,
+                fallback_budget_micro_usd=fb_budget,
+                fallback_input_micro_usd=fb_in,
+                fallback_output_rate=fb_rate,
+            ),
+            explicit is not None,
+        )
+
+    def cost_micro_usd(self, model: str | None, day: date, usage: Usage) -> int:
+        """What ``usage`` of ``model`` cost on ``day``, in integer micro-USD."""
+        cost = self.prices.cost(
+            model, day, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
+        )
+        return micro_usd(cost.usd)

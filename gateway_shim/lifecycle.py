@@ -1,0 +1,297 @@
+"""One request's lifecycle, whatever carries it: authenticate → admit
+(reserve) → observe the response (a JSON body, or an SSE stream: tally, cut at
+the budget) → settle → emit its event.
+
+It knows no HTTP framework. Each transport is a thin adapter that feeds it
+what it sees and writes what it returns: the standalone proxy (proxy.py,
+aiohttp), the check endpoint (check.py: admission only, for a proxy that
+forwards itself) and Envoy's ext_proc (ext_proc.py). All of them therefore
+give the same limits, the same refusals and the same events.
+
+    exchange = await lifecycle.open(method, path, authorization, upstream)
+    forward = await exchange.admit(raw_body)        # or a refusal: exchange.refuse(exc)
+    exchange.body(status, raw)                      # a JSON answer, or:
+    stream = exchange.stream(forward, status)       #   feed(chunk) -> bytes to pass on,
+    closing = stream.end()                          #   the last bytes, sent after finish()
+    await exchange.finish()                         # settle, then emit: before the last bytes
+
+``open`` raises a ShimError for a request that cannot be tied to a customer
+(no route, no valid key, Redis away): it is answered with ``error_answer``
+and emits nothing. Past ``open``, every request emits exactly one event,
+whatever its outcome, once ``finish`` runs (adapters call it in a
+``finally``), after its reservation is settled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.exceptions
+
+from gateway_shim import refusal_text
+from gateway_shim.auth import Authenticator
+from gateway_shim.emitter import EventEmitter
+from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
+from gateway_shim.errors import (
+    Answer,
+    InvalidApiKey,
+    MalformedRequest,
+    ShimError,
+    error_answer,
+    quota_backend_down,
+)
+from gateway_shim.keystore import KeyRecord
+from gateway_shim.metering import RequestMeter
+from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request
+from gateway_shim.sse import StreamTally
+from gateway_shim.usage import completion_text, counted_usage, model_from, usage_from
+from quotameter.config import Config
+from quotameter.policy import Policy
+from quotameter.redis_pool import RedisPoolExhausted
+
+log = logging.getLogger("gateway_shim.lifecycle")
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An admitted request, as it goes upstream."""
+
+    body: bytes  # the body to send: the client's bytes unless ``rewritten``
+    rewritten: bool  # the shim changed the body (usage asked for, fallback model, output cap)
+    stream: bool  # the client asked for a stream
+    cut_at: int | None  # output tokens a stream may carry before the shim ends it
+    cut_message: str
+
+
+class Lifecycle:
+    """What every transport shares: keys, enforcement, the event emitter."""
+
+    def __init__(self, config: Config, auth: Authenticator, enforcer: Enforcer, emitter: EventEmitter) -> None:
+        self.config = config
+        self.auth = auth
+        self.enforcer = enforcer
+        self.emitter = emitter
+
+    async def open(self, method: str, path: str, authorization: str | None, upstream: str | None) -> Exchange:
+        """The request's route (``path`` is the part after ``/v1``) and its key's
+        record; a ShimError for a request with neither (answer: ``error_answer``)."""
+        return await self.open_route(match_route(method, path), authorization, upstream)
+
+    async def open_route(self, route: Route, authorization: str | None, upstream: str | None) -> Exchange:
+        try:
+            key = await self.auth.authenticate(authorization)
+        except RedisPoolExhausted as exc:  # Redis is up: not an outage
+            raise self.enforcer.busy(exc) from None
+        except redis.exceptions.RedisError as exc:
+            raise quota_backend_down(exc) from None
+        return Exchange(self, route, key, RequestMeter(route=route.name, upstream=upstream))
+
+
+class Exchange:
+    """One request past authentication."""
+
+    __slots__ = ("_life", "route", "key", "meter", "headers", "ticket", "proxied", "policy", "_billable", "_finished")
+
+    def __init__(self, life: Lifecycle, route: Route, key: KeyRecord, meter: RequestMeter) -> None:
+        self._life = life
+        self.route = route
+        self.key = key
+        self.meter = meter
+        self.headers: dict[str, str] = {}  # rate-limit headers, for every answer once admission ran
+        self.ticket: Ticket | None = None
+        self.proxied: ProxiedRequest | None = None
+        self.policy: Policy | None = None
+        self._billable = True
+        self._finished = False
+
+    async def admit(self, raw: bytes) -> Forward:
+        """Admit the request whose body is ``raw``, or raise its refusal (a ShimError:
+        answer it with ``refuse``)."""
+        life, meter = self._life, self.meter
+        meter.request_bytes = len(raw)
+        malformed: MalformedRequest | None = None
+        try:
+            proxied = read_request(self.route, raw)
+        except MalformedRequest as exc:  # still counted as a request, then refused
+            malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False)
+        self.proxied = proxied
+        meter.model_requested = proxied.model
+        meter.streamed = proxied.stream
+        enforcer = life.enforcer
+        self.policy = policy = enforcer.policy(self.key, proxied.model)
+        estimate, _ = enforcer.estimate(policy, proxied, self.route.streams)
+        try:
+            ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers)
+        except KeyRevoked:
+            life.auth.forget(self.key.key_id)
+            raise life.auth.invalid() from None
+        self.ticket = ticket
+        if malformed is not None:
+            raise malformed
+        body = proxied.upstream_body
+        output_cut = estimate.cuttable and ticket.admission.output_tokens < estimate.output_tokens
+        rewritten = proxied.usage_injected
+        if ticket.model != proxied.model or (output_cut and not proxied.stream):
+            body = _rewrite(proxied, ticket.model, ticket.admission.output_tokens if output_cut else None)
+            rewritten = True
+        cut_at = None
+        if proxied.stream and policy.tier.cut_streams and policy.reserves:
+            cut_at = ticket.admission.output_tokens  # a stream never carries past its reservation
+        message = "" if cut_at is None else refusal_text.stream_cut(policy, cut_at)
+        return Forward(body, rewritten, proxied.stream, cut_at, message)
+
+    def refuse(self, exc: BaseException) -> Answer:
+        """The answer for a request that ends with ``exc`` (a refusal, an upstream
+        failure, a bug), recorded in its event."""
+        if isinstance(exc, InvalidApiKey):  # revoked since it was cached: no customer to bill
+            self._billable = False
+            return error_answer(exc)
+        if isinstance(exc, ShimError):
+            self.meter.refused(exc)
+            return error_answer(exc, self.headers)
+        log.error("%s failed", self.route.name, exc_info=exc)
+        self.meter.status, self.meter.reason = 500, "internal_error"
+        return error_answer(ShimError("The gateway failed to process your request."), self.headers)
+
+    def upstream_error(self) -> None:
+        """The upstream answered with an error of its own, passed on as it is."""
+        self.meter.reason = "upstream_error"
+
+    def body(self, status: int, raw: bytes) -> None:
+        """A whole (JSON) answer from the upstream: its status, model and usage."""
+        meter, proxied = self.meter, self.proxied
+        meter.status = status
+        meter.response_bytes = len(raw)
+        if status >= 400:
+            self.upstream_error()
+        if status < 300 and proxied is not None and proxied.body is not None:
+            try:
+                document = json.loads(raw)
+            except ValueError:
+                document = None
+            meter.model_served = model_from(document)
+            meter.usage = usage_from(document) or counted_usage(proxied.body, proxied.model, completion_text(document))
+        meter.first_byte()
+
+    def is_stream(self, status: int, content_type: str | None) -> bool:
+        """Whether the upstream's answer is the event stream the client asked for."""
+        proxied = self.proxied
+        return (proxied is not None and proxied.stream and status == 200
+                and (content_type or "").partition(";")[0].strip().lower() == "text/event-stream")
+
+    def stream(self, forward: Forward, status: int) -> StreamObserver:
+        return StreamObserver(self, forward, status)
+
+    def hand_off(self) -> None:
+        """An admission of the check endpoint: the request runs behind another proxy,
+        and its event comes with its usage report (check_tickets.py), not from here."""
+        assert self.ticket is not None
+        self._finished = True
+        self._life.enforcer.hand_off(self.ticket)
+
+    async def finish(self) -> None:
+        """Settle the reservation, then emit the request's event; once, whatever
+        happened. A stream calls it before its last bytes, others before the answer."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.ticket is not None:
+            await self._life.enforcer.settle(self.ticket, self.meter)
+        if self._billable:
+            self._life.emitter.emit(self.meter.encoded_event(self._life.config.shim.instance, self.key))
+
+
+class StreamObserver:
+    """An SSE answer passing through: whole events are handed on as they complete,
+    tallied on the way, and cut once they would carry the output past ``cut_at``."""
+
+    __slots__ = ("_exchange", "_forward", "tally", "_client_gone")
+
+    def __init__(self, exchange: Exchange, forward: Forward, status: int) -> None:
+        proxied = exchange.proxied
+        assert proxied is not None
+        self._exchange = exchange
+        self._forward = forward
+        exchange.meter.streamed = True
+        exchange.meter.status = status
+        self.tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=forward.cut_at, model=proxied.model,
+                                 hold_done=True)
+        self._client_gone = False
+
+    @property
+    def cut(self) -> bool:
+        """The budget is reached: send nothing more from the upstream."""
+        return self.tally.cut
+
+    def feed(self, data: bytes) -> bytes:
+        """Upstream bytes in; the complete events to pass on now out ([DONE] held back)."""
+        out = self.tally.feed(data)
+        if out:
+            meter = self._exchange.meter
+            meter.first_byte()
+            meter.response_bytes += len(out)
+        return out
+
+    def upstream_cut(self) -> None:
+        """The upstream's connection failed mid-stream."""
+        self._exchange.meter.reason = "upstream_stream_cut"
+
+    def client_gone(self) -> None:
+        """The client went away: nothing more can reach it; what it had is billed."""
+        self._client_gone = True
+        self._exchange.meter.reason = "client_disconnected"
+
+    def end(self) -> bytes:
+        """The stream is over (ended, cut, failed or abandoned): record its usage and
+        return its closing bytes (the held [DONE], or the cut's ending), to be sent
+        after ``finish``."""
+        exchange, tally = self._exchange, self.tally
+        meter, proxied = exchange.meter, exchange.proxied
+        assert proxied is not None
+        ending = b""
+        if tally.cut:
+            meter.reason = "budget_cut"
+            ending = _cut_ending(tally, proxied, self._forward.cut_message)
+        elif not self._client_gone:
+            ending = tally.held
+        if not tally.done and meter.reason is None:
+            meter.reason = "upstream_stream_cut"  # ended without [DONE]
+        meter.model_served = tally.model
+        # A usage chunk is the exact count; without one, count what the client received.
+        meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model, tally.text)
+        if self._client_gone:
+            return b""
+        meter.response_bytes += len(ending)
+        return ending
+
+
+def _rewrite(proxied: ProxiedRequest, model: str | None, max_tokens: int | None) -> bytes:
+    """The body for a degraded admission: the fallback model, and the output
+    cap a request without max_tokens was admitted with."""
+    assert proxied.body is not None
+    body = dict(proxied.body)
+    if model:
+        body["model"] = model
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _cut_ending(tally: StreamTally, proxied: ProxiedRequest, message: str) -> bytes:
+    """A final chunk the client reads as a normal end, then an OpenAI error event."""
+    final = {
+        "id": tally.chunk_id or "chatcmpl-quotameter-cut",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": tally.model or proxied.model,
+        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+    }
+    error = {"error": {"message": message, "type": "insufficient_quota", "param": None, "code": "budget_exceeded"}}
+    return (
+        b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n"
+        + b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+        + b"data: [DONE]\n\n"
+    )
