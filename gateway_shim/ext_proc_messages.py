@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from aiohttp import web
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyMutation,
@@ -21,6 +20,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from gateway_shim.errors import Answer
 
 _OVERWRITE = HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 # Set by Envoy on the answer it builds: copying them would send them twice.
@@ -50,16 +51,14 @@ def mutation(
     )
 
 
-def immediate(answer: web.Response, details: str) -> ProcessingResponse:
+def immediate(answer: Answer, details: str) -> ProcessingResponse:
     """The shim's own answer (status, JSON body, headers), sent by Envoy in place of the upstream's."""
-    body = answer.body
-    assert isinstance(body, bytes)
     headers = {k: v for k, v in answer.headers.items() if k.lower() not in _IMMEDIATE_DROP}
     return ProcessingResponse(
         immediate_response=ImmediateResponse(
             status=HttpStatus(code=answer.status),  # type: ignore[arg-type]  # any status, not just the enum's
             headers=mutation(headers),
-            body=body,
+            body=answer.body,
             details=details,
         )
     )

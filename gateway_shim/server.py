@@ -73,7 +73,7 @@ def build_app(config: Config) -> web.Application:
         if config.shim.ext_proc_port is not None:
             from gateway_shim.ext_proc import ExtProcServer  # grpc and Envoy's API load only when served
 
-            ext_proc = ExtProcServer(app[_PROXY], config.shim.host, config.shim.ext_proc_port)
+            ext_proc = ExtProcServer(app[_PROXY].lifecycle, config.shim.host, config.shim.ext_proc_port)
             await ext_proc.start()
         yield
         if ext_proc is not None:  # Envoy's requests in flight end (and are billed) before the flush

@@ -229,6 +229,8 @@ async def test_ext_proc_bills_a_stream_envoy_closes_early(shim_factory: ShimFact
     )
     try:
         async with client(port, shim.new_key("gone", "open")) as gone:
+            # No body: admitted on the request headers.
+            assert "mock-small" in [model.id async for model in gone.models.list()]
             # The client goes after three chunks of a long answer.
             stream = await gone.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=3000, stream=True)
             read = []
@@ -244,9 +246,10 @@ async def test_ext_proc_bills_a_stream_envoy_closes_early(shim_factory: ShimFact
                     extra_headers={"x-mock-fault": "cut-after=3"},
                 )
                 _ = [chunk async for chunk in stream]
-        events = sorted(await _events(shim, 2), key=lambda e: e.data.output_tokens, reverse=True)
-        assert len(events) == 2
-        left, reset = events
+        events = await _events(shim, 3)
+        assert len(events) == 3
+        models, left, reset = sorted(events, key=lambda e: (e.data.route != "/v1/models", -e.data.output_tokens))
+        assert models.data.route == "/v1/models" and models.data.status == 200 and models.data.reason is None
         assert left.data.reason == "stream_reset" and 3 <= left.data.output_tokens < 3000
         assert left.data.input_tokens == PROMPT_TOKENS and left.data.usage_source == "counted"
         assert reset.data.reason in ("stream_reset", "upstream_stream_cut") and reset.data.output_tokens <= 3
