@@ -197,8 +197,21 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             assert PROMPT_TOKENS + 4 * delivered <= 50 < PROMPT_TOKENS + 4 * (delivered + 1)
             assert cut_chunks[-1].choices[0].finish_reason == "length"
 
+            # Byte for byte: the cut ending closes the stream; nothing of the model's rest follows.
+            shim.set_totals("cutter-raw", micro_usd=50)
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json={"model": "mock-large", "messages": MESSAGES, "stream": True},
+                    headers={"Authorization": f"Bearer {shim.new_key('cutter-raw', 'hard')}"},
+                ) as response:
+                    raw_stream = await response.read()
+            events = raw_stream.split(b"\n\n")
+            assert b'"finish_reason":"length"' in events[-4] and b'"code":"budget_exceeded"' in events[-3]
+            assert events[-2:] == [b"data: [DONE]", b""] and raw_stream.count(b"[DONE]") == 1
+
             # The model never saw a client's quotameter key.
-            assert len(relay.seen) == 4
+            assert len(relay.seen) == 5
             assert all("authorization" not in headers for headers, _ in relay.seen)
 
             # Every reservation was settled to the true usage (until the worker releases it).
