@@ -129,7 +129,8 @@ def text_of(chunks: list[Any]) -> str:
 
 async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory, cli_process, tmp_path: Path) -> None:
     ext_proc_port = free_port()
-    shim = await shim_factory(TIERS, prices=PRICES, shim={"ext_proc_port": ext_proc_port})
+    # Paced streams: their chunks reach Envoy one by one, some after a cut.
+    shim = await shim_factory(TIERS, token_delay_ms=5, prices=PRICES, shim={"ext_proc_port": ext_proc_port})
     async with RecordingRelay(model_port(shim)) as relay:
         envoy, port = await asyncio.to_thread(
             start_envoy, tmp_path, "ext_proc.yaml", ext_proc=ext_proc_port, model=relay.port
