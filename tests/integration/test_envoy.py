@@ -312,5 +312,8 @@ async def test_ext_authz_admits_refuses_and_the_report_settles(shim_factory: Shi
             settled = shim.reserved("authz-edge")[2][event_id]
             assert settled.startswith(f"{usage.prompt_tokens + usage.completion_tokens}:")
             assert f"event={event_id}" in envoy.log_path.read_text()  # Envoy's access log names it
+            # The check emits the refusal's event itself, under the client's route.
+            [refusal] = [e for e in await _events(shim, 1) if e.data.decision == "refused"]
+            assert refusal.data.route == "/v1/chat/completions" and refusal.data.reason == "rate_limit_requests"
         finally:
             envoy.stop()
