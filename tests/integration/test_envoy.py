@@ -267,6 +267,13 @@ async def test_ext_proc_bills_a_stream_envoy_closes_early(shim_factory: ShimFact
         assert left.data.reason == "stream_reset" and 3 <= left.data.output_tokens < 3000
         assert left.data.input_tokens == PROMPT_TOKENS and left.data.usage_source == "counted"
         assert reset.data.reason in ("stream_reset", "upstream_stream_cut") and reset.data.output_tokens <= 3
+
+        # The shim away: Envoy serves nothing unmetered.
+        await asyncio.to_thread(shim.process.stop)
+        async with client(port, "sk-any") as anyone:
+            with pytest.raises(openai.InternalServerError) as away:
+                await anyone.chat.completions.create(model="mock-small", messages=MESSAGES)
+            assert away.value.status_code == 503
     finally:
         envoy.stop()
 
