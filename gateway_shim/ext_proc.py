@@ -195,9 +195,13 @@ class ExtProcServer:
 
     def __init__(self, life: Lifecycle, host: str, port: int) -> None:
         self._processor = ExternalProcessor(life)
-        self._server = grpc.aio.server()
+        # No SO_REUSEPORT (gRPC's default): a second shim on the port must fail, not share it.
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         service.add_ExternalProcessorServicer_to_server(self._processor, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            raise OSError(f"cannot listen on {host}:{port} (shim.ext_proc_port): is it in use?") from None
         self._host = host
 
     async def start(self) -> None:
