@@ -37,6 +37,7 @@ TIERS = {
     },
     "open": {"monthly_tokens": 1_000_000},
     "hard": {"monthly_budget_usd": "0.0001", "cut_streams": True, "upgrade_hint": "Upgrade to Pro."},
+    "thrifty": {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}},
     "checked": {"requests_per_minute": 2, "monthly_tokens": 1_000_000, "upgrade_hint": "Upgrade to Pro."},
 }
 
@@ -211,8 +212,16 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             assert b'"finish_reason":"length"' in events[-4] and b'"code":"budget_exceeded"' in events[-3]
             assert events[-2:] == [b"data: [DONE]", b""] and raw_stream.count(b"[DONE]") == 1
 
+            # The budget spent: the fallback model, in a body the shim rewrote.
+            shim.set_totals("frugal", micro_usd=1000)
+            async with client(port, shim.new_key("frugal", "thrifty")) as frugal:
+                degraded = await frugal.chat.completions.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+            assert degraded.model == "mock-small" and degraded.choices[0].message.content == "".join(completion_pieces(3))
+            headers, body = relay.seen[-1]
+            assert json.loads(body)["model"] == "mock-small" and int(headers["content-length"]) == len(body)
+
             # The model never saw a client's quotameter key.
-            assert len(relay.seen) == 5
+            assert len(relay.seen) == 6
             assert all("authorization" not in headers for headers, _ in relay.seen)
 
             # Every reservation was settled to the true usage (until the worker releases it).
