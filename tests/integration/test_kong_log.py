@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from quotameter.config import Config
 from tests.integration.enforcement_helpers import ShimFactory, shim_factory  # noqa: F401
@@ -23,6 +24,8 @@ from tests.integration.test_check import TIERS, check
 from tests.integration.test_ingest import TOKEN, ledger_rows, spool_depth, start_shim
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kong"
+SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "kong" / "http-log.yaml"
+DECK_TOKEN = '${{ env "DECK_QUOTAMETER_INGEST_TOKEN" }}'
 
 
 def fixture(name: str) -> Any:
@@ -42,11 +45,20 @@ def fresh(entry: dict[str, Any], request_id: str) -> dict[str, Any]:
     return entry
 
 
+def http_log_config(token: str) -> dict[str, Any]:
+    """The shipped http-log plugin's config, as decK renders it with ``token``."""
+    document = yaml.safe_load(SHIPPED.read_text().replace(DECK_TOKEN, token))
+    [plugin] = [p for p in document["plugins"] if p["name"] == "http-log"]
+    return plugin["config"]
+
+
 async def post_kong(config: Config, body: Any, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
-    # What http-log sends: its configured headers, Content-Type application/json.
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
+    # What the shipped http-log plugin sends: its method, content type and headers.
+    shipped = http_log_config(token or "")
+    assert shipped["http_endpoint"].endswith("/v1/events/kong") and shipped["method"] == "POST"
+    headers = {"Content-Type": shipped["content_type"], **shipped["headers"]}
+    if token is None:
+        del headers["Authorization"]
     async with aiohttp.ClientSession() as session:
         async with session.post(
             f"http://{config.shim.host}:{config.shim.port}/v1/events/kong", data=json.dumps(body), headers=headers
@@ -149,3 +161,14 @@ async def test_a_kong_entry_with_a_checks_event_id_settles_its_admission(shim_fa
         await asyncio.to_thread(wait_for, lambda: not shim.reserved("kong-edge")[2], 30.0, "pending released")
     finally:
         client.close()
+
+
+def test_the_readme_shows_the_shipped_file() -> None:
+    # deploy/README.md shows the file abridged: every line it shows is the file's own.
+    readme = (SHIPPED.parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```") if b.startswith("yaml\nplugins:\n  - name: http-log"))
+    shipped = {line.rstrip() for line in SHIPPED.read_text().splitlines()}
+    missing = [line for line in block.splitlines()[1:] if line.strip() and line.rstrip() not in shipped]
+    assert missing == [], missing
+    assert http_log_config(TOKEN)["headers"] == {"Authorization": f"Bearer {TOKEN}"}
+    assert http_log_config(TOKEN)["queue"]["max_batch_size"] <= 1000  # shim.ingest_max_events' default
