@@ -247,6 +247,8 @@ def _who(
                 "admission's x-quotameter-customer upstream on every metered route",
             )
         event_id = _header(headers, EVENT_ID_HEADER) or _derived_id(entry, request, headers)
+        if len(event_id) > 128:  # the schema's bound on ids; a check's are 36 characters
+            raise _Bad(f"request.headers.{EVENT_ID_HEADER}", "is longer than 128 characters: not a check's event id")
         return customer, event_id, _header(headers, TIER_HEADER) or settings.tier
     consumer = entry.get("consumer")
     field = "username" if settings.customer_from is CustomerFrom.CONSUMER_USERNAME else "custom_id"
@@ -297,10 +299,10 @@ def _route(request: dict[str, Any]) -> str:
 
 def _started_at(entry: dict[str, Any]) -> datetime:
     value = entry.get("started_at")
-    if type(value) is not int or value <= 0:
+    if type(value) not in (int, Decimal) or value <= 0:  # Lua numbers are floats: 1.7e12 is fine
         raise _Bad("started_at", f"must be the request's start in Unix milliseconds, not {value!r}")
     try:
-        return datetime.fromtimestamp(value / 1000, UTC)
+        return datetime.fromtimestamp(int(value) / 1000, UTC)
     except (OverflowError, ValueError, OSError):
         raise _Bad("started_at", f"is out of range: {value!r}") from None
 

@@ -139,6 +139,20 @@ def test_without_request_ids_an_entry_is_refused_rather_than_billed_twice() -> N
     assert caught.value.param == "entries[0].request.id"
 
 
+def test_a_start_time_written_as_a_float_is_read_to_the_millisecond() -> None:
+    text = (FIXTURES / "chat-consumer.json").read_text().replace('"started_at": 1764610000123', '"started_at": 1.764610000123e+12')
+    [encoded] = parse_kong_log(JSON, text.encode(), 10, BY_USERNAME).events
+    assert encoded.time_ms == 1764610000123
+
+
+def test_header_mode_refuses_an_event_id_no_check_could_have_issued() -> None:
+    entry = fixture("checked.json")
+    entry["request"]["headers"]["x-quotameter-event-id"] = "x" * 129
+    with pytest.raises(InvalidEvents) as caught:
+        parse_kong_log(JSON, raw(entry), 10, BY_HEADER)
+    assert caught.value.param == "entries[0].request.headers.x-quotameter-event-id"
+
+
 def test_header_mode_needs_the_checks_customer() -> None:
     entry = fixture("checked.json")
     entry["request"]["headers"]["x-quotameter-customer"] = ["initech", "someone-else"]
