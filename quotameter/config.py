@@ -282,6 +282,16 @@ class Shim(_Strict):
     # Largest POST /v1/events body (413 past it), and most events in one batch.
     ingest_max_bytes: PositiveInt = 1024 * 1024
     ingest_max_events: PositiveInt = 1000
+    # POST /v1/events/kong (Kong's http-log entries, same token and limits): who the
+    # customer is. consumer_username / consumer_custom_id: the consumer Kong
+    # authenticated (ids derive from Kong's request id; x-quotameter-* headers are
+    # ignored, as a client could send them). header: x-quotameter-customer and
+    # x-quotameter-event-id, which Kong sets from a /v1/check admission, so the
+    # report settles it (gateway_shim/kong_log.py).
+    kong_customer_from: Literal["consumer_username", "consumer_custom_id", "header"] = "consumer_username"
+    # Tier recorded on Kong's events when no check admission named one (alerts
+    # read the tier's thresholds); empty: none, the customer's overrides only.
+    kong_tier: str = ""
 
 
 class Services(_Strict):
