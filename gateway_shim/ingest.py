@@ -16,6 +16,11 @@ Answers, in the order they are checked: 404 with no ingest token configured
 spool refuses (as the proxy does), 415, 413 (body or batch too large), 400
 (naming the field and the event's index), else 202 ``{"accepted": N}``.
 
+``POST /v1/events/kong`` takes Kong's http-log entries (one, or a JSON array)
+with the same token, limits and answers; gateway_shim/kong_log.py maps those
+with AI usage to the same events, and the answer 202 also counts the entries
+``skipped`` (no AI usage: not an LLM call).
+
 An event whose ``id`` is the event id of an admission of ``/v1/check``
 settles that reservation with the event's usage before it is spooled
 (gateway_shim/check_tickets.py); any other event settles nothing, as nothing
@@ -35,6 +40,7 @@ from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.cloudevents import parse_events
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import IngestDisabled, InvalidApiKey, MeteringUnavailable, PayloadTooLarge, ShimError, error_response
+from gateway_shim.kong_log import CustomerFrom, KongSettings, parse_kong_log
 from quotameter.config import Config
 from quotameter.events import EncodedEvent
 
@@ -53,8 +59,26 @@ class Ingest:
         self.max_events = shim.ingest_max_events
         self._emitter = emitter
         self._tickets = tickets
+        self._kong = KongSettings(CustomerFrom(shim.kong_customer_from), shim.kong_tier)
 
     async def handle(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
+        """``POST /v1/events``: CloudEvents."""
+        return await self._take(request, guard, lambda content_type, raw: (
+            parse_events(content_type, raw, self.max_events), {}
+        ))
+
+    async def handle_kong(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
+        """``POST /v1/events/kong``: Kong's http-log entries."""
+        def parse(content_type: str, raw: bytes) -> tuple[list[EncodedEvent], dict[str, int]]:
+            batch = parse_kong_log(content_type, raw, self.max_events, self._kong)
+            return batch.events, {"skipped": batch.skipped}
+
+        return await self._take(request, guard, parse)
+
+    async def _take(
+        self, request: web.Request, guard: Callable[[web.Request], web.Response | None],
+        parse: Callable[[str, bytes], tuple[list[EncodedEvent], dict[str, int]]],
+    ) -> web.Response:
         try:
             self._authenticate(request.headers.get("Authorization"))
         except ShimError as exc:
@@ -65,7 +89,7 @@ class Ingest:
         try:
             raw = await self._read(request)
             content_type = request.content_type if "Content-Type" in request.headers else ""
-            events = parse_events(content_type, raw, self.max_events)
+            events, counts = parse(content_type, raw)
             if self._tickets is not None:
                 # Before spooling, as the proxy settles before it emits. A resend after
                 # a 503 finds the tickets taken: its events are only ingested.
@@ -73,7 +97,7 @@ class Ingest:
             self._spool(events)
         except ShimError as exc:
             return error_response(exc)
-        return web.json_response({"accepted": len(events)}, status=202)
+        return web.json_response({"accepted": len(events), **counts}, status=202)
 
     def _authenticate(self, authorization: str | None) -> None:
         if self._token is None:
@@ -118,7 +142,7 @@ def register(
     guard: Callable[[web.Request], web.Response | None],
     tickets: Callable[[web.Application], CheckTickets] | None = None,
 ) -> None:
-    """Add ``POST /v1/events`` (before the proxy's catch-all). ``emitter`` finds the
+    """Add ``POST /v1/events`` and ``/v1/events/kong`` (before the proxy's catch-all). ``emitter`` finds the
     shim's event emitter once the app runs, ``tickets`` the check endpoint's
     admissions to settle; ``guard`` is the server's spool guard."""
     ingest = Ingest(config, lambda: emitter(app), None if tickets is None else lambda: tickets(app))
@@ -126,4 +150,8 @@ def register(
     async def events(request: web.Request) -> web.Response:
         return await ingest.handle(request, guard)
 
+    async def kong_events(request: web.Request) -> web.Response:
+        return await ingest.handle_kong(request, guard)
+
     app.router.add_post("/v1/events", events)
+    app.router.add_post("/v1/events/kong", kong_events)

@@ -285,6 +285,16 @@ class Shim(_Strict):
     # Envoy's ext_proc gRPC service (gateway_shim/ext_proc.py) on host:this port,
     # served by the shim's own process and event loop. None: not served.
     ext_proc_port: int | None = Field(default=None, ge=0, le=65535)
+    # POST /v1/events/kong (Kong's http-log entries, same token and limits): who the
+    # customer is. consumer_username / consumer_custom_id: the consumer Kong
+    # authenticated (ids derive from Kong's request id; x-quotameter-* headers are
+    # ignored, as a client could send them). header: x-quotameter-customer and
+    # x-quotameter-event-id, which Kong sets from a /v1/check admission, so the
+    # report settles it (gateway_shim/kong_log.py).
+    kong_customer_from: Literal["consumer_username", "consumer_custom_id", "header"] = "consumer_username"
+    # Tier recorded on Kong's events when no check admission named one (alerts
+    # read the tier's thresholds); empty: none, the customer's overrides only.
+    kong_tier: str = ""
 
 
 class Services(_Strict):
