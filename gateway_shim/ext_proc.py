@@ -46,7 +46,7 @@ log = logging.getLogger("gateway_shim.ext_proc")
 class _Phases:
     """One request, phase by phase, over the lifecycle. ``close`` ends it however it went."""
 
-    __slots__ = ("_life", "exchange", "_forward", "_status", "_observer", "_ended", "_body")
+    __slots__ = ("_life", "exchange", "_forward", "_status", "_observer", "_ended", "_body", "finished")
 
     def __init__(self, life: Lifecycle) -> None:
         self._life = life
@@ -56,6 +56,7 @@ class _Phases:
         self._observer: StreamObserver | None = None
         self._ended = False  # the stream's last bytes were handed to Envoy (or it was cut)
         self._body = bytearray()  # a JSON answer, read once whole
+        self.finished = False  # settled and emitted (or nothing to bill)
 
     async def on(self, request: ProcessingRequest) -> ProcessingResponse:
         phase = request.WhichOneof("request")
@@ -74,11 +75,14 @@ class _Phases:
         except Exception as exc:  # a refusal, or a bug: answered as the proxy answers it, and billed
             return await self._refused(exchange, exc)
 
-    @staticmethod
-    async def _refused(exchange: Exchange, exc: Exception) -> ProcessingResponse:
+    async def _refused(self, exchange: Exchange, exc: Exception) -> ProcessingResponse:
         answer = exchange.refuse(exc)
-        await exchange.finish()
+        await self._finish(exchange)
         return messages.immediate(answer, exchange.meter.reason or "quotameter_error")
+
+    async def _finish(self, exchange: Exchange) -> None:
+        await exchange.finish()
+        self.finished = True
 
     # -- request ------------------------------------------------------------
 
@@ -135,7 +139,7 @@ class _Phases:
             self._body += chunk
             if end_of_stream:
                 exchange.body(self._status, bytes(self._body))
-                await exchange.finish()  # billed before the answer's last bytes leave
+                await self._finish(exchange)  # billed before the answer's last bytes leave
             return messages.response_body(None)
         if self._ended:
             return messages.response_body(b"")  # cut: the rest of the upstream's stream is dropped
@@ -143,7 +147,7 @@ class _Phases:
         if observer.cut or end_of_stream:
             self._ended = True
             closing = observer.end()  # the held [DONE], or the cut's ending
-            await exchange.finish()  # billed before they leave
+            await self._finish(exchange)  # billed before they leave
             out += closing
         return messages.response_body(None if out == chunk else out)
 
@@ -153,7 +157,7 @@ class _Phases:
         """Envoy ended the gRPC stream. A request it ended early (client gone, upstream
         reset, a timeout: Envoy does not say which) is billed for what was passed on."""
         exchange = self.exchange
-        if exchange is None:
+        if exchange is None or self.finished:
             return
         if self._observer is not None and not self._ended:
             self._ended = True
@@ -162,7 +166,7 @@ class _Phases:
             exchange.meter.reason = "stream_reset"
         elif self._forward is not None and exchange.meter.reason is None and not self._ended:
             exchange.meter.reason = "stream_reset"
-        await exchange.finish()  # a no-op when the request had ended
+        await self._finish(exchange)
 
 
 class ExternalProcessor(service.ExternalProcessorServicer):
@@ -179,11 +183,12 @@ class ExternalProcessor(service.ExternalProcessorServicer):
                     break
                 await context.write(await phases.on(request))
         finally:
-            # A task of its own: a stream Envoy cancelled still settles and emits.
-            task = asyncio.ensure_future(phases.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            await asyncio.shield(task)
+            if not phases.finished:
+                # A task of its own: a stream Envoy cancelled still settles and emits.
+                task = asyncio.ensure_future(phases.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                await asyncio.shield(task)
 
     async def drain(self) -> None:
         if self._closing:
