@@ -276,6 +276,8 @@ async def test_ext_proc_bills_a_stream_envoy_closes_early(shim_factory: ShimFact
         assert left.data.reason == "stream_reset" and 3 <= left.data.output_tokens < 3000
         assert left.data.input_tokens == PROMPT_TOKENS and left.data.usage_source == "counted"
         assert reset.data.reason in ("stream_reset", "upstream_stream_cut") and reset.data.output_tokens <= 3
+        # Both settled: what stays reserved is what they delivered, not their worst case.
+        assert shim.reserved("gone")[0] == sum(e.data.input_tokens + e.data.output_tokens for e in events)
 
         # The shim away: Envoy serves nothing unmetered.
         await asyncio.to_thread(shim.process.stop)
