@@ -121,8 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Latency quotameter's ext_proc adds to Envoy.")
     parser.add_argument("--quick", action="store_true", help="short runs (~25 s in all)")
     parser.add_argument("--rate", type=float, default=200, help="requests per second (open loop)")
+    parser.add_argument("--duration", type=float, help="seconds per cell (default 8, --quick 3)")
     args = parser.parse_args()
-    duration_s = 3.0 if args.quick else 8.0
+    duration_s = args.duration or (3.0 if args.quick else 8.0)
     setups = ("direct", "envoy", "ext_proc", "shim")
 
     print(f"envoy bench: loopback, {os.cpu_count()} CPU cores shared by the load generator, mock, two "
