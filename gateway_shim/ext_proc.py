@@ -115,12 +115,15 @@ class _Phases:
         assert self.exchange is not None
         self._forward = forward = await self.exchange.admit(raw)
         # The quotameter key never reaches the model: the upstream's own key, if any, replaces it.
+        # Nor does the client's accept-encoding: the shim reads the answer, so it comes uncompressed
+        # (Envoy's compressor, if any, still encodes it for the client).
         upstream_key = self._life.config.upstream.api_key
         set_headers = {"authorization": f"Bearer {upstream_key.get_secret_value()}"} if upstream_key else {}
         body = forward.body if forward.rewritten else None
         if body is not None:
             set_headers["content-length"] = str(len(body))  # Envoy keeps it in BUFFERED mode: ours to set
-        return messages.mutation(set_headers, () if upstream_key else ("authorization",)), body
+        remove = ("accept-encoding",) if upstream_key else ("authorization", "accept-encoding")
+        return messages.mutation(set_headers, remove), body
 
     # -- response -----------------------------------------------------------
 

@@ -220,9 +220,11 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             headers, body = relay.seen[-1]
             assert json.loads(body)["model"] == "mock-small" and int(headers["content-length"]) == len(body)
 
-            # The model never saw a client's quotameter key.
+            # The model never saw a client's quotameter key, and answered uncompressed
+            # (the shim reads it; the openai client asks for gzip).
             assert len(relay.seen) == 6
             assert all("authorization" not in headers for headers, _ in relay.seen)
+            assert all("accept-encoding" not in headers for headers, _ in relay.seen)
 
             # Every reservation was settled to the true usage (until the worker releases it).
             assert shim.reserved("edge")[0] == 3 * PROMPT_TOKENS + 5 + 16 + 6
