@@ -15,7 +15,8 @@ gRPC stream per request:
 
 A refusal is an ImmediateResponse with the standalone proxy's status, JSON
 body and headers. A stream Envoy closes early (client gone, upstream reset)
-is settled and emitted with what was delivered. Every request past
+is settled and emitted with what the shim had passed on to Envoy (which
+buffers: a client that left may have read less). Every request past
 authentication emits exactly one event; one without a valid key emits none.
 
 The server runs in the shim's process, on its event loop (uvloop included:
