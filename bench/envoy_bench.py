@@ -111,6 +111,13 @@ def _start_all(work: Path) -> tuple[list[ManagedProcess], dict[str, str], str]:
     return procs, urls, key
 
 
+def _cpu_s(proc: ManagedProcess) -> float:
+    """CPU seconds the process has used (user + system): steadier than latency on a busy machine."""
+    assert proc.pid is not None
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _load(*args: str) -> dict[str, float]:
     out = subprocess.run(_python(str(ROOT / "bench" / "loadgen.py"), *args), capture_output=True, text=True,
                          timeout=300, check=True)
@@ -133,14 +140,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qm-envoy-bench-") as tmp:
         procs, urls, key = _start_all(Path(tmp))
         try:
+            shim = next(proc for proc in procs if proc.name == "shim")
             rows = []
             for stream in (False, True):
                 flags = ["--stream"] if stream else []
-                cell = {
-                    setup: _load("open", "--url", urls[setup], "--key", key, "--rate", str(args.rate),
-                                 "--duration", str(duration_s), *flags)
-                    for setup in setups
-                }
+                cell = {}
+                for setup in setups:
+                    before = _cpu_s(shim)
+                    cell[setup] = _load("open", "--url", urls[setup], "--key", key, "--rate", str(args.rate),
+                                        "--duration", str(duration_s), *flags)
+                    # The shim's CPU per request (20 warm-up requests included), for the cells it serves.
+                    cell[setup]["shim_cpu_ms"] = (_cpu_s(shim) - before) * 1000 / (cell[setup]["count"] + 20)
                 rows.append((stream, cell))
         finally:
             for proc in reversed(procs):
@@ -163,6 +173,10 @@ def main() -> None:
             if cell[setup].get("failures"):
                 print(f"    {setup} failures: {cell[setup]['failures']}")
     print("(ms; 'added' = Envoy with quotameter's ext_proc - Envoy alone)\n")
+    for stream, cell in rows:
+        print(f"shim CPU per request, {'stream' if stream else 'json':<6}: ext_proc "
+              f"{cell['ext_proc']['shim_cpu_ms']:.2f} ms, standalone proxy {cell['shim']['shim_cpu_ms']:.2f} ms")
+    print()
     print(f"target: added <= {TARGET_P50_MS} ms p50 and <= {TARGET_P99_MS} ms p99 at {args.rate:.0f} req/s: "
           f"{'ok' if all(verdicts) else 'MISSED'}")
 
