@@ -226,8 +226,15 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             assert all("authorization" not in headers for headers, _ in relay.seen)
             assert all("accept-encoding" not in headers for headers, _ in relay.seen)
 
+            # What the clients were served: JSON usage, the hidden stream's words (one token each), the shown usage.
+            assert completion.usage is not None and shown[-1].usage is not None
+            served_output = (
+                completion.usage.completion_tokens + len(text_of(hidden).split()) + shown[-1].usage.completion_tokens
+            )
+            served_input = completion.usage.prompt_tokens + PROMPT_TOKENS + shown[-1].usage.prompt_tokens
+            assert served_output == 5 + 16 + 6 and served_input == 3 * PROMPT_TOKENS
             # Every reservation was settled to the true usage (until the worker releases it).
-            assert shim.reserved("edge")[0] == 3 * PROMPT_TOKENS + 5 + 16 + 6
+            assert shim.reserved("edge")[0] == served_input + served_output
             assert shim.reserved("cutter")[0] == PROMPT_TOKENS + delivered
 
             # The ledger holds each request once, to the token the clients were served.
@@ -236,7 +243,7 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
                 wait_for, lambda: (r := ledger_rows(shim.config, "edge"))["rows"] >= 4 and r, 60.0, "edge's events"
             )
             assert edge_rows["rows"] == edge_rows["ids"] == 4  # three admitted, one refused
-            assert edge_rows["input_tokens"] == 3 * PROMPT_TOKENS and edge_rows["output_tokens"] == 5 + 16 + 6
+            assert edge_rows["input_tokens"] == served_input and edge_rows["output_tokens"] == served_output
             cut_rows = await asyncio.to_thread(
                 wait_for, lambda: (r := ledger_rows(shim.config, "cutter"))["rows"] and r, 30.0, "cutter's event"
             )
