@@ -82,6 +82,7 @@ class Check:
         headers[EVENT_ID_HEADER] = ticket.event_id
         headers["x-quotameter-customer"] = key.customer
         headers["x-quotameter-tier"] = key.tier
+        headers["x-quotameter-key-id"] = key.key_id  # for the usage report's api_key_id
         if ticket.model is not None and ticket.model != model:
             headers["x-quotameter-served-model"] = ticket.model  # degraded to the tier's fallback
         answer = {"event_id": ticket.event_id, "customer": key.customer, "tier": key.tier, "model": ticket.model}

@@ -1,40 +1,55 @@
-"""nginx (Debian's, auth_request) in front of the mock model, admitting through
-``/v1/check`` with deploy/nginx/quotameter.conf as shipped; the official
-openai client sees the admission and the refusal, and the usage reported
-under the check's event id settles the reservation (real worker, ledger)."""
+"""nginx (Debian's, auth_request and njs) in front of the mock model, with
+deploy/nginx/quotameter.conf and quotameter.js as shipped: the official openai
+client sees the admission and the refusal, JSON and streamed answers pass
+(streams event by event), and nginx itself reports each answer's usage under
+the check's event id, which settles the reservation; the real worker puts it
+in the ledger, to the token what the client was served. The test reports
+nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
+from gateway_shim.keystore import list_keys
 from quotameter.embedded.procs import ManagedProcess, free_port
-from tests.integration.enforcement_helpers import MESSAGES, ShimFactory, shim_factory  # noqa: F401
-from tests.integration.pipeline_helpers import start_worker, wait_for
-from tests.integration.test_check import TIERS, TOKEN, reported
-from tests.integration.test_ingest import ledger_rows, post
+from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
+from tests.integration.test_check import TIERS, TOKEN
 
-SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "quotameter.conf"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
+SNIPPET = DEPLOY / "quotameter.conf"
+NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+TOKEN_DELAY_MS = 40  # the mock's pause before each streamed token
+STREAMED_TOKENS = 12
+METERED = {  # many requests a minute: the streams are not refused
+    **TIERS["checked"], "requests_per_minute": 100, "tokens_per_minute": 1_000_000, "default_max_tokens": 500,
+}
 
 
 def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[ManagedProcess, int]:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     assert binary, "nginx is not installed: make test installs it (Debian package nginx-light)"
+    assert os.path.exists(NJS_MODULE), "njs is not installed: make test installs it (Debian package libnginx-mod-http-js)"
     port = free_port()
     root = tmp_path / "nginx"
     root.mkdir()
     site = SNIPPET.read_text()
     for placeholder, address in (("__LISTEN__", port), ("__QUOTAMETER__", shim_port), ("__MODEL__", model_port)):
         site = site.replace(placeholder, f"127.0.0.1:{address}")
+    site = site.replace("__SCRIPT__", str(DEPLOY / "quotameter.js")).replace("__INGEST_TOKEN__", TOKEN)
     (root / "quotameter.conf").write_text(site)
     temp = "\n".join(f"    {kind}_temp_path {root}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (root / "nginx.conf").write_text(
-        ("user root;\n" if os.geteuid() == 0 else "")
+        f"load_module {NJS_MODULE};\n"
+        + ("user root;\n" if os.geteuid() == 0 else "")
         + f"daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log info;\n"
         + "events { worker_connections 256; }\n"
         + f"http {{\n    access_log off;\n{temp}\n    include {root}/quotameter.conf;\n}}\n"
@@ -44,10 +59,37 @@ def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[Manage
     return process, port
 
 
-async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
+def ledger(shim: Shim, customer: str) -> dict[str, dict[str, Any]]:
+    """The ledger's rows of a customer by event id (duplicates would show as a count)."""
+    status, body = http_json(
+        f"{shim.config.services.worker_url}/query",
+        f"""SELECT id, count() AS copies, any(input_tokens) AS input_tokens, any(output_tokens) AS output_tokens,
+                   any(api_key_id) AS api_key_id, any(decision) AS decision, any(usage_source) AS usage_source,
+                   any(streamed) AS streamed, any(model_served) AS model_served, any(status) AS status
+            FROM quotameter.events WHERE customer = '{customer}' GROUP BY id""",
+    )
+    assert status == 200, body
+    return {row["id"]: row for row in body["rows"]}
+
+
+def settled(shim: Shim, customer: str, event_id: str, tokens: int) -> bool:
+    # The settle turns the reservation's pending entry into the reported tokens.
+    entry = shim.reserved(customer)[2].get(event_id)
+    return entry is not None and entry.startswith(f"{tokens}:")
+
+
+def key_id(shim: Shim, customer: str) -> str:
+    client = shim.redis()
+    try:
+        return next(record.key_id for record in list_keys(client, shim.names) if record.customer == customer)
+    finally:
+        client.close()
+
+
+async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    shim = await shim_factory(TIERS, shim={"ingest_token": TOKEN})
+    shim = await shim_factory({**TIERS, "metered": METERED}, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN})
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
     try:
@@ -56,13 +98,14 @@ async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20,
             default_headers={"x-quotameter-model": "mock-small"},
         )
+        served: dict[str, openai.types.CompletionUsage] = {}  # event id -> the usage the client was given
         async with client:
-            raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
-            completion = raw.parse()
-            event_id = raw.headers["x-quotameter-event-id"]
-            assert raw.status_code == 200 and completion.choices[0].message.content
-            assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "1"
-            await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5)
+            for _ in range(2):
+                raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
+                completion = raw.parse()
+                assert raw.status_code == 200 and completion.choices[0].message.content and completion.usage
+                served[raw.headers["x-quotameter-event-id"]] = completion.usage
+            assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "0"
             # The third in the minute: the check's 429 reaches the client whole, through nginx.
             with pytest.raises(openai.RateLimitError) as refused:
                 await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5)
@@ -83,25 +126,69 @@ async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
                 await stranger.models.list()
             assert unknown.value.code == "invalid_api_key"
 
-        assert event_id in shim.reserved("nginx-edge")[2]  # reserved until the usage report
-        usage = completion.usage
-        assert usage is not None
-        report = reported(event_id, "nginx-edge", usage.prompt_tokens, usage.completion_tokens)
-        assert await post(shim.config, report) == (202, {"accepted": 1})
-        settled = shim.reserved("nginx-edge")[2][event_id]
-        assert settled.startswith(f"{usage.prompt_tokens + usage.completion_tokens}:")
+        streamed = await stream_through(shim, port)
+        # nginx reported every answer: each reservation is settled with what the client was served.
+        for customer, answers in (("nginx-edge", served), ("nginx-stream", streamed)):
+            for event_id, usage in answers.items():
+                await asyncio.to_thread(
+                    wait_for, lambda: settled(shim, customer, event_id, usage.total_tokens), 10.0, f"{event_id} settled"
+                )
 
-        # The worker puts the event in the ledger once and releases the settled entry.
+        # The worker puts each report in the ledger once, to the token.
         await asyncio.to_thread(start_worker, cli_process, shim.config, shim.config_path, "worker")
-        rows = await asyncio.to_thread(
-            wait_for, lambda: event_id in (r := ledger_rows(shim.config, "nginx-edge"))["id_list"] and r, 60.0, "the event"
-        )
-        assert rows["id_list"].count(event_id) == 1
-        await asyncio.to_thread(
-            wait_for, lambda: event_id not in shim.reserved("nginx-edge")[2], 30.0, "the entry released"
-        )
+        for customer, answers in (("nginx-edge", served), ("nginx-stream", streamed)):
+            rows = await asyncio.to_thread(
+                wait_for, lambda: set(answers) <= set(r := ledger(shim, customer)) and r, 60.0, f"{customer}'s events"
+            )
+            for event_id, usage in answers.items():
+                row = rows[event_id]
+                assert row["copies"] == 1 and row["decision"] == "admitted" and row["status"] == 200, row
+                assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens), row
+                assert row["usage_source"] == "upstream" and row["model_served"] == "mock-small"
+                assert row["api_key_id"] == key_id(shim, customer)
+                assert bool(row["streamed"]) == (customer == "nginx-stream")
+        # The refusals are the check's own events, with nothing used.
+        refusals = [r for r in ledger(shim, "nginx-edge").values() if r["decision"] == "refused"]
+        assert sorted(r["status"] for r in refusals) == [403, 429] and not any(r["input_tokens"] for r in refusals)
     finally:
         nginx.stop()
+
+
+async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.CompletionUsage]:
+    """Two streams through nginx, one asking for the usage chunk and one not; the usage
+    each was served by id (the one that did not ask: what the same request costs)."""
+    key = shim.new_key("nginx-stream", "metered")
+    served: dict[str, openai.types.CompletionUsage] = {}
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20,
+        default_headers={"x-quotameter-model": "mock-small"},
+    ) as client:
+        for include_usage in (True, False):
+            extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+            began = time.monotonic()
+            raw = await client.chat.completions.with_raw_response.create(
+                model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True, **extra
+            )
+            arrivals: list[float] = []
+            chunks = []
+            async for chunk in raw.parse():
+                arrivals.append(time.monotonic() - began)
+                chunks.append(chunk)
+            pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
+            assert len(pieces) == STREAMED_TOKENS
+            # Event by event: the first token long before the last (the mock waits before each).
+            first, last = arrivals[chunks.index(pieces[0])], arrivals[chunks.index(pieces[-1])]
+            assert last - first >= (STREAMED_TOKENS - 2) * TOKEN_DELAY_MS / 1000, arrivals
+            usages = [c.usage for c in chunks if c.usage is not None]
+            if include_usage:
+                assert len(usages) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
+                assert chunks[-1].usage.completion_tokens == STREAMED_TOKENS
+                served[raw.headers["x-quotameter-event-id"]] = asked = chunks[-1].usage
+            else:
+                # nginx asked the model for the usage chunk; the client, who did not, never sees it.
+                assert usages == [] and all(c.choices for c in chunks)
+                served[raw.headers["x-quotameter-event-id"]] = asked  # same request, same usage
+    return served
 
 
 def test_the_readme_snippet_is_the_shipped_file() -> None:
