@@ -27,6 +27,15 @@ function count(value) {
     return typeof value === 'number' && value >= 0 && value % 1 === 0 ? value : 0;
 }
 
+// js_content of /v1/: nginx has read the body by now (auth_request's access
+// phase comes before it is read). The check's subrequest sees no body of its
+// own, so a copy goes through a variable, which subrequests share.
+function admit(r) {
+    var raw = r.requestBuffer;
+    r.variables.qm_check_body = raw === undefined ? '' : raw.toString();
+    r.internalRedirect('@quotameter_model');
+}
+
 // js_set $qm_upstream_body: the body sent to the model. Only a streamed request
 // without include_usage changes; every other body goes byte for byte.
 function upstreamBody(r) {
@@ -215,4 +224,4 @@ function report(r) {
     });
 }
 
-export default {upstreamBody, header, body, report};
+export default {admit, upstreamBody, header, body, report};

@@ -96,7 +96,6 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
         key = shim.new_key("nginx-edge", "checked")
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20,
-            default_headers={"x-quotameter-model": "mock-small"},
         )
         served: dict[str, openai.types.CompletionUsage] = {}  # event id -> the usage the client was given
         async with client:
@@ -115,11 +114,10 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
             assert 1 <= int(error.response.headers["Retry-After"]) <= 60
             assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
             assert error.response.headers["RateLimit"].startswith('"requests";r=0;')
-            # A model outside the tier, and an unknown key: 403 and 401 with their bodies.
+            # A model outside the tier (the check reads it from the body), and an unknown
+            # key: 403 and 401 with their bodies.
             with pytest.raises(openai.PermissionDeniedError) as denied:
-                await client.chat.completions.create(
-                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-quotameter-model": "gpt-4o"}
-                )
+                await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
             assert denied.value.code == "model_not_allowed"
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0) as stranger:
             with pytest.raises(openai.AuthenticationError) as unknown:
@@ -160,8 +158,7 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
     key = shim.new_key("nginx-stream", "metered")
     served: dict[str, openai.types.CompletionUsage] = {}
     async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20,
-        default_headers={"x-quotameter-model": "mock-small"},
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20
     ) as client:
         for include_usage in (True, False):
             extra = {"stream_options": {"include_usage": True}} if include_usage else {}
@@ -169,11 +166,15 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             raw = await client.chat.completions.with_raw_response.create(
                 model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True, **extra
             )
+            event_id = raw.headers["x-quotameter-event-id"]
             arrivals: list[float] = []
             chunks = []
+            held = None
             async for chunk in raw.parse():
                 arrivals.append(time.monotonic() - began)
                 chunks.append(chunk)
+                if held is None:  # in flight: what the check reserved
+                    held = (await asyncio.to_thread(shim.reserved, "nginx-stream"))[2][event_id]
             pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
             assert len(pieces) == STREAMED_TOKENS
             # Event by event: the first token long before the last (the mock waits before each).
@@ -183,11 +184,13 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             if include_usage:
                 assert len(usages) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
                 assert chunks[-1].usage.completion_tokens == STREAMED_TOKENS
-                served[raw.headers["x-quotameter-event-id"]] = asked = chunks[-1].usage
+                served[event_id] = asked = chunks[-1].usage
             else:
                 # nginx asked the model for the usage chunk; the client, who did not, never sees it.
                 assert usages == [] and all(c.choices for c in chunks)
-                served[raw.headers["x-quotameter-event-id"]] = asked  # same request, same usage
+                served[event_id] = asked  # same request, same usage
+            # The check saw the body: the prompt counted and max_tokens reserved, not the tier's default.
+            assert held.startswith(f"{asked.prompt_tokens + STREAMED_TOKENS}:"), held
     return served
 
 
