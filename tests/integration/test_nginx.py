@@ -125,6 +125,7 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
             assert unknown.value.code == "invalid_api_key"
 
         streamed = await stream_through(shim, port)
+        cut = await cut_mid_stream(shim, port)
         # nginx reported every answer: each reservation is settled with what the client was served.
         for customer, answers in (("nginx-edge", served), ("nginx-stream", streamed)):
             for event_id, usage in answers.items():
@@ -145,6 +146,10 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 assert row["usage_source"] == "upstream" and row["model_served"] == "mock-small"
                 assert row["api_key_id"] == key_id(shim, customer)
                 assert bool(row["streamed"]) == (customer == "nginx-stream")
+        # A stream the client left never delivered its usage: nginx cannot count tokens, so it
+        # reports the answer with none (the reservation released at once, not after its TTL).
+        row = (await asyncio.to_thread(wait_for, lambda: ledger(shim, "nginx-cut"), 30.0, "the cut stream"))[cut]
+        assert (row["usage_source"], row["input_tokens"], row["output_tokens"], row["streamed"]) == ("none", 0, 0, True)
         # The refusals are the check's own events, with nothing used.
         refusals = [r for r in ledger(shim, "nginx-edge").values() if r["decision"] == "refused"]
         assert sorted(r["status"] for r in refusals) == [403, 429] and not any(r["input_tokens"] for r in refusals)
@@ -192,6 +197,26 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             # The check saw the body: the prompt counted and max_tokens reserved, not the tier's default.
             assert held.startswith(f"{asked.prompt_tokens + STREAMED_TOKENS}:"), held
     return served
+
+
+async def cut_mid_stream(shim: Shim, port: int) -> str:
+    """A stream the client closes after a few tokens; its event id, once its reservation is gone."""
+    key = shim.new_key("nginx-cut", "metered")
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True,
+            stream_options={"include_usage": True},
+        )
+        stream = raw.parse()
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await stream.close()
+    event_id = raw.headers["x-quotameter-event-id"]
+    await asyncio.to_thread(
+        wait_for, lambda: event_id not in shim.reserved("nginx-cut")[2], 5.0, "the cut stream's reservation settled"
+    )
+    return event_id
 
 
 def test_the_readme_snippet_is_the_shipped_file() -> None:
