@@ -32,6 +32,9 @@ STREAMED_TOKENS = 12
 METERED = {  # many requests a minute: the streams are not refused
     **TIERS["checked"], "requests_per_minute": 100, "tokens_per_minute": 1_000_000, "default_max_tokens": 500,
 }
+# A tier that would admit a request shrunk to its quota's rest and cut the stream there:
+# nginx cuts nothing, so the check must not admit on that promise.
+CUTTING = {**METERED, "monthly_tokens": 100, "cut_streams": True}
 
 
 def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[ManagedProcess, int]:
@@ -89,7 +92,7 @@ def key_id(shim: Shim, customer: str) -> str:
 async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    shim = await shim_factory({**TIERS, "metered": METERED}, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN})
+    shim = await shim_factory({**TIERS, "metered": METERED, "cutting": CUTTING}, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN})
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
     try:
@@ -125,6 +128,13 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
             assert unknown.value.code == "invalid_api_key"
 
         streamed = await stream_through(shim, port)
+        # Its worst case (prompt + 500 tokens) is past the quota of 100; no max_tokens to shrink.
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=shim.new_key("nginx-cutting", "cutting"), max_retries=0
+        ) as cutting:
+            with pytest.raises(openai.RateLimitError) as over:
+                await cutting.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
+            assert over.value.code == "insufficient_quota", over.value.body
         cut = await cut_mid_stream(shim, port)
         # nginx reported every answer: each reservation is settled with what the client was served.
         for customer, answers in (("nginx-edge", served), ("nginx-stream", streamed)):
@@ -174,17 +184,21 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             event_id = raw.headers["x-quotameter-event-id"]
             arrivals: list[float] = []
             chunks = []
-            held = None
+            held = None  # in flight: what the check reserved (read beside the stream, not to delay it)
             async for chunk in raw.parse():
                 arrivals.append(time.monotonic() - began)
                 chunks.append(chunk)
-                if held is None:  # in flight: what the check reserved
-                    held = (await asyncio.to_thread(shim.reserved, "nginx-stream"))[2][event_id]
+                if held is None:
+                    held = asyncio.create_task(asyncio.to_thread(shim.reserved, "nginx-stream"))
+            assert held is not None
+            held = (await held)[2][event_id]
             pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
             assert len(pieces) == STREAMED_TOKENS
-            # Event by event: the first token long before the last (the mock waits before each).
-            first, last = arrivals[chunks.index(pieces[0])], arrivals[chunks.index(pieces[-1])]
-            assert last - first >= (STREAMED_TOKENS - 2) * TOKEN_DELAY_MS / 1000, arrivals
+            # Event by event: the mock pauses before each token, and so does the client's stream
+            # (a third of them at least: a busy client may read the first few at once).
+            times = [arrivals[chunks.index(piece)] for piece in pieces]
+            paused = sum(b - a >= TOKEN_DELAY_MS / 2000 for a, b in zip(times, times[1:], strict=False))
+            assert paused >= STREAMED_TOKENS // 3, times
             usages = [c.usage for c in chunks if c.usage is not None]
             if include_usage:
                 assert len(usages) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
