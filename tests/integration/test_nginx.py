@@ -117,10 +117,12 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
             assert 1 <= int(error.response.headers["Retry-After"]) <= 60
             assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
             assert error.response.headers["RateLimit"].startswith('"requests";r=0;')
-            # A model outside the tier (the check reads it from the body), and an unknown
-            # key: 403 and 401 with their bodies.
+            # A model outside the tier, read from the body (a client's header naming another
+            # is not believed), and an unknown key: 403 and 401 with their bodies.
             with pytest.raises(openai.PermissionDeniedError) as denied:
-                await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                await client.chat.completions.create(
+                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-quotameter-model": "mock-small"}
+                )
             assert denied.value.code == "model_not_allowed"
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0) as stranger:
             with pytest.raises(openai.AuthenticationError) as unknown:
