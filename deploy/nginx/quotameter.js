@@ -36,8 +36,9 @@ function admit(r) {
     r.internalRedirect('@quotameter_model');
 }
 
-// js_set $qm_upstream_body: the body sent to the model. Only a streamed request
-// without include_usage changes; every other body goes byte for byte.
+// js_set $qm_upstream_body: the body sent to the model. Only two change: one the
+// check degraded to the tier's fallback model (which it names), and a stream
+// without include_usage; every other body goes byte for byte.
 function upstreamBody(r) {
     var raw = r.requestBuffer;
     if (raw === undefined) {
@@ -56,22 +57,26 @@ function upstreamBody(r) {
     if (typeof body.model === 'string') {
         r.variables.qm_model_requested = body.model;
     }
-    if (body.stream !== true) {
-        return text;
+    var fallback = r.variables.qm_fallback;
+    var changed = Boolean(fallback) && body.model !== fallback;
+    if (changed) {
+        body.model = fallback;
     }
-    r.variables.qm_streamed = '1';
-    var options = body.stream_options;
-    if (isObject(options) && options.include_usage === true) {
-        return text;
+    if (body.stream === true) {
+        r.variables.qm_streamed = '1';
+        var options = body.stream_options;
+        if (!isObject(options) || options.include_usage !== true) {
+            r.variables.qm_hide_usage = '1';
+            if (!changed && options === undefined) {
+                // Added in front, so the client's own bytes follow unchanged.
+                return '{"stream_options":{"include_usage":true},' + text.slice(text.indexOf('{') + 1);
+            }
+            body.stream_options = isObject(options) ? options : {};
+            body.stream_options.include_usage = true;
+            changed = true;
+        }
     }
-    r.variables.qm_hide_usage = '1';
-    if (options === undefined) {
-        // Added in front, so the client's own bytes follow unchanged.
-        return '{"stream_options":{"include_usage":true},' + text.slice(text.indexOf('{') + 1);
-    }
-    body.stream_options = isObject(options) ? options : {};
-    body.stream_options.include_usage = true;
-    return JSON.stringify(body);
+    return changed ? JSON.stringify(body) : text;
 }
 
 // Per request: njs 0.7 gives each request a VM of its own.
@@ -196,6 +201,7 @@ function report(r) {
         route: String(v.request_uri || '').split('?')[0].slice(0, 200),
         status: Number(v.qm_upstream_status) || 502,
         decision: 'admitted',
+        reason: v.qm_fallback ? 'fallback' : undefined,
         upstream: 'nginx',
         streamed: v.qm_streamed === '1',
         usage_source: usage ? 'upstream' : 'none',

@@ -35,6 +35,9 @@ METERED = {  # many requests a minute: the streams are not refused
 # A tier that would admit a request shrunk to its quota's rest and cut the stream there:
 # nginx cuts nothing, so the check must not admit on that promise.
 CUTTING = {**METERED, "monthly_tokens": 100, "cut_streams": True}
+# Its budget spent, a request is served the cheaper model instead (nginx rewrites the body).
+THRIFTY = {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}}
+PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 
 
 def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[ManagedProcess, int]:
@@ -68,7 +71,8 @@ def ledger(shim: Shim, customer: str) -> dict[str, dict[str, Any]]:
         f"{shim.config.services.worker_url}/query",
         f"""SELECT id, count() AS copies, any(input_tokens) AS input_tokens, any(output_tokens) AS output_tokens,
                    any(api_key_id) AS api_key_id, any(decision) AS decision, any(usage_source) AS usage_source,
-                   any(streamed) AS streamed, any(model_served) AS model_served, any(status) AS status
+                   any(streamed) AS streamed, any(model_served) AS model_served, any(status) AS status,
+                   any(model_requested) AS model_requested, any(reason) AS reason
             FROM quotameter.events WHERE customer = '{customer}' GROUP BY id""",
     )
     assert status == 200, body
@@ -92,7 +96,8 @@ def key_id(shim: Shim, customer: str) -> str:
 async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    shim = await shim_factory({**TIERS, "metered": METERED, "cutting": CUTTING}, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN})
+    shim = await shim_factory({**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}, token_delay_ms=TOKEN_DELAY_MS,
+        shim={"ingest_token": TOKEN}, prices=PRICES,)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
     try:
@@ -138,8 +143,18 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 await cutting.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
             assert over.value.code == "insufficient_quota", over.value.body
         cut = await cut_mid_stream(shim, port)
+        # The budget spent: the check degrades the request to the tier's fallback, which nginx serves.
+        shim.set_totals("nginx-thrifty", micro_usd=1000)
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=shim.new_key("nginx-thrifty", "thrifty"), max_retries=0
+        ) as thrifty:
+            raw = await thrifty.chat.completions.with_raw_response.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+        degraded = raw.parse()
+        assert degraded.model == "mock-small" and degraded.usage
+        fell_back = {raw.headers["x-quotameter-event-id"]: degraded.usage}
+        answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
         # nginx reported every answer: each reservation is settled with what the client was served.
-        for customer, answers in (("nginx-edge", served), ("nginx-stream", streamed)):
+        for customer, answers in answered:
             for event_id, usage in answers.items():
                 await asyncio.to_thread(
                     wait_for, lambda: settled(shim, customer, event_id, usage.total_tokens), 10.0, f"{event_id} settled"
@@ -147,7 +162,7 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
 
         # The worker puts each report in the ledger once, to the token.
         await asyncio.to_thread(start_worker, cli_process, shim.config, shim.config_path, "worker")
-        for customer, answers in (("nginx-edge", served), ("nginx-stream", streamed)):
+        for customer, answers in answered:
             rows = await asyncio.to_thread(
                 wait_for, lambda: set(answers) <= set(r := ledger(shim, customer)) and r, 60.0, f"{customer}'s events"
             )
@@ -156,6 +171,9 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 assert row["copies"] == 1 and row["decision"] == "admitted" and row["status"] == 200, row
                 assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens), row
                 assert row["usage_source"] == "upstream" and row["model_served"] == "mock-small"
+                assert (row["model_requested"], row["reason"]) == (
+                    ("mock-large", "fallback") if customer == "nginx-thrifty" else ("mock-small", None)
+                ), row
                 assert row["api_key_id"] == key_id(shim, customer)
                 assert bool(row["streamed"]) == (customer == "nginx-stream")
         # A stream the client left never delivered its usage: nginx cannot count tokens, so it
