@@ -9,6 +9,7 @@ nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ from quotameter.embedded.procs import ManagedProcess, free_port
 from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
 from tests.integration.test_check import TIERS, TOKEN
+from tests.integration.test_ingest import post
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
 SNIPPET = DEPLOY / "quotameter.conf"
@@ -40,17 +42,19 @@ THRIFTY = {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "e
 PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 
 
-def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[ManagedProcess, int]:
+def start_nginx(root: Path, shim_port: int, model_port: int, token: str = TOKEN) -> tuple[ManagedProcess, int]:
+    """nginx with the shipped files, its reports sent with ``token``; what the shim did not
+    take is kept in ``root``/unreported.log."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     assert binary, "nginx is not installed: make test installs it (Debian package nginx-light)"
     assert os.path.exists(NJS_MODULE), "njs is not installed: make test installs it (Debian package libnginx-mod-http-js)"
     port = free_port()
-    root = tmp_path / "nginx"
     root.mkdir()
     site = SNIPPET.read_text()
     for placeholder, address in (("__LISTEN__", port), ("__QUOTAMETER__", shim_port), ("__MODEL__", model_port)):
         site = site.replace(placeholder, f"127.0.0.1:{address}")
-    site = site.replace("__SCRIPT__", str(DEPLOY / "quotameter.js")).replace("__INGEST_TOKEN__", TOKEN)
+    site = site.replace("__SCRIPT__", str(DEPLOY / "quotameter.js")).replace("__INGEST_TOKEN__", token)
+    site = site.replace("__UNREPORTED_LOG__", str(root / "unreported.log"))
     (root / "quotameter.conf").write_text(site)
     temp = "\n".join(f"    {kind}_temp_path {root}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (root / "nginx.conf").write_text(
@@ -60,7 +64,7 @@ def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[Manage
         + "events { worker_connections 256; }\n"
         + f"http {{\n    access_log off;\n{temp}\n    include {root}/quotameter.conf;\n}}\n"
     )
-    process = ManagedProcess("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], tmp_path / "nginx.log").start()
+    process = ManagedProcess("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], root / "nginx.log").start()
     process.wait_port("127.0.0.1", port)
     return process, port
 
@@ -85,6 +89,15 @@ def settled(shim: Shim, customer: str, event_id: str, tokens: int) -> bool:
     return entry is not None and entry.startswith(f"{tokens}:")
 
 
+def unsettled(shim: Shim, customer: str, event_id: str) -> bool:
+    """The check's admission still waits for its report (a report takes it)."""
+    client = shim.redis()
+    try:
+        return bool(client.exists(shim.names.check_ticket(customer, event_id)))
+    finally:
+        client.close()
+
+
 def key_id(shim: Shim, customer: str) -> str:
     client = shim.redis()
     try:
@@ -99,7 +112,7 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim = await shim_factory({**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}, token_delay_ms=TOKEN_DELAY_MS,
         shim={"ingest_token": TOKEN}, prices=PRICES,)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
-    nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
+    nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
     try:
         key = shim.new_key("nginx-edge", "checked")
         client = openai.AsyncOpenAI(
@@ -153,6 +166,7 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
         assert degraded.model == "mock-small" and degraded.usage
         fell_back = {raw.headers["x-quotameter-event-id"]: degraded.usage}
         answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
+        answered += (("nginx-late", await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)),)
         # nginx reported every answer: each reservation is settled with what the client was served.
         for customer, answers in answered:
             for event_id, usage in answers.items():
@@ -180,6 +194,8 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
         # reports the answer with none (the reservation released at once, not after its TTL).
         row = (await asyncio.to_thread(wait_for, lambda: ledger(shim, "nginx-cut"), 30.0, "the cut stream"))[cut]
         assert (row["usage_source"], row["input_tokens"], row["output_tokens"], row["streamed"]) == ("none", 0, 0, True)
+        # Every report of the first nginx was taken: it kept none to send again.
+        assert not (tmp_path / "nginx" / "unreported.log").exists() or (tmp_path / "nginx" / "unreported.log").read_text() == ""
         # The refusals are the check's own events, with nothing used.
         refusals = [r for r in ledger(shim, "nginx-edge").values() if r["decision"] == "refused"]
         assert sorted(r["status"] for r in refusals) == [403, 429] and not any(r["input_tokens"] for r in refusals)
@@ -231,6 +247,27 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             # The check saw the body: the prompt counted and max_tokens reserved, not the tier's default.
             assert held.startswith(f"{asked.prompt_tokens + STREAMED_TOKENS}:"), held
     return served
+
+
+async def kept_and_sent_again(shim: Shim, root: Path, model_port: int) -> dict[str, openai.types.CompletionUsage]:
+    """A report the shim refuses (an nginx with a wrong ingest token) is kept in nginx's file
+    of unreported events; sent again from there, as an operator would, it settles."""
+    nginx, port = await asyncio.to_thread(start_nginx, root, shim.config.shim.port, model_port, "not-the-token")
+    try:
+        key = shim.new_key("nginx-late", "metered")
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=4)
+        event_id, usage = raw.headers["x-quotameter-event-id"], raw.parse().usage
+        kept = root / "unreported.log"
+        [line] = await asyncio.to_thread(
+            wait_for, lambda: kept.exists() and kept.read_text().splitlines(), 5.0, "the unreported event"
+        )
+    finally:
+        nginx.stop()
+    assert usage is not None and unsettled(shim, "nginx-late", event_id)
+    assert await post(shim.config, json.loads(line)) == (202, {"accepted": 1})
+    assert not unsettled(shim, "nginx-late", event_id)
+    return {event_id: usage}
 
 
 async def cut_mid_stream(shim: Shim, port: int) -> str:
