@@ -1,9 +1,12 @@
 // Usage metering inside nginx (njs 0.7, Debian bookworm's libnginx-mod-http-js),
-// for deploy/nginx/quotameter.conf. Three pieces, one per point of the request:
+// for deploy/nginx/quotameter.conf. One piece per point of the request:
 //
-//   upstreamBody  (js_set, proxy_set_body) asks a streamed chat for
-//                 stream_options.include_usage, as the shim does, so the
-//                 stream ends with the upstream's usage chunk;
+//   admit         (js_content) lets nginx read the body, copies it for the
+//                 check, and hands the request on to the location that admits;
+//   upstreamBody  (js_set, proxy_set_body) names the fallback model the check
+//                 degraded the request to, and asks a stream for
+//                 stream_options.include_usage, as the shim does, so it ends
+//                 with the upstream's usage chunk;
 //   header / body (js_header_filter, js_body_filter) read the usage and the
 //                 served model from the answer as it passes, into js_var
 //                 variables; a usage chunk the client did not ask for is
@@ -81,6 +84,7 @@ function upstreamBody(r) {
 
 // Per request: njs 0.7 gives each request a VM of its own.
 var sse = false;
+var json = false;
 var hide = false;
 var tail = Buffer.alloc(0);
 var kept = [];
@@ -90,6 +94,7 @@ function header(r) {
     r.variables.qm_upstream_status = String(r.status);
     var type = String(r.headersOut['Content-Type'] || '').toLowerCase();
     sse = type.indexOf('text/event-stream') === 0;
+    json = type.indexOf('json') >= 0;
     hide = sse && r.variables.qm_hide_usage === '1';
     if (hide) {
         delete r.headersOut['Content-Length']; // the stream loses its usage chunk
@@ -139,12 +144,12 @@ function event(r, text) {
 
 function body(r, data, flags) {
     if (!sse) {
-        if (keptBytes + data.length <= JSON_LIMIT) {
+        if (json && keptBytes + data.length <= JSON_LIMIT) {
             kept.push(data);
             keptBytes += data.length;
         }
         r.sendBuffer(data, flags);
-        if (flags.last) {
+        if (flags.last && json) {
             try {
                 note(r, JSON.parse(Buffer.concat(kept).toString()));
             } catch (e) {
@@ -159,9 +164,7 @@ function body(r, data, flags) {
     var at = 0;
     var end;
     while ((end = eventEnd(buffered, at)) > 0) {
-        var whole = buffered.slice(at, end).toString(); // whole events: no UTF-8 sequence cut
-        var passed = event(r, whole);
-        out += passed;
+        out += event(r, buffered.slice(at, end).toString()); // whole events: no UTF-8 sequence cut
         at = end;
     }
     tail = buffered.slice(at);

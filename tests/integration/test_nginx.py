@@ -21,6 +21,7 @@ import pytest
 
 from gateway_shim.keystore import list_keys
 from quotameter.embedded.procs import ManagedProcess, free_port
+from quotameter.tokens import count_prompt
 from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
 from tests.integration.test_check import TIERS, TOKEN
@@ -39,6 +40,8 @@ METERED = {  # many requests a minute: the streams are not refused
 CUTTING = {**METERED, "monthly_tokens": 100, "cut_streams": True}
 # Its budget spent, a request is served the cheaper model instead (nginx rewrites the body).
 THRIFTY = {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}}
+# Not ASCII: the bodies nginx copies and rewrites keep their UTF-8 (the prompt counts the same).
+SPOKEN = [{"role": "user", "content": "Dites « bonjour » en 日本語, s’il vous plaît ✓"}]
 PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 
 
@@ -215,7 +218,7 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             extra = {"stream_options": {"include_usage": True}} if include_usage else {}
             began = time.monotonic()
             raw = await client.chat.completions.with_raw_response.create(
-                model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True, **extra
+                model="mock-small", messages=SPOKEN, max_tokens=STREAMED_TOKENS, stream=True, **extra
             )
             event_id = raw.headers["x-quotameter-event-id"]
             arrivals: list[float] = []
@@ -239,6 +242,7 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             if include_usage:
                 assert len(usages) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
                 assert chunks[-1].usage.completion_tokens == STREAMED_TOKENS
+                assert chunks[-1].usage.prompt_tokens == count_prompt({"messages": SPOKEN}, "mock-small")
                 served[event_id] = asked = chunks[-1].usage
             else:
                 # nginx asked the model for the usage chunk; the client, who did not, never sees it.
