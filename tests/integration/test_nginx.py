@@ -112,8 +112,8 @@ def key_id(shim: Shim, customer: str) -> str:
 async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    shim = await shim_factory({**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}, token_delay_ms=TOKEN_DELAY_MS,
-        shim={"ingest_token": TOKEN}, prices=PRICES,)
+    tiers = {**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}
+    shim = await shim_factory(tiers, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN}, prices=PRICES)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
     try:
@@ -151,23 +151,9 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
             assert unknown.value.code == "invalid_api_key"
 
         streamed = await stream_through(shim, port)
-        # Its worst case (prompt + 500 tokens) is past the quota of 100; no max_tokens to shrink.
-        async with openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key=shim.new_key("nginx-cutting", "cutting"), max_retries=0
-        ) as cutting:
-            with pytest.raises(openai.RateLimitError) as over:
-                await cutting.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
-            assert over.value.code == "insufficient_quota", over.value.body
+        await refused_past_quota(shim, port)
         cut = await cut_mid_stream(shim, port)
-        # The budget spent: the check degrades the request to the tier's fallback, which nginx serves.
-        shim.set_totals("nginx-thrifty", micro_usd=1000)
-        async with openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key=shim.new_key("nginx-thrifty", "thrifty"), max_retries=0
-        ) as thrifty:
-            raw = await thrifty.chat.completions.with_raw_response.create(model="mock-large", messages=MESSAGES, max_tokens=3)
-        degraded = raw.parse()
-        assert degraded.model == "mock-small" and degraded.usage
-        fell_back = {raw.headers["x-quotameter-event-id"]: degraded.usage}
+        fell_back = await fallen_back(shim, port)
         answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
         answered += (("nginx-late", await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)),)
         # nginx reported every answer: each reservation is settled with what the client was served.
@@ -251,6 +237,27 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
             # The check saw the body: the prompt counted and max_tokens reserved, not the tier's default.
             assert held.startswith(f"{asked.prompt_tokens + STREAMED_TOKENS}:"), held
     return served
+
+
+async def refused_past_quota(shim: Shim, port: int) -> None:
+    """A stream whose worst case (prompt + 500 tokens) is past its quota of 100, and no
+    max_tokens to shrink: refused, as nginx cannot cut it where the quota ends."""
+    key = shim.new_key("nginx-cutting", "cutting")
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+        with pytest.raises(openai.RateLimitError) as over:
+            await client.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
+    assert over.value.code == "insufficient_quota", over.value.body
+
+
+async def fallen_back(shim: Shim, port: int) -> dict[str, openai.types.CompletionUsage]:
+    """The budget spent: the check degrades the request to the tier's fallback, which nginx serves."""
+    shim.set_totals("nginx-thrifty", micro_usd=1000)
+    key = shim.new_key("nginx-thrifty", "thrifty")
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+    degraded = raw.parse()
+    assert degraded.model == "mock-small" and degraded.usage
+    return {raw.headers["x-quotameter-event-id"]: degraded.usage}
 
 
 async def kept_and_sent_again(shim: Shim, root: Path, model_port: int) -> dict[str, openai.types.CompletionUsage]:
