@@ -60,11 +60,11 @@ class Check:
         model = request.headers.get(MODEL_HEADER) or (body.get("model") if isinstance(body.get("model"), str) else None)
         if model is not None:
             body["model"] = model
-        if not (body.get("max_completion_tokens") or body.get("max_tokens")):
-            # Reserved as if asked for: a cut_streams tier would otherwise admit the request
-            # shrunk to fit, and the proxy that forwards it cannot cut the answer there.
-            body["max_tokens"] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
         try:
+            if not (body.get("max_completion_tokens") or body.get("max_tokens")):
+                # Reserved as if asked for: a cut_streams tier would otherwise admit the request
+                # shrunk to fit, and the proxy that forwards it cannot cut the answer there.
+                body["max_tokens"] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
             await exchange.admit(json.dumps(body).encode())
         except Exception as exc:
             # Refused: the request ends here, and its event is emitted as the proxy's are.
