@@ -1,10 +1,13 @@
 """nginx (Debian's, auth_request and njs) in front of the mock model, with
-deploy/nginx/quotameter.conf and quotameter.js as shipped: the official openai
-client sees the admission and the refusal, JSON and streamed answers pass
-(streams event by event), and nginx itself reports each answer's usage under
-the check's event id, which settles the reservation; the real worker puts it
-in the ledger, to the token what the client was served. The test reports
-nothing."""
+deploy/nginx/quotameter.conf and quotameter.js as shipped. The official openai
+client sees the admission and the refusals; the check sees the body (prompt,
+max_tokens, model); JSON and streamed answers pass (streams event by event,
+the usage chunk nginx asked for hidden from a client that did not); a
+fallback the check degrades to is served. nginx itself reports each answer's
+usage under the check's event id, which settles the reservation, and the
+real worker puts it in the ledger, to the token what the client was served:
+the test reports nothing, except one report nginx kept because the shim
+refused it, sent again from nginx's file as an operator would."""
 
 from __future__ import annotations
 
