@@ -110,7 +110,10 @@ def build_app(config: Config) -> web.Application:
 
 
 async def _serve(config: Config) -> None:
-    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    shim = config.shim  # header limits: past them aiohttp answers 400 itself
+    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           max_line_size=shim.max_header_bytes, max_field_size=shim.max_header_bytes,
+                           max_headers=shim.max_headers)
     await runner.setup()
     await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
     stop = asyncio.Event()
