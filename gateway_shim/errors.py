@@ -6,7 +6,8 @@
         ├── RouteNotFound         404  not an OpenAI route the shim proxies
         ├── MalformedRequest      400  the body is not a JSON object
         │   ├── InvalidParameter  400  a field admission or metering reads has the wrong type or value (param: which)
-        │   └── NestingTooDeep    400  JSON nested past shim.max_json_depth
+        │   ├── NestingTooDeep    400  JSON nested past shim.max_json_depth
+        │   └── UndecodableBody   400  the body does not decode as its Content-Encoding says
         ├── RequestTimeout        408  the body did not arrive within shim.client_body_timeout_s
         ├── ModelNotAllowed       403  the model is not in the tier's / key's allowed_models
         ├── Refusal               a limit refused the request; carries the retry delay
@@ -92,6 +93,10 @@ class InvalidParameter(MalformedRequest):
 
 class NestingTooDeep(MalformedRequest):
     code = "nesting_too_deep"
+
+
+class UndecodableBody(MalformedRequest):
+    code = "invalid_content_encoding"
 
 
 class RequestTimeout(ShimError):

@@ -6,6 +6,7 @@ is still recorded as one event with that status. And the shim stays up."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import re
@@ -152,6 +153,14 @@ async def test_limits_of_size_headers_and_time(shim_factory: ShimFactory) -> Non
     assert b'"param": null' in answer and b"4194304 bytes" in answer and b"max_body_bytes" in answer, answer
     assert time.monotonic() - started < 5
 
+    # A gzip bomb (50 KiB that decompress to 50 MiB): refused as it grows past the limit.
+    bomb = gzip.compress(b"{" + b" " * (50 * 1024 * 1024), compresslevel=9)
+    answer = await asyncio.to_thread(_raw_exchange, port, head(len(bomb), b"Content-Encoding: gzip\r\n"), [bomb], 0)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # A body that does not decompress as its Content-Encoding says: 400, not a failure.
+    answer = await asyncio.to_thread(_raw_exchange, port, head(len(body), b"Content-Encoding: gzip\r\n"), [body], 0)
+    assert answer.startswith(b"HTTP/1.1 400") and b"invalid_content_encoding" in answer, answer[:300]
+
     # A slow body (slowloris): cut at client_body_timeout_s with 408.
     started = time.monotonic()
     answer = await asyncio.to_thread(_raw_exchange, port, head(len(body)), [body[i:i + 1] for i in range(8)], 0.5)
@@ -173,10 +182,11 @@ async def test_limits_of_size_headers_and_time(shim_factory: ShimFactory) -> Non
     assert shim.process.alive, shim.process.log_tail()
 
     reader = TopicReader(shim.config, shim.process, None)
-    events = [decode_event(record.value).data for record in await reader.events(3, settle_s=1.0)]
-    # 413 and 408 are recorded (the key was known); the header refusals come before any key is read.
+    events = [decode_event(record.value).data for record in await reader.events(5, settle_s=1.0)]
+    # 413, 400 and 408 are recorded (the key was known); the header refusals come before any key is read.
     assert sorted((event.status, event.reason) for event in events) == [
-        (200, None), (408, "request_timeout"), (413, "payload_too_large")]
+        (200, None), (400, "invalid_content_encoding"), (408, "request_timeout"),
+        (413, "payload_too_large"), (413, "payload_too_large")]
 
 
 async def _loop_stall(shim: Any, body: bytes) -> tuple[float, int]:
@@ -203,8 +213,8 @@ async def _loop_stall(shim: Any, body: bytes) -> tuple[float, int]:
 
 
 async def test_large_bodies_do_not_stall_the_event_loop(shim_factory: ShimFactory, tmp_path: Path) -> None:
-    # 16 messages of ~900k characters: a 14.4 MB body, ~3M prompt tokens to count.
-    text = " ".join(["word"] * 180_000)
+    # 16 messages of ~900k characters: a 14.4 MB body, ~7M prompt tokens to count.
+    text = " ".join("0123456789" * 45_000)
     body = json.dumps(_chat(messages=[{"role": "user", "content": text}] * 16, max_tokens=5)).encode()
     tiers = {"pro": {"tokens_per_minute": 10**9, "monthly_tokens": 10**12, "monthly_budget_usd": "1000000"}}
     on_loop = await shim_factory(tiers, shim={"parse_in_thread_bytes": 64 * 1024 * 1024})
@@ -215,4 +225,5 @@ async def test_large_bodies_do_not_stall_the_event_loop(shim_factory: ShimFactor
     print(f"\n{len(body)} bytes: loop stall {stall_on_loop:.3f} s parsed on the loop, "
           f"{stall_threaded:.3f} s in a thread")
     assert status_on_loop == status_threaded == 200
-    assert stall_threaded < 0.25 and stall_threaded < stall_on_loop / 4, (stall_on_loop, stall_threaded)
+    # Loose bounds: the machine may be busy (two processes count the prompt: the shim and the mock).
+    assert stall_threaded < 0.5 and stall_threaded < stall_on_loop / 4, (stall_on_loop, stall_threaded)
