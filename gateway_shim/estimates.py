@@ -51,7 +51,9 @@ class Estimator:
         counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
         input_tokens = 0
         if counts_tokens:  # a large body's prompt was counted as it was read, off the event loop
-            input_tokens = proxied.prompt_tokens if proxied.prompt_tokens is not None else count_prompt(body, proxied.model)
+            input_tokens = proxied.prompt_tokens
+            if input_tokens is None:
+                input_tokens = count_prompt(body, proxied.model)
         today = datetime.now(UTC).date()
         in_rate, _, out_rate_text = self._model_rates(proxied.model, today)
         fallback = policy.fallback

@@ -40,7 +40,8 @@ async def read_body(request: web.Request, route: str, limits: Shim) -> bytes:
                     raise too_large
     except web.RequestPayloadError:  # a compressed body that does not decompress
         encoding = request.headers.get("Content-Encoding", "")[:40]
-        raise UndecodableBody(f"The request body could not be decoded as its Content-Encoding ({encoding}) says.") from None
+        raise UndecodableBody(
+            f"The request body could not be decoded as its Content-Encoding ({encoding}) says.") from None
     except TimeoutError:
         raise RequestTimeout(
             f"The request body did not arrive within {limits.client_body_timeout_s:g} seconds "

@@ -110,8 +110,9 @@ def _check_messages(messages: Any, limits: Limits) -> None:
         content = message.get("content")
         if isinstance(content, list):
             if len(content) > limits.max_content_parts:
-                raise InvalidParameter(f"Too many content parts in '{where}.content': {len(content)}; this gateway "
-                                       f"takes at most {limits.max_content_parts}.", f"{where}.content", "too_many_items")
+                raise InvalidParameter(
+                    f"Too many content parts in '{where}.content': {len(content)}; this gateway takes at most "
+                    f"{limits.max_content_parts}.", f"{where}.content", "too_many_items")
             for part_index, part in enumerate(content):
                 if not isinstance(part, dict):
                     where_part = f"{where}.content[{part_index}]"
@@ -150,7 +151,8 @@ def _depth_exceeds(document: Any, limit: int) -> bool:
 
 
 def _too_deep(limits: Limits) -> NestingTooDeep:
-    return NestingTooDeep(f"The JSON body is nested more than {limits.max_json_depth} levels deep (shim.max_json_depth).")
+    return NestingTooDeep(
+        f"The JSON body is nested more than {limits.max_json_depth} levels deep (shim.max_json_depth).")
 
 
 def _kind(value: Any) -> str:

@@ -27,13 +27,16 @@ SHIM_CODES = {"invalid_json", "invalid_type", "invalid_value", "missing_required
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 _scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20)
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                     max_leaves=20)
+_json = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
 _small_ints = st.integers(-3, 40) | st.sampled_from([0, 2**31, 2**31 - 1, 10**30])
 _message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant"]) | _scalars},
-    optional={"content": st.text(max_size=40) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}) | _scalars, max_size=10) | _json,
-              "name": st.text(max_size=8)},
+    optional={
+        "content": st.text(max_size=40) | _json | st.lists(
+            st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}) | _scalars, max_size=10),
+        "name": st.text(max_size=8)},
 )
 # Near-valid bodies (every field admission reads, sometimes wrong), arbitrary JSON, and raw bytes.
 _fields = st.fixed_dictionaries(
@@ -66,12 +69,16 @@ _bodies = (
     | _fields.map(lambda body: json.dumps(body).encode())
     | _json.map(lambda value: json.dumps(value).encode())
     | st.binary(max_size=64)
-    | st.integers(1, 400).map(lambda kb: json.dumps({"model": "mock-small", "messages": MESSAGES, "pad": "x" * kb * 1024}).encode())
+    | st.integers(1, 400).map(
+        lambda kb: json.dumps({"model": "mock-small", "messages": MESSAGES, "pad": "x" * kb * 1024}).encode())
 )
 _header_names = st.sampled_from(["Content-Type", "Content-Encoding", "Expect", "Accept", "X-Request-Id", "User-Agent",
                                  "OpenAI-Organization", "Accept-Encoding"]) | st.from_regex(r"\AX-[A-Za-z0-9-]{1,20}\Z")
-_header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40) | st.sampled_from(
-    ["gzip", "deflate", "br", "application/json", "text/plain", "100-continue", "identity"]) | st.integers(1, 5000).map(lambda n: "v" * n)
+_header_values = (
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+    | st.sampled_from(["gzip", "deflate", "br", "application/json", "text/plain", "100-continue", "identity"])
+    | st.integers(1, 5000).map(lambda n: "v" * n)
+)
 _headers = st.lists(st.tuples(_header_names, _header_values), max_size=6)
 
 

@@ -32,7 +32,8 @@ def _chat(**fields: Any) -> dict[str, Any]:
 
 
 def _deep(depth: int) -> bytes:
-    return b'{"model":"mock-small","messages":[{"role":"user","content":"x"}],"extra":' + b"[" * depth + b"]" * depth + b"}"
+    head = b'{"model":"mock-small","messages":[{"role":"user","content":"x"}],"extra":'
+    return head + b"[" * depth + b"]" * depth + b"}"
 
 
 # (name, path, body, expected status, expected param); the body is JSON-encoded unless bytes.
@@ -103,7 +104,8 @@ async def test_malformed_bodies_get_openai_errors_and_are_recorded(shim_factory:
     assert [status for status, _ in accepted] == [200] * len(ACCEPTED), accepted
 
     reader = TopicReader(shim.config, shim.process, None)
-    events = [decode_event(record.value).data for record in await reader.events(len(CASES) + len(ACCEPTED), settle_s=1.0)]
+    records = await reader.events(len(CASES) + len(ACCEPTED), settle_s=1.0)
+    events = [decode_event(record.value).data for record in records]
     assert len(events) == len(CASES) + len(ACCEPTED)
     statuses = sorted(event.status for event in events)
     assert statuses == sorted([want for *_, want, _ in CASES] + [200] * len(ACCEPTED))
