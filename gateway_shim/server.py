@@ -22,6 +22,7 @@ from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import RouteNotFound, error_response
 from gateway_shim.ingest import register as register_ingest
+from gateway_shim.openapi import register as register_openapi
 from gateway_shim.proxy import Proxy
 from gateway_shim.resp import ScriptPipe
 from gateway_shim.upstream import Upstream
@@ -108,6 +109,7 @@ def build_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
+    register_openapi(app)  # GET /openapi.json: these endpoints' OpenAPI document (gateway_shim/openapi.yaml)
     register_usage_api(app, config, _spool_guard)  # GET /v1/usage (gateway_shim/usage_api.py), before the catch-all
     # POST /v1/events (gateway_shim/ingest.py); a report of a check's admission settles it.
     register_ingest(app, config, lambda app: app[_PROXY].emitter, _spool_guard, lambda app: app[_CHECK].tickets)
@@ -120,7 +122,10 @@ def build_app(config: Config) -> web.Application:
 
 
 async def _serve(config: Config) -> None:
-    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    shim = config.shim  # header limits: past them aiohttp answers 400 itself
+    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           max_line_size=shim.max_header_bytes, max_field_size=shim.max_header_bytes,
+                           max_headers=shim.max_headers)
     await runner.setup()
     await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
     stop = asyncio.Event()
