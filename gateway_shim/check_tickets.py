@@ -10,8 +10,9 @@ reserved, the model for pricing) is stored beside the ``pending`` entry under
 A report takes its ticket with GET and DEL in one transaction, so of two
 reports of one id (a reporter's retry) only one settles. A crash between
 taking it and the settle leaves the reservation to expire after its TTL.
-The ticket's reserved input is the prompt the check counted: a report that
-carries no usage is counted from it (gateway_shim/counted_reports.py).
+The ticket also holds the prompt the check counted, which a report that
+carries no usage is counted from (gateway_shim/counted_reports.py): so an
+admission that holds nothing to settle keeps a ticket too, with that alone.
 (On Redis Cluster a batch's transaction spans the customers' slots: it
 would have to be split per customer, as the admission's note on clusters says.)
 """
@@ -47,21 +48,22 @@ class CheckTickets:
         self._admitter = admitter
         self._prices = PriceTable(config.prices, config.default_price)
 
-    async def keep(self, ticket: Ticket) -> None:
-        """Store what settling ``ticket`` takes, for as long as its reservation lasts.
-        Nothing is stored for an admission that holds nothing to settle."""
+    async def keep(self, ticket: Ticket, prompt_tokens: int) -> None:
+        """Store what settling ``ticket`` takes, and the prompt a report without usage is
+        counted from, for as long as its reservation lasts. An admission that holds
+        nothing to settle keeps the prompt alone (its report is counted, settles nothing)."""
+        stored: dict[str, object] = {"model": ticket.model, "prompt_tokens": prompt_tokens}
         context = self._admitter.settle_context(ticket.key, ticket.policy, ticket.period, ticket.reserved)
-        if context is None:
-            return
-        value = json.dumps({
-            "keys": context.keys,
-            "reserving": context.reserving,
-            "concurrency": context.concurrency,
-            "rules": context.rules,
-            "reserved": context.reserved,
-            "model": ticket.model,
-            "settled_ttl_ms": int(ticket.policy.tier.settled_ttl_s * 1000),
-        }, separators=(",", ":"))
+        if context is not None:
+            stored.update({
+                "keys": context.keys,
+                "reserving": context.reserving,
+                "concurrency": context.concurrency,
+                "rules": context.rules,
+                "reserved": context.reserved,
+                "settled_ttl_ms": int(ticket.policy.tier.settled_ttl_s * 1000),
+            })
+        value = json.dumps(stored, separators=(",", ":"))
         ttl_ms = int(ticket.policy.tier.reservation_ttl_s * 1000)
         await self._client.set(self._names.check_ticket(ticket.key.customer, ticket.event_id), value, px=ttl_ms)
 
@@ -94,9 +96,12 @@ class CheckTickets:
                 continue
             stored = json.loads(raw)
             text = delivered[n] if delivered else None
-            count = functools.partial(counted_report, events[n], stored["reserved"][0], stored["model"], text)
+            prompt_tokens = stored.get("prompt_tokens", stored.get("reserved", [0])[0])  # a ticket kept before it
+            count = functools.partial(counted_report, events[n], prompt_tokens, stored["model"], text)
             # A long text takes milliseconds to count (tens for 256 KiB): off the event loop.
             event = spooled[n] = await asyncio.to_thread(count) if text else count()
+            if "keys" not in stored:
+                continue  # nothing was reserved
             try:
                 await self._settle(event, stored)
             except (redis.exceptions.RedisError, OSError) as exc:

@@ -46,6 +46,8 @@ METERED = {  # many requests a minute: the streams are not refused
 # A tier that would admit a request shrunk to its quota's rest and cut the stream there:
 # nginx cuts nothing, so the check must not admit on that promise.
 CUTTING = {**METERED, "monthly_tokens": 100, "cut_streams": True}
+# Limits no tokens and holds nothing to settle: its reports are still counted.
+PLAIN = {"requests_per_minute": 100}
 # Its budget spent, a request is served the cheaper model instead (nginx rewrites the body).
 THRIFTY = {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}}
 # Not ASCII: the bodies nginx copies and rewrites keep their UTF-8 (the prompt counts the same).
@@ -125,7 +127,7 @@ def key_id(shim: Shim, customer: str) -> str:
 async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    tiers = {**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}
+    tiers = {**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY, "plain": PLAIN}
     shim = await shim_factory(tiers, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN}, prices=PRICES)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
@@ -165,7 +167,11 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
 
         streamed = await stream_through(shim, port)
         await refused_past_quota(shim, port)
-        counted = {"nginx-cut": await cut_mid_stream(shim, port), "nginx-silent": await without_usage(shim, port)}
+        counted = {
+            "nginx-cut": await cut_mid_stream(shim, port, "nginx-cut", "metered"),
+            "nginx-plain": await cut_mid_stream(shim, port, "nginx-plain", "plain"),
+            "nginx-silent": await without_usage(shim, port),
+        }
         fell_back = await fallen_back(shim, port)
         answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
         late, counted["nginx-late"] = await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)
@@ -176,9 +182,9 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 await asyncio.to_thread(
                     wait_for, lambda: settled(shim, customer, event_id, usage.total_tokens), 10.0, f"{event_id} settled"
                 )
-        # The answers without usage: settled with the shim's count.
+        # The answers without usage: settled with the shim's count (the plain tier reserved nothing).
         for customer, tallies in counted.items():
-            for event_id, (input_tokens, output_tokens, _) in tallies.items():
+            for event_id, (input_tokens, output_tokens, _) in tallies.items() if customer != "nginx-plain" else ():
                 await asyncio.to_thread(
                     wait_for, lambda: settled(shim, customer, event_id, input_tokens + output_tokens), 10.0,
                     f"{event_id} settled as counted",
@@ -343,9 +349,9 @@ async def read_then_leave(client: openai.AsyncOpenAI) -> tuple[str, str]:
 Tally = dict[str, tuple[int, int, bool]]  # event id -> the input and output tokens billable, streamed
 
 
-async def cut_mid_stream(shim: Shim, port: int) -> Tally:
+async def cut_mid_stream(shim: Shim, port: int, customer: str, tier: str) -> Tally:
     """A stream the client closes after a few tokens, before its usage chunk: what it is billed."""
-    key = shim.new_key("nginx-cut", "metered")
+    key = shim.new_key(customer, tier)
     async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
         event_id, received = await read_then_leave(client)
     return {event_id: (PROMPT_TOKENS, count_text(received, "mock-small"), True)}
