@@ -145,8 +145,13 @@ function note(r, document) {
 
 // One whole SSE event: noted, and what of it the client gets ('' for nothing).
 function event(r, text) {
-    var data = text.split(/\r?\n/).filter(function(line) { return line.indexOf('data:') === 0; })
-        .map(function(line) { return line.slice(line.charAt(5) === ' ' ? 6 : 5); }).join('\n');
+    // Split on a string, not /\r?\n/: njs 0.7 kept about 1 MB per regex split until the
+    // request ended (2.4 GB for a stream of 2000 events); a '\r' is dropped by hand.
+    var data = text.split('\n').filter(function(line) { return line.indexOf('data:') === 0; })
+        .map(function(line) {
+            var end = line.charAt(line.length - 1) === '\r' ? line.length - 1 : line.length;
+            return line.slice(line.charAt(5) === ' ' ? 6 : 5, end);
+        }).join('\n');
     var chunk;
     try {
         chunk = JSON.parse(data);
