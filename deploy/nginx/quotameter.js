@@ -317,7 +317,7 @@ function report(r) {
     if (usage) {
         Object.assign(data, usage);
     }
-    var report = {
+    var envelope = {
         specversion: '1.0',
         id: v.qm_event_id,
         source: 'nginx/' + (v.hostname || 'gateway'),
@@ -333,10 +333,10 @@ function report(r) {
         for (var level = TEXT_SLOTS - 1; level >= 0; level--) {
             text += v['qm_text_' + level] || '';
         }
-        report.deliveredtext = text;
-        report.deliveredbytes = v.qm_text_bytes;
+        envelope.deliveredtext = text;
+        envelope.deliveredbytes = v.qm_text_bytes;
     }
-    return JSON.stringify(report);
+    return JSON.stringify(envelope);
 }
 
 export default {admit, upstreamBody, header, body, report};
