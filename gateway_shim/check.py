@@ -34,6 +34,7 @@ from gateway_shim.errors import Answer, ShimError, error_answer
 from gateway_shim.proxy import Proxy
 from gateway_shim.routes import Route
 from quotameter.events import Decision
+from quotameter.tokens import count_prompt
 
 log = logging.getLogger("gateway_shim.check")
 
@@ -78,7 +79,9 @@ class Check:
         assert ticket is not None
         if not ticket.admission.local:
             try:
-                await self.tickets.keep(ticket)
+                # For a report without usage: the prompt the admission counted, or (a tier
+                # that reserves and limits no tokens, so it did not) counted here.
+                await self.tickets.keep(ticket, ticket.reserved[0] or count_prompt(body, ticket.model))
             except (redis.exceptions.RedisError, OSError) as exc:
                 # Admitted all the same: its report is ingested without a settle, and
                 # the reservation expires after its TTL.

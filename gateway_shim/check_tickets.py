@@ -10,12 +10,17 @@ reserved, the model for pricing) is stored beside the ``pending`` entry under
 A report takes its ticket with GET and DEL in one transaction, so of two
 reports of one id (a reporter's retry) only one settles. A crash between
 taking it and the settle leaves the reservation to expire after its TTL.
+The ticket also holds the prompt the check counted, which a report that
+carries no usage is counted from (gateway_shim/counted_reports.py): so an
+admission that holds nothing to settle keeps a ticket too, with that alone.
 (On Redis Cluster a batch's transaction spans the customers' slots: it
 would have to be split per customer, as the admission's note on clusters says.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,6 +30,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from gateway_shim.admission import Admitter, SettleContext
+from gateway_shim.counted_reports import Delivered, counted_report
 from gateway_shim.enforcement import Ticket
 from quotameter.config import Config
 from quotameter.events import EncodedEvent
@@ -42,31 +48,37 @@ class CheckTickets:
         self._admitter = admitter
         self._prices = PriceTable(config.prices, config.default_price)
 
-    async def keep(self, ticket: Ticket) -> None:
-        """Store what settling ``ticket`` takes, for as long as its reservation lasts.
-        Nothing is stored for an admission that holds nothing to settle."""
+    async def keep(self, ticket: Ticket, prompt_tokens: int) -> None:
+        """Store what settling ``ticket`` takes, and the prompt a report without usage is
+        counted from, for as long as its reservation lasts. An admission that holds
+        nothing to settle keeps the prompt alone (its report is counted, settles nothing)."""
+        stored: dict[str, object] = {"model": ticket.model, "prompt_tokens": prompt_tokens}
         context = self._admitter.settle_context(ticket.key, ticket.policy, ticket.period, ticket.reserved)
-        if context is None:
-            return
-        value = json.dumps({
-            "keys": context.keys,
-            "reserving": context.reserving,
-            "concurrency": context.concurrency,
-            "rules": context.rules,
-            "reserved": context.reserved,
-            "model": ticket.model,
-            "settled_ttl_ms": int(ticket.policy.tier.settled_ttl_s * 1000),
-        }, separators=(",", ":"))
+        if context is not None:
+            stored.update({
+                "keys": context.keys,
+                "reserving": context.reserving,
+                "concurrency": context.concurrency,
+                "rules": context.rules,
+                "reserved": context.reserved,
+                "settled_ttl_ms": int(ticket.policy.tier.settled_ttl_s * 1000),
+            })
+        value = json.dumps(stored, separators=(",", ":"))
         ttl_ms = int(ticket.policy.tier.reservation_ttl_s * 1000)
         await self._client.set(self._names.check_ticket(ticket.key.customer, ticket.event_id), value, px=ttl_ms)
 
-    async def settle_reported(self, events: list[EncodedEvent]) -> int:
+    async def settle_reported(
+        self, events: list[EncodedEvent], delivered: list[Delivered | None] | None = None
+    ) -> list[EncodedEvent]:
         """Settle the reservations of reported events whose ids are checked admissions;
         the rest (unknown, already settled or expired ids) are only ingested. Returns
-        how many were settled. Runs before the events are spooled: settled first, as
-        the proxy does, though the script also copes with the pipeline having them."""
+        the events to spool: as reported, except a checked admission's report without
+        usage, counted from its ticket's prompt and ``delivered``, the text its gateway
+        passed to the client (gateway_shim/counted_reports.py), and settled with that.
+        Runs before the events are spooled: settled first, as the proxy does, though
+        the script also copes with the pipeline having them."""
         if not events:
-            return 0
+            return events
         try:
             async with self._client.pipeline(transaction=True) as pipe:
                 for event in events:
@@ -77,17 +89,24 @@ class CheckTickets:
         except (redis.exceptions.RedisError, OSError) as exc:
             # The reports are still ingested; the reservations expire after their TTL.
             log.error("cannot read check tickets (%s): %d reported events settle nothing", exc, len(events))
-            return 0
-        settled = 0
-        for event, raw in zip(events, replies[::2], strict=True):
+            return events
+        spooled = list(events)
+        for n, raw in enumerate(replies[::2]):
             if raw is None:
                 continue
+            stored = json.loads(raw)
+            text = delivered[n] if delivered else None
+            prompt_tokens = stored.get("prompt_tokens", stored.get("reserved", [0])[0])  # a ticket kept before it
+            count = functools.partial(counted_report, events[n], prompt_tokens, stored["model"], text)
+            # A long text takes milliseconds to count (tens for 256 KiB): off the event loop.
+            event = spooled[n] = await asyncio.to_thread(count) if text else count()
+            if "keys" not in stored:
+                continue  # nothing was reserved
             try:
-                await self._settle(event, json.loads(raw))
-                settled += 1
+                await self._settle(event, stored)
             except (redis.exceptions.RedisError, OSError) as exc:
                 log.error("cannot settle %s from its report (%s): its reservation expires after its TTL", event.id, exc)
-        return settled
+        return spooled
 
     async def _settle(self, event: EncodedEvent, stored: dict) -> None:
         data = json.loads(event.value)["data"]

@@ -9,6 +9,10 @@ reader ignores them.
 A batch is taken whole or not at all: every event is validated and encoded
 before any is spooled, so one bad event refuses the request and the ledger
 gets none of it.
+
+An event may carry the completion text its gateway delivered, for counting a
+report without usage (gateway_shim/counted_reports.py): read beside the
+event, never encoded into it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
+from gateway_shim.counted_reports import Delivered, delivered_from
 from gateway_shim.errors import InvalidEvents, MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 from quotameter.events import EncodedEvent, UsageEvent, encode_event
 
@@ -32,6 +37,13 @@ def parse_events(content_type: str, raw: bytes, max_events: int) -> list[Encoded
     """The body's events, validated and encoded in order; or the ShimError to answer.
 
     ``content_type`` is the media type alone, lower case (no parameters)."""
+    return parse_reports(content_type, raw, max_events)[0]
+
+
+def parse_reports(
+    content_type: str, raw: bytes, max_events: int
+) -> tuple[list[EncodedEvent], list[Delivered | None]]:
+    """As ``parse_events``, with the text each event says was delivered (or None), in order."""
     if content_type not in (STRUCTURED, BATCH):
         raise UnsupportedMediaType(
             f"POST /v1/events takes Content-Type {STRUCTURED} (one event) or {BATCH} "
@@ -54,11 +66,13 @@ def parse_events(content_type: str, raw: bytes, max_events: int) -> list[Encoded
     else:
         items, places = [body], [""]
     events: list[EncodedEvent] = []
+    delivered: list[Delivered | None] = []
     problems: list[tuple[str, str]] = []  # (field, what is wrong)
     for item, place in zip(items, places, strict=True):
         encoded = _encode(item, place, problems)
         if encoded is not None:
             events.append(encoded)
+            delivered.append(delivered_from(item))
     if problems:
         shown = "; ".join(f"{where}: {what}" for where, what in problems[:_SHOWN_PROBLEMS])
         more = len(problems) - _SHOWN_PROBLEMS
@@ -66,7 +80,7 @@ def parse_events(content_type: str, raw: bytes, max_events: int) -> list[Encoded
         raise InvalidEvents(
             f"{shown}{f' (and {more} more)' if more > 0 else ''}; {nothing}.", param=problems[0][0]
         )
-    return events
+    return events, delivered
 
 
 def _encode(item: Any, place: str, problems: list[tuple[str, str]]) -> EncodedEvent | None:

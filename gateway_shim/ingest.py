@@ -24,7 +24,10 @@ with AI usage to the same events, and the answer 202 also counts the entries
 An event whose ``id`` is the event id of an admission of ``/v1/check``
 settles that reservation with the event's usage before it is spooled
 (gateway_shim/check_tickets.py); any other event settles nothing, as nothing
-was reserved for it (see README, "Reporting usage from elsewhere").
+was reserved for it (see README, "Reporting usage from elsewhere"). Such a
+report without usage is counted first, from the prompt the check counted and
+the text the gateway says it delivered (gateway_shim/counted_reports.py), and
+spooled and settled with that count.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from aiohttp import web
 
 from gateway_shim.auth import bearer_token
 from gateway_shim.check_tickets import CheckTickets
-from gateway_shim.cloudevents import parse_events
+from gateway_shim.cloudevents import parse_reports
+from gateway_shim.counted_reports import Delivered
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import IngestDisabled, InvalidApiKey, MeteringUnavailable, PayloadTooLarge, ShimError, error_response
 from gateway_shim.kong_log import CustomerFrom, KongSettings, parse_kong_log
@@ -46,6 +50,9 @@ from quotameter.events import EncodedEvent
 
 log = logging.getLogger("gateway_shim.ingest")
 _READ_CHUNK = 64 * 1024
+# A body's events, figures for the answer beyond "accepted", and the text each event
+# says was delivered (None: none said).
+Parsed = tuple[list[EncodedEvent], dict[str, int], list[Delivered | None]]
 
 
 class Ingest:
@@ -63,21 +70,23 @@ class Ingest:
 
     async def handle(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
         """``POST /v1/events``: CloudEvents."""
-        return await self._take(request, guard, lambda content_type, raw: (
-            parse_events(content_type, raw, self.max_events), {}
-        ))
+        def parse(content_type: str, raw: bytes) -> Parsed:
+            events, delivered = parse_reports(content_type, raw, self.max_events)
+            return events, {}, delivered
+
+        return await self._take(request, guard, parse)
 
     async def handle_kong(self, request: web.Request, guard: Callable[[web.Request], web.Response | None]) -> web.Response:
         """``POST /v1/events/kong``: Kong's http-log entries."""
-        def parse(content_type: str, raw: bytes) -> tuple[list[EncodedEvent], dict[str, int]]:
+        def parse(content_type: str, raw: bytes) -> Parsed:
             batch = parse_kong_log(content_type, raw, self.max_events, self._kong)
-            return batch.events, {"skipped": batch.skipped}
+            return batch.events, {"skipped": batch.skipped}, [None] * len(batch.events)
 
         return await self._take(request, guard, parse)
 
     async def _take(
         self, request: web.Request, guard: Callable[[web.Request], web.Response | None],
-        parse: Callable[[str, bytes], tuple[list[EncodedEvent], dict[str, int]]],
+        parse: Callable[[str, bytes], Parsed],
     ) -> web.Response:
         try:
             self._authenticate(request.headers.get("Authorization"))
@@ -89,11 +98,12 @@ class Ingest:
         try:
             raw = await self._read(request)
             content_type = request.content_type if "Content-Type" in request.headers else ""
-            events, counts = parse(content_type, raw)
+            events, counts, delivered = parse(content_type, raw)
             if self._tickets is not None:
-                # Before spooling, as the proxy settles before it emits. A resend after
-                # a 503 finds the tickets taken: its events are only ingested.
-                await self._tickets().settle_reported(events)
+                # Before spooling, as the proxy settles before it emits; a checked admission's
+                # report without usage comes back counted. A resend after a 503 finds the
+                # tickets taken: its events are only ingested (uncounted).
+                events = await self._tickets().settle_reported(events, delivered)
             self._spool(events)
         except ShimError as exc:
             return error_response(exc)

@@ -9,11 +9,16 @@
 //                 with the upstream's usage chunk;
 //   header / body (js_header_filter, js_body_filter) read the usage and the
 //                 served model from the answer as it passes, into js_var
-//                 variables; a usage chunk the client did not ask for is
-//                 taken out of its stream;
+//                 variables, and keep the completion text passed to the
+//                 client; a usage chunk the client did not ask for is taken
+//                 out of its stream;
 //   report        (js_set, in the post_action location) turns those variables
 //                 into the CloudEvent that POST /v1/events takes under the
 //                 check's event id, which settles the check's reservation.
+//                 Without usage (the client left mid-stream, so the upstream
+//                 was closed before its usage chunk; a model that reports
+//                 none), it carries the text the client was passed, which the
+//                 shim counts (gateway_shim/counted_reports.py).
 //
 // A filter may not wait (no ngx.fetch, no subrequest in njs 0.7 filters), and
 // each request's VM ends with it: what the report needs goes through request
@@ -21,6 +26,13 @@
 
 var NULL_USAGE = /,\s*"usage"\s*:\s*null/g;
 var JSON_LIMIT = 16 * 1024 * 1024; // a JSON answer is kept (to read its usage) up to this size
+// The delivered text kept for a report without usage: this many bytes of it as
+// JSON (escapes counted), so the report stays far below shim.ingest_max_bytes
+// (1 MiB). Past it only the bytes are counted, and the shim scales the start's
+// tokens to them. Kept in slices, so a long text is cut near the bound.
+var TEXT_LIMIT = 256 * 1024;
+var TEXT_SLICE = 4096;
+var TEXT_SLOTS = 18; // $qm_text_0 .. $qm_text_17 in quotameter.conf
 
 function isObject(value) {
     return value !== null && typeof value === 'object' && !Array.isArray(value);
@@ -89,6 +101,12 @@ var hide = false;
 var tail = Buffer.alloc(0);
 var kept = [];
 var keptBytes = 0;
+var passed = ''; // this buffer's completion text, as passed on
+var runs = []; // the text kept so far (see keepText)
+var runCount = 0;
+var textBytes = 0;
+var textRoom = TEXT_LIMIT;
+var textFull = false;
 
 function header(r) {
     r.variables.qm_upstream_status = String(r.status);
@@ -127,8 +145,13 @@ function note(r, document) {
 
 // One whole SSE event: noted, and what of it the client gets ('' for nothing).
 function event(r, text) {
-    var data = text.split(/\r?\n/).filter(function(line) { return line.indexOf('data:') === 0; })
-        .map(function(line) { return line.slice(line.charAt(5) === ' ' ? 6 : 5); }).join('\n');
+    // Split on a string, not /\r?\n/: njs 0.7 kept about 1 MB per regex split until the
+    // request ended (2.4 GB for a stream of 2000 events); a '\r' is dropped by hand.
+    var data = text.split('\n').filter(function(line) { return line.indexOf('data:') === 0; })
+        .map(function(line) {
+            var end = line.charAt(line.length - 1) === '\r' ? line.length - 1 : line.length;
+            return line.slice(line.charAt(5) === ' ' ? 6 : 5, end);
+        }).join('\n');
     var chunk;
     try {
         chunk = JSON.parse(data);
@@ -139,7 +162,73 @@ function event(r, text) {
     if (hide && isObject(chunk) && isObject(chunk.usage) && Array.isArray(chunk.choices) && chunk.choices.length === 0) {
         return '';
     }
+    passed += completionText(chunk);
     return hide ? text.replace(NULL_USAGE, '') : text;
+}
+
+// The generated text of an answer or of one chunk, as the shim's proxy counts it
+// (gateway_shim/usage.py completion_text).
+function completionText(document) {
+    if (!isObject(document) || !Array.isArray(document.choices)) {
+        return '';
+    }
+    var text = '';
+    document.choices.forEach(function(choice) {
+        if (!isObject(choice)) {
+            return;
+        }
+        [choice.delta, choice.message].forEach(function(holder) {
+            if (isObject(holder)) {
+                ['content', 'reasoning_content', 'refusal'].forEach(function(field) {
+                    if (typeof holder[field] === 'string') {
+                        text += holder[field];
+                    }
+                });
+            }
+        });
+        if (typeof choice.text === 'string') {
+            text += choice.text; // legacy completions
+        }
+    });
+    return text;
+}
+
+// Keep text passed to the client where the report will find it, whenever the
+// request ends (a client that leaves ends it without a last buffer). A variable is
+// copied whole into the request's memory at each assignment, so rewriting one with
+// all the text at each buffer would cost its square; the text is kept instead as
+// runs, one per $qm_text_N, merged like a binary counter's bits: the Nth run holds
+// 2^N buffers' text, each byte is copied once per level it climbs (at most
+// TEXT_SLOTS times), and the report reads the runs from the highest.
+function keepText(r, text) {
+    if (!text) {
+        return;
+    }
+    textBytes += Buffer.byteLength(text);
+    r.variables.qm_text_bytes = String(textBytes);
+    var fits = '';
+    for (var at = 0; !textFull && at < text.length; at += TEXT_SLICE) {
+        var part = text.slice(at, at + TEXT_SLICE);
+        var size = Buffer.byteLength(JSON.stringify(part)) - 2;
+        if (size > textRoom || runCount === Math.pow(2, TEXT_SLOTS) - 1) {
+            textFull = true; // the rest is only counted in bytes
+        } else {
+            textRoom -= size;
+            fits += part;
+        }
+    }
+    if (!fits) {
+        return;
+    }
+    runCount += 1;
+    var run = {level: 0, text: fits};
+    while (runs.length && runs[runs.length - 1].level === run.level) {
+        var older = runs.pop();
+        r.variables['qm_text_' + older.level] = '';
+        run = {level: run.level + 1, text: older.text + run.text};
+    }
+    runs.push(run);
+    r.variables['qm_text_' + run.level] = run.text;
 }
 
 function body(r, data, flags) {
@@ -150,10 +239,15 @@ function body(r, data, flags) {
         }
         r.sendBuffer(data, flags);
         if (flags.last && json) {
+            var document;
             try {
-                note(r, JSON.parse(Buffer.concat(kept).toString()));
+                document = JSON.parse(Buffer.concat(kept).toString());
             } catch (e) {
-                // not JSON, or cut short: no usage to read
+                return; // not JSON, or cut short: no usage to read
+            }
+            note(r, document);
+            if (!r.variables.qm_usage) {
+                keepText(r, completionText(document)); // passed whole: the client has it
             }
         }
         return;
@@ -168,6 +262,8 @@ function body(r, data, flags) {
         at = end;
     }
     tail = buffered.slice(at);
+    keepText(r, passed); // whole events only, as the client's parser reads them
+    passed = '';
     if (!hide) {
         r.sendBuffer(data, flags); // passed on as it came
     } else if (flags.last) {
@@ -221,7 +317,7 @@ function report(r) {
     if (usage) {
         Object.assign(data, usage);
     }
-    return JSON.stringify({
+    var envelope = {
         specversion: '1.0',
         id: v.qm_event_id,
         source: 'nginx/' + (v.hostname || 'gateway'),
@@ -230,7 +326,17 @@ function report(r) {
         time: new Date().toISOString(),
         datacontenttype: 'application/json',
         data: data,
-    });
+    };
+    if (!usage && v.qm_text_bytes) {
+        // Extension attributes (strings): the shim counts them and stores neither.
+        var text = '';
+        for (var level = TEXT_SLOTS - 1; level >= 0; level--) {
+            text += v['qm_text_' + level] || '';
+        }
+        envelope.deliveredtext = text;
+        envelope.deliveredbytes = v.qm_text_bytes;
+    }
+    return JSON.stringify(envelope);
 }
 
 export default {admit, upstreamBody, header, body, report};

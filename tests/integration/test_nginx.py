@@ -7,13 +7,17 @@ fallback the check degrades to is served. nginx itself reports each answer's
 usage under the check's event id, which settles the reservation, and the
 real worker puts it in the ledger, to the token what the client was served:
 the test reports nothing, except one report nginx kept because the shim
-refused it, sent again from nginx's file as an operator would."""
+refused it, sent again from nginx's file as an operator would. An answer
+without usage (a stream the client cut, a model that reports none) is billed
+as the shim counts it: the prompt, and the tokens of the text the client was
+passed. nginx's worker parses a long stream in bounded memory."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,9 +27,10 @@ import openai
 import pytest
 
 from gateway_shim.keystore import list_keys
+from quotameter.embedded.mock_llm import FAULT_HEADER, completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
-from quotameter.tokens import count_prompt
-from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
+from quotameter.tokens import count_prompt, count_text
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
 from tests.integration.test_check import TIERS, TOKEN
 from tests.integration.test_ingest import post
@@ -41,11 +46,19 @@ METERED = {  # many requests a minute: the streams are not refused
 # A tier that would admit a request shrunk to its quota's rest and cut the stream there:
 # nginx cuts nothing, so the check must not admit on that promise.
 CUTTING = {**METERED, "monthly_tokens": 100, "cut_streams": True}
+# Limits no tokens and holds nothing to settle: its reports are still counted.
+PLAIN = {"requests_per_minute": 100}
 # Its budget spent, a request is served the cheaper model instead (nginx rewrites the body).
 THRIFTY = {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}}
 # Not ASCII: the bodies nginx copies and rewrites keep their UTF-8 (the prompt counts the same).
 SPOKEN = [{"role": "user", "content": "Dites « bonjour » en 日本語, s’il vous plaît ✓"}]
 PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
+CUT_AFTER = 5  # content chunks the client reads of a stream before it leaves
+# quotameter.js keeps this much of the delivered text (as JSON), in slices of 4096 characters;
+# past it the shim scales the start's tokens to all the bytes delivered.
+TEXT_LIMIT = 256 * 1024
+LONG_TOKENS = 70_000  # the mock's one-token words: about 330 KB of text, past the limit
+LONG_STREAM = 2000  # events of a stream that nginx parses one by one
 
 
 def start_nginx(root: Path, shim_port: int, model_port: int, token: str = TOKEN) -> tuple[ManagedProcess, int]:
@@ -115,7 +128,7 @@ def key_id(shim: Shim, customer: str) -> str:
 async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    tiers = {**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}
+    tiers = {**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY, "plain": PLAIN}
     shim = await shim_factory(tiers, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN}, prices=PRICES)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
@@ -155,15 +168,28 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
 
         streamed = await stream_through(shim, port)
         await refused_past_quota(shim, port)
-        cut = await cut_mid_stream(shim, port)
+        counted = {
+            "nginx-cut": await cut_mid_stream(shim, port, "nginx-cut", "metered"),
+            "nginx-plain": await cut_mid_stream(shim, port, "nginx-plain", "plain"),
+            "nginx-silent": await without_usage(shim, port),
+        }
         fell_back = await fallen_back(shim, port)
         answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
-        answered += (("nginx-late", await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)),)
+        late, counted["nginx-late"] = await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)
+        counted["nginx-long"] = await long_stream_in_bounded_memory(shim, cli_process, tmp_path / "unpaused")
+        answered += (("nginx-late", late),)
         # nginx reported every answer: each reservation is settled with what the client was served.
         for customer, answers in answered:
             for event_id, usage in answers.items():
                 await asyncio.to_thread(
                     wait_for, lambda: settled(shim, customer, event_id, usage.total_tokens), 10.0, f"{event_id} settled"
+                )
+        # The answers without usage: settled with the shim's count (the plain tier reserved nothing).
+        for customer, tallies in counted.items():
+            for event_id, (input_tokens, output_tokens, _) in tallies.items() if customer != "nginx-plain" else ():
+                await asyncio.to_thread(
+                    wait_for, lambda: settled(shim, customer, event_id, input_tokens + output_tokens), 10.0,
+                    f"{event_id} settled as counted",
                 )
 
         # The worker puts each report in the ledger once, to the token.
@@ -182,10 +208,18 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 ), row
                 assert row["api_key_id"] == key_id(shim, customer)
                 assert bool(row["streamed"]) == (customer == "nginx-stream")
-        # A stream the client left never delivered its usage: nginx cannot count tokens, so it
-        # reports the answer with none (the reservation released at once, not after its TTL).
-        row = (await asyncio.to_thread(wait_for, lambda: ledger(shim, "nginx-cut"), 30.0, "the cut stream"))[cut]
-        assert (row["usage_source"], row["input_tokens"], row["output_tokens"], row["streamed"]) == ("none", 0, 0, True)
+        # No usage came (a stream the client left, a model that reports none): nginx reported
+        # the text it passed, and the ledger has the prompt and that text's tokens, counted.
+        for customer, tallies in counted.items():
+            rows = await asyncio.to_thread(
+                wait_for, lambda: set(tallies) <= set(r := ledger(shim, customer)) and r, 30.0, f"{customer}'s events"
+            )
+            for event_id, (input_tokens, output_tokens, streamed) in tallies.items():
+                row = rows[event_id]
+                assert (row["input_tokens"], row["output_tokens"], row["usage_source"]) == (
+                    input_tokens, output_tokens, "counted"
+                ), row
+                assert row["copies"] == 1 and row["status"] == 200 and bool(row["streamed"]) == streamed, row
         # Every report of the first nginx was taken: it kept none to send again.
         assert not (tmp_path / "nginx" / "unreported.log").exists() or (tmp_path / "nginx" / "unreported.log").read_text() == ""
         # The refusals are the check's own events, with nothing used.
@@ -263,45 +297,153 @@ async def fallen_back(shim: Shim, port: int) -> dict[str, openai.types.Completio
     return {raw.headers["x-quotameter-event-id"]: degraded.usage}
 
 
-async def kept_and_sent_again(shim: Shim, root: Path, model_port: int) -> dict[str, openai.types.CompletionUsage]:
-    """A report the shim refuses (an nginx with a wrong ingest token) is kept in nginx's file
-    of unreported events; sent again from there, as an operator would, it settles."""
+async def kept_and_sent_again(shim: Shim, root: Path, model_port: int) -> tuple[dict[str, openai.types.CompletionUsage], Tally]:
+    """Reports the shim refuses (an nginx with a wrong ingest token) are kept in nginx's file
+    of unreported events; sent again from there, as an operator would, they settle. One of
+    them a stream the client left: the text its report carries is exactly what the client got."""
     nginx, port = await asyncio.to_thread(start_nginx, root, shim.config.shim.port, model_port, "not-the-token")
     try:
         key = shim.new_key("nginx-late", "metered")
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
             raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=4)
-        event_id, usage = raw.headers["x-quotameter-event-id"], raw.parse().usage
+            event_id, usage = raw.headers["x-quotameter-event-id"], raw.parse().usage
+            cut_id, received = await read_then_leave(client)
         kept = root / "unreported.log"
-        [line] = await asyncio.to_thread(
-            wait_for, lambda: kept.exists() and kept.read_text().splitlines(), 5.0, "the unreported event"
+        lines = await asyncio.to_thread(
+            wait_for, lambda: kept.exists() and len(r := kept.read_text().splitlines()) == 2 and r, 5.0,
+            "the unreported events",
         )
     finally:
         nginx.stop()
-    assert usage is not None and unsettled(shim, "nginx-late", event_id)
-    assert await post(shim.config, json.loads(line)) == (202, {"accepted": 1})
-    assert not unsettled(shim, "nginx-late", event_id)
-    return {event_id: usage}
+    reports = {report["id"]: report for report in map(json.loads, lines)}
+    cut = reports[cut_id]
+    assert (cut["deliveredtext"], cut["deliveredbytes"]) == (received, str(len(received.encode()))), cut
+    assert cut["data"]["usage_source"] == "none" and "deliveredtext" not in reports[event_id]
+    assert usage is not None and unsettled(shim, "nginx-late", event_id) and unsettled(shim, "nginx-late", cut_id)
+    for report in reports.values():
+        assert await post(shim.config, report) == (202, {"accepted": 1})
+    assert not unsettled(shim, "nginx-late", event_id) and not unsettled(shim, "nginx-late", cut_id)
+    return {event_id: usage}, {cut_id: (PROMPT_TOKENS, count_text(received, "mock-small"), True)}
 
 
-async def cut_mid_stream(shim: Shim, port: int) -> str:
-    """A stream the client closes after a few tokens; its event id, once its reservation is gone."""
-    key = shim.new_key("nginx-cut", "metered")
+async def long_stream_in_bounded_memory(shim: Shim, cli_process, root: Path) -> Tally:
+    """A stream of LONG_STREAM events without usage from a mock that does not pause, through
+    an nginx of its own: its worker's memory stays within bounds (njs frees nothing until
+    the request ends), and the whole text is counted."""
+    mock_port = free_port()
+    mock = cli_process("mock-unpaused", "mock-llm", "--port", str(mock_port), "--token-delay-ms", "0")
+    await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)
+    nginx, port = await asyncio.to_thread(start_nginx, root, shim.config.shim.port, mock_port)
+    try:
+        await asyncio.to_thread(wait_for, lambda: worker_of(nginx.pid), 5.0, "nginx's worker")
+        worker = worker_of(nginx.pid)
+        key = shim.new_key("nginx-long", "metered")
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
+            before = peak_memory_kib(worker)
+            raw = await client.chat.completions.with_raw_response.create(
+                model="mock-small", messages=MESSAGES, max_tokens=LONG_STREAM, stream=True,
+                extra_headers={FAULT_HEADER: "no-usage"},
+            )
+            received = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+        grown = peak_memory_kib(worker) - before
+    finally:
+        nginx.stop()
+    assert received == "".join(completion_pieces(LONG_STREAM))
+    # Measured: about 31 MiB for 2000 events; a regex split per event once took 2.4 GiB.
+    assert grown < 128 * 1024, f"nginx's worker grew by {grown} KiB for one stream of {LONG_STREAM} events"
+    return {raw.headers["x-quotameter-event-id"]: (PROMPT_TOKENS, count_text(received, "mock-small"), True)}
+
+
+def worker_of(master: int | None) -> int | None:
+    """The pid of nginx's one worker (a child of its master)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
+                return int(entry.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+def peak_memory_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+async def read_then_leave(client: openai.AsyncOpenAI) -> tuple[str, str]:
+    """A stream that asked for its usage, closed after CUT_AFTER tokens: its event id, and
+    the text the client got, which is what nginx passed: the mock pauses 40 ms before each
+    token, and nginx sees the client gone well before the next one."""
+    raw = await client.chat.completions.with_raw_response.create(
+        model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True,
+        stream_options={"include_usage": True},
+    )
+    stream = raw.parse()
+    received, pieces = "", 0
+    async for chunk in stream:
+        assert chunk.usage is None
+        if chunk.choices and chunk.choices[0].delta.content:
+            received += chunk.choices[0].delta.content
+            pieces += 1
+            if pieces == CUT_AFTER:
+                break
+    await stream.close()
+    assert received == "".join(completion_pieces(STREAMED_TOKENS)[:CUT_AFTER])
+    return raw.headers["x-quotameter-event-id"], received
+
+
+Tally = dict[str, tuple[int, int, bool]]  # event id -> the input and output tokens billable, streamed
+
+
+async def cut_mid_stream(shim: Shim, port: int, customer: str, tier: str) -> Tally:
+    """A stream the client closes after a few tokens, before its usage chunk: what it is billed."""
+    key = shim.new_key(customer, tier)
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
+        event_id, received = await read_then_leave(client)
+    return {event_id: (PROMPT_TOKENS, count_text(received, "mock-small"), True)}
+
+
+async def without_usage(shim: Shim, port: int) -> Tally:
+    """A model that reports no usage: a JSON answer, a stream read to its end, and a JSON
+    answer longer than what nginx keeps of it (the shim scales the start it gets)."""
+    key = shim.new_key("nginx-silent", "metered")
+    silent = {FAULT_HEADER: "no-usage"}  # nginx passes the client's headers on to the mock
+    tally: Tally = {}
     async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
         raw = await client.chat.completions.with_raw_response.create(
-            model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True,
-            stream_options={"include_usage": True},
+            model="mock-small", messages=SPOKEN, max_tokens=7, extra_headers=silent,
         )
-        stream = raw.parse()
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                break
-        await stream.close()
-    event_id = raw.headers["x-quotameter-event-id"]
-    await asyncio.to_thread(
-        wait_for, lambda: event_id not in shim.reserved("nginx-cut")[2], 5.0, "the cut stream's reservation settled"
-    )
-    return event_id
+        answer = raw.parse()
+        assert answer.usage is None and answer.choices[0].message.content == "".join(completion_pieces(7))
+        prompt = count_prompt({"messages": SPOKEN}, "mock-small")
+        tally[raw.headers["x-quotameter-event-id"]] = (prompt, count_text(answer.choices[0].message.content, "mock-small"), False)
+
+        raw = await client.chat.completions.with_raw_response.create(
+            model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True, extra_headers=silent,
+        )
+        received = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+        assert received == "".join(completion_pieces(STREAMED_TOKENS))
+        tally[raw.headers["x-quotameter-event-id"]] = (PROMPT_TOKENS, count_text(received, "mock-small"), True)
+
+        raw = await client.chat.completions.with_raw_response.create(
+            model="mock-small", messages=MESSAGES, max_tokens=LONG_TOKENS, extra_headers=silent,
+        )
+        text = raw.parse().choices[0].message.content
+        assert text is not None and text.isascii() and len(text) > TEXT_LIMIT
+        # ASCII words: the first TEXT_LIMIT characters fit whole slices; their tokens are
+        # scaled to the whole text's bytes, rounded up (nginx keeps no more, the shim sees no more).
+        start = count_text(text[:TEXT_LIMIT], "mock-small")
+        scaled = -(-start * len(text) // TEXT_LIMIT)
+        assert start < scaled and abs(scaled - LONG_TOKENS) <= LONG_TOKENS // 100
+        tally[raw.headers["x-quotameter-event-id"]] = (PROMPT_TOKENS, scaled, False)
+    return tally
+
+
+def test_the_text_limit_is_the_scripts() -> None:
+    script = (DEPLOY / "quotameter.js").read_text()
+    assert f"var TEXT_LIMIT = {TEXT_LIMIT // 1024} * 1024;" in script and "var TEXT_SLICE = 4096;" in script
+    slots = {int(n) for n in re.findall(r"js_var \$qm_text_(\d+);", SNIPPET.read_text())}
+    assert slots == set(range(int(re.search(r"var TEXT_SLOTS = (\d+);", script)[1])))
 
 
 def test_the_readme_snippet_is_the_shipped_file() -> None:
