@@ -239,6 +239,14 @@ class StreamTally:
         return event
 
 
+_FIELDS = (b"data:", b":", b"event:", b"id:", b"retry:")
+
+
+def looks_like_events(head: bytes) -> bool:
+    """Whether an answer starting with ``head`` is an event stream, whatever its Content-Type says."""
+    return head.lstrip().startswith(_FIELDS)
+
+
 def _object_like(data: bytes) -> bool:
     """Whether ``data`` can be a JSON object (a cheap test, for chunks not parsed)."""
     return data[:1] == b"{" and data.rstrip()[-1:] == b"}"
