@@ -17,7 +17,13 @@ What an upstream may get wrong, and what the tally makes of it:
   than [DONE], is dropped: no OpenAI stream carries it, and the official
   clients fail on it mid-stream. Chunks that are never parsed are judged by
   their first and last byte (``{`` … ``}``), which is what garbage fails.
-  Comments, unknown fields and unknown members pass on untouched.
+  Unknown members of a chunk pass on untouched.
+- Only ``data:`` and ``event:`` lines and comments reach the client. ``id:``
+  and ``retry:`` are reconnection hints, meaningless through the shim (a
+  reconnection is a new request), and the official Python client, once it
+  has seen an ``id:``, reads every later keep-alive as an event with empty
+  data, and fails on it; unknown fields mean nothing. An event left without
+  data is dropped; a comment-only one (a keep-alive) passes as it is.
 - Two usage chunks: the last one counts (OpenAI sends one, after the last
   choice; a later one can only be a correction).
 - One huge event: its bytes are kept aside, unscanned, until an event end
@@ -176,10 +182,14 @@ class StreamTally:
         return _NULL_USAGE.sub(b"", events) if self.hide_usage else events
 
     def _observe(self, event: bytes) -> bytes | None:
-        data = event_data(event)
-        if data is None:
-            return event  # comments / keep-alives pass through
-        return self._observe_data(event, data)
+        lines = [line for line in _LINE_END.split(event) if line]
+        kept = [line for line in lines if line.startswith(_PASSED)]
+        data = [line[5:] for line in kept if line.startswith(b"data:")]
+        if not data:
+            return event if all(line[:1] == b":" for line in lines) else None  # a keep-alive passes
+        if len(kept) != len(lines):
+            event = b"\n".join(kept) + b"\n\n"
+        return self._observe_data(event, b"\n".join(line[1:] if line.startswith(b" ") else line for line in data))
 
     def _observe_data(self, event: bytes, data: bytes) -> bytes | None:
         self.events += 1
@@ -240,6 +250,7 @@ class StreamTally:
 
 
 _FIELDS = (b"data:", b":", b"event:", b"id:", b"retry:")
+_PASSED = (b"data:", b"event:", b":")  # the lines an event keeps (a comment starts with ":")
 
 
 def looks_like_events(head: bytes) -> bool:

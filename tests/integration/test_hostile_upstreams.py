@@ -184,52 +184,93 @@ def _row(name: str, seen: Seen, data: RequestData | None, reserved: tuple[int, i
     return f"| {name} | {what} | {usage} | held {reserved[0]}, entries {len(reserved[2])} |"
 
 
-async def test_each_hostile_answer_is_clear_counted_and_settled(shim_factory: ShimFactory, hostile: h.Hostile) -> None:
-    shim = await _shim(shim_factory, hostile)
-    cases = {**{name: (name, e) for name, e in EXPECT.items()}, "sse-data-forever/cut": ("sse-data-forever", CUT)}
-    keys = {name: shim.new_key(name, e.tier) for name, (_, e) in cases.items()}
-    started = time.monotonic()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        seen = dict(zip(cases, await asyncio.gather(
-            *(_raw(session, shim, keys[name], model, e) for name, (model, e) in cases.items())), strict=True))
-    elapsed = time.monotonic() - started
-    events = await events_of(shim, len(cases))
-    by_customer: dict[str, list[UsageEvent]] = {}
-    for event in events:
-        by_customer.setdefault(event.subject, []).append(event)
+def _check(name: str, expect: Expect, got: Seen, mine: list[UsageEvent], shim: Shim, raw: bool) -> None:
+    """``got`` and the request's events are what ``expect`` says, and its reservation is settled to its usage."""
+    assert len(mine) == 1, f"{len(mine)} events"
+    data = mine[0].data
+    assert got.status == expect.status, (got.status, got.body[:300])
+    assert got.error_code == expect.code
+    if expect.text is not None:
+        assert got.text == expect.text, (got.text or "")[:200]
+    if raw and expect.stream and got.status == 200:  # labelled as what it is, whatever the upstream said
+        assert got.content_type == "text/event-stream", got.content_type
+    assert (data.usage_source, data.reason) == (expect.source, expect.reason)
+    delivered = len((got.text or "").split())  # the words are one token each
+    output = delivered if expect.output_tokens is None else expect.output_tokens
+    assert (data.input_tokens, data.output_tokens) == (expect.input_tokens, output)
+    if expect.source == "counted":
+        assert data.output_tokens == delivered
+    # Settled to the true usage (or released when there is none), nothing in flight.
+    used = data.input_tokens + data.output_tokens
+    reserved = shim.reserved(name)
+    assert reserved[0] == used, reserved
+    assert reserved[2] == ({mine[0].id: f"{used}:0"} if used else {}), reserved
+    assert inflight(shim, name) == 0
 
+
+CASES = {**{name: (name, e) for name, e in EXPECT.items()}, "sse-data-forever/cut": ("sse-data-forever", CUT)}
+
+
+async def _run_all(shim: Shim, ask: Any, prefix: str) -> None:
+    """Every case at once through ``ask(key, model, expect) -> Seen``, then the checks, with a table."""
+    keys = {name: shim.new_key(prefix + name, e.tier) for name, (_, e) in CASES.items()}
+    started = time.monotonic()
+    seen = dict(zip(CASES, await asyncio.gather(*(ask(keys[n], model, e) for n, (model, e) in CASES.items())),
+                    strict=True))
+    elapsed = time.monotonic() - started
+    by_customer: dict[str, list[UsageEvent]] = {}
+    for event in await events_of(shim, len(CASES)):
+        by_customer.setdefault(event.subject, []).append(event)
     rows, failures = [], []
-    for name, (_, expect) in cases.items():
-        got = seen[name]
-        mine = by_customer.get(name, [])
-        data = mine[0].data if mine else None
-        reserved = shim.reserved(name)
-        rows.append(_row(name, got, data, reserved))
+    for name, (_, expect) in CASES.items():
+        mine = by_customer.get(prefix + name, [])
+        rows.append(_row(name, seen[name], mine[0].data if mine else None, shim.reserved(prefix + name)))
         try:
-            assert len(mine) == 1, f"{len(mine)} events"
-            assert data is not None
-            assert got.status == expect.status, (got.status, got.body[:300])
-            assert got.error_code == expect.code
-            if expect.text is not None:
-                assert got.text == expect.text, (got.text or "")[:200]
-            if expect.stream and got.status == 200:  # labelled as what it is, whatever the upstream said
-                assert got.content_type == "text/event-stream", got.content_type
-            assert (data.usage_source, data.reason) == (expect.source, expect.reason)
-            delivered = len((got.text or "").split())  # the words are one token each
-            output = delivered if expect.output_tokens is None else expect.output_tokens
-            assert (data.input_tokens, data.output_tokens) == (expect.input_tokens, output)
-            if expect.source == "counted":
-                assert data.output_tokens == delivered
-            # Settled to the true usage (or released when there is none), nothing in flight.
-            used = data.input_tokens + data.output_tokens
-            assert reserved[0] == used, reserved
-            assert reserved[2] == ({mine[0].id: f"{used}:0"} if used else {}), reserved
-            assert inflight(shim, name) == 0
+            _check(prefix + name, expect, seen[name], mine, shim, raw=not prefix)
         except AssertionError as failed:
             failures.append(f"{name}: {failed}")
-    print("\n| behaviour | client gets | usage (reason) | reservation |\n|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"all answered in {elapsed:.1f} s")
+    print(f"\n{prefix or 'raw'}: all answered in {elapsed:.1f} s")
+    print("| behaviour | client gets | usage (reason) | reservation |\n|---|---|---|---|\n" + "\n".join(rows))
     assert not failures, "\n".join(failures)
     # The longest are the never-ending ones, bounded by the stream cap.
     assert elapsed < MAX_STREAM_S + 3
+
+
+async def test_raw_clients_get_clear_answers_counted_and_settled(shim_factory: ShimFactory, hostile: h.Hostile) -> None:
+    shim = await _shim(shim_factory, hostile)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        await _run_all(shim, lambda key, model, e: _raw(session, shim, key, model, e), "")
+
+
+async def _sdk(shim: Shim, key: str, model: str, expect: Expect) -> Seen:
+    """The official client's view: an answer, a stream it iterates to its end, or an error with a code."""
+    seen = Seen(200, "", b"")
+    extra = {"max_tokens": expect.max_tokens} if expect.max_tokens else {}
+    async with shim.client(key, timeout=20) as client:
+        try:
+            if not expect.stream:
+                completion = await client.chat.completions.create(model=model, messages=MESSAGES, **extra)
+                seen.text = completion.choices[0].message.content
+                return seen
+            stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **extra)
+            texts = []
+            try:
+                async for part in stream:
+                    texts.extend(choice.delta.content or "" for choice in part.choices)
+            except openai.APIError as ended:  # the budget cut's closing error event, after the last chunk
+                assert not isinstance(ended, openai.APIStatusError)
+                assert (ended.body or {}).get("code") == "budget_exceeded", ended
+            seen.text = "".join(texts)
+        except openai.APIStatusError as failed:
+            seen.status, seen.error_code = failed.status_code, failed.code
+            assert failed.body["message"].startswith("The model server"), failed.body  # ours, and plain
+            if model == "error-200":
+                assert "The engine is currently overloaded." in failed.message  # the upstream's own words
+    return seen
+
+
+async def test_the_openai_client_gets_clear_answers_counted_and_settled(
+    shim_factory: ShimFactory, hostile: h.Hostile
+) -> None:
+    shim = await _shim(shim_factory, hostile)
+    await _run_all(shim, lambda key, model, e: _sdk(shim, key, model, e), "sdk-")

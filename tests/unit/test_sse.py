@@ -208,3 +208,13 @@ def test_done_is_held_back_for_the_relay_to_write_after_billing(newline: bytes) 
     # Without hold_done it goes out at once, as before.
     plain = StreamTally(model="m")
     assert plain.feed(chunk + done) == chunk + done and plain.held == b""
+
+
+def test_only_data_event_lines_and_comments_reach_the_client() -> None:
+    # After an "id:", the official client reads every keep-alive as an empty event and fails on it.
+    chunk = json.dumps(_chunk("x")).encode()
+    stream = (b"retry: 100\nid: 7\nx-unknown: 1\nevent: delta\ndata: " + chunk + b"\n\n"
+              + b"event: ping\n\n" + b"id: 8\n\n" + b": keep-alive\n\n")
+    tally = StreamTally(model="m")
+    assert tally.feed(stream) == b"event: delta\ndata: " + chunk + b"\n\n" + b": keep-alive\n\n"
+    assert tally.text == "x"
