@@ -222,9 +222,8 @@ class StreamObserver:
     tallied on the way, and cut once they would carry the output past ``cut_at``.
 
     It also stops a stream the upstream would never end (``cut`` turns true,
-    the event's reason says why): one that sent no data event for
-    ``upstream.timeout_s`` (only keep-alive comments: plain silence is the
-    adapter's read timeout), one running past ``upstream.max_stream_s``, and
+    the event's reason says why): one that sent only keep-alive comments for
+    ``upstream.timeout_s`` (plain silence is the adapter's read timeout), one running past ``upstream.max_stream_s``, and
     one whose event grows past ``upstream.max_response_bytes`` without ending.
     The clock is read as bytes arrive: a stream that sends nothing at all is
     ended by the read timeout, not here."""
@@ -262,7 +261,7 @@ class StreamObserver:
             meter.first_byte()
             meter.response_bytes += len(out)
         now = time.monotonic()
-        if tally.events != self._events:
+        if tally.events != self._events or tally.pending_bytes:  # data, or an event on its way
             self._events, self._last_data = tally.events, now
         elif now - self._last_data > self._silence_s:
             self._stop("upstream_timeout", "sent only keep-alives for %.0f s", self._silence_s)

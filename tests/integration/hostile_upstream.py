@@ -81,6 +81,12 @@ class Hostile:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def connections(self) -> int:
+        """Connections open to it (each holds a task while it lives)."""
+        server = self.runner.server
+        return 0 if server is None else len(server.connections)
+
     async def stop(self) -> None:
         await self.runner.cleanup()
 
@@ -162,8 +168,8 @@ async def _sse(request: web.Request, content_type: str = "text/event-stream") ->
 
 async def _abort(request: web.Request) -> None:
     await asyncio.sleep(0.01)  # let what was written reach the shim first
-    assert request.transport is not None
-    request.transport.abort()
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _normal_stream(request: web.Request, model: str, prompt: int, include_usage: bool,
@@ -254,7 +260,8 @@ async def _sse_keepalive_forever(request: web.Request, model: str, prompt: int, 
 async def _sse_silent_forever(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
     response = await _sse(request)
     await response.write(chunk(model, completion_pieces(1)[0]))
-    await asyncio.sleep(3600)
+    while request.transport is not None and not request.transport.is_closing():  # until the shim hangs up
+        await asyncio.sleep(0.05)
     return response
 
 
