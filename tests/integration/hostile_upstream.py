@@ -27,13 +27,14 @@ BIG_BYTES = 10 * 1024 * 1024  # the one huge JSON body / SSE event
 # The big answer's text: one-token words, BIG_BYTES of them in all.
 BIG_WORD = " word"
 BIG_WORDS = BIG_BYTES // len(BIG_WORD)
+OVERSIZE_BYTES = 17 * 1024 * 1024  # past the tests' upstream.max_response_bytes (16 MiB)
 RESET_AFTER = 3  # content chunks sent before the connection is aborted
 LIE = {"prompt_tokens": 999, "completion_tokens": 999, "total_tokens": 1998}  # a first usage chunk, superseded
 
-JSON_BEHAVIOURS = ("invalid-json", "error-200", "json-as-text", "big-json", "reset-json")
+JSON_BEHAVIOURS = ("invalid-json", "error-200", "json-as-text", "big-json", "reset-json", "oversize-json")
 STREAM_BEHAVIOURS = (
     "sse-garbage", "sse-no-usage", "sse-dup-usage", "sse-big-event", "sse-reset", "sse-as-json", "stream-json",
-    "sse-keepalive-forever", "sse-silent-forever", "sse-data-forever",
+    "sse-keepalive-forever", "sse-silent-forever", "sse-data-forever", "sse-oversize-event",
 )
 
 
@@ -95,7 +96,8 @@ async def start_hostile(port: int) -> Hostile:
     hostile: Hostile
     handlers: dict[str, Callable[[web.Request, str, int, bool], Awaitable[web.StreamResponse]]] = {
         "invalid-json": _invalid_json, "error-200": _error_200, "json-as-text": _json_as_text,
-        "big-json": _big_json, "reset-json": _reset_json,
+        "big-json": _big_json, "reset-json": _reset_json, "oversize-json": _oversize_json,
+        "sse-oversize-event": _sse_oversize_event,
         "sse-garbage": _sse_garbage, "sse-no-usage": _sse_no_usage, "sse-dup-usage": _sse_dup_usage,
         "sse-big-event": _sse_big_event, "sse-reset": _sse_reset, "sse-as-json": _sse_as_json,
         "stream-json": _stream_json, "sse-keepalive-forever": _sse_keepalive_forever,
@@ -148,6 +150,16 @@ async def _json_as_text(request: web.Request, model: str, prompt: int, _: bool) 
 
 async def _big_json(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
     return web.json_response(_completion(model, BIG_WORD * BIG_WORDS, prompt, BIG_WORDS))
+
+
+async def _oversize_json(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
+    """Valid JSON, too large, without a Content-Length to tell it in advance."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    body = json.dumps(_completion(model, BIG_WORD * (OVERSIZE_BYTES // len(BIG_WORD)), prompt, 1)).encode()
+    for i in range(0, len(body), 1 << 20):
+        await response.write(body[i : i + (1 << 20)])
+    return response
 
 
 async def _reset_json(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
@@ -228,6 +240,18 @@ async def _sse_big_event(request: web.Request, model: str, prompt: int, include_
     if include_usage:
         await response.write(usage_chunk(model, usage(prompt, BIG_WORDS)))
     await response.write(DONE)
+    return response
+
+
+async def _sse_oversize_event(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
+    """A whole chunk, then one event that grows past the limit (and never ends)."""
+    response = await _sse(request)
+    await response.write(chunk(model, completion_pieces(1)[0]))
+    await response.write(b'data: {"choices": [{"delta": {"content": "')
+    piece = BIG_WORD.encode() * (1 << 18)
+    for _ in range(OVERSIZE_BYTES // len(piece) + 1):
+        await response.write(piece)
+    await response.write(b'"}}]}\n\n' + DONE)
     return response
 
 

@@ -39,6 +39,7 @@ TIERS = {
 }
 SILENCE_S = 1.0  # upstream.timeout_s: how long the shim waits for the upstream's next data
 MAX_STREAM_S = 2.0  # upstream.max_stream_s: the longest a stream may run
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # upstream.max_response_bytes: the largest answer / event taken
 CUT_AT = 20  # max_tokens of the never-ending stream on the cutting tier
 SIX = "".join(completion_pieces(h.PIECES))
 BIG = h.BIG_WORD * h.BIG_WORDS
@@ -66,6 +67,7 @@ EXPECT: dict[str, Expect] = {
     "json-as-text": Expect(False, 200, None, SIX, "upstream", PROMPT_TOKENS, h.PIECES, None),
     "big-json": Expect(False, 200, None, BIG, "upstream", PROMPT_TOKENS, h.BIG_WORDS, None),
     "reset-json": Expect(False, 502, "upstream_unavailable", None, "none", 0, 0, "upstream_unavailable"),
+    "oversize-json": Expect(False, 502, "upstream_invalid_response", None, "none", 0, 0, "upstream_invalid_response"),
     "sse-garbage": Expect(True, 200, None, SIX, "upstream", PROMPT_TOKENS, h.PIECES, None),
     "sse-no-usage": Expect(True, 200, None, SIX, "counted", PROMPT_TOKENS, h.PIECES, None),
     "sse-dup-usage": Expect(True, 200, None, SIX, "upstream", PROMPT_TOKENS, h.PIECES, None),  # the last one counts
@@ -79,6 +81,8 @@ EXPECT: dict[str, Expect] = {
     "sse-silent-forever": Expect(True, 200, None, completion_pieces(1)[0], "counted", PROMPT_TOKENS, 1,
                                  "upstream_timeout"),
     "sse-data-forever": Expect(True, 200, None, None, "counted", PROMPT_TOKENS, None, "stream_too_long"),
+    "sse-oversize-event": Expect(True, 200, None, completion_pieces(1)[0], "counted", PROMPT_TOKENS, 1,
+                                 "upstream_invalid_response"),
 }
 CUT = Expect(True, 200, None, h.BIG_WORD * CUT_AT, "counted", PROMPT_TOKENS, CUT_AT, "budget_cut", "cutting", CUT_AT)
 
@@ -100,7 +104,8 @@ async def hostile() -> AsyncIterator[h.Hostile]:
 
 
 async def _shim(shim_factory: ShimFactory, hostile: h.Hostile) -> Shim:
-    upstream = {"url": hostile.url, "timeout_s": SILENCE_S, "max_stream_s": MAX_STREAM_S}
+    upstream = {"url": hostile.url, "timeout_s": SILENCE_S, "max_stream_s": MAX_STREAM_S,
+                "max_response_bytes": MAX_RESPONSE_BYTES}
     return await shim_factory(TIERS, upstream=upstream)
 
 
