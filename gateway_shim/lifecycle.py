@@ -223,10 +223,10 @@ class StreamObserver:
 
     It also stops a stream the upstream would never end (``cut`` turns true,
     the event's reason says why): one that sent only keep-alive comments for
-    ``upstream.timeout_s`` (plain silence is the adapter's read timeout), one running past ``upstream.max_stream_s``, and
+    ``upstream.timeout_s``, one running past ``upstream.max_stream_s``, and
     one whose event grows past ``upstream.max_response_bytes`` without ending.
     The clock is read as bytes arrive: a stream that sends nothing at all is
-    ended by the read timeout, not here."""
+    ended by the adapter's read timeout (``upstream_cut("upstream_timeout")``)."""
 
     __slots__ = ("_exchange", "_forward", "tally", "_client_gone", "_stopped", "_started", "_last_data", "_events",
                  "_silence_s", "_max_s", "_max_event_bytes")
@@ -243,7 +243,8 @@ class StreamObserver:
         self._client_gone = False
         self._stopped = False
         limits = exchange._life.config.upstream
-        self._silence_s, self._max_s, self._max_event_bytes = limits.timeout_s, limits.max_stream_s, limits.max_response_bytes
+        self._silence_s, self._max_s = limits.timeout_s, limits.max_stream_s
+        self._max_event_bytes = limits.max_response_bytes
         self._started = self._last_data = time.monotonic()
         self._events = 0
 

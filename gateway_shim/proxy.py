@@ -97,7 +97,10 @@ async def _read_head(upstream: aiohttp.ClientResponse) -> bytes:
     return head
 
 
-async def _relay_body(upstream: aiohttp.ClientResponse, exchange: Exchange, head: bytes, max_bytes: int) -> web.Response:
+async def _relay_body(
+    upstream: aiohttp.ClientResponse, exchange: Exchange, head: bytes, max_bytes: int
+) -> web.Response:
+    """A whole answer (``head``: its first bytes, when already read), at most ``max_bytes`` of it."""
     too_large = UpstreamInvalidResponse("The model server's answer is larger than the gateway accepts.")
     if (upstream.content_length or 0) > max_bytes:
         raise too_large

@@ -133,7 +133,8 @@ def text_of(pieces: list[str]) -> str:
 # --- whole (JSON) answers -------------------------------------------------
 
 async def _invalid_json(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
-    return web.Response(body=b'{"id": "chatcmpl-hostile", "choices": [{"message": {"content": "cut', content_type="application/json")
+    cut_short = b'{"id": "chatcmpl-hostile", "choices": [{"message": {"content": "cut'
+    return web.Response(body=cut_short, content_type="application/json")
 
 
 async def _error_200(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
