@@ -15,6 +15,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from aiohttp import web
@@ -61,6 +62,11 @@ def chunk(model: str, content: str | None = None, finish: str | None = None, **e
     body = {**_envelope(model, "chat.completion.chunk"),
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+@cache
+def _big_chunk(model: str) -> bytes:
+    return chunk(model, BIG_WORD * BIG_WORDS)
 
 
 def usage_chunk(model: str, reported: dict[str, int]) -> bytes:
@@ -149,15 +155,21 @@ async def _json_as_text(request: web.Request, model: str, prompt: int, _: bool) 
     return web.Response(text=body, content_type="text/plain")
 
 
+@cache
+def _big_body(model: str, prompt: int, words: int, reported: int) -> bytes:
+    """A huge answer, encoded once: encoding it per request would stall this loop, and the shim's reads."""
+    return json.dumps(_completion(model, BIG_WORD * words, prompt, reported)).encode()
+
+
 async def _big_json(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
-    return web.json_response(_completion(model, BIG_WORD * BIG_WORDS, prompt, BIG_WORDS))
+    return web.Response(body=_big_body(model, prompt, BIG_WORDS, BIG_WORDS), content_type="application/json")
 
 
 async def _oversize_json(request: web.Request, model: str, prompt: int, _: bool) -> web.StreamResponse:
     """Valid JSON, too large, without a Content-Length to tell it in advance."""
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     await response.prepare(request)
-    body = json.dumps(_completion(model, BIG_WORD * (OVERSIZE_BYTES // len(BIG_WORD)), prompt, 1)).encode()
+    body = _big_body(model, prompt, OVERSIZE_BYTES // len(BIG_WORD), 1)
     for i in range(0, len(body), 1 << 20):
         await response.write(body[i : i + (1 << 20)])
     return response
@@ -236,7 +248,7 @@ async def _sse_dup_usage(request: web.Request, model: str, prompt: int, include_
 
 async def _sse_big_event(request: web.Request, model: str, prompt: int, include_usage: bool) -> web.StreamResponse:
     response = await _sse(request)
-    await response.write(chunk(model, BIG_WORD * BIG_WORDS))  # one 10 MB event, in one write
+    await response.write(_big_chunk(model))  # one 10 MB event, in one write
     await response.write(chunk(model, finish="stop"))
     if include_usage:
         await response.write(usage_chunk(model, usage(prompt, BIG_WORDS)))

@@ -2,8 +2,8 @@
 every client gets a clear answer or a stream that ends after its last whole
 event; what was delivered is metered (the shim's own count, flagged
 "counted", when the upstream reports nothing usable); the reservation is
-settled to exactly that; one event per request. Then 10,000 such requests
-against one shim process, which must not leak descriptors or memory.
+settled to exactly that; one event per request. The leak check, 10,000 such
+requests against one shim process, is test_hostile_upstreams_leak.py.
 
 The shim runs as its real process (shim_factory), the hostile upstream in
 this test's event loop, both on 127.0.0.1.
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,8 +34,8 @@ TIERS = {
     "roomy": {"monthly_tokens": 10**12},
     "cutting": {"monthly_tokens": 10**12, "cut_streams": True},
 }
-SILENCE_S = 1.0  # upstream.timeout_s: how long the shim waits for the upstream's next data
-MAX_STREAM_S = 2.0  # upstream.max_stream_s: the longest a stream may run
+SILENCE_S = 2.0  # upstream.timeout_s: how long the shim waits for the upstream's next data
+MAX_STREAM_S = 3.0  # upstream.max_stream_s: the longest a stream may run
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # upstream.max_response_bytes: the largest answer / event taken
 CUT_AT = 20  # max_tokens of the never-ending stream on the cutting tier
 SIX = "".join(completion_pieces(h.PIECES))
@@ -238,8 +235,8 @@ async def _run_all(shim: Shim, ask: Any, prefix: str) -> None:
     print(f"\n{prefix or 'raw'}: all answered in {elapsed:.1f} s")
     print("| behaviour | client gets | usage (reason) | reservation |\n|---|---|---|---|\n" + "\n".join(rows))
     assert not failures, "\n".join(failures)
-    # The longest are the never-ending ones, bounded by the stream cap.
-    assert elapsed < MAX_STREAM_S + 3
+    # The longest are the never-ending ones, ended by the shim well before the clients' 20 s timeout.
+    assert elapsed < MAX_STREAM_S + 10
 
 
 async def test_raw_clients_get_clear_answers_counted_and_settled(shim_factory: ShimFactory, hostile: h.Hostile) -> None:
@@ -280,93 +277,3 @@ async def test_the_openai_client_gets_clear_answers_counted_and_settled(
 ) -> None:
     shim = await _shim(shim_factory, hostile)
     await _run_all(shim, lambda key, model, e: _sdk(shim, key, model, e), "sdk-")
-
-
-# The leak check's mix: every quick misbehaviour alike, and a few of the slow
-# ones (10 MB answers, never-ending streams) in each run.
-QUICK = ("invalid-json", "error-200", "json-as-text", "reset-json", "sse-garbage", "sse-no-usage", "sse-dup-usage",
-         "sse-reset", "sse-as-json", "stream-json")
-SLOW_EACH = {"big-json": 4, "sse-big-event": 4, "sse-keepalive-forever": 3, "sse-silent-forever": 3,
-             "sse-data-forever": 3}
-REQUESTS = 10_000
-WARM_UP = 500
-CONCURRENCY = 50
-
-
-def _mix(total: int, rng: random.Random) -> list[str]:
-    slow = [name for name, count in SLOW_EACH.items() for _ in range(count)]
-    mix = slow + [QUICK[i % len(QUICK)] for i in range(total - len(slow))]
-    rng.shuffle(mix)
-    return mix
-
-
-def _process(pid: int) -> tuple[int, int, int]:
-    """Open descriptors, resident memory (KiB) and threads of a process."""
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return len(os.listdir(f"/proc/{pid}/fd")), int(status["VmRSS"].split()[0]), int(status["Threads"])
-
-
-async def _load(shim: Shim, keys: dict[str, str], models: list[str]) -> dict[str, int]:
-    """``models`` through the shim, CONCURRENCY at a time; the answers checked as they come."""
-    queue = list(reversed(models))
-    sent: dict[str, int] = {}
-    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as session:
-        async def worker() -> None:
-            while queue:
-                model = queue.pop()
-                seen = await _raw(session, shim, keys[model], model, EXPECT[model])
-                assert (seen.status, seen.error_code) == (EXPECT[model].status, EXPECT[model].code), (model, seen)
-                sent[model] = sent.get(model, 0) + 1
-
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-    return sent
-
-
-async def test_ten_thousand_hostile_requests_leak_nothing(shim_factory: ShimFactory, hostile: h.Hostile) -> None:
-    shim = await _shim(shim_factory, hostile)
-    pid = shim.process.pid
-    assert pid is not None
-    rng = random.Random(7)
-    names = [*QUICK, *SLOW_EACH]
-    keys = {name: shim.new_key(f"leak-{name}", "roomy") for name in names}
-
-    warm = await _load(shim, keys, _mix(WARM_UP, rng))
-    await asyncio.sleep(0.5)  # closed connections reaped on both sides
-    fds_0, rss_0, threads_0 = _process(pid)
-    # Here, each connection the shim keeps to the upstream holds one server task.
-    tasks_0, upstream_0 = len(asyncio.all_tasks()), hostile.connections
-
-    started = time.monotonic()
-    sent = await _load(shim, keys, _mix(REQUESTS, rng))
-    sent = {name: sent.get(name, 0) + warm.get(name, 0) for name in names}
-    elapsed = time.monotonic() - started
-    await asyncio.sleep(0.5)
-    fds_1, rss_1, threads_1 = _process(pid)
-    tasks_1, upstream_1 = len(asyncio.all_tasks()), hostile.connections
-    print(f"\n{REQUESTS} hostile requests, {CONCURRENCY} at a time, in {elapsed:.1f} s ({REQUESTS / elapsed:.0f}/s);"
-          f" shim pid {pid}: fds {fds_0} -> {fds_1}, RSS {rss_0 / 1024:.1f} -> {rss_1 / 1024:.1f} MiB,"
-          f" threads {threads_0} -> {threads_1}; shim's upstream connections {upstream_0} -> {upstream_1};"
-          f" test-side asyncio tasks {tasks_0} -> {tasks_1};"
-          f" upstream answers still open: {hostile.open_streams}")
-    assert elapsed < 60
-    # Its idle upstream connections (kept for reuse) vary with the run's last moments: the rest may not grow.
-    assert fds_1 - upstream_1 <= fds_0 - upstream_0 + 5, (fds_0, upstream_0, fds_1, upstream_1)
-    assert rss_1 - rss_0 < 50 * 1024, (rss_0, rss_1)
-    assert threads_1 <= threads_0 + 2
-    assert tasks_1 - upstream_1 <= tasks_0 - upstream_0 and hostile.open_streams == 0
-    assert upstream_1 <= CONCURRENCY  # kept alive for reuse, never more than were ever busy at once
-
-    # Exactly one event per request, each settled: reservations hold exactly the events' usage.
-    total = WARM_UP + REQUESTS
-    read_from = time.monotonic()
-    events = await events_of(shim, total, settle_s=1.0)
-    print(f"{total} events read in {time.monotonic() - read_from:.1f} s")
-    assert len(events) == total and len({e.id for e in events}) == total
-    for name in names:
-        mine = [e for e in events if e.subject == f"leak-{name}"]
-        used = [e.data.input_tokens + e.data.output_tokens for e in mine]
-        assert len(mine) == sent[name], name
-        tokens, _, pending = shim.reserved(f"leak-{name}")
-        assert tokens == sum(used) and len(pending) == sum(1 for u in used if u), name
-        assert inflight(shim, f"leak-{name}") == 0
