@@ -69,7 +69,15 @@ def build_app(config: Config) -> web.Application:
         app[_PROXY] = Proxy(config, Authenticator(redis_client, names), admitter, upstream, emitter)
         # /v1/check admits for another proxy; the usage reports of its admissions settle them.
         app[_CHECK] = Check(app[_PROXY], CheckTickets(config, redis_client, names, admitter))
+        ext_proc = None
+        if config.shim.ext_proc_port is not None:
+            from gateway_shim.ext_proc import ExtProcServer  # grpc and Envoy's API load only when served
+
+            ext_proc = ExtProcServer(app[_PROXY].lifecycle, config.shim.host, config.shim.ext_proc_port)
+            await ext_proc.start()
         yield
+        if ext_proc is not None:  # Envoy's requests in flight end (and are billed) before the flush
+            await ext_proc.stop(SHUTDOWN_TIMEOUT_S)
         # In-flight requests are done by now (the runner waited for them).
         await emitter.close(config.shim.drain_timeout_s)
         await upstream.close()
@@ -104,6 +112,8 @@ def build_app(config: Config) -> web.Application:
     # POST /v1/events (gateway_shim/ingest.py); a report of a check's admission settles it.
     register_ingest(app, config, lambda app: app[_PROXY].emitter, _spool_guard, lambda app: app[_CHECK].tickets)
     app.router.add_route("*", "/v1/check", check)  # any method: proxies send the client's own
+    # Envoy's HTTP ext_authz appends the client's path to its path_prefix (deploy/envoy/ext_authz.yaml).
+    app.router.add_route("*", "/v1/check/{tail:.*}", check)
     app.router.add_route("*", "/v1/{tail:.*}", proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -290,6 +290,9 @@ class Shim(_Strict):
     # Largest POST /v1/events body (413 past it), and most events in one batch.
     ingest_max_bytes: PositiveInt = 1024 * 1024
     ingest_max_events: PositiveInt = 1000
+    # Envoy's ext_proc gRPC service (gateway_shim/ext_proc.py) on host:this port,
+    # served by the shim's own process and event loop. None: not served.
+    ext_proc_port: int | None = Field(default=None, ge=0, le=65535)
     # POST /v1/events/kong (Kong's http-log entries, same token and limits): who the
     # customer is. consumer_username / consumer_custom_id: the consumer Kong
     # authenticated (ids derive from Kong's request id; x-quotameter-* headers are
