@@ -165,6 +165,26 @@ class UpstreamTimeout(ShimError):
     code = "upstream_timeout"
 
 
+class UpstreamInvalidResponse(ShimError):
+    """The upstream answered with success but nothing a client can read: a
+    body that is not a JSON object, a JSON body where a stream was asked for,
+    or an answer past ``upstream.max_response_bytes``. Check the upstream's
+    logs and that it speaks OpenAI's API."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_invalid_response"
+
+
+class UpstreamFailed(ShimError):
+    """The upstream answered with success but its body is an error: passed on
+    as a 502 with the upstream's message."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_error"
+
+
 class BackendUnavailable(ShimError):
     """Redis is unreachable, so nothing can be admitted (fail closed). Check
     ``services.redis_url``."""

@@ -40,6 +40,8 @@ from gateway_shim.errors import (
     InvalidApiKey,
     MalformedRequest,
     ShimError,
+    UpstreamFailed,
+    UpstreamInvalidResponse,
     error_answer,
     quota_backend_down,
 )
@@ -161,10 +163,12 @@ class Exchange:
         self.meter.reason = "upstream_error"
 
     def body(self, status: int, raw: bytes) -> None:
-        """A whole (JSON) answer from the upstream: its status, model and usage."""
+        """A whole (JSON) answer from the upstream: its status, model and usage.
+        Raises a ShimError (answer it with ``refuse``) for a success no client
+        can use: not a JSON object, an error body, or JSON where a stream was
+        asked for. Nothing of those reached the client: nothing is billed."""
         meter, proxied = self.meter, self.proxied
         meter.status = status
-        meter.response_bytes = len(raw)
         if status >= 400:
             self.upstream_error()
         if status < 300 and proxied is not None and proxied.body is not None:
@@ -172,8 +176,17 @@ class Exchange:
                 document = json.loads(raw)
             except ValueError:
                 document = None
+            if not isinstance(document, dict):
+                raise UpstreamInvalidResponse("The model server's answer was not valid JSON. Please retry.")
+            if document.get("error") and "choices" not in document:
+                raise UpstreamFailed(_upstream_error_message(document["error"]))
+            if proxied.stream:
+                raise UpstreamInvalidResponse(
+                    "The model server answered a stream request with a JSON body, not an event stream."
+                )
             meter.model_served = model_from(document)
             meter.usage = usage_from(document) or counted_usage(proxied.body, proxied.model, completion_text(document))
+        meter.response_bytes = len(raw)
         meter.first_byte()
 
     def is_stream(self, status: int, content_type: str | None) -> bool:
@@ -206,9 +219,17 @@ class Exchange:
 
 class StreamObserver:
     """An SSE answer passing through: whole events are handed on as they complete,
-    tallied on the way, and cut once they would carry the output past ``cut_at``."""
+    tallied on the way, and cut once they would carry the output past ``cut_at``.
 
-    __slots__ = ("_exchange", "_forward", "tally", "_client_gone")
+    It also stops a stream the upstream would never end (``cut`` turns true,
+    the event's reason says why): one that sent only keep-alive comments for
+    ``upstream.timeout_s``, one running past ``upstream.max_stream_s``, and
+    one whose event grows past ``upstream.max_response_bytes`` without ending.
+    The clock is read as bytes arrive: a stream that sends nothing at all is
+    ended by the adapter's read timeout (``upstream_cut("upstream_timeout")``)."""
+
+    __slots__ = ("_exchange", "_forward", "tally", "_client_gone", "_stopped", "_started", "_last_data", "_events",
+                 "_silence_s", "_max_s", "_max_event_bytes")
 
     def __init__(self, exchange: Exchange, forward: Forward, status: int) -> None:
         proxied = exchange.proxied
@@ -220,24 +241,47 @@ class StreamObserver:
         self.tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=forward.cut_at, model=proxied.model,
                                  hold_done=True)
         self._client_gone = False
+        self._stopped = False
+        limits = exchange._life.config.upstream
+        self._silence_s, self._max_s = limits.timeout_s, limits.max_stream_s
+        self._max_event_bytes = limits.max_response_bytes
+        self._started = self._last_data = time.monotonic()
+        self._events = 0
 
     @property
     def cut(self) -> bool:
-        """The budget is reached: send nothing more from the upstream."""
-        return self.tally.cut
+        """The budget is reached, or the stream is stopped: send nothing more from the upstream."""
+        return self.tally.cut or self._stopped
 
     def feed(self, data: bytes) -> bytes:
         """Upstream bytes in; the complete events to pass on now out ([DONE] held back)."""
-        out = self.tally.feed(data)
+        tally = self.tally
+        out = tally.feed(data)
         if out:
             meter = self._exchange.meter
             meter.first_byte()
             meter.response_bytes += len(out)
+        now = time.monotonic()
+        if tally.events != self._events or tally.pending_bytes:  # data, or an event on its way
+            self._events, self._last_data = tally.events, now
+        elif now - self._last_data > self._silence_s:
+            self._stop("upstream_timeout", "sent only keep-alives for %.0f s", self._silence_s)
+        if now - self._started > self._max_s:
+            self._stop("stream_too_long", "ran past upstream.max_stream_s (%.0f s)", self._max_s)
+        elif tally.pending_bytes > self._max_event_bytes:
+            self._stop("upstream_invalid_response", "sent an event past upstream.max_response_bytes (%d)",
+                       self._max_event_bytes)
         return out
 
-    def upstream_cut(self) -> None:
-        """The upstream's connection failed mid-stream."""
-        self._exchange.meter.reason = "upstream_stream_cut"
+    def _stop(self, reason: str, why: str, *args: object) -> None:
+        if not self._stopped and not self.tally.cut:
+            self._stopped = True
+            self._exchange.meter.reason = reason
+            log.warning("ending a stream the upstream " + why, *args)
+
+    def upstream_cut(self, reason: str = "upstream_stream_cut") -> None:
+        """The upstream's connection failed mid-stream (or fell silent: ``upstream_timeout``)."""
+        self._exchange.meter.reason = reason
 
     def client_gone(self) -> None:
         """The client went away: nothing more can reach it; what it had is billed."""
@@ -259,6 +303,8 @@ class StreamObserver:
             ending = tally.held
         if not tally.done and meter.reason is None:
             meter.reason = "upstream_stream_cut"  # ended without [DONE]
+        if tally.dropped:
+            log.warning("the upstream sent %d stream events that are not JSON objects: dropped", tally.dropped)
         meter.model_served = tally.model
         # A usage chunk is the exact count; without one, count what the client received.
         meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model, tally.text)
@@ -266,6 +312,13 @@ class StreamObserver:
             return b""
         meter.response_bytes += len(ending)
         return ending
+
+
+def _upstream_error_message(error: object) -> str:
+    message = error.get("message") if isinstance(error, dict) else error
+    if not isinstance(message, str) or not message:
+        return "The model server failed to answer. Please retry."
+    return f"The model server failed: {message[:1000]}"
 
 
 def _rewrite(proxied: ProxiedRequest, model: str | None, max_tokens: int | None) -> bytes:

@@ -9,6 +9,10 @@ Streams are written to the client event by event as they arrive. A stream
 the upstream cuts short is ended cleanly for the client after the last whole
 event, and what was delivered is counted. A client that goes away stops the
 relay; the tokens it received are still metered.
+
+An upstream's Content-Type is not trusted for a stream request: an answer
+that starts like an event stream is relayed as one (and labelled so), any
+other success goes to ``Exchange.body``, which refuses it with a 502.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer
 from gateway_shim.errors import (
     ShimError,
+    UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_response,
@@ -31,6 +36,7 @@ from gateway_shim.errors import (
 )
 from gateway_shim.lifecycle import Exchange, Forward, Lifecycle
 from gateway_shim.request_body import read_body
+from gateway_shim.sse import looks_like_events
 from gateway_shim.upstream import Upstream, client_headers
 from quotameter.config import Config
 
@@ -62,46 +68,75 @@ class Proxy:
             async with self.upstream.open(request, path, forward.body) as upstream:
                 if exchange.is_stream(upstream.status, upstream.headers.get("Content-Type")):
                     return await _relay_stream(request, upstream, exchange, forward)
-                return await _relay_body(upstream, exchange)
+                head = b""
+                if forward.stream and 200 <= upstream.status < 300:
+                    head = await _read_head(upstream)
+                    if looks_like_events(head):
+                        return await _relay_stream(request, upstream, exchange, forward, head)
+                return await _relay_body(upstream, exchange, head, self.config.upstream.max_response_bytes)
         except Exception as exc:
             return to_response(exchange.refuse(exc))
         finally:
             await exchange.finish()  # a JSON answer is written after this returns: billed first
 
 
-async def _relay_body(upstream: aiohttp.ClientResponse, exchange: Exchange) -> web.Response:
+def _read_failed(exc: Exception) -> ShimError:
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("The model server stopped sending its answer. Please retry.")
+    log.warning("upstream dropped the connection mid-answer: %s", exc)  # the detail is for the operator
+    return UpstreamUnavailable("The model server dropped the connection. Please retry shortly.")
+
+
+async def _read_head(upstream: aiohttp.ClientResponse) -> bytes:
+    """The first bytes of an answer, enough to tell an event stream (``data:``…) from JSON."""
+    head = b""
     try:
-        raw = await upstream.read()
-    except TimeoutError:
-        raise UpstreamTimeout("The model server stopped sending its answer. Please retry.") from None
-    except aiohttp.ClientError as exc:
-        log.warning("upstream dropped the connection mid-answer: %s", exc)  # the detail is for the operator
-        raise UpstreamUnavailable("The model server dropped the connection. Please retry shortly.") from None
+        while len(head.lstrip()) < 6 and not upstream.content.at_eof():
+            head += await upstream.content.readany()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _read_failed(exc) from None
+    return head
+
+
+async def _relay_body(
+    upstream: aiohttp.ClientResponse, exchange: Exchange, head: bytes, max_bytes: int
+) -> web.Response:
+    """A whole answer (``head``: its first bytes, when already read), at most ``max_bytes`` of it."""
+    too_large = UpstreamInvalidResponse("The model server's answer is larger than the gateway accepts.")
+    if (upstream.content_length or 0) > max_bytes:
+        raise too_large
+    parts, size = [head], len(head)
+    try:
+        async for data in upstream.content.iter_any():
+            size += len(data)
+            if size > max_bytes:
+                raise too_large
+            parts.append(data)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _read_failed(exc) from None
+    raw = b"".join(parts)
     exchange.body(upstream.status, raw)
     return web.Response(status=upstream.status, body=raw, headers=client_headers(upstream, exchange.headers))
 
 
 async def _relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, exchange: Exchange, forward: Forward
+    request: web.Request, upstream: aiohttp.ClientResponse, exchange: Exchange, forward: Forward, head: bytes = b""
 ) -> web.StreamResponse:
     """The stream's closing bytes ([DONE], or the cut's ending) go out only after
     ``finish`` (settle, emit): a client that read the whole answer was billed,
     whenever the shim is killed. The other order would leave a window, the
     settle's Redis round trip long, in which a SIGKILL serves a stream unbilled."""
     observer = exchange.stream(forward, upstream.status)
-    response = web.StreamResponse(status=upstream.status, headers=client_headers(upstream, exchange.headers))
+    headers = client_headers(upstream, exchange.headers)
+    if head:  # sniffed: the upstream mislabelled its stream
+        headers["Content-Type"] = "text/event-stream"
+    response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     chunks = upstream.content.iter_any()
     gone = False
-    while not observer.cut:
-        try:
-            data = await chunks.__anext__()
-        except StopAsyncIteration:
-            break
-        except (aiohttp.ClientError, TimeoutError):
-            observer.upstream_cut()
-            break
-        out = observer.feed(data)
+    data = head
+    while True:
+        out = observer.feed(data) if data else b""
         if out:
             try:
                 await response.write(out)
@@ -109,6 +144,18 @@ async def _relay_stream(
                 observer.client_gone()
                 gone = True
                 break
+        if observer.cut:
+            break
+        try:
+            data = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            observer.upstream_cut("upstream_timeout")
+            break
+        except aiohttp.ClientError:
+            observer.upstream_cut()
+            break
     closing = observer.end()
     await exchange.finish()
     if not gone:

@@ -10,6 +10,24 @@ must see what it would have seen without it: the usage-only chunk
 (``choices: []``) is dropped and the ``"usage":null`` the upstream then adds
 to every chunk is cut out. A fragment left at the end of a cut stream is
 not an event: it is neither forwarded nor counted.
+
+What an upstream may get wrong, and what the tally makes of it:
+
+- Data that is not a JSON object (``data: not json``, ``data: 42``), other
+  than [DONE], is dropped: no OpenAI stream carries it, and the official
+  clients fail on it mid-stream. Chunks that are never parsed are judged by
+  their first and last byte (``{`` … ``}``), which is what garbage fails.
+  Unknown members of a chunk pass on untouched.
+- Only ``data:`` and ``event:`` lines and comments reach the client. ``id:``
+  and ``retry:`` are reconnection hints, meaningless through the shim (a
+  reconnection is a new request), and the official Python client, once it
+  has seen an ``id:``, reads every later keep-alive as an event with empty
+  data, and fails on it; unknown fields mean nothing. An event left without
+  data is dropped; a comment-only one (a keep-alive) passes as it is.
+- Two usage chunks: the last one counts (OpenAI sends one, after the last
+  choice; a later one can only be a correction).
+- One huge event: its bytes are kept aside, unscanned, until an event end
+  arrives, so an event of N bytes costs O(N), however it is split.
 """
 
 from __future__ import annotations
@@ -68,7 +86,11 @@ class StreamTally:
         self._texts: list[str | bytes] = []  # text of parsed chunks, raw data of the others
         self._raw_bytes = 0
         self._counting = False  # exact token counts from here on (cut_at is near)
-        self._pending = b""
+        self._pending = b""  # the start of an event not complete yet
+        self._more: list[bytes] = []  # bytes read since, without an event end
+        self._more_bytes = 0
+        self._tail = b""  # the last bytes read: an event end may straddle two reads
+        self.dropped = 0  # data events that were not JSON objects
 
     @property
     def text(self) -> str:
@@ -76,12 +98,27 @@ class StreamTally:
 
     @property
     def pending_bytes(self) -> int:
-        return len(self._pending)
+        """Bytes of an event not complete yet."""
+        return len(self._pending) + self._more_bytes
 
     def feed(self, data: bytes) -> bytes:
         """Take upstream bytes; return the complete events to forward now."""
-        buffer = self._pending + data if self._pending else data
-        return self._feed_lf(buffer) if b"\r" not in buffer else self._feed_any(buffer)
+        if self._pending:
+            # No event end among the new bytes (nor across the seam): keep them
+            # aside, unjoined, so a huge event is not rescanned at every read.
+            if not _EVENT_END.search(self._tail + data):
+                self._more.append(data)
+                self._more_bytes += len(data)
+                self._tail = (self._tail + data)[-3:]
+                return b""
+            buffer = b"".join((self._pending, *self._more, data))
+            self._more.clear()
+            self._more_bytes = 0
+        else:
+            buffer = data
+        out = self._feed_lf(buffer) if b"\r" not in buffer else self._feed_any(buffer)
+        self._tail = self._pending[-3:]
+        return out
 
     def _feed_any(self, buffer: bytes) -> bytes:
         out: list[bytes] = []
@@ -117,8 +154,8 @@ class StreamTally:
             if piece.startswith(b"data: ") and b"\n" not in piece:
                 data = piece[6:]
                 if (
-                    self.cut_at is None and self.model is not None and b"[DONE]" not in data
-                    and not _USAGE_OBJECT.search(data)
+                    self.cut_at is None and self.model is not None and _object_like(data)
+                    and b"[DONE]" not in data and not _USAGE_OBJECT.search(data)
                 ):
                     self.events += 1
                     texts.append(data)
@@ -145,10 +182,14 @@ class StreamTally:
         return _NULL_USAGE.sub(b"", events) if self.hide_usage else events
 
     def _observe(self, event: bytes) -> bytes | None:
-        data = event_data(event)
-        if data is None:
-            return event  # comments / keep-alives pass through
-        return self._observe_data(event, data)
+        lines = [line for line in _LINE_END.split(event) if line]
+        kept = [line for line in lines if line.startswith(_PASSED)]
+        data = [line[5:] for line in kept if line.startswith(b"data:")]
+        if not data:
+            return event if all(line[:1] == b":" for line in lines) else None  # a keep-alive passes
+        if len(kept) != len(lines):
+            event = b"\n".join(kept) + b"\n\n"
+        return self._observe_data(event, b"\n".join(line[1:] if line.startswith(b" ") else line for line in data))
 
     def _observe_data(self, event: bytes, data: bytes) -> bytes | None:
         self.events += 1
@@ -164,7 +205,10 @@ class StreamTally:
             self._raw_bytes += len(data)
             if self._raw_bytes > self.cut_at:
                 self._start_counting()
-        if self.model is not None and not self._counting and not _USAGE_OBJECT.search(data):
+        if (
+            self.model is not None and not self._counting and _object_like(data)
+            and not _USAGE_OBJECT.search(data)
+        ):
             self._texts.append(data)
             return _NULL_USAGE.sub(b"", event) if self.hide_usage else event
         return self._observe_parsed(event, data)
@@ -178,7 +222,10 @@ class StreamTally:
         try:
             chunk: Any = json.loads(data)
         except ValueError:
-            return event  # not ours to judge: pass it on, count nothing from it
+            chunk = None
+        if not isinstance(chunk, dict):
+            self.dropped += 1  # garbage: neither forwarded nor counted
+            return None
         if self.model is None:
             self.model = model_from(chunk)
             if isinstance(chunk, dict) and isinstance(chunk.get("id"), str):
@@ -200,6 +247,20 @@ class StreamTally:
                 return None
             return _NULL_USAGE.sub(b"", event)
         return event
+
+
+_FIELDS = (b"data:", b":", b"event:", b"id:", b"retry:")
+_PASSED = (b"data:", b"event:", b":")  # the lines an event keeps (a comment starts with ":")
+
+
+def looks_like_events(head: bytes) -> bool:
+    """Whether an answer starting with ``head`` is an event stream, whatever its Content-Type says."""
+    return head.lstrip().startswith(_FIELDS)
+
+
+def _object_like(data: bytes) -> bool:
+    """Whether ``data`` can be a JSON object (a cheap test, for chunks not parsed)."""
+    return data[:1] == b"{" and data.rstrip()[-1:] == b"}"
 
 
 def _text_of(data: bytes) -> str:

@@ -240,7 +240,15 @@ class Billing(_Strict):
 class Upstream(_Strict):
     url: str = "http://127.0.0.1:8081/v1"
     api_key: SecretStr | None = None
+    # Silence: how long the upstream may send no bytes, or only keep-alive
+    # comments in a stream, before the shim gives up on it.
     timeout_s: float = Field(default=600.0, gt=0)
+    # The longest a stream may run, whatever it carries: it is then ended
+    # after its last whole event (event reason "stream_too_long").
+    max_stream_s: float = Field(default=3600.0, gt=0)
+    # The largest JSON answer, or single SSE event, taken from the upstream:
+    # past it, a 502 (a stream is ended after its last whole event).
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
     # Connections the shim keeps open to the upstream at once; requests past
     # it wait for a free one (never refused).
     max_connections: PositiveInt = 1000

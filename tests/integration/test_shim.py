@@ -242,7 +242,7 @@ async def test_bad_requests_get_openai_errors(start_shim: ShimFactory) -> None:
     assert by_status[200].data.route == "/v1/models"
 
 
-async def test_upstream_errors_and_garbage_pass_through(start_shim: ShimFactory) -> None:
+async def test_upstream_errors_pass_through_and_garbage_is_a_502(start_shim: ShimFactory) -> None:
     shim = await start_shim()
     async with shim.client(shim.new_key("unlucky")) as client:
         with pytest.raises(openai.InternalServerError) as failed:
@@ -250,16 +250,18 @@ async def test_upstream_errors_and_garbage_pass_through(start_shim: ShimFactory)
                 model="mock-small", messages=MESSAGES, extra_headers={"x-mock-fault": "status=500"}
             )
         assert failed.value.status_code == 500 and "mock fault" in failed.value.message
-        # A 200 whose body is not JSON reaches the client as is; the shim counts the prompt.
-        raw = await client.chat.completions.with_raw_response.create(
-            model="mock-small", messages=MESSAGES, extra_headers={"x-mock-fault": "garbage"}
-        )
-        assert raw.http_response.status_code == 200 and raw.http_response.text.startswith('{"id": "chatcmpl-garbage"')
+        # A 200 whose body is not JSON is no answer a client can read: a 502,
+        # billed nothing (more cases in test_hostile_upstreams).
+        with pytest.raises(openai.APIStatusError) as garbage:
+            await client.chat.completions.create(
+                model="mock-small", messages=MESSAGES, extra_headers={"x-mock-fault": "garbage"}
+            )
+        assert garbage.value.status_code == 502 and garbage.value.code == "upstream_invalid_response"
 
     events = {e.data.status: e.data for e in _decoded(await shim.events(2))}
     assert events[500].reason == "upstream_error" and events[500].usage_source == "none"
-    assert events[200].usage_source == "counted" and events[200].output_tokens == 0
-    assert events[200].input_tokens == PROMPT_TOKENS
+    assert events[502].reason == "upstream_invalid_response" and events[502].usage_source == "none"
+    assert (events[502].input_tokens, events[502].output_tokens) == (0, 0)
 
 
 async def test_upstream_down_is_502_and_recorded(start_shim: ShimFactory) -> None:

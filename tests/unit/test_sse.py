@@ -88,11 +88,38 @@ def test_no_cut_and_no_count_while_the_bytes_cannot_reach_the_reservation() -> N
     assert tally.text == " word" * 12  # still recoverable for the shim's own count
 
 
-def test_comments_and_garbage_pass_through_uncounted() -> None:
-    stream = b": keep-alive\n\n" + b"data: {not json\n\n" + _event(_chunk("x"))
-    tally = StreamTally(hide_usage=True)
-    assert tally.feed(stream) == stream
-    assert tally.text == "x" and tally.usage is None
+def test_comments_pass_through_and_garbage_data_is_dropped() -> None:
+    # Data that is no JSON object would break the client's parser mid-stream.
+    garbage = b"data: {not json\n\n" + b"data: not json\n\n" + b"event: ping\ndata: 42\n\n"
+    for model in (None, "m"):  # parsed, and passed on unparsed once the model is known
+        tally = StreamTally(hide_usage=True, model=model)
+        tally.model = model
+        good = b": keep-alive\n\n" + _event(_chunk("x"))
+        assert tally.feed(b": keep-alive\n\n" + garbage + _event(_chunk("x"))) == good
+        assert tally.text == "x" and tally.usage is None and tally.dropped == 3
+
+
+def test_of_two_usage_chunks_the_last_counts() -> None:
+    first = {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 9}}
+    tally = StreamTally()
+    tally.feed(_event(first) + _event(USAGE_CHUNK))
+    assert tally.usage == usage_from(USAGE_CHUNK)
+
+
+def test_a_huge_event_split_in_many_reads_costs_linear_time() -> None:
+    import time
+
+    event = _event(_chunk(" word" * 2_000_000))  # 10 MB
+    started = time.perf_counter()
+    assert StreamTally(model="m").feed(event) == event
+    whole = time.perf_counter() - started
+    tally = StreamTally(model="m")
+    started = time.perf_counter()
+    out = b"".join(tally.feed(event[i : i + 65536]) for i in range(0, len(event), 65536))
+    split = time.perf_counter() - started
+    assert out == event and tally.pending_bytes == 0 and tally.text == " word" * 2_000_000
+    # Rescanning the event at each of its 160 reads would cost ~80 times one pass.
+    assert split < 10 * whole + 0.05, f"{split:.3f} s split vs {whole:.3f} s whole: rescanned at every read"
 
 
 def test_event_data_joins_multiline_data() -> None:
@@ -188,3 +215,13 @@ def test_done_is_held_back_for_the_relay_to_write_after_billing(newline: bytes) 
     # Without hold_done it goes out at once, as before.
     plain = StreamTally(model="m")
     assert plain.feed(chunk + done) == chunk + done and plain.held == b""
+
+
+def test_only_data_event_lines_and_comments_reach_the_client() -> None:
+    # After an "id:", the official client reads every keep-alive as an empty event and fails on it.
+    chunk = json.dumps(_chunk("x")).encode()
+    stream = (b"retry: 100\nid: 7\nx-unknown: 1\nevent: delta\ndata: " + chunk + b"\n\n"
+              + b"event: ping\n\n" + b"id: 8\n\n" + b": keep-alive\n\n")
+    tally = StreamTally(model="m")
+    assert tally.feed(stream) == b"event: delta\ndata: " + chunk + b"\n\n" + b": keep-alive\n\n"
+    assert tally.text == "x"
