@@ -215,6 +215,11 @@ class ClickHouseHistory:
             :MAX_QUERY_ROWS
         ]
 
+    def explain_ast(self, sql: str) -> str:
+        """The server's parse tree of ``sql`` (parsed, never run): ``sql_guard`` reads it."""
+        raw = self._call(self.client.raw_query, f"EXPLAIN AST {sql}", settings=READ_ONLY, fmt="TSVRaw")
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     def _select(self, sql: str, params: dict[str, str] | None, **settings: Any) -> bytes:
         return self._call(self.client.raw_query, sql, parameters=params, settings=READ_ONLY | settings, fmt="JSONEachRow")
 
