@@ -183,9 +183,9 @@ def make_app(config: Config, runner_factory: RunnerFactory | None = None, clock:
     gate = TokenGate.from_services(config.services)
 
     @web.middleware
-    async def admin_token(request: web.Request, handler_: Callable[[web.Request], Any]) -> web.StreamResponse:
+    async def admin_token(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         if request.path == "/healthz" or gate.allows(request.headers):
-            return await handler_(request)
+            return await handler(request)
         return web.Response(status=401, text="this dashboard needs services.admin_token (as the password)\n",
                             headers={"WWW-Authenticate": 'Basic realm="quotameter dashboard", charset="UTF-8"'})
 

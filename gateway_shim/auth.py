@@ -44,7 +44,7 @@ class Authenticator:
         failures: AuthFailures | None = None,
     ):
         self._client = client
-        self.failures = failures or AuthFailures(0, 1, [])
+        self.failures = failures if failures is not None else AuthFailures(0, 1, [])
         self._names = names
         self._ttl_s = ttl_s
         self._max_entries = max_entries

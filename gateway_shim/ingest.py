@@ -57,7 +57,7 @@ class Ingest:
         failures: AuthFailures | None = None,
     ) -> None:
         shim = config.shim
-        self._failures = failures or AuthFailures(0, 1, [])
+        self._failures = failures if failures is not None else AuthFailures(0, 1, [])
         token = shim.ingest_token.get_secret_value() if shim.ingest_token is not None else ""
         self._token = token.encode() if token else None
         self.max_bytes = shim.ingest_max_bytes
