@@ -199,7 +199,7 @@ def test_worker_and_dashboard_need_the_admin_token_the_cli_sends_it_and_sql_stay
     assert call(f"{worker}/query", ADMIN, allowed) == (200, {"rows": [{"input": 3000}]})
 
 
-def test_every_dashboard_and_export_query_passes_the_guard(tmp_path) -> None:
+def test_the_guard_passes_the_products_own_queries_and_the_session_is_read_only(tmp_path) -> None:
     """The guard refuses nothing the product itself sends to /query."""
     store = ChdbHistory(tmp_path / "history")
     config = load_config()
@@ -221,6 +221,12 @@ def test_every_dashboard_and_export_query_passes_the_guard(tmp_path) -> None:
             text = schema.read_only_select(sql)
             with pytest.raises((QueryRejected, HistoryError)):
                 vet(store.explain_ast(text), text)
+        # Past the guard, the read-only session (readonly=1) still refuses table
+        # functions and settings: a fence of its own, should the guard miss one.
+        for sql in ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "SELECT * FROM url('http://127.0.0.1:9/', 'CSV')",
+                    "SELECT count() FROM quotameter.events SETTINGS max_threads = 1"):
+            with pytest.raises(HistoryError, match="READONLY"):
+                store.query(sql)
     finally:
         store.close()
 
@@ -323,7 +329,8 @@ async def test_wrong_keys_get_429_per_client_address_on_every_endpoint(shim_fact
 
 async def test_forwarded_addresses_are_believed_only_from_trusted_proxies(shim_factory) -> None:  # noqa: F811
     limit = 3
-    shim = await shim_factory(TIERS, shim={"auth_failures_per_minute": limit})  # no trusted proxies
+    # The shim trusts a proxy elsewhere, not the address this test connects from.
+    shim = await shim_factory(TIERS, shim={"auth_failures_per_minute": limit, "trusted_proxies": ["10.0.0.0/8"]})
     key = shim.new_key("acme", "pro")
     send = _endpoints(shim.base_url.removesuffix("/v1"))["proxy"]
     for n in range(limit):  # a guesser changing its claimed address each time
