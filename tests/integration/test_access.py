@@ -358,3 +358,35 @@ async def test_a_revoked_key_is_refused_within_a_second(shim_factory) -> None:  
         assert status == 401 and body["error"]["code"] == "invalid_api_key", (name, status, body)
         assert elapsed_s < 1.0, (name, elapsed_s)
         print(f"{name}: refused {elapsed_s * 1000:.0f} ms after the revoke")
+
+
+async def test_behind_nginx_each_client_is_counted_apart(shim_factory, tmp_path) -> None:  # noqa: F811
+    """nginx (deploy/nginx/quotameter.conf as shipped) appends the client's address;
+    the shim trusts nginx's. Clients connect from distinct loopback addresses."""
+    from tests.integration.test_nginx import start_nginx
+
+    limit = 3
+    shim = await shim_factory(TIERS, shim={"auth_failures_per_minute": limit, "trusted_proxies": ["127.0.0.1"]})
+    model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
+    nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
+    key = shim.new_key("acme", "pro")
+    chat = {"model": "mock-small", "messages": MESSAGES, "max_tokens": 5}
+
+    async def send(source: str, token: str, forged: str | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}", "x-quotameter-model": "mock-small"}
+        if forged is not None:
+            headers["X-Forwarded-For"] = forged  # a client's own claim: nginx appends the truth after it
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat, headers=headers) as response:
+                return response.status, await response.json(content_type=None)
+
+    try:
+        for n in range(limit):
+            assert (await send("127.0.0.2", f"qm_guess{n}_{'x' * 40}", forged=f"192.0.2.{n}"))[0] == 401
+        status, body = await send("127.0.0.2", key, forged="192.0.2.200")
+        assert status == 429 and body["error"]["code"] == "too_many_authentication_failures", body
+        status, body = await send("127.0.0.3", key)  # another client behind the same nginx
+        assert status == 200 and body["choices"], body
+    finally:
+        nginx.stop()
