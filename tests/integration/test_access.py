@@ -43,7 +43,7 @@ from quotameter.config import load_config
 from quotameter.embedded.procs import free_port, port_open
 from quotameter.redis_keys import RedisKeys
 from tests.integration.enforcement_helpers import MESSAGES, shim_factory  # noqa: F401 - fixture
-from tests.integration.pipeline_helpers import ACME_EVENTS, AT, PERIOD, produce, start_worker, wait_for
+from tests.integration.pipeline_helpers import ACME_EVENTS, AT, PERIOD, ledger_has, produce, start_worker, wait_for
 from tests.integration.test_ingest import event
 
 ADMIN = "service-admin-token-for-tests-only"
@@ -128,7 +128,7 @@ def test_worker_and_dashboard_need_the_admin_token_the_cli_sends_it_and_sql_stay
     asyncio.run(produce(config, list(ACME_EVENTS)))
     worker = config.services.worker_url
     usage_url = f"{worker}/usage?customer=acme&period={PERIOD}"
-    wait_for(lambda: (r := call(usage_url, ADMIN))[0] == 200 and r[1]["events"] == 3, what="acme in the ledger")
+    wait_for(ledger_has(config, "acme", 3), what="acme in the ledger")  # the tests' helper sends the token too
 
     assert call(f"{worker}/healthz")[0] == 200  # the supervisor's probe stays open
     count_sql = "SELECT count() AS n FROM quotameter.events WHERE customer = 'acme'"
@@ -265,6 +265,12 @@ def test_ledger_server_takes_the_token_as_the_clickhouse_password(config_factory
     store = ClickHouseHistory.from_url(f"clickhouse://quotameter:{ADMIN}@127.0.0.1:{port}/quotameter")
     try:
         assert store.query("SELECT count() AS n FROM quotameter.events") == [{"n": 0}]
+        # The guard reads a ClickHouse server's parser as it reads chDB's.
+        vet(store.explain_ast("SELECT count() FROM quotameter.events"), "SELECT count() FROM quotameter.events")
+        for sql in ("SELECT name FROM system.tables", "SELECT * FROM file('/etc/passwd', 'LineAsString')",
+                    "SELECT count() FROM quotameter.events SETTINGS max_threads = 1"):
+            with pytest.raises(QueryRejected):
+                vet(store.explain_ast(sql), sql)
     finally:
         store.close()
 
