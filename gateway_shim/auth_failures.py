@@ -34,7 +34,6 @@ from gateway_shim.errors import TooManyAuthFailures
 from quotameter.config import Shim
 
 WINDOW_S = 60.0
-_SHARED = web.AppKey("auth_failures", object)
 
 
 class AuthFailures:
@@ -108,10 +107,12 @@ class AuthFailures:
         return len(self._tat)
 
 
+_SHARED = web.AppKey("auth_failures", AuthFailures)
+
+
 def shared(app: web.Application, shim: Shim) -> AuthFailures:
     """The one limiter of this shim's app; the first caller (at build time) makes it."""
     found = app.get(_SHARED)
     if found is None:
         found = app[_SHARED] = AuthFailures.from_config(shim)
-    assert isinstance(found, AuthFailures)
     return found

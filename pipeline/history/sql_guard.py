@@ -31,7 +31,11 @@ from pipeline.history.store import QueryRejected
 _NODE = re.compile(r"^(?P<indent> *)(?P<kind>\w+)(?: (?P<rest>.*))?$")
 _CHILDREN = re.compile(r" \(children \d+\)$")
 _ALIAS = re.compile(r" \(alias .*\)$")
-# A WITH name: ``name AS (`` (backquoted names too).
+# A WITH name: ``name AS (`` (backquoted names too). Read from the text, as
+# EXPLAIN AST does not print it; a false match (inside a string) only lets an
+# unqualified name through, which resolves to a WITH name or to the current
+# database: ``default``, empty, on chDB; on a ClickHouse server, grant the
+# ledger's user the ledger's database only.
 _WITH_NAME = re.compile(r"(?:\b([A-Za-z_][A-Za-z0-9_]*)|`((?:[^`\\]|\\.)*)`)\s+AS\s*\(", re.IGNORECASE)
 
 # Functions that read outside the query's tables, or stall the engine.
