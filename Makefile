@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 .PHONY: run test venv debian-deps clean
 
 # Debian packages the integration tests drive for real: a headless browser for
-# the built-in dashboard, nginx for the check endpoint behind auth_request.
+# the built-in dashboard, nginx (and its njs module) for the check endpoint
+# behind auth_request and the usage report.
 # Installed once, only where missing (needs root).
-DEBIAN_PACKAGES := chromium nginx-light
+DEBIAN_PACKAGES := chromium nginx-light libnginx-mod-http-js
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

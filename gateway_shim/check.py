@@ -7,16 +7,17 @@ forwards only on a 2xx. It authenticates the client's ``Authorization:
 Bearer`` key, takes the model from ``x-quotameter-model`` (else the JSON
 body's ``model``, when the proxy sends the body; else the tier's defaults),
 and runs the proxy's own admission: same script, same limits, same refusals
-and headers. Admitted: 200 with the event id, customer, tier (and the model
-to serve, when degraded to a fallback) as ``x-quotameter-*`` headers, plus
-the rate-limit headers. The request's usage event comes later from the
-gateway through ``POST /v1/events`` under that event id, which settles the
-reservation (gateway_shim/check_tickets.py). A refusal is an event of its
+and headers. Admitted: 200 with the event id, customer, tier, key id (and
+the model to serve, when degraded to a fallback) as ``x-quotameter-*``
+headers, plus the rate-limit headers. The request's usage event comes later
+from the gateway through ``POST /v1/events`` under that event id, which
+settles the reservation (gateway_shim/check_tickets.py). A refusal is an event of its
 own, emitted here as the proxy does; its answer also carries its JSON body in
 ``x-quotameter-error``, for nginx (see ``_refused``).
 
 Without a body the worst case reserved is the tier's ``default_max_tokens``
-of output (the prompt is not seen).
+of output (the prompt is not seen). A tier's ``cut_streams`` never admits a
+request shrunk to fit here: the proxy that forwards it cannot cut it there.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class Check:
         if model is not None:
             body["model"] = model
         try:
+            if not (body.get("max_completion_tokens") or body.get("max_tokens")):
+                # Reserved as if asked for: a cut_streams tier would otherwise admit the request
+                # shrunk to fit, and the proxy that forwards it cannot cut the answer there.
+                body["max_tokens"] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
             await exchange.admit(json.dumps(body).encode())
         except Exception as exc:
             # Refused: the request ends here, and its event is emitted as the proxy's are.
@@ -84,6 +89,7 @@ class Check:
         headers[EVENT_ID_HEADER] = ticket.event_id
         headers["x-quotameter-customer"] = key.customer
         headers["x-quotameter-tier"] = key.tier
+        headers["x-quotameter-key-id"] = key.key_id  # for the usage report's api_key_id
         if ticket.model is not None and ticket.model != model:
             headers["x-quotameter-served-model"] = ticket.model  # degraded to the tier's fallback
         answer = {"event_id": ticket.event_id, "customer": key.customer, "tier": key.tier, "model": ticket.model}
@@ -113,6 +119,6 @@ async def _body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return {}
     return body if isinstance(body, dict) else {}

@@ -40,7 +40,7 @@ def parse_events(content_type: str, raw: bytes, max_events: int) -> list[Encoded
     try:
         # Decimals, not floats: an upstream_cost_usd is money and stays exact.
         body = json.loads(raw, parse_float=Decimal)
-    except ValueError:  # also UnicodeDecodeError
+    except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: nested too deep
         raise MalformedRequest("We could not parse the JSON body of your request.") from None
     if content_type == BATCH:
         if not isinstance(body, list):

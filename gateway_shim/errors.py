@@ -6,6 +6,10 @@
         ├── TooManyAuthFailures   429  this client address presented too many wrong keys or tokens
         ├── RouteNotFound         404  not an OpenAI route the shim proxies
         ├── MalformedRequest      400  the body is not a JSON object
+        │   ├── InvalidParameter  400  a field admission or metering reads has the wrong type or value (param: which)
+        │   ├── NestingTooDeep    400  JSON nested past shim.max_json_depth
+        │   └── UndecodableBody   400  the body does not decode as its Content-Encoding says
+        ├── RequestTimeout        408  the body did not arrive within shim.client_body_timeout_s
         ├── ModelNotAllowed       403  the model is not in the tier's / key's allowed_models
         ├── Refusal               a limit refused the request; carries the retry delay
         │   ├── RateLimited       429  rate_limit_exceeded, type "requests" or "tokens"
@@ -21,7 +25,7 @@
         ├── UsageNotFound         404  GET /v1/usage: no such customer (admin token)
         ├── IngestDisabled        404  POST /v1/events: no shim.ingest_token is set
         ├── InvalidEvents         400  POST /v1/events: an event breaks the schema (param: where)
-        ├── PayloadTooLarge       413  POST /v1/events: over ingest_max_bytes or ingest_max_events
+        ├── PayloadTooLarge       413  a body over shim.max_body_bytes; POST /v1/events: over ingest_max_bytes or ingest_max_events
         └── UnsupportedMediaType  415  POST /v1/events: not a CloudEvents content type
 
 Bodies follow OpenAI's shape, so every SDK raises its usual exception:
@@ -93,6 +97,33 @@ class MalformedRequest(ShimError):
     status = 400
     error_type = "invalid_request_error"
     code = "invalid_json"
+
+
+class InvalidParameter(MalformedRequest):
+    """A body field the shim reads (model, max_tokens, stream, messages…) has the
+    wrong type or value, or is missing; ``param`` names it as OpenAI does
+    (``messages[2].role``)."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_type") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code  # invalid_type, invalid_value, missing_required_parameter, too_many_items
+
+
+class NestingTooDeep(MalformedRequest):
+    code = "nesting_too_deep"
+
+
+class UndecodableBody(MalformedRequest):
+    code = "invalid_content_encoding"
+
+
+class RequestTimeout(ShimError):
+    """The client did not send its whole body within ``shim.client_body_timeout_s``."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class ModelNotAllowed(ShimError):

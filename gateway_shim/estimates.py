@@ -49,7 +49,11 @@ class Estimator:
         choices = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
         output = (explicit or policy.default_max_tokens) * choices if streams or "messages" in body else 0
         counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
-        input_tokens = count_prompt(body, proxied.model) if counts_tokens else 0
+        input_tokens = 0
+        if counts_tokens:  # a large body's prompt was counted as it was read, off the event loop
+            input_tokens = proxied.prompt_tokens
+            if input_tokens is None:
+                input_tokens = count_prompt(body, proxied.model)
         today = datetime.now(UTC).date()
         in_rate, _, out_rate_text = self._model_rates(proxied.model, today)
         fallback = policy.fallback

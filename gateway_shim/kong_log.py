@@ -105,7 +105,7 @@ def parse_kong_log(content_type: str, raw: bytes, max_entries: int, settings: Ko
     try:
         # Decimals, not floats: Kong's cost is money and stays exact.
         body = json.loads(raw, parse_float=Decimal)
-    except ValueError:  # also UnicodeDecodeError
+    except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: nested too deep
         raise MalformedRequest("We could not parse the JSON body of your request.") from None
     entries = body if isinstance(body, list) else [body]
     if len(entries) > max_entries:

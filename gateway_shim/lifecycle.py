@@ -45,7 +45,7 @@ from gateway_shim.errors import (
 )
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
-from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request
+from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request_async
 from gateway_shim.sse import StreamTally
 from gateway_shim.usage import completion_text, counted_usage, model_from, usage_from
 from quotameter.config import Config
@@ -119,7 +119,7 @@ class Exchange:
         meter.request_bytes = len(raw)
         malformed: MalformedRequest | None = None
         try:
-            proxied = read_request(self.route, raw)
+            proxied = await read_request_async(self.route, raw, life.config.shim)
         except MalformedRequest as exc:  # still counted as a request, then refused
             malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False)
         self.proxied = proxied

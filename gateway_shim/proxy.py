@@ -30,6 +30,7 @@ from gateway_shim.errors import (
     to_response,
 )
 from gateway_shim.lifecycle import Exchange, Forward, Lifecycle
+from gateway_shim.request_body import read_body
 from gateway_shim.upstream import Upstream, client_headers
 from quotameter.config import Config
 
@@ -58,7 +59,7 @@ class Proxy:
         except ShimError as exc:
             return error_response(exc)
         try:
-            forward = await exchange.admit(await request.read())
+            forward = await exchange.admit(await read_body(request, exchange.route.name, self.config.shim))
             async with self.upstream.open(request, path, forward.body) as upstream:
                 if exchange.is_stream(upstream.status, upstream.headers.get("Content-Type")):
                     return await _relay_stream(request, upstream, exchange, forward)

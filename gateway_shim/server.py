@@ -23,6 +23,7 @@ from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.errors import RouteNotFound, error_response
 from gateway_shim.ingest import register as register_ingest
+from gateway_shim.openapi import register as register_openapi
 from gateway_shim.proxy import Proxy
 from gateway_shim.resp import ScriptPipe
 from gateway_shim.upstream import Upstream
@@ -71,7 +72,15 @@ def build_app(config: Config) -> web.Application:
         app[_PROXY] = Proxy(config, auth, admitter, upstream, emitter)
         # /v1/check admits for another proxy; the usage reports of its admissions settle them.
         app[_CHECK] = Check(app[_PROXY], CheckTickets(config, redis_client, names, admitter))
+        ext_proc = None
+        if config.shim.ext_proc_port is not None:
+            from gateway_shim.ext_proc import ExtProcServer  # grpc and Envoy's API load only when served
+
+            ext_proc = ExtProcServer(app[_PROXY].lifecycle, config.shim.host, config.shim.ext_proc_port)
+            await ext_proc.start()
         yield
+        if ext_proc is not None:  # Envoy's requests in flight end (and are billed) before the flush
+            await ext_proc.stop(SHUTDOWN_TIMEOUT_S)
         # In-flight requests are done by now (the runner waited for them).
         await emitter.close(config.shim.drain_timeout_s)
         await upstream.close()
@@ -102,17 +111,23 @@ def build_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
+    register_openapi(app)  # GET /openapi.json: these endpoints' OpenAPI document (gateway_shim/openapi.yaml)
     register_usage_api(app, config, _spool_guard)  # GET /v1/usage (gateway_shim/usage_api.py), before the catch-all
     # POST /v1/events (gateway_shim/ingest.py); a report of a check's admission settles it.
     register_ingest(app, config, lambda app: app[_PROXY].emitter, _spool_guard, lambda app: app[_CHECK].tickets)
     app.router.add_route("*", "/v1/check", check)  # any method: proxies send the client's own
+    # Envoy's HTTP ext_authz appends the client's path to its path_prefix (deploy/envoy/ext_authz.yaml).
+    app.router.add_route("*", "/v1/check/{tail:.*}", check)
     app.router.add_route("*", "/v1/{tail:.*}", proxy)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
 
 async def _serve(config: Config) -> None:
-    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    shim = config.shim  # header limits: past them aiohttp answers 400 itself
+    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           max_line_size=shim.max_header_bytes, max_field_size=shim.max_header_bytes,
+                           max_headers=shim.max_headers)
     await runner.setup()
     await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
     stop = asyncio.Event()

@@ -331,6 +331,9 @@ class Shim(_SecretFiles):
     # Largest POST /v1/events body (413 past it), and most events in one batch.
     ingest_max_bytes: PositiveInt = 1024 * 1024
     ingest_max_events: PositiveInt = 1000
+    # Envoy's ext_proc gRPC service (gateway_shim/ext_proc.py) on host:this port,
+    # served by the shim's own process and event loop. None: not served.
+    ext_proc_port: int | None = Field(default=None, ge=0, le=65535)
     # POST /v1/events/kong (Kong's http-log entries, same token and limits): who the
     # customer is. consumer_username / consumer_custom_id: the consumer Kong
     # authenticated (ids derive from Kong's request id; x-quotameter-* headers are
@@ -341,6 +344,26 @@ class Shim(_SecretFiles):
     # Tier recorded on Kong's events when no check admission named one (alerts
     # read the tier's thresholds); empty: none, the customer's overrides only.
     kong_tier: str = ""
+    # Hostile or malformed requests on the proxied routes (gateway_shim/request_checks.py,
+    # request_body.py). A body larger than max_body_bytes is refused 413 (its
+    # Content-Length up front, else while it streams in); per-route overrides,
+    # e.g. {"/v1/embeddings": 33554432}.
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    max_body_bytes_by_route: dict[str, PositiveInt] = {}
+    # A client that has not sent its whole body after this long is cut with 408 (slowloris).
+    client_body_timeout_s: float = Field(default=60.0, gt=0)
+    # JSON nested deeper than this is refused 400 (Python's parser recurses: ~1000 would crash it).
+    max_json_depth: int = Field(default=64, ge=2, le=500)
+    # Chat messages per request, and content parts per message, past which a request is refused 400.
+    max_messages: PositiveInt = 10_000
+    max_content_parts: PositiveInt = 1_000
+    # Bodies larger than this are parsed and counted off the event loop (in a thread),
+    # so one large prompt does not stall every other request.
+    parse_in_thread_bytes: PositiveInt = 1024 * 1024
+    # Header limits (aiohttp's): a request line or header longer than
+    # max_header_bytes, or more than max_headers headers, is answered 400.
+    max_header_bytes: PositiveInt = 8190
+    max_headers: PositiveInt = 128
 
     @field_validator("trusted_proxies")
     @classmethod

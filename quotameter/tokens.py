@@ -70,9 +70,34 @@ def _named_encoding(name: str) -> bpe_openai.Encoding:
         return bpe_openai.get_encoding(name)
 
 
+# bpe-openai refuses 1,000,000 characters or 200,000 tokens in one call; a character
+# is at most 4 bytes, so at most 4 tokens: a piece this long always passes.
+_PIECE_CHARS = 50_000
+
+
 def count_text(text: str, model: str | None = None) -> int:
     # encode_ordinary: a user's "<|endoftext|>" is text, never a special token.
-    return len(encoding_for(model).encode_ordinary(text)) if text else 0
+    if not text:
+        return 0
+    encoding = encoding_for(model)
+    return sum(len(encoding.encode_ordinary(piece)) for piece in _pieces(text))
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces bpe-openai takes, each cut just before a space that
+    follows a word: the encodings start a word's token with its space, so the
+    pieces count as the whole text does (a text without such a space is cut
+    anywhere: off by a token or two)."""
+    start = 0
+    while len(text) - start > _PIECE_CHARS:
+        end = start + _PIECE_CHARS
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start + 1 and text[cut - 1].isspace():  # a space after a word, not inside a run of whitespace
+            cut = text.rfind(" ", start + 1, cut - 1)
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def count_messages(messages: Iterable[Any], model: str | None = None) -> int:

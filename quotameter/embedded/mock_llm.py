@@ -79,7 +79,7 @@ class MockLLM:
         self.token_delay_s = max(token_delay_ms, 0.0) / 1000
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # as large a prompt as a shim lets through
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat_completions)

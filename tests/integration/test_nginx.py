@@ -1,68 +1,137 @@
-"""nginx (Debian's, auth_request) in front of the mock model, admitting through
-``/v1/check`` with deploy/nginx/quotameter.conf as shipped; the official
-openai client sees the admission and the refusal, and the usage reported
-under the check's event id settles the reservation (real worker, ledger)."""
+"""nginx (Debian's, auth_request and njs) in front of the mock model, with
+deploy/nginx/quotameter.conf and quotameter.js as shipped. The official openai
+client sees the admission and the refusals; the check sees the body (prompt,
+max_tokens, model); JSON and streamed answers pass (streams event by event,
+the usage chunk nginx asked for hidden from a client that did not); a
+fallback the check degrades to is served. nginx itself reports each answer's
+usage under the check's event id, which settles the reservation, and the
+real worker puts it in the ledger, to the token what the client was served:
+the test reports nothing, except one report nginx kept because the shim
+refused it, sent again from nginx's file as an operator would."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
+from gateway_shim.keystore import list_keys
 from quotameter.embedded.procs import ManagedProcess, free_port
-from tests.integration.enforcement_helpers import MESSAGES, ShimFactory, shim_factory  # noqa: F401
-from tests.integration.pipeline_helpers import start_worker, wait_for
-from tests.integration.test_check import TIERS, TOKEN, reported
-from tests.integration.test_ingest import ledger_rows, post
+from quotameter.tokens import count_prompt
+from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
+from tests.integration.test_check import TIERS, TOKEN
+from tests.integration.test_ingest import post
 
-SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "quotameter.conf"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
+SNIPPET = DEPLOY / "quotameter.conf"
+NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+TOKEN_DELAY_MS = 40  # the mock's pause before each streamed token
+STREAMED_TOKENS = 12
+METERED = {  # many requests a minute: the streams are not refused
+    **TIERS["checked"], "requests_per_minute": 100, "tokens_per_minute": 1_000_000, "default_max_tokens": 500,
+}
+# A tier that would admit a request shrunk to its quota's rest and cut the stream there:
+# nginx cuts nothing, so the check must not admit on that promise.
+CUTTING = {**METERED, "monthly_tokens": 100, "cut_streams": True}
+# Its budget spent, a request is served the cheaper model instead (nginx rewrites the body).
+THRIFTY = {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}}
+# Not ASCII: the bodies nginx copies and rewrites keep their UTF-8 (the prompt counts the same).
+SPOKEN = [{"role": "user", "content": "Dites « bonjour » en 日本語, s’il vous plaît ✓"}]
+PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 
 
-def start_nginx(tmp_path: Path, shim_port: int, model_port: int) -> tuple[ManagedProcess, int]:
+def start_nginx(root: Path, shim_port: int, model_port: int, token: str = TOKEN) -> tuple[ManagedProcess, int]:
+    """nginx with the shipped files, its reports sent with ``token``; what the shim did not
+    take is kept in ``root``/unreported.log."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     assert binary, "nginx is not installed: make test installs it (Debian package nginx-light)"
+    assert os.path.exists(NJS_MODULE), "njs is not installed: make test installs it (Debian package libnginx-mod-http-js)"
     port = free_port()
-    root = tmp_path / "nginx"
     root.mkdir()
     site = SNIPPET.read_text()
     for placeholder, address in (("__LISTEN__", port), ("__QUOTAMETER__", shim_port), ("__MODEL__", model_port)):
         site = site.replace(placeholder, f"127.0.0.1:{address}")
+    site = site.replace("__SCRIPT__", str(DEPLOY / "quotameter.js")).replace("__INGEST_TOKEN__", token)
+    site = site.replace("__UNREPORTED_LOG__", str(root / "unreported.log"))
     (root / "quotameter.conf").write_text(site)
     temp = "\n".join(f"    {kind}_temp_path {root}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (root / "nginx.conf").write_text(
-        ("user root;\n" if os.geteuid() == 0 else "")
+        f"load_module {NJS_MODULE};\n"
+        + ("user root;\n" if os.geteuid() == 0 else "")
         + f"daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {root}/error.log info;\n"
         + "events { worker_connections 256; }\n"
         + f"http {{\n    access_log off;\n{temp}\n    include {root}/quotameter.conf;\n}}\n"
     )
-    process = ManagedProcess("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], tmp_path / "nginx.log").start()
+    process = ManagedProcess("nginx", [binary, "-p", str(root), "-c", str(root / "nginx.conf")], root / "nginx.log").start()
     process.wait_port("127.0.0.1", port)
     return process, port
 
 
-async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
+def ledger(shim: Shim, customer: str) -> dict[str, dict[str, Any]]:
+    """The ledger's rows of a customer by event id (duplicates would show as a count)."""
+    status, body = http_json(
+        f"{shim.config.services.worker_url}/query",
+        f"""SELECT id, count() AS copies, any(input_tokens) AS input_tokens, any(output_tokens) AS output_tokens,
+                   any(api_key_id) AS api_key_id, any(decision) AS decision, any(usage_source) AS usage_source,
+                   any(streamed) AS streamed, any(model_served) AS model_served, any(status) AS status,
+                   any(model_requested) AS model_requested, any(reason) AS reason
+            FROM quotameter.events WHERE customer = '{customer}' GROUP BY id""",
+    )
+    assert status == 200, body
+    return {row["id"]: row for row in body["rows"]}
+
+
+def settled(shim: Shim, customer: str, event_id: str, tokens: int) -> bool:
+    # The settle turns the reservation's pending entry into the reported tokens.
+    entry = shim.reserved(customer)[2].get(event_id)
+    return entry is not None and entry.startswith(f"{tokens}:")
+
+
+def unsettled(shim: Shim, customer: str, event_id: str) -> bool:
+    """The check's admission still waits for its report (a report takes it)."""
+    client = shim.redis()
+    try:
+        return bool(client.exists(shim.names.check_ticket(customer, event_id)))
+    finally:
+        client.close()
+
+
+def key_id(shim: Shim, customer: str) -> str:
+    client = shim.redis()
+    try:
+        return next(record.key_id for record in list_keys(client, shim.names) if record.customer == customer)
+    finally:
+        client.close()
+
+
+async def test_nginx_admits_refuses_and_reports_the_usage_itself(
     shim_factory: ShimFactory, cli_process, tmp_path: Path
 ) -> None:
-    shim = await shim_factory(TIERS, shim={"ingest_token": TOKEN})
+    tiers = {**TIERS, "metered": METERED, "cutting": CUTTING, "thrifty": THRIFTY}
+    shim = await shim_factory(tiers, token_delay_ms=TOKEN_DELAY_MS, shim={"ingest_token": TOKEN}, prices=PRICES)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
-    nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
+    nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
     try:
         key = shim.new_key("nginx-edge", "checked")
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20,
-            default_headers={"x-quotameter-model": "mock-small"},
         )
+        served: dict[str, openai.types.CompletionUsage] = {}  # event id -> the usage the client was given
         async with client:
-            raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
-            completion = raw.parse()
-            event_id = raw.headers["x-quotameter-event-id"]
-            assert raw.status_code == 200 and completion.choices[0].message.content
-            assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "1"
-            await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5)
+            for _ in range(2):
+                raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
+                completion = raw.parse()
+                assert raw.status_code == 200 and completion.choices[0].message.content and completion.usage
+                served[raw.headers["x-quotameter-event-id"]] = completion.usage
+            assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "0"
             # The third in the minute: the check's 429 reaches the client whole, through nginx.
             with pytest.raises(openai.RateLimitError) as refused:
                 await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5)
@@ -72,10 +141,11 @@ async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
             assert 1 <= int(error.response.headers["Retry-After"]) <= 60
             assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
             assert error.response.headers["RateLimit"].startswith('"requests";r=0;')
-            # A model outside the tier, and an unknown key: 403 and 401 with their bodies.
+            # A model outside the tier, read from the body (a client's header naming another
+            # is not believed), and an unknown key: 403 and 401 with their bodies.
             with pytest.raises(openai.PermissionDeniedError) as denied:
                 await client.chat.completions.create(
-                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-quotameter-model": "gpt-4o"}
+                    model="gpt-4o", messages=MESSAGES, extra_headers={"x-quotameter-model": "mock-small"}
                 )
             assert denied.value.code == "model_not_allowed"
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0) as stranger:
@@ -83,25 +153,155 @@ async def test_nginx_auth_request_admits_refuses_and_the_report_settles(
                 await stranger.models.list()
             assert unknown.value.code == "invalid_api_key"
 
-        assert event_id in shim.reserved("nginx-edge")[2]  # reserved until the usage report
-        usage = completion.usage
-        assert usage is not None
-        report = reported(event_id, "nginx-edge", usage.prompt_tokens, usage.completion_tokens)
-        assert await post(shim.config, report) == (202, {"accepted": 1})
-        settled = shim.reserved("nginx-edge")[2][event_id]
-        assert settled.startswith(f"{usage.prompt_tokens + usage.completion_tokens}:")
+        streamed = await stream_through(shim, port)
+        await refused_past_quota(shim, port)
+        cut = await cut_mid_stream(shim, port)
+        fell_back = await fallen_back(shim, port)
+        answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
+        answered += (("nginx-late", await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)),)
+        # nginx reported every answer: each reservation is settled with what the client was served.
+        for customer, answers in answered:
+            for event_id, usage in answers.items():
+                await asyncio.to_thread(
+                    wait_for, lambda: settled(shim, customer, event_id, usage.total_tokens), 10.0, f"{event_id} settled"
+                )
 
-        # The worker puts the event in the ledger once and releases the settled entry.
+        # The worker puts each report in the ledger once, to the token.
         await asyncio.to_thread(start_worker, cli_process, shim.config, shim.config_path, "worker")
-        rows = await asyncio.to_thread(
-            wait_for, lambda: event_id in (r := ledger_rows(shim.config, "nginx-edge"))["id_list"] and r, 60.0, "the event"
-        )
-        assert rows["id_list"].count(event_id) == 1
-        await asyncio.to_thread(
-            wait_for, lambda: event_id not in shim.reserved("nginx-edge")[2], 30.0, "the entry released"
+        for customer, answers in answered:
+            rows = await asyncio.to_thread(
+                wait_for, lambda: set(answers) <= set(r := ledger(shim, customer)) and r, 60.0, f"{customer}'s events"
+            )
+            for event_id, usage in answers.items():
+                row = rows[event_id]
+                assert row["copies"] == 1 and row["decision"] == "admitted" and row["status"] == 200, row
+                assert (row["input_tokens"], row["output_tokens"]) == (usage.prompt_tokens, usage.completion_tokens), row
+                assert row["usage_source"] == "upstream" and row["model_served"] == "mock-small"
+                assert (row["model_requested"], row["reason"]) == (
+                    ("mock-large", "fallback") if customer == "nginx-thrifty" else ("mock-small", None)
+                ), row
+                assert row["api_key_id"] == key_id(shim, customer)
+                assert bool(row["streamed"]) == (customer == "nginx-stream")
+        # A stream the client left never delivered its usage: nginx cannot count tokens, so it
+        # reports the answer with none (the reservation released at once, not after its TTL).
+        row = (await asyncio.to_thread(wait_for, lambda: ledger(shim, "nginx-cut"), 30.0, "the cut stream"))[cut]
+        assert (row["usage_source"], row["input_tokens"], row["output_tokens"], row["streamed"]) == ("none", 0, 0, True)
+        # Every report of the first nginx was taken: it kept none to send again.
+        assert not (tmp_path / "nginx" / "unreported.log").exists() or (tmp_path / "nginx" / "unreported.log").read_text() == ""
+        # The refusals are the check's own events, with nothing used.
+        refusals = [r for r in ledger(shim, "nginx-edge").values() if r["decision"] == "refused"]
+        assert sorted(r["status"] for r in refusals) == [403, 429] and not any(r["input_tokens"] for r in refusals)
+    finally:
+        nginx.stop()
+
+
+async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.CompletionUsage]:
+    """Two streams through nginx, one asking for the usage chunk and one not; the usage
+    each was served by id (the one that did not ask: what the same request costs)."""
+    key = shim.new_key("nginx-stream", "metered")
+    served: dict[str, openai.types.CompletionUsage] = {}
+    async with openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20
+    ) as client:
+        for include_usage in (True, False):
+            extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+            began = time.monotonic()
+            raw = await client.chat.completions.with_raw_response.create(
+                model="mock-small", messages=SPOKEN, max_tokens=STREAMED_TOKENS, stream=True, **extra
+            )
+            event_id = raw.headers["x-quotameter-event-id"]
+            arrivals: list[float] = []
+            chunks = []
+            held = None  # in flight: what the check reserved (read beside the stream, not to delay it)
+            async for chunk in raw.parse():
+                arrivals.append(time.monotonic() - began)
+                chunks.append(chunk)
+                if held is None:
+                    held = asyncio.create_task(asyncio.to_thread(shim.reserved, "nginx-stream"))
+            assert held is not None
+            held = (await held)[2][event_id]
+            pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
+            assert len(pieces) == STREAMED_TOKENS
+            # Event by event: the mock pauses before each token, and so does the client's stream
+            # (a third of them at least: a busy client may read the first few at once).
+            times = [arrivals[chunks.index(piece)] for piece in pieces]
+            paused = sum(b - a >= TOKEN_DELAY_MS / 2000 for a, b in zip(times, times[1:], strict=False))
+            assert paused >= STREAMED_TOKENS // 3, times
+            usages = [c.usage for c in chunks if c.usage is not None]
+            if include_usage:
+                assert len(usages) == 1 and chunks[-1].choices == [] and chunks[-1].usage is not None
+                assert chunks[-1].usage.completion_tokens == STREAMED_TOKENS
+                assert chunks[-1].usage.prompt_tokens == count_prompt({"messages": SPOKEN}, "mock-small")
+                served[event_id] = asked = chunks[-1].usage
+            else:
+                # nginx asked the model for the usage chunk; the client, who did not, never sees it.
+                assert usages == [] and all(c.choices for c in chunks)
+                served[event_id] = asked  # same request, same usage
+            # The check saw the body: the prompt counted and max_tokens reserved, not the tier's default.
+            assert held.startswith(f"{asked.prompt_tokens + STREAMED_TOKENS}:"), held
+    return served
+
+
+async def refused_past_quota(shim: Shim, port: int) -> None:
+    """A stream whose worst case (prompt + 500 tokens) is past its quota of 100, and no
+    max_tokens to shrink: refused, as nginx cannot cut it where the quota ends."""
+    key = shim.new_key("nginx-cutting", "cutting")
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+        with pytest.raises(openai.RateLimitError) as over:
+            await client.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
+    assert over.value.code == "insufficient_quota", over.value.body
+
+
+async def fallen_back(shim: Shim, port: int) -> dict[str, openai.types.CompletionUsage]:
+    """The budget spent: the check degrades the request to the tier's fallback, which nginx serves."""
+    shim.set_totals("nginx-thrifty", micro_usd=1000)
+    key = shim.new_key("nginx-thrifty", "thrifty")
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+    degraded = raw.parse()
+    assert degraded.model == "mock-small" and degraded.usage
+    return {raw.headers["x-quotameter-event-id"]: degraded.usage}
+
+
+async def kept_and_sent_again(shim: Shim, root: Path, model_port: int) -> dict[str, openai.types.CompletionUsage]:
+    """A report the shim refuses (an nginx with a wrong ingest token) is kept in nginx's file
+    of unreported events; sent again from there, as an operator would, it settles."""
+    nginx, port = await asyncio.to_thread(start_nginx, root, shim.config.shim.port, model_port, "not-the-token")
+    try:
+        key = shim.new_key("nginx-late", "metered")
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=4)
+        event_id, usage = raw.headers["x-quotameter-event-id"], raw.parse().usage
+        kept = root / "unreported.log"
+        [line] = await asyncio.to_thread(
+            wait_for, lambda: kept.exists() and kept.read_text().splitlines(), 5.0, "the unreported event"
         )
     finally:
         nginx.stop()
+    assert usage is not None and unsettled(shim, "nginx-late", event_id)
+    assert await post(shim.config, json.loads(line)) == (202, {"accepted": 1})
+    assert not unsettled(shim, "nginx-late", event_id)
+    return {event_id: usage}
+
+
+async def cut_mid_stream(shim: Shim, port: int) -> str:
+    """A stream the client closes after a few tokens; its event id, once its reservation is gone."""
+    key = shim.new_key("nginx-cut", "metered")
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="mock-small", messages=MESSAGES, max_tokens=STREAMED_TOKENS, stream=True,
+            stream_options={"include_usage": True},
+        )
+        stream = raw.parse()
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await stream.close()
+    event_id = raw.headers["x-quotameter-event-id"]
+    await asyncio.to_thread(
+        wait_for, lambda: event_id not in shim.reserved("nginx-cut")[2], 5.0, "the cut stream's reservation settled"
+    )
+    return event_id
 
 
 def test_the_readme_snippet_is_the_shipped_file() -> None:

@@ -134,14 +134,16 @@ def test_routes() -> None:
 
 def test_read_request_injects_usage_only_when_needed() -> None:
     chat = match_route("POST", "/chat/completions")
-    raw = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+    messages = [{"role": "user", "content": "Hi."}]  # a body the shim takes (request_checks.py)
+    raw = json.dumps({"model": "m", "messages": messages, "stream": True}).encode()
     proxied = read_request(chat, raw)
     assert proxied.stream and proxied.usage_injected and proxied.model == "m"
     assert json.loads(proxied.upstream_body)["stream_options"] == {"include_usage": True}
 
-    asked = json.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True}}).encode()
+    asked = json.dumps({"model": "m", "messages": messages, "stream": True,
+                        "stream_options": {"include_usage": True}}).encode()
     assert read_request(chat, asked).upstream_body == asked  # the client's bytes, untouched
-    plain = json.dumps({"model": "m", "messages": []}).encode()
+    plain = json.dumps({"model": "m", "messages": messages}).encode()
     assert read_request(chat, plain).upstream_body == plain and not read_request(chat, plain).stream
     for bad in (b"{nope", b"[1, 2]", b"\xff"):
         with pytest.raises(MalformedRequest):

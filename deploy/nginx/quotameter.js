@@ -1,0 +1,236 @@
+// Usage metering inside nginx (njs 0.7, Debian bookworm's libnginx-mod-http-js),
+// for deploy/nginx/quotameter.conf. One piece per point of the request:
+//
+//   admit         (js_content) lets nginx read the body, copies it for the
+//                 check, and hands the request on to the location that admits;
+//   upstreamBody  (js_set, proxy_set_body) names the fallback model the check
+//                 degraded the request to, and asks a stream for
+//                 stream_options.include_usage, as the shim does, so it ends
+//                 with the upstream's usage chunk;
+//   header / body (js_header_filter, js_body_filter) read the usage and the
+//                 served model from the answer as it passes, into js_var
+//                 variables; a usage chunk the client did not ask for is
+//                 taken out of its stream;
+//   report        (js_set, in the post_action location) turns those variables
+//                 into the CloudEvent that POST /v1/events takes under the
+//                 check's event id, which settles the check's reservation.
+//
+// A filter may not wait (no ngx.fetch, no subrequest in njs 0.7 filters), and
+// each request's VM ends with it: what the report needs goes through request
+// variables, which survive into the post_action location.
+
+var NULL_USAGE = /,\s*"usage"\s*:\s*null/g;
+var JSON_LIMIT = 16 * 1024 * 1024; // a JSON answer is kept (to read its usage) up to this size
+
+function isObject(value) {
+    return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+function count(value) {
+    return typeof value === 'number' && value >= 0 && value % 1 === 0 ? value : 0;
+}
+
+// js_content of /v1/: nginx has read the body by now (auth_request's access
+// phase comes before it is read). The check's subrequest sees no body of its
+// own, so a copy goes through a variable, which subrequests share.
+function admit(r) {
+    var raw = r.requestBuffer;
+    r.variables.qm_check_body = raw === undefined ? '' : raw.toString();
+    r.internalRedirect('@quotameter_model');
+}
+
+// js_set $qm_upstream_body: the body sent to the model. Only two change: one the
+// check degraded to the tier's fallback model (which it names), and a stream
+// without include_usage; every other body goes byte for byte.
+function upstreamBody(r) {
+    var raw = r.requestBuffer;
+    if (raw === undefined) {
+        return '';
+    }
+    var text = raw.toString();
+    var body;
+    try {
+        body = JSON.parse(text);
+    } catch (e) {
+        return text; // not ours to judge: the model answers it
+    }
+    if (!isObject(body)) {
+        return text;
+    }
+    if (typeof body.model === 'string') {
+        r.variables.qm_model_requested = body.model;
+    }
+    var fallback = r.variables.qm_fallback;
+    var changed = Boolean(fallback) && body.model !== fallback;
+    if (changed) {
+        body.model = fallback;
+    }
+    if (body.stream === true) {
+        r.variables.qm_streamed = '1';
+        var options = body.stream_options;
+        if (!isObject(options) || options.include_usage !== true) {
+            r.variables.qm_hide_usage = '1';
+            if (!changed && options === undefined) {
+                // Added in front, so the client's own bytes follow unchanged.
+                return '{"stream_options":{"include_usage":true},' + text.slice(text.indexOf('{') + 1);
+            }
+            body.stream_options = isObject(options) ? options : {};
+            body.stream_options.include_usage = true;
+            changed = true;
+        }
+    }
+    return changed ? JSON.stringify(body) : text;
+}
+
+// Per request: njs 0.7 gives each request a VM of its own.
+var sse = false;
+var json = false;
+var hide = false;
+var tail = Buffer.alloc(0);
+var kept = [];
+var keptBytes = 0;
+
+function header(r) {
+    r.variables.qm_upstream_status = String(r.status);
+    var type = String(r.headersOut['Content-Type'] || '').toLowerCase();
+    sse = type.indexOf('text/event-stream') === 0;
+    json = type.indexOf('json') >= 0;
+    hide = sse && r.variables.qm_hide_usage === '1';
+    if (hide) {
+        delete r.headersOut['Content-Length']; // the stream loses its usage chunk
+    }
+}
+
+function note(r, document) {
+    if (!isObject(document)) {
+        return;
+    }
+    if (!r.variables.qm_model_served && typeof document.model === 'string' && document.model) {
+        r.variables.qm_model_served = document.model;
+    }
+    var usage = document.usage;
+    if (!isObject(usage) && isObject(document.response)) {
+        usage = document.response.usage; // Responses API stream events nest it
+    }
+    if (!isObject(usage)) {
+        return;
+    }
+    var input = usage.prompt_tokens_details || usage.input_tokens_details || {};
+    var output = usage.completion_tokens_details || usage.output_tokens_details || {};
+    r.variables.qm_usage = JSON.stringify({
+        input_tokens: count(usage.prompt_tokens !== undefined ? usage.prompt_tokens : usage.input_tokens),
+        output_tokens: count(usage.completion_tokens !== undefined ? usage.completion_tokens : usage.output_tokens),
+        cached_tokens: isObject(input) ? count(input.cached_tokens) : 0,
+        reasoning_tokens: isObject(output) ? count(output.reasoning_tokens) : 0,
+    });
+}
+
+// One whole SSE event: noted, and what of it the client gets ('' for nothing).
+function event(r, text) {
+    var data = text.split(/\r?\n/).filter(function(line) { return line.indexOf('data:') === 0; })
+        .map(function(line) { return line.slice(line.charAt(5) === ' ' ? 6 : 5); }).join('\n');
+    var chunk;
+    try {
+        chunk = JSON.parse(data);
+    } catch (e) {
+        return text; // [DONE], comments, keep-alives
+    }
+    note(r, chunk);
+    if (hide && isObject(chunk) && isObject(chunk.usage) && Array.isArray(chunk.choices) && chunk.choices.length === 0) {
+        return '';
+    }
+    return hide ? text.replace(NULL_USAGE, '') : text;
+}
+
+function body(r, data, flags) {
+    if (!sse) {
+        if (json && keptBytes + data.length <= JSON_LIMIT) {
+            kept.push(data);
+            keptBytes += data.length;
+        }
+        r.sendBuffer(data, flags);
+        if (flags.last && json) {
+            try {
+                note(r, JSON.parse(Buffer.concat(kept).toString()));
+            } catch (e) {
+                // not JSON, or cut short: no usage to read
+            }
+        }
+        return;
+    }
+    // An event may span buffers: only whole ones are read (and, when hiding, sent).
+    var buffered = tail.length ? Buffer.concat([tail, data]) : data;
+    var out = '';
+    var at = 0;
+    var end;
+    while ((end = eventEnd(buffered, at)) > 0) {
+        out += event(r, buffered.slice(at, end).toString()); // whole events: no UTF-8 sequence cut
+        at = end;
+    }
+    tail = buffered.slice(at);
+    if (!hide) {
+        r.sendBuffer(data, flags); // passed on as it came
+    } else if (flags.last) {
+        r.sendBuffer(out + tail.toString(), flags); // a fragment at the end goes as it is
+    } else {
+        r.sendBuffer(out, flags);
+    }
+}
+
+// Where the event starting at `from` ends (after its blank line), or -1.
+function eventEnd(buffer, from) {
+    var lf = buffer.indexOf('\n\n', from);
+    var crlf = buffer.indexOf('\n\r\n', from);
+    if (lf < 0 && crlf < 0) {
+        return -1;
+    }
+    if (crlf < 0 || (lf >= 0 && lf < crlf)) {
+        return lf + 2;
+    }
+    return crlf + 3;
+}
+
+// js_set $qm_report (post_action): the request's usage event, '' when the check
+// gave no event id (nothing was reserved, nothing to report).
+function report(r) {
+    var v = r.variables;
+    if (!v.qm_event_id || !v.qm_customer) {
+        return '';
+    }
+    var usage = v.qm_usage ? JSON.parse(v.qm_usage) : null;
+    var data = {
+        api_key_id: v.qm_key_id || 'nginx',
+        tier: v.qm_tier || '',
+        route: String(v.request_uri || '').split('?')[0].slice(0, 200),
+        status: Number(v.qm_upstream_status) || 502,
+        decision: 'admitted',
+        reason: v.qm_fallback ? 'fallback' : undefined,
+        upstream: 'nginx',
+        streamed: v.qm_streamed === '1',
+        usage_source: usage ? 'upstream' : 'none',
+        latency_ms: Math.round(Number(v.request_time) * 1000),
+        request_bytes: Number(v.request_length) || 0,
+        response_bytes: Number(v.body_bytes_sent) || 0,
+    };
+    if (v.qm_model_requested) {
+        data.model_requested = v.qm_model_requested;
+    }
+    if (v.qm_model_served) {
+        data.model_served = v.qm_model_served;
+    }
+    if (usage) {
+        Object.assign(data, usage);
+    }
+    return JSON.stringify({
+        specversion: '1.0',
+        id: v.qm_event_id,
+        source: 'nginx/' + (v.hostname || 'gateway'),
+        type: 'quotameter.request.v1',
+        subject: v.qm_customer,
+        time: new Date().toISOString(),
+        datacontenttype: 'application/json',
+        data: data,
+    });
+}
+
+export default {admit, upstreamBody, header, body, report};
