@@ -369,12 +369,13 @@ async def test_a_revoked_key_is_refused_within_a_second(shim_factory) -> None:  
 async def test_behind_nginx_each_client_is_counted_apart(shim_factory, tmp_path) -> None:  # noqa: F811
     """nginx (deploy/nginx/quotameter.conf as shipped) appends the client's address;
     the shim trusts nginx's. Clients connect from distinct loopback addresses."""
-    from tests.integration.test_nginx import start_nginx
+    from tests.integration.test_nginx import TOKEN, start_nginx
 
     limit = 3
-    shim = await shim_factory(TIERS, shim={"auth_failures_per_minute": limit, "trusted_proxies": ["127.0.0.1"]})
+    shim = await shim_factory(TIERS, shim={"auth_failures_per_minute": limit, "trusted_proxies": ["127.0.0.1"],
+                                           "ingest_token": TOKEN})  # nginx reports usage with it
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
-    nginx, port = await asyncio.to_thread(start_nginx, tmp_path, shim.config.shim.port, model_port)
+    nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
     key = shim.new_key("acme", "pro")
     chat = {"model": "mock-small", "messages": MESSAGES, "max_tokens": 5}
 
