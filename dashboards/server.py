@@ -8,6 +8,11 @@ in the browser with plotly.js, served from the installed ``plotly`` wheel
     GET /api/dashboard/{name}?…        the same data as JSON
     GET /static/plotly.min.js
     GET /healthz
+
+With ``services.admin_token`` set, everything but /healthz needs it: a
+browser is asked for it by HTTP Basic auth (any user name, the token as the
+password), a script may send it as a Bearer. Without one the dashboard serves
+loopback only: ``serve`` refuses any other address.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dashboards.model import Dashboard
 from dashboards.query import QueryRunner, ledger_runner
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
+from quotameter.service_auth import TokenGate, require_token_off_loopback
 
 RunnerFactory = Callable[[], AbstractContextManager[QueryRunner]]
 Clock = Callable[[], datetime]
@@ -174,7 +180,16 @@ def render_page(board: Dashboard, data: dict[str, Any], query: Any) -> str:
 def make_app(config: Config, runner_factory: RunnerFactory | None = None, clock: Clock | None = None) -> web.Application:
     plotly_js_path()  # fail at start, not on the first page, when plotly is missing
     handler = DashboardApp(config, runner_factory, clock)
-    app = web.Application()
+    gate = TokenGate.from_services(config.services)
+
+    @web.middleware
+    async def admin_token(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        if request.path == "/healthz" or gate.allows(request.headers):
+            return await handler(request)
+        return web.Response(status=401, text="this dashboard needs services.admin_token (as the password)\n",
+                            headers={"WWW-Authenticate": 'Basic realm="quotameter dashboard", charset="UTF-8"'})
+
+    app = web.Application(middlewares=[admin_token])
     app.add_routes([
         web.get("/", handler.root),
         web.get("/dashboard", handler.root),
@@ -192,6 +207,8 @@ def make_app(config: Config, runner_factory: RunnerFactory | None = None, clock:
 
 
 def serve(config: Config, host: str = "127.0.0.1", port: int = 8090) -> None:
+    """Raises ConfigError, before listening, for a non-loopback ``host`` without a token."""
+    require_token_off_loopback(host, TokenGate.from_services(config.services), "the dashboard")
     print(f"quotameter dashboard on http://{host}:{port}/dashboard (ledger via {config.services.worker_url}, "
           f"else {config.services.history_dir})", flush=True)
     web.run_app(make_app(config), host=host, port=port, print=None)

@@ -8,6 +8,9 @@ record can hold stale for up to ``ttl_s`` is the key's tier.
 
 Concurrent misses of one key share one lookup: a burst on a key not cached
 yet costs one HGETALL, not one per request.
+
+A presented key that is wrong counts against the client's address
+(``auth_failures``); an address over its limit is refused before any lookup.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from gateway_shim.auth_failures import AuthFailures
 from gateway_shim.errors import InvalidApiKey
 from gateway_shim.keystore import KeyRecord, authenticate
 from quotameter.redis_keys import RedisKeys
@@ -35,8 +39,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, client: aioredis.Redis, names: RedisKeys, ttl_s: float = 30.0, max_entries: int = 10_000):
+    def __init__(
+        self, client: aioredis.Redis, names: RedisKeys, ttl_s: float = 30.0, max_entries: int = 10_000,
+        failures: AuthFailures | None = None,
+    ):
         self._client = client
+        self.failures = failures if failures is not None else AuthFailures(0, 1, [])
         self._names = names
         self._ttl_s = ttl_s
         self._max_entries = max_entries
@@ -44,8 +52,14 @@ class Authenticator:
         self._cache: dict[bytes, tuple[KeyRecord, float]] = {}
         self._lookups: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
 
-    async def authenticate(self, authorization: str | None) -> KeyRecord:
-        """The key's record, or InvalidApiKey."""
+    def client_of(self, request: object) -> str:
+        """The address failures are counted against (``AuthFailures.client_of``)."""
+        return self.failures.client_of(request)
+
+    async def authenticate(self, authorization: str | None, client: str | None = None) -> KeyRecord:
+        """The key's record, or InvalidApiKey; TooManyAuthFailures while ``client``
+        (its address, None: not counted) is over its limit."""
+        self.failures.check(client)
         token = bearer_token(authorization)
         if token is None:
             raise InvalidApiKey(_MISSING)
@@ -62,6 +76,7 @@ class Authenticator:
         record = await asyncio.shield(lookup)
         if record is None:
             self._cache.pop(digest, None)
+            self.failures.failed(client)
             raise InvalidApiKey(_INVALID)
         if len(self._cache) >= self._max_entries:
             self._cache.clear()  # crude, bounded; a busy shim refills it in one TTL

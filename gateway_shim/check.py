@@ -54,7 +54,9 @@ class Check:
         lifecycle = self._proxy.lifecycle
         route = Route(_route(request), has_body=True, streams=True)
         try:
-            exchange = await lifecycle.open_route(route, request.headers.get("Authorization"), None)
+            exchange = await lifecycle.open_route(
+                route, request.headers.get("Authorization"), None, self._proxy.auth.client_of(request)
+            )
         except ShimError as exc:
             return _refused(error_answer(exc))
         body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case

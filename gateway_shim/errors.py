@@ -3,6 +3,7 @@
     QuotameterError
     └── ShimError                 an OpenAI-style error body: status, type, code
         ├── InvalidApiKey         401  missing, unknown or revoked key
+        ├── TooManyAuthFailures   429  this client address presented too many wrong keys or tokens
         ├── RouteNotFound         404  not an OpenAI route the shim proxies
         ├── MalformedRequest      400  the body is not a JSON object
         │   ├── InvalidParameter  400  a field admission or metering reads has the wrong type or value (param: which)
@@ -66,6 +67,24 @@ class InvalidApiKey(ShimError):
     status = 401
     error_type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class TooManyAuthFailures(ShimError):
+    """A client address presented more wrong keys or tokens than
+    ``shim.auth_failures_per_minute`` allows: every request from it is refused
+    until its failures age out (``Retry-After``). Fix the client's key; behind
+    a proxy, list the proxy in ``shim.trusted_proxies`` so clients are told apart."""
+
+    status = 429
+    error_type = "invalid_request_error"
+    code = "too_many_authentication_failures"
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(
+            "Too many requests with an invalid API key from this address. "
+            f"Retry in {max(1, math.ceil(retry_after_s))}s with a valid key."
+        )
+        self.retry_after_s = retry_after_s
 
 
 class RouteNotFound(ShimError):

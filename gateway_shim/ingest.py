@@ -12,7 +12,9 @@ billed, and billed once per event id: the pipeline drops an id it has seen.
 A reporter that got no answer, or a 503, sends the same events again.
 
 Answers, in the order they are checked: 404 with no ingest token configured
-(the endpoint does not exist), 401 for a missing or wrong token, 503 while the
+(the endpoint does not exist), 429 while the client's address is over
+``shim.auth_failures_per_minute`` (gateway_shim/auth_failures.py), 401 for a
+missing or wrong token (a wrong one counts there), 503 while the
 spool refuses (as the proxy does), 415, 413 (body or batch too large), 400
 (naming the field and the event's index), else 202 ``{"accepted": N}``.
 
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway_shim.auth import bearer_token
+from gateway_shim.auth_failures import AuthFailures, shared
 from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.cloudevents import parse_reports
 from gateway_shim.counted_reports import Delivered
@@ -57,9 +60,11 @@ Parsed = tuple[list[EncodedEvent], dict[str, int], list[Delivered | None]]
 
 class Ingest:
     def __init__(
-        self, config: Config, emitter: Callable[[], EventEmitter], tickets: Callable[[], CheckTickets] | None = None
+        self, config: Config, emitter: Callable[[], EventEmitter], tickets: Callable[[], CheckTickets] | None = None,
+        failures: AuthFailures | None = None,
     ) -> None:
         shim = config.shim
+        self._failures = failures if failures is not None else AuthFailures(0, 1, [])
         token = shim.ingest_token.get_secret_value() if shim.ingest_token is not None else ""
         self._token = token.encode() if token else None
         self.max_bytes = shim.ingest_max_bytes
@@ -89,7 +94,7 @@ class Ingest:
         parse: Callable[[str, bytes], Parsed],
     ) -> web.Response:
         try:
-            self._authenticate(request.headers.get("Authorization"))
+            self._authenticate(request.headers.get("Authorization"), self._failures.client_of(request))
         except ShimError as exc:
             return error_response(exc)
         refused = guard(request)  # the spool refuses: nothing can be recorded
@@ -109,12 +114,15 @@ class Ingest:
             return error_response(exc)
         return web.json_response({"accepted": len(events), **counts}, status=202)
 
-    def _authenticate(self, authorization: str | None) -> None:
+    def _authenticate(self, authorization: str | None, client: str) -> None:
         if self._token is None:
             raise IngestDisabled("POST /v1/events is not enabled on this gateway (no shim.ingest_token is set).")
+        self._failures.check(client)
         token = bearer_token(authorization)
         # Constant time: the token's bytes never leak through the comparison's duration.
         if token is None or not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self._token):
+            if token is not None:
+                self._failures.failed(client)
             raise InvalidApiKey("Missing or incorrect ingest token. Send Authorization: Bearer <shim.ingest_token>.")
 
     async def _read(self, request: web.Request) -> bytes:
@@ -155,7 +163,8 @@ def register(
     """Add ``POST /v1/events`` and ``/v1/events/kong`` (before the proxy's catch-all). ``emitter`` finds the
     shim's event emitter once the app runs, ``tickets`` the check endpoint's
     admissions to settle; ``guard`` is the server's spool guard."""
-    ingest = Ingest(config, lambda: emitter(app), None if tickets is None else lambda: tickets(app))
+    ingest = Ingest(config, lambda: emitter(app), None if tickets is None else lambda: tickets(app),
+                    shared(app, config.shim))
 
     async def events(request: web.Request) -> web.Response:
         return await ingest.handle(request, guard)

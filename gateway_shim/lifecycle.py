@@ -77,14 +77,19 @@ class Lifecycle:
         self.enforcer = enforcer
         self.emitter = emitter
 
-    async def open(self, method: str, path: str, authorization: str | None, upstream: str | None) -> Exchange:
+    async def open(
+        self, method: str, path: str, authorization: str | None, upstream: str | None, client: str | None = None
+    ) -> Exchange:
         """The request's route (``path`` is the part after ``/v1``) and its key's
-        record; a ShimError for a request with neither (answer: ``error_answer``)."""
-        return await self.open_route(match_route(method, path), authorization, upstream)
+        record; a ShimError for a request with neither (answer: ``error_answer``).
+        ``client``: the address wrong keys count against (auth_failures.py)."""
+        return await self.open_route(match_route(method, path), authorization, upstream, client)
 
-    async def open_route(self, route: Route, authorization: str | None, upstream: str | None) -> Exchange:
+    async def open_route(
+        self, route: Route, authorization: str | None, upstream: str | None, client: str | None = None
+    ) -> Exchange:
         try:
-            key = await self.auth.authenticate(authorization)
+            key = await self.auth.authenticate(authorization, client)
         except RedisPoolExhausted as exc:  # Redis is up: not an outage
             raise self.enforcer.busy(exc) from None
         except redis.exceptions.RedisError as exc:

@@ -59,7 +59,8 @@ class Proxy:
         path = "/" + request.match_info.get("tail", "")
         try:
             exchange = await self.lifecycle.open(
-                request.method, path, request.headers.get("Authorization"), self.upstream.base_url
+                request.method, path, request.headers.get("Authorization"), self.upstream.base_url,
+                self.auth.client_of(request),
             )
         except ShimError as exc:
             return error_response(exc)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from gateway_shim import auth_failures
 from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
 from gateway_shim.check import Check
@@ -67,7 +68,8 @@ def build_app(config: Config) -> web.Application:
         await upstream.start()
         await emitter.start()
         admitter = Admitter(redis_client, names, pipe)
-        app[_PROXY] = Proxy(config, Authenticator(redis_client, names), admitter, upstream, emitter)
+        auth = Authenticator(redis_client, names, failures=auth_failures.shared(app, config.shim))
+        app[_PROXY] = Proxy(config, auth, admitter, upstream, emitter)
         # /v1/check admits for another proxy; the usage reports of its admissions settle them.
         app[_CHECK] = Check(app[_PROXY], CheckTickets(config, redis_client, names, admitter))
         ext_proc = None

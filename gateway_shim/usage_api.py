@@ -5,7 +5,9 @@
 
 A key reads its own customer only: asking for another customer is a 403,
 and nothing in the answer names any other customer or any key. The admin
-token is compared in constant time and is never a customer key.
+token is compared in constant time and is never a customer key. A wrong key
+or token counts against the client's address like the proxy's (429 past
+``shim.auth_failures_per_minute``, gateway_shim/auth_failures.py).
 
 Usage is the pipeline's period totals in Redis (authoritative, a batch
 behind at most) plus the reservations the shim holds for requests not yet in
@@ -26,6 +28,7 @@ import redis.exceptions
 from aiohttp import web
 
 from gateway_shim.auth import Authenticator, bearer_token
+from gateway_shim.auth_failures import AuthFailures, shared
 from gateway_shim.errors import (
     BackendBusy,
     ShimError,
@@ -45,12 +48,12 @@ _INT_FIELDS = ("requests", "refused", "input_tokens", "output_tokens", "cached_t
 
 
 class UsageApi:
-    def __init__(self, config: Config, client: aioredis.Redis) -> None:
+    def __init__(self, config: Config, client: aioredis.Redis, failures: AuthFailures | None = None) -> None:
         self.config = config
         self.client = client
         self.names = RedisKeys(config.services.redis_prefix)
         # No cache: a revoked key stops reading at once.
-        self.auth = Authenticator(client, self.names, ttl_s=0.0)
+        self.auth = Authenticator(client, self.names, ttl_s=0.0, failures=failures)
         token = config.shim.admin_token.get_secret_value() if config.shim.admin_token else ""
         self._admin = token.encode() if token else None
 
@@ -77,6 +80,8 @@ class UsageApi:
         except ValueError as exc:
             raise UsageBadRequest(str(exc)) from None
         authorization = request.headers.get("Authorization")
+        client = self.auth.client_of(request)
+        self.auth.failures.check(client)  # before the admin token is compared, too
         if self._is_admin(authorization):
             if asked is None:
                 raise UsageBadRequest("The admin token reads one customer at a time: add ?customer=ID.")
@@ -84,7 +89,7 @@ class UsageApi:
             tier = await self.client.hget(self.names.customer(customer), "tier")
             tier = tier.decode() if isinstance(tier, bytes) else tier
         else:
-            key = await self.auth.authenticate(authorization)  # InvalidApiKey: 401
+            key = await self.auth.authenticate(authorization, client)  # InvalidApiKey: 401, counted
             if asked is not None and asked != key.customer:
                 raise UsageForbidden("This API key can only read its own customer's usage.")
             customer, tier = key.customer, key.tier
@@ -148,10 +153,11 @@ def register(
     """Add ``GET /v1/usage`` (before the proxy's catch-all) with its own Redis client.
     ``guard``: an answer that pre-empts the route's own (the server's spool guard), or None."""
     holder: dict[str, UsageApi] = {}
+    failures = shared(app, config.shim)
 
     async def resources(app: web.Application):  # noqa: ANN202 - async generator
         client = redis_client(config.services)
-        holder["api"] = UsageApi(config, client)
+        holder["api"] = UsageApi(config, client, failures)
         yield
         await client.aclose()
 

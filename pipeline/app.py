@@ -82,6 +82,12 @@ def build_app(config: Config) -> FaustParts:
         web_host=host,
         web_port=port,
         web_in_thread=False,
+        # Faust's own pages would serve table contents and key placement to
+        # anyone: only pipeline.web's views are served, behind the admin token.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
         autodiscover=False,
     )
     _shorten_fetch_wait(app)

@@ -19,6 +19,7 @@ from pipeline.rebuild import rebuild_state
 from pipeline.redis_writer import UsageWriter
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
+from quotameter.service_auth import TokenGate
 from quotameter.redis_keys import RedisKeys
 
 WORKER_TIMEOUT_S = 120.0
@@ -27,7 +28,7 @@ WORKER_TIMEOUT_S = 120.0
 def _through_worker(config: Config, customer: str | None, month: str | None, force: bool) -> dict[str, int] | None:
     query = urllib.parse.urlencode({k: v for k, v in {"customer": customer, "month": month, "force": "1" if force else ""}.items() if v})
     url = f"{config.services.worker_url.rstrip('/')}/rebuild-state?{query}"
-    request = urllib.request.Request(url, data=b"", method="POST")
+    request = urllib.request.Request(url, data=b"", method="POST", headers=TokenGate.from_services(config.services).headers())
     try:
         with urllib.request.urlopen(request, timeout=WORKER_TIMEOUT_S) as response:  # noqa: S310 - configured URL
             return json.loads(response.read())

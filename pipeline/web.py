@@ -14,6 +14,11 @@
 
 Other processes cannot open the worker's chDB directory, so they read the
 ledger here (``pipeline.history.reader``).
+
+With ``services.admin_token`` set, every view but /healthz answers 401
+unless the request presents it (``quotameter.service_auth``); without one
+the worker listens on loopback only (``pipeline.worker.serve`` refuses
+otherwise). /query runs its SQL past ``pipeline.history.sql_guard``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ from pipeline.app import FaustParts
 from pipeline.rebuild import rebuild_state
 from pipeline.usage_agent import UsageSink
 from quotameter.windows import Granularity
+from pipeline.history.sql_guard import guarded_query
 from pipeline.history.store import AsyncHistory, HistoryError, QueryRejected
 from quotameter.periods import BillingCalendar
+from quotameter.service_auth import TokenGate
+
+_UNAUTHORIZED = {"error": "this endpoint needs services.admin_token: send Authorization: Bearer <token>"}
 
 
 class Readiness:
@@ -36,12 +45,22 @@ class Readiness:
         self.ready = False
 
 
-def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readiness, sink: UsageSink, calendar: BillingCalendar) -> None:
+def register_views(
+    parts: FaustParts, history: AsyncHistory, readiness: Readiness, sink: UsageSink, calendar: BillingCalendar,
+    gate: TokenGate,
+) -> None:
     app = parts.app
+
+    def refused(view: View, request: Request) -> Response | None:
+        if gate.allows(request.headers):
+            return None
+        return view.json(_UNAUTHORIZED, status=401, headers={"WWW-Authenticate": 'Bearer realm="quotameter"'})
 
     @app.page("/rebuild-state")
     class Rebuild(View):
         async def post(self, request: Request) -> Response:
+            if (denied := refused(self, request)) is not None:
+                return denied
             customer = request.query.get("customer") or None
             month = request.query.get("month") or None
             force = request.query.get("force", "") in ("1", "true")
@@ -61,6 +80,8 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
     @app.page("/stats")
     class Stats(View):
         async def get(self, request: Request) -> Response:
+            if (denied := refused(self, request)) is not None:
+                return denied
             return self.json(
                 {
                     **sink.counts,
@@ -77,6 +98,8 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
     @app.page("/windows")
     class Windows(View):
         async def get(self, request: Request) -> Response:
+            if (denied := refused(self, request)) is not None:
+                return denied
             customer = request.query.get("customer", "")
             records = {g.value: sink.windows.record(g, customer) for g in Granularity}
             if not any(records.values()):
@@ -93,6 +116,8 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
     @app.page("/usage")
     class Usage(View):
         async def get(self, request: Request) -> Response:
+            if (denied := refused(self, request)) is not None:
+                return denied
             customer = request.query.get("customer", "")
             period = request.query.get("period", "")
             if not customer:
@@ -109,9 +134,11 @@ def register_views(parts: FaustParts, history: AsyncHistory, readiness: Readines
     @app.page("/query")
     class Query(View):
         async def post(self, request: Request) -> Response:
+            if (denied := refused(self, request)) is not None:
+                return denied
             sql = _sql_of(await request.text())
             try:
-                rows = await history.query(sql)
+                rows = await guarded_query(history, sql)
             except QueryRejected as exc:
                 return self.json({"error": str(exc)}, status=400)
             except HistoryError as exc:

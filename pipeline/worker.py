@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pipeline.alerts import AlertEngine
-from pipeline.app import TOPIC_PARTITIONS, FaustParts, build_app
+from pipeline.app import TOPIC_PARTITIONS, FaustParts, build_app, worker_address
 from pipeline.dedupe import Deduplicator, RecentIds
 from pipeline.freshness import Freshness
 from pipeline.history import schema
@@ -40,10 +40,11 @@ from pipeline.usage_agent import UsageSink, register_usage_agent
 from pipeline.web import Readiness, register_views
 from pipeline.window_tables import WindowTables
 from quotameter.config import Config
-from quotameter.errors import QuotameterError
+from quotameter.errors import ConfigError, QuotameterError
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
+from quotameter.service_auth import TokenGate, require_token_off_loopback
 
 READY_LINE = "quotameter worker ready"
 LIBRARY_LOG_LEVEL_ENV = "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL"
@@ -123,6 +124,11 @@ def serve(config: Config) -> None:
     """Run the worker until SIGINT/SIGTERM; exit 0 after a clean stop."""
     started = time.monotonic()
     services, billing = config.services, config.billing
+    gate = TokenGate.from_services(services)
+    try:  # before anything listens
+        require_token_off_loopback(worker_address(config)[0], gate, f"the worker's HTTP endpoints ({services.worker_url})")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -163,7 +169,7 @@ def serve(config: Config) -> None:
     register_usage_agent(parts, sink, config.pipeline.batch_max_events, config.pipeline.batch_max_wait_ms)
 
     parts.app.timer(CHECK_EVERY_S)(restarts.check)
-    register_views(parts, history, readiness, sink, billing.calendar)
+    register_views(parts, history, readiness, sink, billing.calendar, gate)
     _announce_ready(parts, readiness, started)
 
     # Faust, mode and aiokafka log every step at INFO; set

@@ -256,17 +256,21 @@ def ledger_server(
     history_dir: Annotated[
         Optional[Path], typer.Option(help="The chDB ledger directory (default: services.history_dir).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (there is no authentication).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; other than loopback only with services.admin_token set.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8123,
     config_path: ConfigOption = None,
 ) -> None:
     """Share one chDB ledger between workers: serve it over ClickHouse's HTTP interface
-    (point services.history_url at http://HOST:PORT)."""
+    (point services.history_url at clickhouse://quotameter:ADMIN_TOKEN@HOST:PORT)."""
     from pipeline.history.chdb_server import serve
+    from quotameter.service_auth import TokenGate
 
-    directory = history_dir if history_dir is not None else _config(config_path).services.history_dir
+    config = _config(config_path)
+    directory = history_dir if history_dir is not None else config.services.history_dir
     try:
-        serve(directory, host=host, port=port)
+        serve(directory, host=host, port=port, gate=TokenGate.from_services(config.services))
     except QuotameterError as exc:
         raise _fail(str(exc)) from None
 

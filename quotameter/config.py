@@ -14,7 +14,8 @@ from functools import cached_property
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from ipaddress import ip_network
+from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -43,6 +44,34 @@ Money = Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SecretFiles(_Strict):
+    """Secrets that may also come from a file: ``NAME_file`` (a path, e.g. a
+    mounted Kubernetes or Docker secret) is read into ``NAME`` at load time,
+    stripped of surrounding whitespace. Setting both is an error."""
+
+    _secret_files: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name in cls._secret_files:
+            path = data.get(f"{name}_file")
+            if path in (None, ""):
+                continue
+            if data.get(name):
+                raise ValueError(f"set {name} or {name}_file, not both")
+            try:
+                text = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+            if not text:
+                raise ValueError(f"{name}_file: {path} is empty")
+            data = {**data, name: text}
+        return data
 
 
 class TokenCount(StrEnum):
@@ -254,7 +283,9 @@ class Upstream(_Strict):
     max_connections: PositiveInt = 1000
 
 
-class Shim(_Strict):
+class Shim(_SecretFiles):
+    _secret_files: ClassVar[tuple[str, ...]] = ("admin_token", "ingest_token")
+
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     # Connections the kernel queues before the shim accepts them (capped by
@@ -282,11 +313,29 @@ class Shim(_Strict):
     # spooled events to be delivered, before it exits (the rest stay spooled).
     drain_timeout_s: float = Field(default=10.0, ge=0)
     # Bearer token that may read any customer's GET /v1/usage?customer=ID
-    # (unset: no admin reads). Prefer QUOTAMETER_SHIM__ADMIN_TOKEN.
+    # (unset: no admin reads). It travels on the public port: a token of its
+    # own, apart from services.admin_token. Prefer QUOTAMETER_SHIM__ADMIN_TOKEN
+    # or admin_token_file (a path read at start).
     admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
     # Bearer token of POST /v1/events, where other gateways report usage
-    # (unset: the endpoint answers 404). Prefer QUOTAMETER_SHIM__INGEST_TOKEN.
+    # (unset: the endpoint answers 404). Prefer QUOTAMETER_SHIM__INGEST_TOKEN
+    # or ingest_token_file.
     ingest_token: SecretStr | None = None
+    ingest_token_file: Path | None = None
+    # Key guessing: a client address that presents this many wrong API keys,
+    # ingest or admin tokens within a minute gets 429 for every request until
+    # its failures age out (the proxy, /v1/check, /v1/events, /v1/usage
+    # together). Counted in each shim process, not across shims. 0: no limit.
+    auth_failures_per_minute: NonNegativeInt = 20
+    # Client addresses tracked at once (the least recent is forgotten first):
+    # the limiter's memory stays bounded whatever the traffic.
+    auth_failures_max_clients: PositiveInt = 100_000
+    # Peers (addresses or CIDRs) trusted to name the client in X-Forwarded-For:
+    # the proxy in front of /v1/check (nginx auth_request, Traefik forwardAuth…)
+    # or a TLS terminator. From them, the last X-Forwarded-For address is the
+    # client; from anyone else, the connection's own address. Empty: never.
+    trusted_proxies: list[str] = []
     # Largest POST /v1/events body (413 past it), and most events in one batch.
     ingest_max_bytes: PositiveInt = 1024 * 1024
     ingest_max_events: PositiveInt = 1000
@@ -324,8 +373,20 @@ class Shim(_Strict):
     max_header_bytes: PositiveInt = 8190
     max_headers: PositiveInt = 128
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
 
-class Services(_Strict):
+
+class Services(_SecretFiles):
+    _secret_files: ClassVar[tuple[str, ...]] = ("admin_token",)
+
     redis_url: str = "redis://127.0.0.1:6390/0"
     redis_prefix: str = "qm"
     # Each process's Redis connection pool: a call finding every connection
@@ -343,6 +404,16 @@ class Services(_Strict):
     # The ledger: empty = embedded chDB in history_dir; else a ClickHouse
     # server, clickhouse://user:password@host:8123/quotameter (clickhouses:// = TLS).
     history_url: SecretStr = SecretStr("")
+    # Bearer token of the internal endpoints that read or change data: the
+    # worker's (all but /healthz), the built-in dashboard's (all but /healthz;
+    # a browser sends it as the password of HTTP Basic auth) and
+    # `quotameter ledger-server`'s (the password of services.history_url).
+    # One token for all three: the same operator runs them, and the CLI and
+    # the dashboard, which call them, read it from here. Unset: they answer
+    # anyone, so each refuses to start on an address other than loopback.
+    # Prefer QUOTAMETER_SERVICES__ADMIN_TOKEN or admin_token_file.
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
 
 
 class Alerts(_Strict):

@@ -9,9 +9,14 @@ would to a ClickHouse server. Every statement runs in ClickHouse's engine
 (chDB); only the HTTP framing is ours.
 
 It is not a production ClickHouse, and production points
-``services.history_url`` at a real server. Here: no authentication (whoever
-reaches the port reads and writes the ledger, hence 127.0.0.1 by default),
-no TLS, one statement at a time, requests and results held in memory, and
+``services.history_url`` at a real server. Here: one credential,
+``services.admin_token``, which a request presents as the password of HTTP
+Basic auth (what clickhouse-connect sends from
+``clickhouse://quotameter:TOKEN@host:8123``), as ``X-ClickHouse-Key`` or as
+a Bearer; any user name. Without a token it answers anyone, so it refuses to
+listen anywhere but loopback. Whoever holds the token may do what a
+ClickHouse admin may (write, file(), url()…): it is the workers' credential.
+No TLS, one statement at a time, requests and results held in memory, and
 ``session_id`` is accepted but not honoured: every request runs on the same
 two chDB sessions, so ``SET`` and ``USE`` are refused (they would outlive the
 request) and settings are passed with the request instead.
@@ -44,11 +49,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
-import ipaddress
 import json
 import re
 import signal
-import sys
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -64,6 +67,7 @@ from pipeline.history.chdb_store import ChdbHistory
 from pipeline.history.schema import sql_string
 from pipeline.history.store import HistoryError
 from quotameter.errors import ServiceError
+from quotameter.service_auth import TokenGate, require_token_off_loopback
 
 READY_LINE = "quotameter ledger-server ready on http://{host}:{port}"
 MAX_REQUEST_BYTES = 1 << 30  # an INSERT arrives whole; aiohttp's default is 1 MiB
@@ -119,6 +123,7 @@ _STATUS_BY_ERROR = {
     "CANNOT_OPEN_FILE": 503,
     "CANNOT_SCHEDULE_TASK": 503,
     "TIMEOUT_EXCEEDED": 408,
+    "AUTHENTICATION_FAILED": 401,
 }
 _ENGINE_CODE = re.compile(r"^Code: (\d+)\.")
 _ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*$")
@@ -415,8 +420,9 @@ class LedgerServer:
     """The HTTP face of a ``LedgerEngine``; one thread runs every statement
     (chDB sessions are not thread-safe), the event loop keeps reading."""
 
-    def __init__(self, engine: LedgerEngine) -> None:
+    def __init__(self, engine: LedgerEngine, gate: TokenGate | None = None) -> None:
         self.engine = engine
+        self.gate = gate or TokenGate(None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chdb")
 
     def app(self) -> web.Application:
@@ -442,6 +448,9 @@ class LedgerServer:
             "X-ClickHouse-Timezone": self.engine.timezone,
         }
         try:
+            if not self.gate.allows(request.headers):
+                # ClickHouse's own answer to a wrong password (its HTTP status too).
+                raise ClickHouseError(516, "AUTHENTICATION_FAILED", "Authentication failed: password is incorrect")
             query = await read_request(request)
             answer = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.execute, query)
         except ClickHouseError as exc:
@@ -476,30 +485,23 @@ async def _serve(server: LedgerServer, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if not _is_loopback(host):
-            warning = f"warning: no authentication: whoever reaches {host}:{bound_port} reads and writes the ledger"
-            print(warning, file=sys.stderr)
         print(READY_LINE.format(host=host, port=bound_port), flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def serve(history_dir: Path, host: str = "127.0.0.1", port: int = 8123) -> None:
+def serve(history_dir: Path, host: str = "127.0.0.1", port: int = 8123, gate: TokenGate | None = None) -> None:
     """Serve the ledger in ``history_dir`` until SIGINT or SIGTERM (blocking).
 
-    Raises HistoryError when the directory cannot be opened (another process
-    holds it) and ServiceError when the port is taken.
+    Raises ConfigError (before opening anything) for a non-loopback ``host``
+    without a token, HistoryError when the directory cannot be opened (another
+    process holds it) and ServiceError when the port is taken.
     """
+    gate = gate or TokenGate(None)
+    require_token_off_loopback(host, gate, "ledger-server")
     engine = LedgerEngine(history_dir)
-    server = LedgerServer(engine)
+    server = LedgerServer(engine, gate)
     try:
         asyncio.run(_serve(server, host, port))
     finally:

@@ -67,7 +67,9 @@ class ChdbHistory:
             if existed and not marker.exists():
                 self.repaired_months = self.repair_rollups()
             marker.unlink(missing_ok=True)
-        self._ro = _session(f"{self.path}?mode=ro")
+        # readonly=1, not the 2 of mode=ro alone: no settings changes, no table
+        # functions (file(), url()…), besides no writes.
+        self._ro = _session(f"{self.path}?mode=ro&readonly=1")
 
     repaired_months: list[int] = []
 
@@ -106,6 +108,10 @@ class ChdbHistory:
             raise QueryRejected("only a single SELECT (or WITH … SELECT) statement is allowed, without FORMAT")
         rows = self._json_rows(self._run(self._ro, text, fmt="JSONEachRow"))
         return rows[:MAX_QUERY_ROWS]
+
+    def explain_ast(self, sql: str) -> str:
+        """The engine's parse tree of ``sql`` (parsed, never run): ``sql_guard`` reads it."""
+        return self._run(self._ro, f"EXPLAIN AST {sql}", fmt="TSVRaw")
 
     @staticmethod
     def _json_rows(text: str) -> list[dict[str, Any]]:

@@ -215,6 +215,14 @@ class ClickHouseHistory:
             :MAX_QUERY_ROWS
         ]
 
+    def explain_ast(self, sql: str) -> str:
+        """The server's parse tree of ``sql`` (parsed, never run): ``sql_guard`` reads it."""
+        raw = self._call(self.client.raw_query, f"EXPLAIN AST {sql}", settings=READ_ONLY, fmt="TSVRaw")
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        # clickhouse-connect appends "FORMAT TSVRaw", which the server parses into
+        # the statement's tree; ``sql`` has no FORMAT of its own (read_only_select).
+        return text.rstrip("\n").removesuffix("\n Identifier TSVRaw") + "\n"
+
     def _select(self, sql: str, params: dict[str, str] | None, **settings: Any) -> bytes:
         return self._call(self.client.raw_query, sql, parameters=params, settings=READ_ONLY | settings, fmt="JSONEachRow")
 

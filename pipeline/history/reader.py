@@ -2,7 +2,8 @@
 
 The worker owns the chDB directory while it runs, so readers ask it first
 (``GET {worker_url}/usage``, ``POST {worker_url}/query``); with no worker
-running they open the store themselves, read-only.
+running they open the store themselves, read-only. Every request carries
+``services.admin_token`` when one is set.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pipeline.history.chdb_store import ChdbHistory
 from pipeline.history.store import HistoryError
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
+from quotameter.service_auth import TokenGate
 
 WORKER_TIMEOUT_S = 5.0
 
@@ -26,8 +28,9 @@ WORKER_TIMEOUT_S = 5.0
 def _from_worker(config: Config, customer: str, period: str) -> dict[str, Any]:
     query = urllib.parse.urlencode({"customer": customer, "period": period})
     url = f"{config.services.worker_url.rstrip('/')}/usage?{query}"
+    request = urllib.request.Request(url, headers=TokenGate.from_services(config.services).headers())
     try:
-        with urllib.request.urlopen(url, timeout=WORKER_TIMEOUT_S) as response:  # noqa: S310 - configured URL
+        with urllib.request.urlopen(request, timeout=WORKER_TIMEOUT_S) as response:  # noqa: S310 - configured URL
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:300]
@@ -83,7 +86,9 @@ class LedgerReader:
     def rows(self, sql: str) -> list[dict[str, Any]]:
         if self.store is None:
             request = urllib.request.Request(
-                self.url, data=json.dumps({"sql": sql}).encode(), headers={"Content-Type": "application/json"}
+                self.url,
+                data=json.dumps({"sql": sql}).encode(),
+                headers={"Content-Type": "application/json", **TokenGate.from_services(self.config.services).headers()},
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310 - configured URL

@@ -40,6 +40,9 @@ class HistoryStore(Protocol):
     def query(self, sql: str) -> list[dict[str, Any]]:
         """Run one read-only SELECT; rows as dicts."""
 
+    def explain_ast(self, sql: str) -> str:
+        """The engine's ``EXPLAIN AST`` of ``sql``: parsed, never run (``sql_guard``)."""
+
     def close(self) -> None: ...
 
 
@@ -61,6 +64,9 @@ class AsyncHistory:
 
     async def query(self, sql: str) -> list[dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.query, sql)
+
+    async def explain_ast(self, sql: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.explain_ast, sql)
 
     def close(self) -> None:
         # Wait for an insert already handed to the writer thread: its events

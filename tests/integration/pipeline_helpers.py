@@ -31,6 +31,7 @@ from quotameter.errors import QuotameterError
 from quotameter.events import RequestData, UsageEvent, encode_event
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
+from quotameter.service_auth import TokenGate
 
 AT = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
 PERIOD = "2025-03"
@@ -75,8 +76,10 @@ async def produce(config: Config, items: list[UsageEvent | tuple[str, bytes]]) -
         await producer.stop()
 
 
-def http_json(url: str, body: str | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body.encode() if body is not None else None)
+def http_json(url: str, body: str | None = None, config: Config | None = None) -> tuple[int, Any]:
+    """``config``: send its services.admin_token, as the CLI does."""
+    headers = TokenGate.from_services(config.services).headers() if config is not None else {}
+    request = urllib.request.Request(url, data=body.encode() if body is not None else None, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -113,7 +116,7 @@ def wait_for(check: Callable[[], Any], timeout_s: float = 15.0, what: str = "con
 
 
 def worker_usage(config: Config, customer: str) -> dict[str, Any]:
-    status, body = http_json(f"{config.services.worker_url}/usage?customer={customer}&period={PERIOD}")
+    status, body = http_json(f"{config.services.worker_url}/usage?customer={customer}&period={PERIOD}", config=config)
     assert status == 200, body
     return body
 

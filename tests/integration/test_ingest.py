@@ -81,6 +81,7 @@ def ledger_rows(config: Config, customer: str) -> dict[str, Any]:
         f"""SELECT count() AS rows, uniqExact(id) AS ids, sum(input_tokens) AS input_tokens,
                    sum(output_tokens) AS output_tokens, arraySort(groupArray(id)) AS id_list
             FROM quotameter.events WHERE customer = '{customer}'""",
+        config=config,
     )
     assert status == 200, body
     row = body["rows"][0]
