@@ -17,7 +17,9 @@ count per /64, the block a single host usually holds.
 The client address is the connection's, or, when the connection comes from
 one of ``shim.trusted_proxies``, the last address of X-Forwarded-For (what
 that proxy appended: the address it saw). Nothing else is believed, so a
-client cannot pick its own address.
+client cannot pick its own address. Envoy's ext_proc stream comes from Envoy
+itself, which appends the address it saw (deploy/envoy/ext_proc.yaml sets
+``use_remote_address``): there the last X-Forwarded-For entry is the client.
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ class AuthFailures:
                 except ValueError:
                     pass  # not an address: the peer's own stands
         return peer
+
+    @staticmethod
+    def last_forwarded(forwarded: str | None) -> str | None:
+        """The last address of an X-Forwarded-For value (what the proxy appended), or None."""
+        if not forwarded:
+            return None
+        try:
+            return str(ipaddress.ip_address(forwarded.rsplit(",", 1)[-1].strip()))
+        except ValueError:
+            return None
 
     def _is_trusted(self, peer: str) -> bool:
         try:

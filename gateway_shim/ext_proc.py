@@ -38,6 +38,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 
 from gateway_shim import ext_proc_messages as messages
+from gateway_shim.auth_failures import AuthFailures
 from gateway_shim.errors import RouteNotFound, ShimError, error_answer
 from gateway_shim.lifecycle import Exchange, Forward, Lifecycle, StreamObserver
 
@@ -99,7 +100,11 @@ class _Phases:
         try:
             if not path.startswith("/v1/"):
                 raise RouteNotFound(f"Unknown request URL: {method} {path}.")
-            self.exchange = exchange = await self._life.open(method, path[3:], headers.get("authorization"), None)
+            # Envoy appended the address it saw (use_remote_address): wrong keys count against it.
+            client = AuthFailures.last_forwarded(headers.get("x-forwarded-for"))
+            self.exchange = exchange = await self._life.open(
+                method, path[3:], headers.get("authorization"), None, client
+            )
         except ShimError as exc:  # no customer to tie it to: answered, no event
             return messages.immediate(error_answer(exc), exc.code)
         if not request.end_of_stream:

@@ -344,3 +344,36 @@ async def test_ext_authz_admits_refuses_and_the_report_settles(shim_factory: Shi
             assert refusal.data.route == "/v1/chat/completions" and refusal.data.reason == "rate_limit_requests"
         finally:
             envoy.stop()
+
+
+async def test_ext_proc_counts_wrong_keys_per_client_address(shim_factory: ShimFactory, tmp_path: Path) -> None:
+    """Envoy appends the address it saw to x-forwarded-for (ext_proc.yaml's
+    use_remote_address); the shim counts wrong keys against it, not against a
+    client's own claim. Clients connect from distinct loopback addresses."""
+    limit = 3
+    ext_proc_port = free_port()
+    shim = await shim_factory(TIERS, shim={"ext_proc_port": ext_proc_port, "auth_failures_per_minute": limit})
+    envoy, port = await asyncio.to_thread(
+        start_envoy, tmp_path, "ext_proc.yaml", ext_proc=ext_proc_port, model=model_port(shim)
+    )
+    key = shim.new_key("guessed", "open")
+    chat = {"model": "mock-small", "messages": MESSAGES, "max_tokens": 5}
+
+    async def send(source: str, token: str, forged: str | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"}
+        if forged is not None:
+            headers["X-Forwarded-For"] = forged  # the client's own claim: Envoy appends the truth after it
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat, headers=headers) as response:
+                return response.status, await response.json(content_type=None)
+
+    try:
+        for n in range(limit):
+            assert (await send("127.0.0.2", f"qm_guess{n}_{'x' * 40}", forged=f"192.0.2.{n}"))[0] == 401
+        status, body = await send("127.0.0.2", key, forged="192.0.2.200")
+        assert status == 429 and body["error"]["code"] == "too_many_authentication_failures", body
+        status, body = await send("127.0.0.3", key)  # another client of the same Envoy
+        assert status == 200 and body["choices"], body
+    finally:
+        envoy.stop()
