@@ -147,7 +147,9 @@ def _nginx(stack: Stack) -> list[Setup]:
     root.mkdir()
     alone, attached = free_port(), free_port()
     site = render(DEPLOY / "nginx" / "quotameter.conf", root / "quotameter.conf", LISTEN=f"127.0.0.1:{attached}",
-                  QUOTAMETER=f"127.0.0.1:{stack.shim_port}", MODEL=f"127.0.0.1:{stack.mock_port}")
+                  QUOTAMETER=f"127.0.0.1:{stack.shim_port}", MODEL=f"127.0.0.1:{stack.mock_port}",
+                  SCRIPT=DEPLOY / "nginx" / "quotameter.js", INGEST_TOKEN=INGEST_TOKEN,
+                  UNREPORTED_LOG=root / "unreported.log")
     temp = "\n".join(f"    {kind}_temp_path {root}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     modules = "".join(f"load_module {m};\n" for m in sorted(Path("/usr/lib/nginx/modules").glob("ngx_http_js_module.so")))
     (root / "nginx.conf").write_text(
