@@ -377,23 +377,30 @@ async def test_behind_nginx_each_client_is_counted_apart(shim_factory, tmp_path)
     model_port = int(shim.config.upstream.url.split(":")[-1].split("/")[0])
     nginx, port = await asyncio.to_thread(start_nginx, tmp_path / "nginx", shim.config.shim.port, model_port)
     key = shim.new_key("acme", "pro")
+    try:
+        await guessers_are_counted_per_client(port, key, limit, {"x-quotameter-model": "mock-small"})
+    finally:
+        nginx.stop()
+
+
+async def guessers_are_counted_per_client(port: int, key: str, limit: int, extra: dict[str, str] | None = None) -> None:
+    """Through the proxy on ``port``, which appends the address it saw to X-Forwarded-For:
+    a client forging other addresses is refused 429 after ``limit`` wrong keys, right key
+    included, while another client (another loopback address) is served."""
     chat = {"model": "mock-small", "messages": MESSAGES, "max_tokens": 5}
 
     async def send(source: str, token: str, forged: str | None = None) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}", "x-quotameter-model": "mock-small"}
+        headers = {"Authorization": f"Bearer {token}", **(extra or {})}
         if forged is not None:
-            headers["X-Forwarded-For"] = forged  # a client's own claim: nginx appends the truth after it
+            headers["X-Forwarded-For"] = forged  # the client's own claim: the proxy appends the truth after it
         connector = aiohttp.TCPConnector(local_addr=(source, 0))
         async with aiohttp.ClientSession(connector=connector) as session:
             async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat, headers=headers) as response:
                 return response.status, await response.json(content_type=None)
 
-    try:
-        for n in range(limit):
-            assert (await send("127.0.0.2", f"qm_guess{n}_{'x' * 40}", forged=f"192.0.2.{n}"))[0] == 401
-        status, body = await send("127.0.0.2", key, forged="192.0.2.200")
-        assert status == 429 and body["error"]["code"] == "too_many_authentication_failures", body
-        status, body = await send("127.0.0.3", key)  # another client behind the same nginx
-        assert status == 200 and body["choices"], body
-    finally:
-        nginx.stop()
+    for n in range(limit):
+        assert (await send("127.0.0.2", f"qm_guess{n}_{'x' * 40}", forged=f"192.0.2.{n}"))[0] == 401
+    status, body = await send("127.0.0.2", key, forged="192.0.2.200")
+    assert status == 429 and body["error"]["code"] == "too_many_authentication_failures", body
+    status, body = await send("127.0.0.3", key)  # another client of the same proxy
+    assert status == 200 and body["choices"], body

@@ -22,6 +22,7 @@ from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import start_worker, wait_for
+from tests.integration.test_access import guessers_are_counted_per_client
 from tests.integration.test_check import TOKEN, reported
 from tests.integration.test_enforcement_race import _events
 from tests.integration.test_ingest import ledger_rows, post
@@ -357,23 +358,7 @@ async def test_ext_proc_counts_wrong_keys_per_client_address(shim_factory: ShimF
         start_envoy, tmp_path, "ext_proc.yaml", ext_proc=ext_proc_port, model=model_port(shim)
     )
     key = shim.new_key("guessed", "open")
-    chat = {"model": "mock-small", "messages": MESSAGES, "max_tokens": 5}
-
-    async def send(source: str, token: str, forged: str | None = None) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}"}
-        if forged is not None:
-            headers["X-Forwarded-For"] = forged  # the client's own claim: Envoy appends the truth after it
-        connector = aiohttp.TCPConnector(local_addr=(source, 0))
-        async with aiohttp.ClientSession(connector=connector) as session:
-            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat, headers=headers) as response:
-                return response.status, await response.json(content_type=None)
-
     try:
-        for n in range(limit):
-            assert (await send("127.0.0.2", f"qm_guess{n}_{'x' * 40}", forged=f"192.0.2.{n}"))[0] == 401
-        status, body = await send("127.0.0.2", key, forged="192.0.2.200")
-        assert status == 429 and body["error"]["code"] == "too_many_authentication_failures", body
-        status, body = await send("127.0.0.3", key)  # another client of the same Envoy
-        assert status == 200 and body["choices"], body
+        await guessers_are_counted_per_client(port, key, limit)
     finally:
         envoy.stop()
