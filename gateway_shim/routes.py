@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway_shim.dialects import Dialect
 from gateway_shim.dialects.chat import CHAT
+from gateway_shim.dialects.responses import RESPONSES
 from gateway_shim.errors import MalformedRequest, RouteNotFound
 from gateway_shim.request_checks import parse_body
 from quotameter.config import Shim
@@ -41,6 +42,7 @@ _ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/chat/completions"): Route("/v1/chat/completions", has_body=True, streams=True, checked=True),
     ("POST", "/completions"): Route("/v1/completions", has_body=True, streams=True, checked=True),
     ("POST", "/embeddings"): Route("/v1/embeddings", has_body=True, streams=False, checked=True),
+    ("POST", "/responses"): Route("/v1/responses", has_body=True, streams=True, checked=True, dialect=RESPONSES),
     ("GET", "/models"): Route("/v1/models", has_body=False, streams=False),
 }
 _MODEL_ROUTE = Route("/v1/models/{model}", has_body=False, streams=False)
