@@ -32,6 +32,7 @@
 --   reason 0 none, 1 requests/min, 2 tokens/min, 3 concurrency, 4 period tokens,
 --          5 budget, 6 a request larger than a rate limit could ever admit,
 --          7 the end user's day tokens, 8 its requests/min, 9 its tokens/min
+--          (also for a request larger than its tokens/min could ever admit)
 --   served 0 the requested model, 1 the fallback model
 --   rule   the index (1-based) of the refusing rate rule or concurrency set
 
@@ -163,7 +164,7 @@ for i = 1, nr do
     local new_tat = tat + cost * interval
     local allow_at = new_tat - window
     if cost > limit then
-      refuse(6, -1, i)
+      refuse(i > nr - nu and 9 or 6, -1, i)
       remaining, reset = math.floor((now - (tat - window)) / interval + 1e-9), math.ceil(tat - now)
     elseif now < allow_at then
       refuse(why, math.ceil(allow_at - now), i)
@@ -183,7 +184,7 @@ for i = 1, nr do
     local elapsed = now - start
     local estimate = p * (window - elapsed) / window + c
     if cost > limit then
-      refuse(6, -1, i)
+      refuse(i > nr - nu and 9 or 6, -1, i)
     elseif estimate + cost > limit then
       local wait
       if c + cost > limit then

@@ -173,6 +173,8 @@ class Enforcer:
     def _may_free(self, key: KeyRecord, admission: Admission) -> bool:
         """Whether waiting can help: a rate or concurrency limit, or a quota held by
         requests of the customer still running here (see _QUOTA)."""
+        if admission.retry_after_ms < 0:  # larger than a limit could ever admit
+            return False
         return admission.reason in _TRANSIENT or (admission.reason in _QUOTA and self._in_flight[key.customer] > 0)
 
     async def _decide(

@@ -51,7 +51,7 @@ class LocalLimiter:
                 wait = -1 if cost > rule.limit else int(allow_at - now_ms) + 1
                 if status or wait > retry:
                     reason = Reason.TOO_LARGE if wait < 0 else (Reason.REQUESTS if cost == 1 and rule.unit.value == "requests" else Reason.TOKENS)
-                    if wait >= 0 and i > len(policy.rates):  # the end user's
+                    if i > len(policy.rates):  # the end user's
                         reason = Reason.USER_REQUESTS if reason is Reason.REQUESTS else Reason.USER_TOKENS
                     retry, rule_index = wait, i
                 status = False

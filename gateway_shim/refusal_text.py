@@ -39,12 +39,12 @@ def refusal(admission: Admission, wait_ms: int, estimate: Estimate, period_end_m
             admission.reason.code,
             status=policy.tier.quota_status,
         )
-    if admission.reason is Reason.TOO_LARGE:
+    if admission.reason is Reason.TOO_LARGE or (admission.reason is Reason.USER_TOKENS and wait_ms < 0):
         return RateLimited(
-            f"{tier} limit exceeded: {what}, more than the limit can ever admit. "
+            f"{tier}{' per-user' if admission.reason is Reason.USER_TOKENS else ''} limit exceeded: {what}, more than the limit can ever admit. "
             f"Lower max_tokens or shorten the prompt.{hint(policy)}",
             None,
-            "rate_limit_tokens",
+            admission.reason.code,
             unit="tokens",
         )
     retry_s = max(1, math.ceil(wait_ms / 1000))
