@@ -53,8 +53,9 @@ def day_of(timezone: str, now_ms: int) -> tuple[str, int, int]:
     zone = ZoneInfo(timezone)
     local = datetime.fromtimestamp(now_ms / 1000, UTC).astimezone(zone)
     start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    # The next midnight, found by date (a day of a daylight-saving change has 23 or 25 hours).
-    following = (start + timedelta(days=1, hours=2)).replace(hour=0, minute=0, second=0, microsecond=0)
+    # Wall-clock arithmetic (one zone): the next local midnight, however long the
+    # day (23 or 25 hours across a daylight-saving change).
+    following = start + timedelta(days=1)
     start_ms = int(start.astimezone(UTC).timestamp() * 1000)
     end_ms = int(following.astimezone(UTC).timestamp() * 1000)
     return local.date().isoformat(), start_ms, end_ms
