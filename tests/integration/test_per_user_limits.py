@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import openai
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -21,6 +22,7 @@ from quotameter.events import decode_event
 from quotameter.policy import end_user_digest
 from tests.conftest import make_config
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
+from tests.integration.test_ingest import TOKEN, event, post
 
 TIERS = {
     "pro": {
@@ -42,7 +44,8 @@ def shim(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootstr
     mock = ManagedProcess("mock", [sys.executable, "-m", "quotameter", "mock-llm", "--port", str(mock_port)],
                           directory / "mock.log").start()
     # No worker runs here: the shim forgets an event once Kafka has it.
-    document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}, "tiers": TIERS, "shim": {"delivery": "broker"}}
+    document = {"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}, "tiers": TIERS,
+                "shim": {"delivery": "broker", "ingest_token": TOKEN}}
     config, path = make_config(directory, redis_url, kafka_bootstrap, uuid.uuid4().hex[:10], document)
     process = ManagedProcess("shim", [sys.executable, "-m", "quotameter", "proxy"], directory / "shim.log",
                              env={"QUOTAMETER_CONFIG": str(path)}).start()
@@ -242,3 +245,30 @@ async def test_a_hundred_concurrent_requests_of_one_end_user_never_pass_its_day(
     assert len(admitted_events) == len(admitted) + 1
     assert sum(d.input_tokens + d.output_tokens for d in admitted_events) == sum(admitted) + PROMPT_TOKENS + 20
     assert sum(1 for e in events if e.data.reason == "user_quota_tokens") == 100 - len(admitted)
+
+
+async def test_a_checked_admission_holds_the_end_user_until_its_report_settles(shim: Shim) -> None:
+    """The check endpoint (nginx auth_request…): the end user named in the header the
+    proxy passes on, its day reserved, then settled by the gateway's usage report."""
+    key = shim.new_key("gate", "daily")
+
+    async def check() -> tuple[int, aiohttp.typedefs.LooseHeaders, dict]:
+        headers = {"Authorization": f"Bearer {key}", "X-Original-URI": "/v1/chat/completions",
+                   "x-quotameter-model": "mock-small", "x-quotameter-user": "gina"}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{shim.base_url}/check", headers=headers) as response:
+                return response.status, response.headers, await response.json(content_type=None)
+
+    status, headers, body = await check()
+    assert status == 200, body
+    # The prompt unseen: the tier's default_max_tokens of output (+3 priming tokens) held.
+    assert _day_tokens(shim, "gate", "gina") == 103
+    assert '"user-day-tokens";r=197;' in headers["RateLimit"]
+    report = event(body["event_id"], "gate", 7, 5)
+    report["data"].update(tier="daily", api_key_id="nginx")
+    assert await post(shim.config, report) == (202, {"accepted": 1})
+    assert _day_tokens(shim, "gate", "gina") == 12
+    # Two more fit in gina's 300 of the day (12 + 2 × 103), a third does not (12 + 3 × 103).
+    assert [(await check())[0] for _ in range(3)] == [200, 200, 429]
+    status, _, body = await check()
+    assert body["error"]["code"] == "rate_limit_exceeded" and "300 tokens per day per end user" in body["error"]["message"]
