@@ -16,6 +16,7 @@ from gateway_shim.local_limiter import LocalLimiter
 from gateway_shim.metering import RequestMeter
 from gateway_shim.ratelimit_headers import ratelimit_headers
 from gateway_shim.refusal_text import refusal
+from gateway_shim.refusals import RefusalMemory
 from quotameter.config import Tier, parse_config
 from quotameter.errors import ConfigError
 from quotameter.policy import LimitKind, end_user_digest, resolve
@@ -143,3 +144,13 @@ def test_the_local_limiter_holds_each_end_user_to_its_rates_while_redis_is_away(
     assert limiter.admit(key, policy, "b0", now, estimate, bob).admitted
     assert limiter.admit(key, policy, "c0", now, estimate).admitted  # no end user: the customer's rates only
     assert limiter.admit(key, policy, "a4", now + 30_000, estimate, alice).admitted  # one frees every 30 s
+
+
+def test_a_remembered_customer_refusal_carries_no_end_user_state() -> None:
+    """Answered from memory to every end user of the customer: never another's numbers."""
+    memory = RefusalMemory()
+    refused = _admission(Reason.REQUESTS, 1, ((0, 100), (99_000, 600), (1, 30_000), (880, 7200)), 1200)
+    memory.remember("app", refused)
+    recalled, _ = memory.recall("app", ("rate:",))
+    assert recalled.user is None and recalled.rates == ((0, 100), (99_000, 600))
+    assert "user-" not in ratelimit_headers(recalled, 1, 1)["RateLimit"]
