@@ -141,7 +141,8 @@ class Enforcer:
         if proxied.body is not None and proxied.model is not None and not policy.model_allowed(proxied.model):
             meter.decision, meter.reason = Decision.REFUSED, "model_not_allowed"
             raise refusal_text.model_not_allowed(policy, proxied.model)
-        user = end_user_limits(policy, end_user, meter)
+        # A request without a body (malformed, or a route that takes none) names no end user to require.
+        user = end_user_limits(policy, end_user, meter) if proxied.body is not None or end_user else None
         queued = key.batch and policy.queue is not None
         if not queued and self.refusals:
             recalled = self.refusals.recall(key.customer, request_scopes(_request_rule_scopes(policy)))

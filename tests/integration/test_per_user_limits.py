@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import decode_event
 from quotameter.policy import end_user_digest
 from tests.conftest import make_config
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
+from tests.integration.pipeline_helpers import read_topic
 from tests.integration.test_ingest import TOKEN, event, post
 
 TIERS = {
@@ -59,22 +59,12 @@ def shim(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootstr
 
 
 async def _events(shim: Shim, customers: set[str], count: int) -> list:
-    """The ``count`` events of ``customers`` from the shim's topic (others' are skipped)."""
-    consumer = AIOKafkaConsumer(
-        shim.config.services.events_topic, bootstrap_servers=shim.config.services.kafka_bootstrap,
-        auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
-    )
-    await consumer.start()
-    try:
-        records: list = []
-        deadline = time.monotonic() + 20
-        while len(records) < count and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(r for r in batch if r.key.decode() in customers)
-        assert len(records) >= count, f"{len(records)} of {count} events reached the topic"
-        return [decode_event(r.value) for r in records]
-    finally:
-        await consumer.stop()
+    """The first ``count`` events of ``customers`` on the shim's topic."""
+    services = shim.config.services
+    records = await read_topic(services.kafka_bootstrap, services.events_topic, count,
+                               keys={customer.encode() for customer in customers})
+    assert len(records) >= count, f"{len(records)} of {count} events reached the topic"
+    return [decode_event(r.value) for r in records]
 
 
 def _user_keys(shim: Shim, customer: str) -> dict[str, int]:
@@ -155,9 +145,14 @@ async def test_an_end_user_at_its_cap_is_refused_while_the_customer_and_other_us
             await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5, user="u" * 257)
         assert too_long.value.code == "invalid_value"
         await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5, user="u" * 256)
+        # A body that is not JSON names no end user: it is refused as what it is.
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{shim.base_url}/chat/completions", data=b"{not json",
+                                    headers={"Authorization": f"Bearer {client.api_key}"}) as response:
+                assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_json"
 
-    events = await _events(shim, {"app", "elsewhere", "strict-app"}, 15)
-    assert len(events) == 15
+    events = await _events(shim, {"app", "elsewhere", "strict-app"}, 16)
+    assert len(events) == 16
     reasons = sorted((e.subject, e.data.reason or "") for e in events if e.data.decision == "refused")
     assert reasons == [
         ("app", "user_rate_limit_requests"), ("app", "user_rate_limit_requests"), ("app", "user_rate_limit_tokens"),
