@@ -10,7 +10,8 @@ import pytest
 from gateway_shim.admission import Admission, Estimate, Reason
 from gateway_shim.attribution import NO_ATTRIBUTION, attribution_of
 from gateway_shim.end_users import MAX_END_USER_CHARS, day_of, end_user_limits
-from gateway_shim.errors import InvalidParameter
+from gateway_shim.errors import BackendUnavailable, InvalidParameter
+from gateway_shim.fail_modes import FailModes
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.local_limiter import LocalLimiter
 from gateway_shim.metering import RequestMeter
@@ -154,3 +155,16 @@ def test_a_remembered_customer_refusal_carries_no_end_user_state() -> None:
     recalled, _ = memory.recall("app", ("rate:",))
     assert recalled.user is None and recalled.rates == ((0, 100), (99_000, 600))
     assert "user-" not in ratelimit_headers(recalled, 1, 1)["RateLimit"]
+
+
+def test_while_redis_is_away_per_user_limits_follow_their_kinds_fail_mode() -> None:
+    key, estimate = KeyRecord("k1", "app", "pro", False), Estimate(10, 10, 0, "0")
+    modes, meter = FailModes(), RequestMeter(route="/v1/chat/completions", upstream=None)
+    policy = resolve("pro", TIER, "m")
+    alice = policy.end_user(end_user_digest("alice"))
+    decisions = [modes.admit(key, policy, f"e{i}", 1_000_000, estimate, meter, alice) for i in range(3)]
+    assert [d.admitted for d in decisions] == [True, True, False] and decisions[2].reason is Reason.USER_REQUESTS
+    # The day quota fails as monthly_tokens does: closed refuses while Redis is away.
+    closed = resolve("c", Tier(per_user={"tokens_per_day": 5}, fail_modes={"monthly_tokens": "closed"}), "m")
+    with pytest.raises(BackendUnavailable, match="monthly_tokens"):
+        modes.admit(key, closed, "e9", 1_000_000, estimate, meter, closed.end_user(end_user_digest("alice")))
