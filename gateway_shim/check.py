@@ -9,12 +9,14 @@ body's ``model``, when the proxy sends the body; else the tier's defaults),
 and runs the proxy's own admission: same script, same limits, same refusals
 and headers. Admitted: 200 with the event id, customer, tier, key id (and
 the model to serve, when degraded to a fallback) as ``x-quotameter-*``
-headers, plus the rate-limit headers. The end user held to a tier's
-``per_user`` limits is read from ``x-quotameter-user`` (or the body's ``user``). The request's usage event comes later
+headers, plus the rate-limit headers. The request's usage event comes later
 from the gateway through ``POST /v1/events`` under that event id, which
 settles the reservation (gateway_shim/check_tickets.py). A refusal is an event of its
 own, emitted here as the proxy does; its answer also carries its JSON body in
 ``x-quotameter-error``, for nginx (see ``_refused``).
+
+The end user a tier's ``per_user`` limits hold is read from the
+``x-quotameter-user`` header the proxy passes on (or the body's ``user``).
 
 Without a body the worst case reserved is the tier's ``default_max_tokens``
 of output (the prompt is not seen). A tier's ``cut_streams`` never admits a
