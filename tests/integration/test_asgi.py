@@ -36,7 +36,11 @@ async def serve(name: str, target: str, tmp_path: Path, config_path: Path, cwd: 
     port = free_port()
     process = host_process(name, ["uvicorn", target, "--host", "127.0.0.1", "--port", str(port)],
                            tmp_path / f"{name}.log", config_path, cwd=cwd)
-    await asyncio.to_thread(process.wait_port, "127.0.0.1", port, 30)
+    try:
+        await asyncio.to_thread(process.wait_port, "127.0.0.1", port, 30)
+    except BaseException:
+        process.stop()
+        raise
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -46,7 +50,10 @@ def client(base: str, key: str) -> openai.AsyncOpenAI:
 
 async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_factory, cli_process, tmp_path: Path) -> None:
     config, path = config_factory({"tiers": TIERS})
-    app, base = await serve("app", "tests.integration.asgi_app:app", tmp_path, path)
+    (app, base), _ = await asyncio.gather(  # the worker starts beside the app: the events wait in the broker
+        serve("app", "tests.integration.asgi_app:app", tmp_path, path),
+        asyncio.to_thread(start_worker, cli_process, config, path, "worker"),
+    )
     try:
         served: dict[str, tuple[int, int, bool]] = {}  # customer -> what the client was told it used
         keys = {c: new_key(config, c, t) for c, t in (("json", "app"), ("stream", "app"), ("quiet", "app"),
@@ -112,7 +119,6 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
                 generated = (await response.json())["tokens"]
         assert generated <= 6 + 6 + CUT_AT + 1, generated  # the two streams, then the cut one stopped
 
-        await asyncio.to_thread(start_worker, cli_process, config, path, "worker")
         for customer, (input_tokens, output_tokens, streamed) in served.items():
             rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
             admitted = [r for r in rows.values() if r["decision"] == "admitted"]

@@ -55,7 +55,11 @@ def start_litellm(tmp_path: Path, config_path: Path, model_port: int) -> tuple[M
         except OSError:
             return False
 
-    process.wait_until(live, START_TIMEOUT_S, "LiteLLM's /health/liveliness")
+    try:
+        process.wait_until(live, START_TIMEOUT_S, "LiteLLM's /health/liveliness")
+    except BaseException:
+        process.stop()
+        raise
     return process, port, time.monotonic() - began
 
 
@@ -64,7 +68,11 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
     model_port = free_port()
     mock = cli_process("mock", "mock-llm", "--port", str(model_port))
     await asyncio.to_thread(mock.wait_port, "127.0.0.1", model_port)
-    litellm, port, start_s = await asyncio.to_thread(start_litellm, tmp_path, path, model_port)
+    # The worker starts while LiteLLM does (both take long): the events wait for it in the broker.
+    (litellm, port, start_s), _ = await asyncio.gather(
+        asyncio.to_thread(start_litellm, tmp_path, path, model_port),
+        asyncio.to_thread(start_worker, cli_process, config, path, "worker"),
+    )
     print(f"LiteLLM ready in {start_s:.1f}s")
     base = f"http://127.0.0.1:{port}/v1"
 
@@ -128,7 +136,6 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
         served["cut"] = (PROMPT_TOKENS, count_text(text, "mock-small"), True)
 
-        await asyncio.to_thread(start_worker, cli_process, config, path, "worker")
         for customer, (input_tokens, output_tokens, streamed) in served.items():
             rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
             admitted = [r for r in rows.values() if r["decision"] == "admitted"]
