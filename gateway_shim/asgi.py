@@ -20,6 +20,7 @@ Content-Encoding is not decoded (send JSON as is).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -94,6 +95,7 @@ class _Relay:
         self.config = config
         self.started = False  # the response's start went to the client
         self.ended = False  # the stream's last bytes went out (or were cut)
+        self.gone: asyncio.Future[Message] | None = None  # the server's next message: the disconnect
         self.observer: StreamObserver | None = None
         self.start: Message | None = None
         self.body = bytearray()
@@ -103,21 +105,29 @@ class _Relay:
         try:
             forward = await exchange.admit(await _read_body(receive, headers, self.config, exchange.route.name))
         except Exception as exc:
-            await _answer(send, exchange.refuse(exc))
+            await self._refused(send, exc)
             return
         if forward.rewritten:  # the app reads the new body: its length too
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                          + [(b"content-length", str(len(forward.body)).encode())])
+        # After the body, the only message left is the disconnect: watched here, for the app too
+        # (a server may drop what is sent to a client that left, without an error).
+        self.gone = asyncio.ensure_future(receive())
         try:
-            await self.app(scope, _replay(forward.body, receive), lambda message: self._send(message, forward, send))
+            await self.app(scope, _replay(forward.body, self.gone), lambda message: self._send(message, forward, send))
         except _StreamCut:
             pass
         except Exception as exc:
             if self.started:
                 raise  # the client has the start of an answer: the server ends the connection
-            await _answer(send, exchange.refuse(exc))
+            await self._refused(send, exc)
             return
+        finally:
+            self.gone.cancel()
         if self.observer is not None and not self.ended:
+            if self.gone.done() and not self.gone.cancelled():
+                self._client_gone()
+                return
             await self._end_stream(send, more=True)  # the app returned without a last body
 
     async def _send(self, message: Message, forward: Forward, send: Send) -> None:
@@ -146,6 +156,9 @@ class _Relay:
             return
         if self.ended:
             raise _StreamCut
+        if self.gone is not None and self.gone.done():
+            self._client_gone()
+            raise _StreamCut  # nothing more reaches the client: the app's generator stops
         out = observer.feed(message.get("body", b""))
         if observer.cut or not message.get("more_body", False):
             await self._end_stream(send, out)
@@ -162,24 +175,33 @@ class _Relay:
         try:
             exchange.body(start["status"], raw)
         except ShimError as exc:
-            await _answer(send, exchange.refuse(exc))
-            await exchange.finish()
             self.started = True
+            await self._refused(send, exc)
             return
         await exchange.finish()  # billed before the answer leaves
         self.started = True
         await send(dict(start, headers=list(start.get("headers", ())) + _encoded(exchange.headers)))
         await send({"type": "http.response.body", "body": raw, "more_body": False})
 
+    async def _refused(self, send: Send, exc: BaseException) -> None:
+        """The request ends with ``exc``: its event first, then its answer."""
+        answer = self.exchange.refuse(exc)
+        await self.exchange.finish()
+        await _answer(send, answer)
+
     async def _write(self, send: Send, data: bytes) -> None:
         try:
             await send({"type": "http.response.body", "body": data, "more_body": True})
         except OSError:
-            assert self.observer is not None
-            self.observer.client_gone()
-            self.ended = True
-            self.observer.end()
+            self._client_gone()
             raise _StreamCut from None
+
+    def _client_gone(self) -> None:
+        """What was passed on is billed; the answer's end is not sent."""
+        assert self.observer is not None
+        self.ended = True
+        self.observer.client_gone()
+        self.observer.end()
 
     async def _end_stream(self, send: Send, out: bytes = b"", more: bool = False) -> None:
         """The stream's last bytes (the held [DONE], or the cut's ending) leave after settle and emit."""
@@ -216,8 +238,8 @@ async def _read_body(receive: Receive, headers: dict[str, str], config: Config, 
     return bytes(body)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The app's receive: the admitted body once, then the client's own messages (a disconnect)."""
+def _replay(body: bytes, gone: asyncio.Future[Message]) -> Receive:
+    """The app's receive: the admitted body once, then the disconnect when it comes."""
     sent = False
 
     async def replayed() -> Message:
@@ -225,7 +247,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        return await asyncio.shield(gone)
 
     return replayed
 

@@ -30,6 +30,7 @@ TIERS = {
 }
 CUT_AT = 4  # max_tokens of the stream the app overruns
 OVERRUN = 40  # tokens the app would write
+LONG = 40  # tokens of the stream a client leaves
 
 
 async def serve(name: str, target: str, tmp_path: Path, config_path: Path, cwd: Path = ROOT):
@@ -42,6 +43,13 @@ async def serve(name: str, target: str, tmp_path: Path, config_path: Path, cwd: 
         process.stop()
         raise
     return process, f"http://127.0.0.1:{port}"
+
+
+async def generated(base: str) -> int:
+    """How many tokens the app's streams have produced (a path outside /v1: passed through)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/generated") as response:
+            return (await response.json())["tokens"]
 
 
 def client(base: str, key: str) -> openai.AsyncOpenAI:
@@ -57,7 +65,8 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
     try:
         served: dict[str, tuple[int, int, bool]] = {}  # customer -> what the client was told it used
         keys = {c: new_key(config, c, t) for c, t in (("json", "app"), ("stream", "app"), ("quiet", "app"),
-                                                      ("limited", "limited"), ("cut", "cutting"))}
+                                                      ("limited", "limited"), ("cut", "cutting"),
+                                                      ("left", "app"))}
         async with client(base, keys["json"]) as c:
             raw = await c.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
             completion = raw.parse()
@@ -114,10 +123,20 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
         assert text == "".join(completion_pieces(CUT_AT)) and chunks[-1].choices[0].finish_reason == "length"
         served["cut"] = (count_prompt({"messages": MESSAGES}, "mock-small"), count_text(text, "mock-small"), True)
         await asyncio.sleep(0.5)  # time for a generator that was not stopped to write on
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/generated") as response:  # outside /v1: passed through
-                generated = (await response.json())["tokens"]
-        assert generated <= 6 + 6 + CUT_AT + 1, generated  # the two streams, then the cut one stopped
+        assert await generated(base) <= 6 + 6 + CUT_AT + 1  # the two streams, then the cut one stopped
+
+        # A client that leaves after 3 of 40 tokens: the app is stopped, what was passed on is billed.
+        async with client(base, keys["left"]) as c:
+            stream = await c.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=LONG, stream=True)
+            read = 0
+            async for chunk in stream:
+                read += bool(chunk.choices and chunk.choices[0].delta.content)
+                if read == 3:
+                    break
+            await stream.close()
+        before = await generated(base)
+        await asyncio.sleep(0.5)
+        assert await generated(base) == before < 6 + 6 + CUT_AT + 1 + LONG // 2  # stopped, long before its end
 
         for customer, (input_tokens, output_tokens, streamed) in served.items():
             rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
@@ -128,6 +147,9 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
             assert row["copies"] == 1 and bool(row["streamed"]) == streamed and row["status"] == 200, row
             assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
             assert row["reason"] == ("budget_cut" if customer == "cut" else None), row
+        [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
+        assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", PROMPT_TOKENS)
+        assert 3 <= left["output_tokens"] < LONG // 2, left  # what was passed on before the app stopped
         refusals = await asyncio.to_thread(
             wait_for, lambda: [r for r in ledger(config, "limited").values() if r["decision"] == "refused"], 30.0)
         assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in refusals] == [(429, 0, 0)]
