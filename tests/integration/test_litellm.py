@@ -27,6 +27,8 @@ from tests.integration.pipeline_helpers import start_worker, wait_for
 
 SHIPPED = ROOT / "deploy" / "litellm" / "config.yaml"
 START_TIMEOUT_S = 150  # LiteLLM imports a great deal; slower still on a busy machine
+TOKEN_DELAY_MS = 20  # the mock's pause before each streamed token
+LONG = 60  # tokens of the stream a client leaves
 CUT_AT = 5  # output tokens left in the cutting tier's quota after the prompt
 TIERS = {
     "app": {"requests_per_minute": 100, "monthly_tokens": 1_000_000, "allowed_models": ["mock-small"]},
@@ -66,7 +68,7 @@ def start_litellm(tmp_path: Path, config_path: Path, model_port: int) -> tuple[M
 async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_path: Path) -> None:
     config, path = config_factory({"tiers": TIERS})
     model_port = free_port()
-    mock = cli_process("mock", "mock-llm", "--port", str(model_port))
+    mock = cli_process("mock", "mock-llm", "--port", str(model_port), "--token-delay-ms", str(TOKEN_DELAY_MS))
     await asyncio.to_thread(mock.wait_port, "127.0.0.1", model_port)
     # The worker starts while LiteLLM does (both take long): the events wait for it in the broker.
     (litellm, port, start_s), _ = await asyncio.gather(
@@ -82,7 +84,8 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
     try:
         served: dict[str, tuple[int, int, bool]] = {}  # customer -> what the client was told it used
         keys = {c: new_key(config, c, t) for c, t in (("json", "app"), ("stream", "app"), ("quiet", "app"),
-                                                      ("limited", "limited"), ("cut", "cutting"))}
+                                                      ("limited", "limited"), ("cut", "cutting"),
+                                                      ("left", "app"))}
         async with client(keys["json"]) as c:
             raw = await c.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
             completion = raw.parse()
@@ -136,6 +139,16 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
         assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
         served["cut"] = (PROMPT_TOKENS, count_text(text, "mock-small"), True)
 
+        # A client that leaves after 3 tokens: billed for what LiteLLM was handed, not the whole answer.
+        async with client(keys["left"]) as c:
+            stream = await c.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=LONG, stream=True)
+            read = 0
+            async for chunk in stream:
+                read += bool(chunk.choices and chunk.choices[0].delta.content)
+                if read == 3:
+                    break
+            await stream.close()
+
         for customer, (input_tokens, output_tokens, streamed) in served.items():
             rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
             admitted = [r for r in rows.values() if r["decision"] == "admitted"]
@@ -145,6 +158,9 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
             assert row["copies"] == 1 and bool(row["streamed"]) == streamed and row["status"] == 200, row
             assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
             assert row["reason"] == ("budget_cut" if customer == "cut" else None), row
+        [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
+        assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", PROMPT_TOKENS)
+        assert 3 <= left["output_tokens"] < LONG // 2, left
         refusals = await asyncio.to_thread(
             wait_for, lambda: [r for r in ledger(config, "limited").values() if r["decision"] == "refused"], 30.0)
         assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in refusals] == [(429, 0, 0)]
