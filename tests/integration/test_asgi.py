@@ -19,13 +19,16 @@ import pytest
 from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import free_port
 from quotameter.tokens import count_prompt, count_text
-from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
 from tests.integration.in_process_helpers import ROOT, host_process, ledger, new_key
 from tests.integration.pipeline_helpers import start_worker, wait_for
 
+PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 TIERS = {
     "app": {"requests_per_minute": 100, "monthly_tokens": 1_000_000, "allowed_models": ["mock-small"]},
     "limited": {"requests_per_minute": 1, "upgrade_hint": "Upgrade to Pro."},
+    # Its budget spent, a request is served the cheaper model (the body the app / LiteLLM gets is rewritten).
+    "thrifty": {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}},
     "cutting": {"monthly_tokens": 10**12, "cut_streams": True, "upgrade_hint": "Upgrade to Pro."},
 }
 CUT_AT = 4  # max_tokens of the stream the app overruns
@@ -57,7 +60,7 @@ def client(base: str, key: str) -> openai.AsyncOpenAI:
 
 
 async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_factory, cli_process, tmp_path: Path) -> None:
-    config, path = config_factory({"tiers": TIERS})
+    config, path = config_factory({"tiers": TIERS, "prices": PRICES})
     (app, base), _ = await asyncio.gather(  # the worker starts beside the app: the events wait in the broker
         serve("app", "tests.integration.asgi_app:app", tmp_path, path),
         asyncio.to_thread(start_worker, cli_process, config, path, "worker"),
@@ -66,7 +69,7 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
         served: dict[str, tuple[int, int, bool]] = {}  # customer -> what the client was told it used
         keys = {c: new_key(config, c, t) for c, t in (("json", "app"), ("stream", "app"), ("quiet", "app"),
                                                       ("limited", "limited"), ("cut", "cutting"),
-                                                      ("left", "app"))}
+                                                      ("left", "app"), ("thrifty", "thrifty"))}
         async with client(base, keys["json"]) as c:
             raw = await c.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
             completion = raw.parse()
@@ -138,6 +141,12 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
         await asyncio.sleep(0.5)
         assert await generated(base) == before < 6 + 6 + CUT_AT + 1 + LONG // 2  # stopped, long before its end
 
+        Shim(config, None, path).set_totals("thrifty", micro_usd=1000)  # its budget is spent
+        async with client(base, keys["thrifty"]) as c:
+            completion = await c.chat.completions.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+        assert completion.model == "mock-small"
+        served["thrifty"] = (PROMPT_TOKENS, 3, False)
+
         for customer, (input_tokens, output_tokens, streamed) in served.items():
             rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
             admitted = [r for r in rows.values() if r["decision"] == "admitted"]
@@ -146,7 +155,8 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
             assert (row["input_tokens"], row["output_tokens"]) == (input_tokens, output_tokens), (customer, row)
             assert row["copies"] == 1 and bool(row["streamed"]) == streamed and row["status"] == 200, row
             assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
-            assert row["reason"] == ("budget_cut" if customer == "cut" else None), row
+            assert row["reason"] == {"cut": "budget_cut", "thrifty": "fallback"}.get(customer), row
+            assert row["model_served"] == "mock-small", row
         [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
         assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", PROMPT_TOKENS)
         assert 3 <= left["output_tokens"] < LONG // 2, left  # what was passed on before the app stopped

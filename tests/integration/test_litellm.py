@@ -21,7 +21,7 @@ import pytest
 from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.tokens import count_text
-from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
 from tests.integration.in_process_helpers import ROOT, ledger, new_key
 from tests.integration.pipeline_helpers import start_worker, wait_for
 
@@ -30,9 +30,12 @@ START_TIMEOUT_S = 150  # LiteLLM imports a great deal; slower still on a busy ma
 TOKEN_DELAY_MS = 20  # the mock's pause before each streamed token
 LONG = 60  # tokens of the stream a client leaves
 CUT_AT = 5  # output tokens left in the cutting tier's quota after the prompt
+PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 TIERS = {
     "app": {"requests_per_minute": 100, "monthly_tokens": 1_000_000, "allowed_models": ["mock-small"]},
     "limited": {"requests_per_minute": 1, "upgrade_hint": "Upgrade to Pro."},
+    # Its budget spent, a request is served the cheaper model (the body the app / LiteLLM gets is rewritten).
+    "thrifty": {"monthly_budget_usd": "0.001", "fallback": {"model": "mock-small", "extra_budget_usd": "0.01"}},
     "cutting": {"monthly_tokens": PROMPT_TOKENS + CUT_AT, "default_max_tokens": 100, "cut_streams": True,
                 "upgrade_hint": "Upgrade to Pro."},
 }
@@ -66,7 +69,7 @@ def start_litellm(tmp_path: Path, config_path: Path, model_port: int) -> tuple[M
 
 
 async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_path: Path) -> None:
-    config, path = config_factory({"tiers": TIERS})
+    config, path = config_factory({"tiers": TIERS, "prices": PRICES})
     model_port = free_port()
     mock = cli_process("mock", "mock-llm", "--port", str(model_port), "--token-delay-ms", str(TOKEN_DELAY_MS))
     await asyncio.to_thread(mock.wait_port, "127.0.0.1", model_port)
@@ -85,7 +88,7 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
         served: dict[str, tuple[int, int, bool]] = {}  # customer -> what the client was told it used
         keys = {c: new_key(config, c, t) for c, t in (("json", "app"), ("stream", "app"), ("quiet", "app"),
                                                       ("limited", "limited"), ("cut", "cutting"),
-                                                      ("left", "app"))}
+                                                      ("left", "app"), ("thrifty", "thrifty"))}
         async with client(keys["json"]) as c:
             raw = await c.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
             completion = raw.parse()
@@ -149,6 +152,13 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
                     break
             await stream.close()
 
+        Shim(config, None, path).set_totals("thrifty", micro_usd=1000)  # its budget is spent
+        async with client(keys["thrifty"]) as c:
+            raw = await c.chat.completions.with_raw_response.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+        # LiteLLM served its mock-small deployment, and names the model asked for in the answer.
+        assert raw.headers["x-litellm-model-group"] == "mock-small" and raw.parse().model == "mock-large"
+        served["thrifty"] = (PROMPT_TOKENS, 3, False)
+
         for customer, (input_tokens, output_tokens, streamed) in served.items():
             rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
             admitted = [r for r in rows.values() if r["decision"] == "admitted"]
@@ -157,7 +167,8 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
             assert (row["input_tokens"], row["output_tokens"]) == (input_tokens, output_tokens), (customer, row)
             assert row["copies"] == 1 and bool(row["streamed"]) == streamed and row["status"] == 200, row
             assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
-            assert row["reason"] == ("budget_cut" if customer == "cut" else None), row
+            assert row["reason"] == {"cut": "budget_cut", "thrifty": "fallback"}.get(customer), row
+            assert row["model_served"] == "mock-small", row
         [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
         assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", PROMPT_TOKENS)
         assert 3 <= left["output_tokens"] < LONG // 2, left
