@@ -30,8 +30,9 @@ would be copied into LiteLLM's logs). The hooks then run, per request:
                                  the rate-limit headers on every answer
 
 The model names quotameter sees (allowed models, prices, a tier's fallback)
-are LiteLLM's ``model_name``s: a fallback must be one of them, and the event's
-served model is the one LiteLLM routed to (its answer names the model asked for).
+are LiteLLM's ``model_name``s: a fallback must be one of them. The event's
+served model is the upstream's, as the hooks see the answer (LiteLLM's answer
+to the client names the model asked for, even when a fallback served it).
 """
 
 from __future__ import annotations
@@ -142,7 +143,6 @@ class QuotameterCallback(CustomLogger):
         exchange, _ = opened
         try:
             exchange.body(200, _json(response))
-            _served(exchange, data)
         except ShimError as exc:
             answer = exchange.refuse(exc)
             raise _http_error(answer) from None
@@ -187,16 +187,13 @@ class QuotameterCallback(CustomLogger):
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             observer.client_gone()
             observer.end()
-            _served(exchange, request_data)
             await asyncio.shield(exchange.finish())
             raise
         except Exception:
             observer.upstream_cut()
             observer.end()
-            _served(exchange, request_data)
             await exchange.finish()
             raise
-        _served(exchange, request_data)
         await exchange.finish()  # billed before the stream's last chunk
         for out in closing:
             if "error" in out:
@@ -205,14 +202,6 @@ class QuotameterCallback(CustomLogger):
                 yield type(chunk)(**out)
         if cut is not None:  # LiteLLM writes it as an error event, as the proxy's cut ends
             raise _http_error(Answer(429, {}, json.dumps({"error": cut}).encode()))
-
-
-def _served(exchange: Exchange, data: dict) -> None:
-    """The model LiteLLM routed to (its model_name, after a fallback rewrite): LiteLLM puts the
-    name the client asked for in the answer, which would price a fallback as the model refused."""
-    model = data.get("model")
-    if isinstance(model, str) and model:
-        exchange.meter.model_served = model
 
 
 def _client(request: Any) -> str | None:
