@@ -71,6 +71,7 @@ def keys_create(
     tokens_per_minute: Annotated[Optional[int], typer.Option(help="This key's own tokens/min.")] = None,
     concurrent_requests: Annotated[Optional[int], typer.Option(help="This key's own concurrency.")] = None,
     models: Annotated[Optional[str], typer.Option(help="Comma list: the only models this key may use.")] = None,
+    project: Annotated[Optional[str], typer.Option(help="Project the key's spend is attributed to.")] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Create an API key. The key is shown once, on stdout; only its hash is stored.
@@ -97,14 +98,20 @@ def keys_create(
         limits = KeyOverrides(**values) if any(v is not None for v in values.values()) else None
     except ValidationError as exc:
         raise _fail(f"invalid key limits: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", 2) from None
+    from quotameter.labels import id_problem
+
+    if project is not None and (problem := id_problem(project)):
+        raise _fail(f"--project {problem}", 2)
     try:
         new = create_key(
-            _redis(config), RedisKeys(config.services.redis_prefix), customer, tier, priority=priority, limits=limits
+            _redis(config), RedisKeys(config.services.redis_prefix), customer, tier, priority=priority, limits=limits,
+            project=project,
         )
     except Exception as exc:  # redis.ConnectionError and friends
         raise _fail(f"cannot reach Redis at {config.services.redis_url}: {exc}") from None
     if as_json:
-        typer.echo(json.dumps({"key": new.plaintext, "key_id": new.key_id, "customer": customer, "tier": tier}))
+        shown = {"key": new.plaintext, "key_id": new.key_id, "customer": customer, "tier": tier}
+        typer.echo(json.dumps(shown | ({"project": project} if project else {})))
     else:
         typer.echo(new.plaintext)
 
