@@ -10,7 +10,7 @@ like OpenAI's organization usage API).
     page          the previous answer's next_page
 
 Every bucket of the page is listed, empty ones with ``results: []``. Only
-admitted requests count. The ledger is read through the pipeline worker
+requests the model answered count (not refusals, 4xx or upstream errors). The ledger is read through the pipeline worker
 (``POST {services.worker_url}/usage/buckets`` with services.admin_token),
 which owns the embedded chDB ledger on ``quotameter up`` and reads the
 ClickHouse server when services.history_url names one: the same path either

@@ -2,7 +2,8 @@
 ``GET /v1/usage?start_time=…`` (the shim asks the worker's
 ``POST /usage/buckets``, pipeline/web.py).
 
-Only admitted requests count (a refusal costs and uses nothing). The ledger is
+Only requests the model answered count: admitted, status below 400 (a
+refusal, a malformed request or an upstream error uses nothing). The ledger is
 read ``FINAL``, so a redelivered event counts once. Every customer-supplied
 value (customer, tag key) is a bound ``{name:Type}`` parameter, never text of
 the query; group-by names are checked against ``DIMENSIONS`` and only their
@@ -95,7 +96,7 @@ class BucketQuery:
     sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens,
     toString(sum(cost_usd)) AS cost_usd
 FROM {EVENTS} FINAL
-WHERE customer = {{customer:String}} AND decision = 'admitted'
+WHERE customer = {{customer:String}} AND decision = 'admitted' AND status < 400
   AND time >= {{start:DateTime64(3, 'UTC')}} AND time < {{end:DateTime64(3, 'UTC')}}
 GROUP BY {keys}
 ORDER BY {keys}

@@ -108,9 +108,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootst
         return proc
 
     try:
-        start("mock", "mock-llm", "--port", str(mock_port)).wait_port("127.0.0.1", mock_port)
-        start("shim", "proxy").wait_port("127.0.0.1", config.shim.port)
-        worker = start("worker", "worker")
+        # All three at once: the worker's start is the long one.
+        mock, shim, worker = start("mock", "mock-llm", "--port", str(mock_port)), start("shim", "proxy"), start("worker", "worker")
+        mock.wait_port("127.0.0.1", mock_port)
+        shim.wait_port("127.0.0.1", config.shim.port)
         worker.wait_until(lambda: health_status(config) == 200, 60, "/healthz 200")
         assert worker.log_path.read_text().count(READY_LINE) == 1
         yield Stack(config, procs)
@@ -318,6 +319,12 @@ async def test_hostile_attribution_is_refused_with_a_400_and_bills_nothing(stack
         FROM quotameter.events FINAL WHERE customer = '{customer}' ORDER BY status""")
     assert [(r["status"], r["end_user"], int(r["tags"])) for r in rows] == [(200, "u" * 256, 16)] + [(400, "", 0)] * len(refused)
     assert int(rows[0]["tokens"]) == ok.usage.total_tokens and all(int(r["tokens"]) == 0 for r in rows[1:])
+    # The history counts the one request the model answered, under its end user and tags.
+    status, page = await stack.usage(key, start_time=int(time.time()) - 120, bucket_width="1h", group_by="user,tag:z")
+    assert status == 200, page
+    assert flatten(page, "user", "tag:z") == {("u" * 256, "v" * 128): {
+        "input_tokens": ok.usage.prompt_tokens, "output_tokens": ok.usage.completion_tokens, "num_model_requests": 1,
+        "cost_usd": format_usd(ok.usage.prompt_tokens * INPUT_PER_TOKEN + ok.usage.completion_tokens * OUTPUT_PER_TOKEN)}}
 
 
 async def test_usage_history_refuses_bad_parameters(stack: Stack) -> None:
@@ -334,3 +341,44 @@ async def test_usage_history_refuses_bad_parameters(stack: Stack) -> None:
     # The admin token names any customer: a hostile one is only a name that has no usage.
     status, page = await stack.usage(ADMIN, start_time=now - 60, customer="x' OR '1'='1", group_by="user")
     assert status == 200 and all(not b["results"] for b in page["data"]), page
+
+
+def test_a_ledger_written_before_attribution_gains_its_columns_on_start(tmp_path: Path) -> None:
+    from chdb.session import Session
+
+    from pipeline.history import schema
+    from pipeline.history.chdb_store import ChdbHistory
+    from quotameter.aggregate import price_batch
+    from quotameter.events import RequestData, UsageEvent
+    from quotameter.pricing import PriceTable
+
+    new_columns = ",\n        end_user String DEFAULT '',\n        project String DEFAULT '',\n        tags Map(String, String)"
+    old_table = schema.DDL[1].replace(new_columns, "")
+    assert old_table != schema.DDL[1] and "end_user" not in old_table
+    path = tmp_path / "history"
+    path.mkdir()
+    session = Session(str(path))
+    session.query(schema.DDL[0])
+    session.query(old_table)
+    session.query(f"INSERT INTO {schema.EVENTS} (id, time, customer, api_key_id, tier, route, status, decision, "
+                  "input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, price_version, usage_source, "
+                  "streamed, latency_ms, request_bytes, response_bytes, source) VALUES "
+                  "('old-1', '2026-11-02 10:00:00', 'acme', 'k1', 'pro', '/v1/chat/completions', 200, 'admitted', "
+                  "10, 5, 0, 0, 0.000003, 'v1', 'upstream', false, 1.0, 1, 1, 'shim-1')")
+    session.close()
+
+    config = load_config(DEFAULT_CONFIG)
+    event = UsageEvent(id="new-1", source="shim-1", subject="acme", time="2026-11-02T11:00:00Z", data=RequestData(
+        api_key_id="k1", tier="pro", route="/v1/chat/completions", status=200, decision="admitted",
+        model_requested="mock-small", input_tokens=20, output_tokens=7, end_user=ODD_USER, project="p1",
+        tags={"feature": "x", "team": "search"}))
+    store = ChdbHistory(path)  # runs the DDL: the ALTERs add the columns
+    try:
+        store.insert_events(price_batch([event], PriceTable(list(config.prices), config.default_price)))
+        rows = store.query(f"SELECT id, end_user, project, tags, input_tokens FROM {schema.EVENTS} FINAL ORDER BY id")
+    finally:
+        store.close()
+    assert rows == [
+        {"id": "new-1", "end_user": ODD_USER, "project": "p1", "tags": {"feature": "x", "team": "search"}, "input_tokens": 20},
+        {"id": "old-1", "end_user": "", "project": "", "tags": {}, "input_tokens": 10},
+    ]
