@@ -34,6 +34,7 @@ WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
 LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}  # (default, max) buckets per page
 GROUPS = ("model", "api_key", "user", "project")
 WORKER_TIMEOUT_S = 10.0
+MAX_TIME_S = 4_102_444_800  # 2100-01-01: the ledger's DateTime64 and every client's clock agree up to there
 _PAGE = "page_"
 
 
@@ -43,8 +44,8 @@ def _int(query: Mapping[str, str], name: str, default: int | None = None) -> int
         if default is None:
             raise UsageBadRequest(f"{name} is required (Unix seconds).")
         return default
-    if not text.isdigit() or len(text) > 12:
-        raise UsageBadRequest(f"{name} must be a non-negative integer, not {text[:40]!r}.")
+    if not text.isdigit() or len(text) > 12 or int(text) > MAX_TIME_S:
+        raise UsageBadRequest(f"{name} must be a whole number, 0-{MAX_TIME_S}, not {text[:40]!r}.")
     return int(text)
 
 

@@ -379,6 +379,9 @@ def export(
     stripe_window: Annotated[
         Optional[str], typer.Option("--stripe-window", help="hour or day (default: billing.stripe.window).")
     ] = None,
+    by: Annotated[
+        Optional[str], typer.Option("--by", help="Break lines down by api_key, user, project, tag:KEY (comma list).")
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Export a billing period's usage per customer and model, after reconciling
@@ -395,8 +398,15 @@ def export(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quotameter.export import FORMATS, ExportError, ExportRefused, ReconciliationFailed, run_export
+    from quotameter.export_sql import breakdown
 
     config = _config(config_path)
+    try:
+        dimensions = breakdown(by or "")
+    except ValueError as exc:
+        raise _fail(f"--by: {exc}", 2) from None
+    if dimensions and fmt == "stripe":
+        raise _fail("--by exports csv or json only: Stripe meter events are per customer", 2)
     if fmt not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
     if stripe_window not in (None, "hour", "day"):
@@ -421,7 +431,8 @@ def export(
     try:
         with bar:
             result = run_export(
-                config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, progress=progress
+                config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, by=dimensions,
+                progress=progress,
             )
     except ExportError as exc:
         # soft_wrap: long messages stay on one line each, whole numbers intact.

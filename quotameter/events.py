@@ -18,7 +18,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from quotameter.errors import EventError
-from quotameter.labels import MAX_TAGS, id_problem, tag_problem
+from quotameter.labels import MAX_ID_CHARS, MAX_TAGS, id_problem, tag_problem
 
 EVENT_TYPE_V1 = "quotameter.request.v1"
 _EVENT_TYPE_RE = re.compile(r"^quotameter\.request\.v[1-9][0-9]*$")
@@ -75,9 +75,9 @@ class RequestData(BaseModel):
     queued_ms: float | None = Field(default=None, ge=0)  # time waited in the batch queue
     # Who the spend is for (quotameter/labels.py bounds them). Added to v1 as
     # optional fields: a reader that does not know them ignores them.
-    end_user: str | None = None
-    project: str | None = None
-    tags: dict[str, str] | None = None  # sorted by key when the shim writes them
+    end_user: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    project: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    tags: dict[str, str] | None = Field(default=None, max_length=MAX_TAGS)  # sorted by key when the shim writes them
 
     @field_validator("end_user", "project")
     @classmethod

@@ -12,11 +12,13 @@ One shim and one worker serve the whole module."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,9 @@ ODD_USER = "o'brien \"the\", ');DROP TABLE quotameter.events;-- =cmd|' josé 日
 
 
 class Stack:
-    def __init__(self, config: Config, procs: list[ManagedProcess]) -> None:
+    def __init__(self, config: Config, config_path: Path, procs: list[ManagedProcess]) -> None:
         self.config = config
+        self.config_path = config_path
         self.procs = procs
         self.names = RedisKeys(config.services.redis_prefix)
 
@@ -114,7 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootst
         shim.wait_port("127.0.0.1", config.shim.port)
         worker.wait_until(lambda: health_status(config) == 200, 60, "/healthz 200")
         assert worker.log_path.read_text().count(READY_LINE) == 1
-        yield Stack(config, procs)
+        yield Stack(config, path, procs)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -182,6 +185,7 @@ async def traffic(stack: Stack, customer: str) -> tuple[Served, list[str]]:
             # The header wins over the body's user.
             chat(plain, "carol", None, "ads", 11, user="not-carol", extra_headers={"x-quotameter-user": "carol"}),
             chat(plain, None, None, None, 4),
+            chat(plain, "=1+2", None, "ads", 2, user="=1+2"),  # a formula, to a spreadsheet
             chat(bound, "alice", "proj-other", "search", 6, user="alice"),  # the key's project wins
             chat(bound, ODD_USER, None, "search", 3, stream=True, user=ODD_USER),
             chat(bound, "bob", None, None, 8, user="bob"),
@@ -212,11 +216,21 @@ def flatten(page: dict[str, Any], *fields: str) -> dict[tuple, dict[str, Any]]:
             for g, s in out.items()}
 
 
-async def test_spend_lands_in_the_ledger_and_usage_history_by_every_dimension(stack: Stack) -> None:
-    customer = "attr-acme"
+ACME = "attr-acme"
+
+
+@pytest.fixture(scope="module")
+async def acme(stack: Stack) -> tuple[Served, list[str], int]:
+    """The module's traffic, in the ledger: what was served, the keys, when it began."""
     began = int(time.time())
-    served, keys = await traffic(stack, customer)
-    stack.wait_rows(customer, 8)
+    served, keys = await traffic(stack, ACME)
+    stack.wait_rows(ACME, 9)
+    return served, keys, began
+
+
+async def test_spend_lands_in_the_ledger_and_usage_history_by_every_dimension(stack: Stack, acme) -> None:
+    customer = ACME
+    served, keys, began = acme
 
     # The ledger: each attribution's tokens, to the token, what its clients were served.
     rows = stack.ledger(f"""
@@ -382,3 +396,34 @@ def test_a_ledger_written_before_attribution_gains_its_columns_on_start(tmp_path
         {"id": "new-1", "end_user": ODD_USER, "project": "p1", "tags": {"feature": "x", "team": "search"}, "input_tokens": 20},
         {"id": "old-1", "end_user": "", "project": "", "tags": {}, "input_tokens": 10},
     ]
+
+
+def test_export_breaks_spend_down_by_key_user_and_tag_with_totals_unchanged(stack: Stack, acme) -> None:
+    import csv
+    import io
+
+    from quotameter.export import run_export
+
+    served, keys, _ = acme
+    month = stack.config.billing.calendar.current(datetime.now(UTC))
+
+    def export(*by: str) -> list[dict[str, str]]:
+        done = run_export(stack.config, month, "csv", datetime.now(UTC), draft=True, by=by)
+        return list(csv.DictReader(io.StringIO(done.text)))
+
+    plain = [r for r in export() if r["customer"] == ACME]
+    broken = [r for r in export("api_key", "user", "tag:team") if r["customer"] == ACME]
+    lines = [r for r in broken if r["record"] == "line"]
+    got: dict[tuple, Counter] = defaultdict(Counter)
+    for row in lines:
+        user = row["user"].removeprefix("'") if row["user"].startswith("'=") else row["user"]
+        got[(row["api_key_id"], user or None, row["tag:team"] or None)].update(
+            {"input_tokens": int(row["input_tokens"]), "output_tokens": int(row["output_tokens"]),
+             "requests": int(row["requests"])})
+    assert dict(got) == dict(served.by(0, 1, 3))
+    assert "'=1+2" in [r["user"] for r in lines] and ODD_USER in [r["user"] for r in lines]
+    # The customer's total record is the same with or without the breakdown.
+    total = lambda rows: {k: v for k, v in next(r for r in rows if r["record"] == "customer_total").items()  # noqa: E731
+                          if k not in ("api_key_id", "user", "tag:team")}
+    assert total(broken) == total(plain) and int(total(plain)["input_tokens"]) == served.by()[()]["input_tokens"]
+    assert sum(Decimal(r["amount_exact"]) for r in lines) == Decimal(total(plain)["amount_exact"])
