@@ -3,7 +3,7 @@ in time buckets, grouped by model, API key, end user, project or tag (shaped
 like OpenAI's organization usage API).
 
     start_time    Unix seconds, required; rounded down to a bucket boundary (UTC)
-    end_time      Unix seconds, exclusive; default now
+    end_time      Unix seconds, exclusive; default the end of the current second
     bucket_width  1m, 1h or 1d (default 1d)
     group_by      comma list (or repeated): model, api_key, user, project, tag:KEY
     limit         buckets per page: 1m 60 (max 1440), 1h 24 (max 168), 1d 7 (max 31)
@@ -66,7 +66,7 @@ async def history(config: Config, customer: str, query: MultiMapping[str]) -> di
         raise UsageBadRequest(f"bucket_width must be one of {', '.join(WIDTHS_S)}.")
     width = WIDTHS_S[width_name]
     start = _int(query, "start_time") // width * width
-    end = _int(query, "end_time", int(time.time()))
+    end = _int(query, "end_time", int(time.time()) + 1)  # now, this second's requests included
     if end <= start:
         raise UsageBadRequest("end_time must be after start_time.")
     default_limit, max_limit = LIMITS[width_name]

@@ -37,6 +37,7 @@ from tests.conftest import merge
 from tests.integration.pipeline_helpers import READY_LINE, health_status, http_json, wait_for
 
 ADMIN = "admin-token-for-attribution-tests"
+INGEST = "ingest-token-for-attribution-tests"
 MESSAGES = [{"role": "user", "content": "Say some words."}]
 # mock-small: $0.10 in, $0.40 out per 1M tokens (the example config).
 INPUT_PER_TOKEN, OUTPUT_PER_TOKEN = Decimal("0.0000001"), Decimal("0.0000004")
@@ -93,7 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootst
         "tiers": {"pro": {}},
         "upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"},
         "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(root / "spool"),
-                 "drain_timeout_s": 2, "admin_token": ADMIN},
+                 "drain_timeout_s": 2, "admin_token": ADMIN, "ingest_token": INGEST},
         "pipeline": {"ledger_flush_ms": 200},
         "services": {"redis_url": redis_url, "redis_prefix": f"qm{unique}", "kafka_bootstrap": kafka_bootstrap,
                      "events_topic": f"events-{unique}", "history_dir": str(root / "history"),
@@ -427,3 +428,23 @@ def test_export_breaks_spend_down_by_key_user_and_tag_with_totals_unchanged(stac
                           if k not in ("api_key_id", "user", "tag:team")}
     assert total(broken) == total(plain) and int(total(plain)["input_tokens"]) == served.by()[()]["input_tokens"]
     assert sum(Decimal(r["amount_exact"]) for r in lines) == Decimal(total(plain)["amount_exact"])
+
+
+async def test_reported_events_carry_attribution_and_bad_values_are_refused(stack: Stack) -> None:
+    from tests.integration.test_ingest import BATCH, event, post
+
+    customer = "attr-reported"
+    stack.config = stack.config.model_copy(update={"shim": stack.config.shim.model_copy(update={"ingest_token": INGEST})})
+    good = [event(f"rep-{n}-{uuid.uuid4().hex[:6]}", customer, 100 + n, 10 + n, end_user=user, project="proj-r",
+                  tags={"team": "search"}) for n, user in enumerate([ODD_USER, "dave"])]
+    bad = event("rep-bad", customer, 1, 1, tags={"team": "a'b"})
+    status, body = await post(stack.config, [good[0], bad], BATCH, token=INGEST)
+    assert status == 400 and body["error"]["param"] == "events[1].data.tags", body
+    assert await post(stack.config, good, BATCH, token=INGEST) == (202, {"accepted": 2})
+    stack.wait_rows(customer, 2)
+    status, page = await stack.usage(ADMIN, customer=customer, start_time=int(time.time()) - 120, bucket_width="1h",
+                                     group_by="user,project,tag:team")
+    assert status == 200, page
+    assert {(r["user"], r["project"], r["tags"]["team"]): (r["input_tokens"], r["output_tokens"])
+            for b in page["data"] for r in b["results"]} == {
+        (ODD_USER, "proj-r", "search"): (100, 10), ("dave", "proj-r", "search"): (101, 11)}
