@@ -20,6 +20,7 @@ to the upstream, as the shim does not own those fields.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,6 +58,15 @@ def attribution_of(headers: Mapping[str, str], body: dict | None, config: Config
         raise InvalidParameter(f"The project ({shim.project_header}) {problem}.", shim.project_header, "invalid_value")
     tags = () if raw_tags is None else parse_tags(raw_tags, shim.max_tags, shim.tags_header)
     return Attribution(end_user, project, tags)
+
+
+def header_value(attribution: Attribution, key_project: str | None) -> str | None:
+    """The attribution as one line of ASCII JSON (the fields of an event's ``data``), for a
+    proxy behind ``/v1/check`` to copy into its usage report; None when there is none."""
+    fields = {"end_user": attribution.end_user, "project": key_project or attribution.project,
+              "tags": dict(attribution.tags) or None}
+    shown = {name: value for name, value in fields.items() if value is not None}
+    return json.dumps(shown, separators=(",", ":")) if shown else None
 
 
 def parse_tags(raw: str, max_tags: int, header: str) -> tuple[tuple[str, str], ...]:

@@ -29,6 +29,7 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
+from gateway_shim.attribution import header_value
 from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.errors import Answer, ShimError, error_answer
 from gateway_shim.proxy import Proxy
@@ -93,6 +94,8 @@ class Check:
         headers["x-quotameter-customer"] = key.customer
         headers["x-quotameter-tier"] = key.tier
         headers["x-quotameter-key-id"] = key.key_id  # for the usage report's api_key_id
+        if (attributed := header_value(exchange.attribution, key.project)) is not None:
+            headers["x-quotameter-attribution"] = attributed  # for the report's data (deploy/nginx/quotameter.js)
         if ticket.model is not None and ticket.model != model:
             headers["x-quotameter-served-model"] = ticket.model  # degraded to the tier's fallback
         answer = {"event_id": ticket.event_id, "customer": key.customer, "tier": key.tier, "model": ticket.model}
