@@ -8,8 +8,9 @@ Bearer`` key, takes the model from ``x-quotameter-model`` (else the JSON
 body's ``model``, when the proxy sends the body; else the tier's defaults),
 and runs the proxy's own admission: same script, same limits, same refusals
 and headers. Admitted: 200 with the event id, customer, tier, key id (and
-the model to serve, when degraded to a fallback) as ``x-quotameter-*``
-headers, plus the rate-limit headers. The request's usage event comes later
+the model to serve, when degraded to a fallback; the request's attribution
+as JSON in ``x-quotameter-attribution``, for the report's data) as
+``x-quotameter-*`` headers, plus the rate-limit headers. The request's usage event comes later
 from the gateway through ``POST /v1/events`` under that event id, which
 settles the reservation (gateway_shim/check_tickets.py). A refusal is an event of its
 own, emitted here as the proxy does; its answer also carries its JSON body in
