@@ -128,7 +128,10 @@ class Exchange:
             proxied = await read_request_async(self.route, raw, life.config.shim)
         except MalformedRequest as exc:  # still counted as a request, then refused
             malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False)
-        self.attribution = attribution_of(headers or {}, proxied.body, life.config)
+        try:
+            self.attribution = attribution_of(headers or {}, proxied.body, life.config)
+        except MalformedRequest as exc:  # a bad attribution too: counted as a request, then refused
+            malformed = malformed or exc
         meter.attribution = self.attribution
         self.proxied = proxied
         meter.model_requested = proxied.model
