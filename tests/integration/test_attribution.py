@@ -56,12 +56,12 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.config.shim.port}/v1"
 
-    def key(self, customer: str, project: str | None = None) -> str:
+    def key(self, customer: str, project: str | None = None, tier: str = "pro") -> str:
         import redis
 
         client = redis.Redis.from_url(self.config.services.redis_url)
         try:
-            return create_key(client, self.names, customer, "pro", project=project).plaintext
+            return create_key(client, self.names, customer, tier, project=project).plaintext
         finally:
             client.close()
 
@@ -91,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootst
     unique = uuid.uuid4().hex[:10]
     mock_port = free_port()
     document = merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), {
-        "tiers": {"pro": {}},
+        "tiers": {"pro": {}, "tight": {"requests_per_minute": 2}},
         "upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"},
         "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(root / "spool"),
                  "drain_timeout_s": 2, "admin_token": ADMIN, "ingest_token": INGEST},
@@ -334,6 +334,17 @@ async def test_hostile_attribution_is_refused_with_a_400_and_bills_nothing(stack
         FROM quotameter.events FINAL WHERE customer = '{customer}' ORDER BY status""")
     assert [(r["status"], r["end_user"], int(r["tags"])) for r in rows] == [(200, "u" * 256, 16)] + [(400, "", 0)] * len(refused)
     assert int(rows[0]["tokens"]) == ok.usage.total_tokens and all(int(r["tokens"]) == 0 for r in rows[1:])
+    # A refused attribution still counts as a request, as a malformed body does: no free 400s past the limit.
+    tight = stack.client(stack.key("attr-tight", tier="tight"))
+    try:
+        for _ in range(2):
+            with pytest.raises(openai.BadRequestError):
+                await tight.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=3,
+                                                    extra_headers={"x-quotameter-tags": "bad tag"})
+        with pytest.raises(openai.RateLimitError):
+            await tight.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=3)
+    finally:
+        await tight.close()
     # The history counts the one request the model answered, under its end user and tags.
     status, page = await stack.usage(key, start_time=int(time.time()) - 120, bucket_width="1h", group_by="user,tag:z")
     assert status == 200, page
