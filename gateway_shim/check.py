@@ -8,8 +8,9 @@ Bearer`` key, takes the model from ``x-quotameter-model`` (else the JSON
 body's ``model``, when the proxy sends the body; else the tier's defaults),
 and runs the proxy's own admission: same script, same limits, same refusals
 and headers. Admitted: 200 with the event id, customer, tier, key id (and
-the model to serve, when degraded to a fallback) as ``x-quotameter-*``
-headers, plus the rate-limit headers. The request's usage event comes later
+the model to serve, when degraded to a fallback; the request's attribution
+as JSON in ``x-quotameter-attribution``, for the report's data) as
+``x-quotameter-*`` headers, plus the rate-limit headers. The request's usage event comes later
 from the gateway through ``POST /v1/events`` under that event id, which
 settles the reservation (gateway_shim/check_tickets.py). A refusal is an event of its
 own, emitted here as the proxy does; its answer also carries its JSON body in
@@ -32,6 +33,7 @@ from typing import Any
 import redis.exceptions
 from aiohttp import web
 
+from gateway_shim.attribution import header_value
 from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.errors import Answer, ShimError, error_answer
 from gateway_shim.proxy import Proxy
@@ -97,6 +99,8 @@ class Check:
         headers["x-quotameter-customer"] = key.customer
         headers["x-quotameter-tier"] = key.tier
         headers["x-quotameter-key-id"] = key.key_id  # for the usage report's api_key_id
+        if (attributed := header_value(exchange.attribution, key.project)) is not None:
+            headers["x-quotameter-attribution"] = attributed  # for the report's data (deploy/nginx/quotameter.js)
         if ticket.model is not None and ticket.model != model:
             headers["x-quotameter-served-model"] = ticket.model  # degraded to the tier's fallback
         answer = {"event_id": ticket.event_id, "customer": key.customer, "tier": key.tier, "model": ticket.model}

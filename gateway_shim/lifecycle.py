@@ -11,7 +11,7 @@ an API's shape: the route's dialect (dialects/) reads the body, the usage and
 the stream's events, and writes the cut's ending and the error bodies.
 
     exchange = await lifecycle.open(method, path, authorization, upstream)
-    forward = await exchange.admit(raw_body)        # or a refusal: exchange.refuse(exc)
+    forward = await exchange.admit(raw_body, headers)  # or a refusal: exchange.refuse(exc)
     exchange.body(status, raw)                      # a JSON answer, or:
     stream = exchange.stream(forward, status)       #   feed(chunk) -> bytes to pass on,
     closing = stream.end()                          #   the last bytes (terminal event, or the cut's), sent after finish()
@@ -129,8 +129,8 @@ class Exchange:
         self._finished = False
 
     async def admit(self, raw: bytes, headers: Mapping[str, str] | None = None) -> Forward:
-        """Admit the request whose body is ``raw`` (``headers``: the client's), or raise
-        its refusal (a ShimError: answer it with ``refuse``)."""
+        """Admit the request whose body is ``raw``, or raise its refusal (a ShimError:
+        answer it with ``refuse``). ``headers``: the client's, for its attribution."""
         life, meter = self._life, self.meter
         meter.request_bytes = len(raw)
         malformed: MalformedRequest | None = None
@@ -138,8 +138,12 @@ class Exchange:
             proxied = await read_request_async(self.route, raw, life.config.shim)
         except MalformedRequest as exc:  # still counted as a request, then refused
             malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False, dialect=self.route.dialect)
+        try:
+            self.attribution = attribution_of(headers or {}, proxied.body, life.config)
+        except MalformedRequest as exc:  # a bad attribution too: counted as a request, then refused
+            malformed = malformed or exc
+        meter.attribution = self.attribution
         self.proxied = proxied
-        self.attribution = attribution_of(headers or {}, proxied.body, life.config)
         meter.model_requested = proxied.model
         meter.streamed = proxied.stream
         enforcer = life.enforcer

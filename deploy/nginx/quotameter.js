@@ -317,6 +317,10 @@ function report(r) {
     if (usage) {
         Object.assign(data, usage);
     }
+    if (v.qm_attribution) {
+        // The check's reading of the request's end user, project and tags (ASCII JSON).
+        Object.assign(data, JSON.parse(v.qm_attribution));
+    }
     var envelope = {
         specversion: '1.0',
         id: v.qm_event_id,

@@ -60,3 +60,15 @@ def test_redis_down_is_a_clear_error(config_factory):
     _, path = config_factory({"services": {"redis_url": "redis://127.0.0.1:1/0"}})
     out = _cli(path, "keys", "create", "--customer", "acme", "--tier", "pro")
     assert out.returncode == 1 and "cannot reach Redis at redis://127.0.0.1:1/0" in out.stderr
+
+
+def test_create_with_a_project(config_factory):
+    config, path = config_factory()
+    created = json.loads(_cli(path, "keys", "create", "--customer", "acme", "--tier", "pro", "--project", "search-app",
+                              "--json").stdout)
+    assert created["project"] == "search-app"
+    client = redis.Redis.from_url(config.services.redis_url, decode_responses=True)
+    record = client.hgetall(RedisKeys(config.services.redis_prefix).api_key(created["key_id"]))
+    assert record["project"] == "search-app"
+    bad = _cli(path, "keys", "create", "--customer", "acme", "--tier", "pro", "--project", "p" * 257)
+    assert bad.returncode == 2 and "--project is longer than 256 characters" in bad.stderr

@@ -21,7 +21,7 @@ from aiohttp import web
 from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
-from tests.integration.pipeline_helpers import start_worker, wait_for
+from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
 from tests.integration.test_access import guessers_are_counted_per_client
 from tests.integration.test_check import TOKEN, reported
 from tests.integration.test_enforcement_race import _events
@@ -216,7 +216,9 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             # The budget spent: the fallback model, in a body the shim rewrote.
             shim.set_totals("frugal", micro_usd=1000)
             async with client(port, shim.new_key("frugal", "thrifty")) as frugal:
-                degraded = await frugal.chat.completions.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+                degraded = await frugal.chat.completions.create(  # attributed: ext_proc reads the headers too
+                    model="mock-large", messages=MESSAGES, max_tokens=3, user="frugal-user",
+                    extra_headers={"x-quotameter-tags": "team=edge"})
             assert degraded.model == "mock-small" and degraded.choices[0].message.content == "".join(completion_pieces(3))
             headers, body = relay.seen[-1]
             assert json.loads(body)["model"] == "mock-small" and int(headers["content-length"]) == len(body)
@@ -250,6 +252,10 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
             )
             assert cut_rows["rows"] == 1 and cut_rows["output_tokens"] == delivered
             assert cut_rows["input_tokens"] == PROMPT_TOKENS
+            attributed = await asyncio.to_thread(wait_for, lambda: http_json(
+                f"{shim.config.services.worker_url}/query",
+                "SELECT end_user, tags FROM quotameter.events WHERE customer = 'frugal'")[1]["rows"], 30.0, "frugal's event")
+            assert attributed == [{"end_user": "frugal-user", "tags": {"team": "edge"}}]
         finally:
             envoy.stop()
 

@@ -95,7 +95,8 @@ def ledger(shim: Shim, customer: str) -> dict[str, dict[str, Any]]:
         f"""SELECT id, count() AS copies, any(input_tokens) AS input_tokens, any(output_tokens) AS output_tokens,
                    any(api_key_id) AS api_key_id, any(decision) AS decision, any(usage_source) AS usage_source,
                    any(streamed) AS streamed, any(model_served) AS model_served, any(status) AS status,
-                   any(model_requested) AS model_requested, any(reason) AS reason
+                   any(model_requested) AS model_requested, any(reason) AS reason,
+                   any(end_user) AS end_user, any(tags) AS tags
             FROM quotameter.events WHERE customer = '{customer}' GROUP BY id""",
     )
     assert status == 200, body
@@ -208,6 +209,9 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 ), row
                 assert row["api_key_id"] == key_id(shim, customer)
                 assert bool(row["streamed"]) == (customer == "nginx-stream")
+                assert (row["end_user"], row["tags"]) == (
+                    ("josé-7", {"team": "search"}) if customer == "nginx-thrifty" else ("", {})
+                ), row
         # No usage came (a stream the client left, a model that reports none): nginx reported
         # the text it passed, and the ledger has the prompt and that text's tokens, counted.
         for customer, tallies in counted.items():
@@ -291,7 +295,10 @@ async def fallen_back(shim: Shim, port: int) -> dict[str, openai.types.Completio
     shim.set_totals("nginx-thrifty", micro_usd=1000)
     key = shim.new_key("nginx-thrifty", "thrifty")
     async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
-        raw = await client.chat.completions.with_raw_response.create(model="mock-large", messages=MESSAGES, max_tokens=3)
+        # Attributed: the check reads it, nginx's report carries it.
+        raw = await client.chat.completions.with_raw_response.create(
+            model="mock-large", messages=MESSAGES, max_tokens=3, user="josé-7",
+            extra_headers={"x-quotameter-tags": "team=search"})
     degraded = raw.parse()
     assert degraded.model == "mock-small" and degraded.usage
     return {raw.headers["x-quotameter-event-id"]: degraded.usage}
