@@ -57,15 +57,6 @@ def test_bad_per_user_config_names_its_path() -> None:
             parse_config({"tiers": {"t": bad}})
 
 
-def test_the_end_user_comes_from_the_body_then_the_header() -> None:
-    config = parse_config(BASE)
-    assert attribution_of({}, {"user": "a", "safety_identifier": "b"}, config).end_user == "a"
-    assert attribution_of({}, {"safety_identifier": "b"}, config).end_user == "b"
-    assert attribution_of({"X-Quotameter-User": "h"}, {"user": 7}, config).end_user == "h"
-    assert attribution_of({}, {"user": ""}, config) is NO_ATTRIBUTION
-    assert attribution_of({}, None, config) is NO_ATTRIBUTION
-
-
 def test_which_requests_are_held_to_per_user_limits() -> None:
     policy = resolve("pro", TIER, "m")
     meter = RequestMeter(route="/v1/chat/completions", upstream=None)
