@@ -81,6 +81,7 @@ class Estimator:
         """What ``usage`` of ``model`` cost on ``day``, in integer micro-USD."""
         cost = self.prices.cost(
             model, day, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
+            cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
         )
         return micro_usd(cost.usd)
