@@ -1,0 +1,186 @@
+"""The Messages API pieces as pure functions (gateway_shim/anthropic_messages.py,
+anthropic_answers.py, quotameter/message_tokens.py), no services."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway_shim.anthropic_answers import duration_ms, error_body, error_type, ratelimit_headers, rfc3339
+from gateway_shim.anthropic_messages import (
+    StreamState,
+    answer_text,
+    answer_usage,
+    cut_ending,
+    cut_usage,
+    event_text,
+    read_request,
+)
+from gateway_shim.errors import InvalidParameter
+from quotameter.config import Shim, TokenCount
+from quotameter.events import UsageSource
+from quotameter.message_tokens import count_messages_prompt, prefix_tokens
+
+LIMITS = Shim()
+# Under o200k_base (written down, see tests/unit/test_tokens.py): "You are terse." 4,
+# "Say some words." 4, "hello world" 2; 3 per message, 3 priming the reply.
+BODY = {
+    "model": "mock-small",
+    "max_tokens": 50,
+    "system": "You are terse.",
+    "messages": [{"role": "user", "content": "Say some words."}],
+}
+BODY_TOKENS = 4 + (3 + 4) + 3
+
+
+def test_the_prompt_is_the_system_and_every_block_counted() -> None:
+    assert count_messages_prompt(BODY) == BODY_TOKENS
+    blocks = {
+        **BODY,
+        "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Say some words."},
+                                         {"type": "image", "source": {"type": "base64", "data": "AAAA"}}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [{"type": "text", "text": "hello world"}]}]},
+        ],
+    }
+    # "f{}" is 2 tokens; the image is not counted; each message frames with 3.
+    assert count_messages_prompt(blocks) == 4 + (3 + 4) + (3 + 2) + (3 + 2) + 3
+    assert prefix_tokens(blocks) == 4  # the system prompt, up to its cache_control
+    assert prefix_tokens(BODY) == 0
+
+
+def test_a_request_is_read_with_its_prompt_and_its_max_tokens() -> None:
+    request = read_request({**BODY, "stream": True}, LIMITS)
+    assert (request.model, request.stream, request.max_tokens, request.prompt_tokens) == (
+        "mock-small", True, 50, BODY_TOKENS)
+
+
+@pytest.mark.parametrize(("change", "param", "code"), [
+    ({"max_tokens": None}, "max_tokens", "missing_required_parameter"),
+    ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"max_tokens": True}, "max_tokens", "invalid_value"),
+    ({"model": None}, "model", "missing_required_parameter"),
+    ({"model": 7}, "model", "invalid_type"),
+    ({"stream": "yes"}, "stream", "invalid_type"),
+    ({"system": 3}, "system", "invalid_type"),
+    ({"system": ["text"]}, "system.0", "invalid_type"),
+    ({"messages": []}, "messages", "invalid_type"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role", "invalid_type"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "invalid_type"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages.0.content.0", "invalid_type"),
+])
+def test_a_field_admission_reads_is_refused_when_wrong(change: dict, param: str, code: str) -> None:
+    body = {key: value for key, value in {**BODY, **change}.items() if value is not None}
+    with pytest.raises(InvalidParameter) as caught:
+        read_request(body, LIMITS)
+    assert (caught.value.param, caught.value.code) == (param, code)
+
+
+def test_cache_reads_and_writes_are_part_of_the_input() -> None:
+    document = {"type": "message", "content": [{"type": "text", "text": "hi"}], "usage": {
+        "input_tokens": 12, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 2000, "output_tokens": 7}}
+    usage = answer_usage(document)
+    assert usage is not None
+    assert (usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens) == (2112, 2000, 100, 7)
+    assert usage.source is UsageSource.UPSTREAM
+    assert answer_usage({"type": "message"}) is None
+    thought = {"content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": " yes"},
+                           {"type": "tool_use", "name": "f", "input": {"a": 1}}]}
+    assert answer_text(thought) == 'hmm yes{"a":1}'
+
+
+def _stream_events() -> list[dict]:
+    return [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                                              "content": [], "usage": {"input_tokens": 10, "cache_read_input_tokens": 30,
+                                                                       "cache_creation_input_tokens": 5, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me see"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Hello"}},
+        {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {"output_tokens": 4}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": " there"}},
+    ]
+
+
+def test_a_stream_gives_its_usage_cumulatively_and_its_text_by_delta() -> None:
+    state = StreamState()
+    texts = [state.observe(event) for event in _stream_events()]
+    assert "".join(texts) == "Let me seeHello there"  # thinking counts as output; the signature does not
+    assert (state.message_id, state.model, state.open_block, state.ended) == ("msg_1", "claude-x", 1, False)
+    usage = state.usage
+    assert usage is not None and (usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens,
+                                  usage.output_tokens) == (45, 30, 5, 4)
+    # The final delta: the output so far replaces the earlier figure; a null leaves a field alone.
+    state.observe({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                   "usage": {"output_tokens": 9, "input_tokens": None}})
+    state.observe({"type": "message_stop"})
+    assert state.ended and state.usage is not None and state.usage.output_tokens == 9
+    assert state.usage.input_tokens == 45
+    assert event_text({"type": "content_block_delta", "delta": {"type": "input_json_delta",
+                                                                "partial_json": '{"a":'}}) == '{"a":'
+
+
+def test_a_cut_stream_ends_as_max_tokens_with_the_usage_sent() -> None:
+    state = StreamState()
+    for event in _stream_events():
+        state.observe(event)
+    raw = cut_ending(state, 6, "Pro tier budget reached.")
+    events = [part for part in raw.decode().split("\n\n") if part]
+    assert events[0] == ": Pro tier budget reached."
+    parsed = [(part.split("\n")[0], json.loads(part.split("\n")[1].removeprefix("data: "))) for part in events[1:]]
+    assert [name for name, _ in parsed] == ["event: content_block_stop", "event: message_delta", "event: message_stop"]
+    assert parsed[0][1] == {"type": "content_block_stop", "index": 1}
+    assert parsed[1][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert parsed[1][1]["usage"] == {"input_tokens": 10, "cache_creation_input_tokens": 5,
+                                     "cache_read_input_tokens": 30, "output_tokens": 6}
+    usage = cut_usage(state, 6)
+    assert (usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens,
+            usage.source) == (45, 30, 5, 6, UsageSource.COUNTED)
+    closed = StreamState()
+    closed.observe({"type": "content_block_stop", "index": 0})
+    assert b"content_block_stop" not in cut_ending(closed, 0, "")
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (400, "invalid_request_error"), (401, "authentication_error"), (402, "billing_error"),
+    (403, "permission_error"), (404, "not_found_error"), (408, "invalid_request_error"),
+    (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"), (502, "api_error"),
+    (503, "overloaded_error"), (504, "timeout_error"), (529, "overloaded_error"),
+])
+def test_errors_take_anthropics_type_for_their_status(status: int, kind: str) -> None:
+    assert error_type(status) == kind
+    assert json.loads(error_body(status, "why", "req_1")) == {
+        "type": "error", "error": {"type": kind, "message": "why"}, "request_id": "req_1"}
+
+
+def test_openai_rate_limit_headers_become_anthropics() -> None:
+    now = datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+    openai = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
+              "x-ratelimit-reset-requests": "8.571s", "x-ratelimit-limit-tokens": "1000",
+              "x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "1m0s",
+              "RateLimit": '"requests";r=0;t=9', "Retry-After": "9"}
+    assert ratelimit_headers(openai, TokenCount.TOTAL, now) == {
+        "anthropic-ratelimit-requests-limit": "60",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "2026-03-01T12:00:09Z",  # 12:00:08.821, rounded up
+        "anthropic-ratelimit-tokens-limit": "1000",
+        "anthropic-ratelimit-tokens-remaining": "10",
+        "anthropic-ratelimit-tokens-reset": "2026-03-01T12:01:01Z",
+        "RateLimit": '"requests";r=0;t=9',
+        "Retry-After": "9",
+    }
+    output_only = ratelimit_headers(openai, TokenCount.OUTPUT, now)
+    assert output_only["anthropic-ratelimit-output-tokens-limit"] == "1000"
+    assert "anthropic-ratelimit-tokens-limit" not in output_only
+    assert "anthropic-ratelimit-input-tokens-limit" in ratelimit_headers(openai, TokenCount.INPUT, now)
+    assert (duration_ms("20ms"), duration_ms("1.5s"), duration_ms("2m3s"), duration_ms("soon")) == (20, 1500, 123_000, None)
+    assert rfc3339(datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)) == "2026-03-01T12:00:00Z"
