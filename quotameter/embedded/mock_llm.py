@@ -13,7 +13,9 @@ Faults are chosen per request with the ``x-mock-fault`` header, a comma list:
     no-usage      never report usage
 
 ``POST /v1/messages`` answers as Anthropic's Messages API does (mock_messages.py),
-with the same faults.
+with the same faults; its answers carry the ``x-api-key`` it was sent in
+``x-mock-api-key`` (``none`` without one), so a test sees which credential
+reached the model.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_MODEL = "mock-small"
 MODELS = ("mock-small", "mock-large", "gpt-4o-mini", "gpt-4o")
 FAULT_HEADER = "x-mock-fault"
+SEEN_KEY_HEADER = "x-mock-api-key"
 
 
 def completion_pieces(n_tokens: int) -> list[str]:
@@ -199,16 +202,18 @@ class MockLLM:
             return error(fault.status, f"mock fault: status {fault.status}")
         body.setdefault("model", DEFAULT_MODEL)
         message = mock_messages.answer(body, self.prompt_cache, completion_pieces(mock_messages.MAX_WORDS))
+        seen = {SEEN_KEY_HEADER: request.headers.get("x-api-key", "none")}
         if body.get("stream"):
-            return await self._messages_stream(request, message, fault)
+            return await self._messages_stream(request, message, fault, seen)
         if fault.garbage:
             return web.Response(body=b'{"type": "message", "content": [', content_type="application/json")
-        return web.json_response(mock_messages.message_json(message, not fault.no_usage))
+        return web.json_response(mock_messages.message_json(message, not fault.no_usage), headers=seen)
 
     async def _messages_stream(
-        self, request: web.Request, message: mock_messages.MockMessage, fault: Fault
+        self, request: web.Request, message: mock_messages.MockMessage, fault: Fault, seen: dict[str, str]
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **seen})
         await response.prepare(request)
         usage = not fault.no_usage
         if fault.garbage:
