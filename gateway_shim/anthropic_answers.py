@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from gateway_shim.errors import Answer
 from quotameter.config import TokenCount
 
 _ERROR_TYPES = {
@@ -88,37 +86,3 @@ def rfc3339(instant: datetime) -> str:
     if instant.microsecond:
         instant = instant.replace(microsecond=0) + timedelta(seconds=1)
     return instant.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def answer_headers(headers: Mapping[str, str], request_id: str, counts: TokenCount) -> dict[str, str]:
-    """The shim's headers for an answer on the Messages API: Anthropic's rate-limit ones and ``request-id``."""
-    return {**ratelimit_headers(headers, counts, datetime.now(UTC)), REQUEST_ID_HEADER: request_id}
-
-
-def error_answer(answer: Answer, request_id: str, counts: TokenCount = TokenCount.TOTAL) -> Answer:
-    """One of the shim's own error answers (OpenAI's shape, errors.error_answer) in Anthropic's."""
-    try:
-        message = json.loads(answer.body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = "The gateway failed to process your request."
-    headers = answer_headers(answer.headers, request_id, counts)
-    return Answer(answer.status, headers, error_body(answer.status, message, request_id))
-
-
-def key_header(headers: Mapping[str, str]) -> str | None:
-    """The client's key as an Authorization value: ``Authorization``, else Anthropic's ``x-api-key``."""
-    authorization = headers.get("Authorization")
-    if authorization:
-        return authorization
-    api_key = headers.get("x-api-key", "").strip()
-    return f"Bearer {api_key}" if api_key else None
-
-
-def is_messages_path(method: str, path: str) -> bool:
-    """Whether a request (``path`` after /v1) is for the Messages API, before its route is matched."""
-    return method == "POST" and path.rstrip("/") == "/messages"
-
-
-def new_request_id() -> str:
-    """A request id for an answer with no event (no key to tie it to)."""
-    return "req_" + secrets.token_hex(12)

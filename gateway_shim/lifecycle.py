@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
-from gateway_shim import anthropic_answers, anthropic_messages, refusal_text
-from gateway_shim.anthropic_stream import MessagesTally
+from gateway_shim import refusal_text
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
@@ -50,13 +49,10 @@ from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
 from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request_async
 from gateway_shim.sse import StreamTally
-from gateway_shim.usage import Usage, completion_text, counted_usage, model_from, usage_from
-from quotameter.config import Config, TokenCount
-from quotameter.events import UsageSource
-from quotameter.message_tokens import count_messages_prompt
+from gateway_shim.usage import completion_text, counted_usage, model_from, usage_from
+from quotameter.config import Config
 from quotameter.policy import Policy
 from quotameter.redis_pool import RedisPoolExhausted
-from quotameter.tokens import count_text
 
 log = logging.getLogger("gateway_shim.lifecycle")
 
@@ -156,22 +152,7 @@ class Exchange:
 
     def refuse(self, exc: BaseException) -> Answer:
         """The answer for a request that ends with ``exc`` (a refusal, an upstream
-        failure, a bug), recorded in its event, in the route's own error shape."""
-        answer = self._refuse(exc)
-        if self.route.anthropic:
-            return anthropic_answers.error_answer(answer, self.meter.event_id, self._token_count())
-        return answer
-
-    def client_headers(self) -> dict[str, str]:
-        """The shim's headers on a proxied answer (rate limits; the request id on the Messages API)."""
-        if self.route.anthropic:
-            return anthropic_answers.answer_headers(self.headers, self.meter.event_id, self._token_count())
-        return self.headers
-
-    def _token_count(self) -> TokenCount:
-        return self.policy.tier.tokens_per_minute_counts if self.policy is not None else TokenCount.TOTAL
-
-    def _refuse(self, exc: BaseException) -> Answer:
+        failure, a bug), recorded in its event."""
         if isinstance(exc, InvalidApiKey):  # revoked since it was cached: no customer to bill
             self._billable = False
             return error_answer(exc)
@@ -209,13 +190,7 @@ class Exchange:
                     "The model server answered a stream request with a JSON body, not an event stream."
                 )
             meter.model_served = model_from(document)
-            if self.route.anthropic:
-                meter.usage = anthropic_messages.answer_usage(document) or Usage(
-                    count_messages_prompt(proxied.body, proxied.model),
-                    count_text(anthropic_messages.answer_text(document), proxied.model), source=UsageSource.COUNTED)
-            else:
-                meter.usage = usage_from(document) or counted_usage(proxied.body, proxied.model,
-                                                                    completion_text(document))
+            meter.usage = usage_from(document) or counted_usage(proxied.body, proxied.model, completion_text(document))
         meter.response_bytes = len(raw)
         meter.first_byte()
 
@@ -268,12 +243,8 @@ class StreamObserver:
         self._forward = forward
         exchange.meter.streamed = True
         exchange.meter.status = status
-        self.tally: StreamTally | MessagesTally
-        if exchange.route.anthropic:
-            self.tally = MessagesTally(cut_at=forward.cut_at, model=proxied.model)
-        else:
-            self.tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=forward.cut_at, model=proxied.model,
-                                     hold_done=True)
+        self.tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=forward.cut_at, model=proxied.model,
+                                 hold_done=True)
         self._client_gone = False
         self._stopped = False
         limits = exchange._life.config.upstream
@@ -332,10 +303,7 @@ class StreamObserver:
         ending = b""
         if tally.cut:
             meter.reason = "budget_cut"
-            if isinstance(tally, MessagesTally):
-                ending = tally.cut_ending(self._forward.cut_message)
-            else:
-                ending = _cut_ending(tally, proxied, self._forward.cut_message)
+            ending = _cut_ending(tally, proxied, self._forward.cut_message)
         elif not self._client_gone:
             ending = tally.held
         if not tally.done and meter.reason is None:
@@ -343,12 +311,8 @@ class StreamObserver:
         if tally.dropped:
             log.warning("the upstream sent %d stream events that are not JSON objects: dropped", tally.dropped)
         meter.model_served = tally.model
-        if isinstance(tally, MessagesTally):
-            meter.usage = tally.final_usage(proxied.body)
-        else:
-            # A usage chunk is the exact count; without one, count what the client received.
-            meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model,
-                                                                                tally.text)
+        # A usage chunk is the exact count; without one, count what the client received.
+        meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model, tally.text)
         if self._client_gone:
             return b""
         meter.response_bytes += len(ending)

@@ -22,9 +22,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from gateway_shim import anthropic_answers
 from gateway_shim.admission import Admitter
-from gateway_shim.anthropic_answers import is_messages_path, key_header, new_request_id
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer
@@ -33,7 +31,6 @@ from gateway_shim.errors import (
     UpstreamInvalidResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
-    error_answer,
     error_response,
     to_response,
 )
@@ -62,12 +59,10 @@ class Proxy:
         path = "/" + request.match_info.get("tail", "")
         try:
             exchange = await self.lifecycle.open(
-                request.method, path, key_header(request.headers), self.upstream.base_url,
+                request.method, path, request.headers.get("Authorization"), self.upstream.base_url,
                 self.auth.client_of(request),
             )
         except ShimError as exc:
-            if is_messages_path(request.method, path):  # no event: a request id of its own
-                return to_response(anthropic_answers.error_answer(error_answer(exc), new_request_id()))
             return error_response(exc)
         try:
             forward = await exchange.admit(await read_body(request, exchange.route.name, self.config.shim))
@@ -122,7 +117,7 @@ async def _relay_body(
         raise _read_failed(exc) from None
     raw = b"".join(parts)
     exchange.body(upstream.status, raw)
-    return web.Response(status=upstream.status, body=raw, headers=client_headers(upstream, exchange.client_headers()))
+    return web.Response(status=upstream.status, body=raw, headers=client_headers(upstream, exchange.headers))
 
 
 async def _relay_stream(
@@ -133,7 +128,7 @@ async def _relay_stream(
     whenever the shim is killed. The other order would leave a window, the
     settle's Redis round trip long, in which a SIGKILL serves a stream unbilled."""
     observer = exchange.stream(forward, upstream.status)
-    headers = client_headers(upstream, exchange.client_headers())
+    headers = client_headers(upstream, exchange.headers)
     if head:  # sniffed: the upstream mislabelled its stream
         headers["Content-Type"] = "text/event-stream"
     response = web.StreamResponse(status=upstream.status, headers=headers)

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from gateway_shim import anthropic_messages
 from gateway_shim.errors import MalformedRequest, RouteNotFound
 from gateway_shim.request_checks import check_body, parse_body
 from quotameter.config import Shim
@@ -29,7 +28,6 @@ class Route:
     has_body: bool
     streams: bool  # accepts "stream": true with stream_options.include_usage
     checked: bool = False  # an OpenAI route: its body's fields are checked (request_checks.py)
-    anthropic: bool = False  # Anthropic's Messages API (anthropic_messages.py): its reading, usage and answers
 
 
 # (method, path after /v1) → route. Anything else is a 404.
@@ -38,7 +36,6 @@ _ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/completions"): Route("/v1/completions", has_body=True, streams=True, checked=True),
     ("POST", "/embeddings"): Route("/v1/embeddings", has_body=True, streams=False, checked=True),
     ("GET", "/models"): Route("/v1/models", has_body=False, streams=False),
-    ("POST", "/messages"): Route(anthropic_messages.ROUTE, has_body=True, streams=True, anthropic=True),
 }
 _MODEL_ROUTE = Route("/v1/models/{model}", has_body=False, streams=False)
 _MODEL_PATH = re.compile(r"^/models/[^/]+$")
@@ -62,9 +59,6 @@ class ProxiedRequest:
     stream: bool
     usage_injected: bool  # the shim asked for usage: drop the usage-only chunk
     prompt_tokens: int | None = None  # counted with the body, off the event loop (large bodies)
-    # The output cap may be lowered to what the budget holds although the client set it
-    # (Messages: max_tokens is required, so it is a ceiling, not a demand).
-    cap_cuttable: bool = False
 
 
 async def read_request_async(route: Route, raw: bytes, limits: Shim = _DEFAULT_LIMITS) -> ProxiedRequest:
@@ -84,9 +78,6 @@ def read_request(route: Route, raw: bytes, limits: Shim = _DEFAULT_LIMITS, count
     body = parse_body(raw, limits)
     if not isinstance(body, dict):
         raise MalformedRequest("The request body must be a JSON object.")
-    if route.anthropic:
-        read = anthropic_messages.read_request(body, limits)
-        return ProxiedRequest(body, raw, read.model, read.stream, False, read.prompt_tokens, cap_cuttable=True)
     if route.checked:
         check_body(route.name, body, limits)
     model = body.get("model") if isinstance(body.get("model"), str) else None
