@@ -32,9 +32,8 @@ from aiohttp import web
 from gateway_shim.check_tickets import CheckTickets
 from gateway_shim.errors import Answer, ShimError, error_answer
 from gateway_shim.proxy import Proxy
-from gateway_shim.routes import Route
+from gateway_shim.routes import Route, dialect_for
 from quotameter.events import Decision
-from quotameter.tokens import count_prompt
 
 log = logging.getLogger("gateway_shim.check")
 
@@ -52,22 +51,24 @@ class Check:
 
     async def handle(self, request: web.Request) -> web.Response:
         lifecycle = self._proxy.lifecycle
-        route = Route(_route(request), has_body=True, streams=True)
+        uri = _route(request)
+        dialect = dialect_for(uri)  # the API the proxy forwards to: its body fields, its error bodies
+        route = Route(uri, has_body=True, streams=True, dialect=dialect)
         try:
             exchange = await lifecycle.open_route(
-                route, request.headers.get("Authorization"), None, self._proxy.auth.client_of(request)
+                route, dialect.credentials(request.headers), None, self._proxy.auth.client_of(request)
             )
         except ShimError as exc:
-            return _refused(error_answer(exc))
+            return _refused(error_answer(exc, dialect=dialect))
         body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case
         model = request.headers.get(MODEL_HEADER) or (body.get("model") if isinstance(body.get("model"), str) else None)
         if model is not None:
             body["model"] = model
         try:
-            if not (body.get("max_completion_tokens") or body.get("max_tokens")):
+            if dialect.max_output(body) is None:
                 # Reserved as if asked for: a cut_streams tier would otherwise admit the request
                 # shrunk to fit, and the proxy that forwards it cannot cut the answer there.
-                body["max_tokens"] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
+                body[dialect.cap_field] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
             await exchange.admit(json.dumps(body).encode())
         except Exception as exc:
             # Refused: the request ends here, and its event is emitted as the proxy's are.
@@ -83,7 +84,7 @@ class Check:
             try:
                 # For a report without usage: the prompt the admission counted, or (a tier
                 # that reserves and limits no tokens, so it did not) counted here.
-                await self.tickets.keep(ticket, ticket.reserved[0] or count_prompt(body, ticket.model))
+                await self.tickets.keep(ticket, ticket.reserved[0] or dialect.count_prompt(body, ticket.model))
             except (redis.exceptions.RedisError, OSError) as exc:
                 # Admitted all the same: its report is ingested without a settle, and
                 # the reservation expires after its TTL.

@@ -29,7 +29,8 @@
         └── UnsupportedMediaType  415  POST /v1/events: not a CloudEvents content type
 
 Bodies follow OpenAI's shape, so every SDK raises its usual exception:
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``; a route of another API
+shapes them as its dialect says (``error_answer``'s ``dialect``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -240,21 +242,34 @@ class Answer:
     body: bytes
 
 
-def error_answer(error: ShimError, headers: Mapping[str, str] | None = None) -> Answer:
-    """``error`` as OpenAI's error JSON, with ``headers`` (the rate-limit ones) and Retry-After."""
-    body = {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
+class ErrorShape(Protocol):
+    """How an API writes its error bodies (an API dialect, gateway_shim/dialects/)."""
+
+    def error_body(self, status: int, error_type: str, code: str, message: str, param: str | None) -> bytes: ...
+
+
+def error_answer(error: ShimError, headers: Mapping[str, str] | None = None, dialect: ErrorShape | None = None) -> Answer:
+    """``error`` as its API's error JSON (``dialect``; OpenAI's when None), with ``headers``
+    (the rate-limit ones) and Retry-After."""
+    if dialect is None:
+        body = json.dumps({"error": {"message": error.message, "type": error.error_type, "param": error.param,
+                                     "code": error.code}}).encode()
+    else:
+        body = dialect.error_body(error.status, error.error_type, error.code, error.message, error.param)
     answer_headers = {**(headers or {}), "Content-Type": "application/json; charset=utf-8"}
     if error.retry_after_s is not None:
         answer_headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    return Answer(error.status, answer_headers, json.dumps(body).encode())
+    return Answer(error.status, answer_headers, body)
 
 
 def to_response(answer: Answer) -> web.Response:
     return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
-def error_response(error: ShimError, headers: Mapping[str, str] | None = None) -> web.Response:
-    return to_response(error_answer(error, headers))
+def error_response(
+    error: ShimError, headers: Mapping[str, str] | None = None, dialect: ErrorShape | None = None
+) -> web.Response:
+    return to_response(error_answer(error, headers, dialect))
 
 
 class MeteringUnavailable(ShimError):

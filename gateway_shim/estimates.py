@@ -17,7 +17,6 @@ from gateway_shim.usage import Usage
 from quotameter.config import Config
 from quotameter.policy import Policy, micro_usd
 from quotameter.pricing import PriceTable
-from quotameter.tokens import count_prompt
 
 
 class Estimator:
@@ -44,16 +43,16 @@ class Estimator:
         body = proxied.body
         if body is None:
             return Estimate(0, 0, 0, "0"), False
-        explicit = body.get("max_completion_tokens") or body.get("max_tokens")
-        explicit = explicit if isinstance(explicit, int) and not isinstance(explicit, bool) and explicit > 0 else None
-        choices = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
+        dialect = proxied.dialect
+        explicit = dialect.max_output(body)
+        choices = dialect.choices(body)
         output = (explicit or policy.default_max_tokens) * choices if streams or "messages" in body else 0
         counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
         input_tokens = 0
         if counts_tokens:  # a large body's prompt was counted as it was read, off the event loop
             input_tokens = proxied.prompt_tokens
             if input_tokens is None:
-                input_tokens = count_prompt(body, proxied.model)
+                input_tokens = dialect.count_prompt(body, proxied.model)
         today = datetime.now(UTC).date()
         in_rate, _, out_rate_text = self._model_rates(proxied.model, today)
         fallback = policy.fallback

@@ -97,16 +97,18 @@ class _Phases:
             return messages.immediate(answer, refusing.code)
         path = headers.get(":path", "/").partition("?")[0]
         method = headers.get(":method", "GET")
+        route = None
         try:
             if not path.startswith("/v1/"):
                 raise RouteNotFound(f"Unknown request URL: {method} {path}.")
+            route = self._life.route(method, path[3:])
             # Envoy appended the address it saw (use_remote_address): wrong keys count against it.
             client = AuthFailures.last_forwarded(headers.get("x-forwarded-for"))
-            self.exchange = exchange = await self._life.open(
-                method, path[3:], headers.get("authorization"), None, client
+            self.exchange = exchange = await self._life.open_route(
+                route, route.dialect.credentials(headers), None, client
             )
         except ShimError as exc:  # no customer to tie it to: answered, no event
-            return messages.immediate(error_answer(exc), exc.code)
+            return messages.immediate(error_answer(exc, dialect=route.dialect if route else None), exc.code)
         if not request.end_of_stream:
             return messages.CONTINUE_HEADERS  # admitted on the body
         try:
@@ -155,7 +157,7 @@ class _Phases:
         out = observer.feed(chunk)
         if observer.cut or end_of_stream:
             self._ended = True
-            closing = observer.end()  # the held [DONE], or the cut's ending
+            closing = observer.end()  # the held terminal event ([DONE]), or the cut's ending
             await self._finish(exchange)  # billed before they leave
             out += closing
         return messages.response_body(None if out == chunk else out)

@@ -47,9 +47,12 @@ from gateway_shim.errors import (
 )
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.metering import RequestMeter
+from gateway_shim.dialects import CutStream
 from gateway_shim.routes import ProxiedRequest, Route, match_route, read_request_async
 from gateway_shim.sse import StreamTally
-from gateway_shim.usage import completion_text, counted_usage, model_from, usage_from
+from gateway_shim.usage import Usage
+from quotameter.events import UsageSource
+from quotameter.tokens import count_text
 from quotameter.config import Config
 from quotameter.policy import Policy
 from quotameter.redis_pool import RedisPoolExhausted
@@ -83,7 +86,12 @@ class Lifecycle:
         """The request's route (``path`` is the part after ``/v1``) and its key's
         record; a ShimError for a request with neither (answer: ``error_answer``).
         ``client``: the address wrong keys count against (auth_failures.py)."""
-        return await self.open_route(match_route(method, path), authorization, upstream, client)
+        return await self.open_route(self.route(method, path), authorization, upstream, client)
+
+    def route(self, method: str, path: str) -> Route:
+        """The route for ``path`` (after ``/v1``), passthrough ones included; RouteNotFound else.
+        Its dialect shapes the answer to a failed ``open_route``, and reads the key (``credentials``)."""
+        return match_route(method, path, self.config.shim.passthrough_routes)
 
     async def open_route(
         self, route: Route, authorization: str | None, upstream: str | None, client: str | None = None
@@ -123,7 +131,7 @@ class Exchange:
         try:
             proxied = await read_request_async(self.route, raw, life.config.shim)
         except MalformedRequest as exc:  # still counted as a request, then refused
-            malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False)
+            malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False, dialect=self.route.dialect)
         self.proxied = proxied
         meter.model_requested = proxied.model
         meter.streamed = proxied.stream
@@ -135,6 +143,8 @@ class Exchange:
         except KeyRevoked:
             life.auth.forget(self.key.key_id)
             raise life.auth.invalid() from None
+        finally:
+            self.headers = self.route.dialect.limit_headers(self.headers)  # the API's own names
         self.ticket = ticket
         if malformed is not None:
             raise malformed
@@ -142,7 +152,10 @@ class Exchange:
         output_cut = estimate.cuttable and ticket.admission.output_tokens < estimate.output_tokens
         rewritten = proxied.usage_injected
         if ticket.model != proxied.model or (output_cut and not proxied.stream):
-            body = _rewrite(proxied, ticket.model, ticket.admission.output_tokens if output_cut else None)
+            assert proxied.body is not None
+            degraded = proxied.dialect.degrade(proxied.body, ticket.model,
+                                               ticket.admission.output_tokens if output_cut else None)
+            body = json.dumps(degraded, separators=(",", ":")).encode()
             rewritten = True
         cut_at = None
         if proxied.stream and policy.tier.cut_streams and policy.reserves:
@@ -153,15 +166,16 @@ class Exchange:
     def refuse(self, exc: BaseException) -> Answer:
         """The answer for a request that ends with ``exc`` (a refusal, an upstream
         failure, a bug), recorded in its event."""
+        dialect = self.route.dialect
         if isinstance(exc, InvalidApiKey):  # revoked since it was cached: no customer to bill
             self._billable = False
-            return error_answer(exc)
+            return error_answer(exc, dialect=dialect)
         if isinstance(exc, ShimError):
             self.meter.refused(exc)
-            return error_answer(exc, self.headers)
+            return error_answer(exc, self.headers, dialect)
         log.error("%s failed", self.route.name, exc_info=exc)
         self.meter.status, self.meter.reason = 500, "internal_error"
-        return error_answer(ShimError("The gateway failed to process your request."), self.headers)
+        return error_answer(ShimError("The gateway failed to process your request."), self.headers, dialect)
 
     def upstream_error(self) -> None:
         """The upstream answered with an error of its own, passed on as it is."""
@@ -183,14 +197,16 @@ class Exchange:
                 document = None
             if not isinstance(document, dict):
                 raise UpstreamInvalidResponse("The model server's answer was not valid JSON. Please retry.")
-            if document.get("error") and "choices" not in document:
-                raise UpstreamFailed(_upstream_error_message(document["error"]))
+            dialect = proxied.dialect
+            error = dialect.upstream_error(document)
+            if error:
+                raise UpstreamFailed(_upstream_error_message(error))
             if proxied.stream:
                 raise UpstreamInvalidResponse(
                     "The model server answered a stream request with a JSON body, not an event stream."
                 )
-            meter.model_served = model_from(document)
-            meter.usage = usage_from(document) or counted_usage(proxied.body, proxied.model, completion_text(document))
+            meter.model_served = dialect.served_model(document)
+            meter.usage = dialect.usage(document) or _counted_usage(proxied, dialect.text(document))
         meter.response_bytes = len(raw)
         meter.first_byte()
 
@@ -244,7 +260,7 @@ class StreamObserver:
         exchange.meter.streamed = True
         exchange.meter.status = status
         self.tally = StreamTally(hide_usage=proxied.usage_injected, cut_at=forward.cut_at, model=proxied.model,
-                                 hold_done=True)
+                                 hold_done=True, dialect=proxied.dialect)
         self._client_gone = False
         self._stopped = False
         limits = exchange._life.config.upstream
@@ -259,7 +275,7 @@ class StreamObserver:
         return self.tally.cut or self._stopped
 
     def feed(self, data: bytes) -> bytes:
-        """Upstream bytes in; the complete events to pass on now out ([DONE] held back)."""
+        """Upstream bytes in; the complete events to pass on now out (the terminal one held back)."""
         tally = self.tally
         out = tally.feed(data)
         if out:
@@ -301,18 +317,22 @@ class StreamObserver:
         meter, proxied = exchange.meter, exchange.proxied
         assert proxied is not None
         ending = b""
+        # A usage chunk is the exact count; without one, count what the client received.
+        usage = (None if tally.cut else tally.usage) or _counted_usage(proxied, tally.text)
         if tally.cut:
             meter.reason = "budget_cut"
-            ending = _cut_ending(tally, proxied, self._forward.cut_message)
+            ending = proxied.dialect.cut_ending(CutStream(
+                response_id=tally.chunk_id, model=tally.model or proxied.model, output_tokens=usage.output_tokens,
+                input_tokens=usage.input_tokens, text=tally.text, message=self._forward.cut_message,
+                sequence_number=tally.events))
         elif not self._client_gone:
             ending = tally.held
         if not tally.done and meter.reason is None:
-            meter.reason = "upstream_stream_cut"  # ended without [DONE]
+            meter.reason = "upstream_stream_cut"  # ended without its terminal event ([DONE])
         if tally.dropped:
             log.warning("the upstream sent %d stream events that are not JSON objects: dropped", tally.dropped)
         meter.model_served = tally.model
-        # A usage chunk is the exact count; without one, count what the client received.
-        meter.usage = (None if tally.cut else tally.usage) or counted_usage(proxied.body, proxied.model, tally.text)
+        meter.usage = usage
         if self._client_gone:
             return b""
         meter.response_bytes += len(ending)
@@ -326,30 +346,11 @@ def _upstream_error_message(error: object) -> str:
     return f"The model server failed: {message[:1000]}"
 
 
-def _rewrite(proxied: ProxiedRequest, model: str | None, max_tokens: int | None) -> bytes:
-    """The body for a degraded admission: the fallback model, and the output
-    cap a request without max_tokens was admitted with."""
-    assert proxied.body is not None
-    body = dict(proxied.body)
-    if model:
-        body["model"] = model
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def _cut_ending(tally: StreamTally, proxied: ProxiedRequest, message: str) -> bytes:
-    """A final chunk the client reads as a normal end, then an OpenAI error event."""
-    final = {
-        "id": tally.chunk_id or "chatcmpl-quotameter-cut",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": tally.model or proxied.model,
-        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
-    }
-    error = {"error": {"message": message, "type": "insufficient_quota", "param": None, "code": "budget_exceeded"}}
-    return (
-        b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n"
-        + b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
-        + b"data: [DONE]\n\n"
-    )
+def _counted_usage(proxied: ProxiedRequest, output_text: str) -> Usage:
+    """The shim's own count, for when the upstream reported nothing usable."""
+    body = proxied.body
+    prompt = proxied.prompt_tokens
+    if prompt is None:
+        prompt = proxied.dialect.count_prompt(body, proxied.model) if body else 0
+    return Usage(input_tokens=prompt, output_tokens=count_text(output_text, proxied.model),
+                 source=UsageSource.COUNTED)

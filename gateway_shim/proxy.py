@@ -57,13 +57,15 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info.get("tail", "")
+        route = None
         try:
-            exchange = await self.lifecycle.open(
-                request.method, path, request.headers.get("Authorization"), self.upstream.base_url,
+            route = self.lifecycle.route(request.method, path)
+            exchange = await self.lifecycle.open_route(
+                route, route.dialect.credentials(request.headers), self.upstream.base_url,
                 self.auth.client_of(request),
             )
         except ShimError as exc:
-            return error_response(exc)
+            return error_response(exc, dialect=route.dialect if route is not None else None)
         try:
             forward = await exchange.admit(await read_body(request, exchange.route.name, self.config.shim))
             async with self.upstream.open(request, path, forward.body) as upstream:

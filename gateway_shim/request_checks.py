@@ -78,6 +78,50 @@ def check_body(route: str, body: dict[str, Any], limits: Limits) -> None:
                 f"token ids or an array of arrays of token ids, got {_kind(value)}.", field)
 
 
+def check_responses_body(body: dict[str, Any], limits: Limits) -> None:
+    """``check_body`` for the Responses API: ``model``, ``input`` (a string or an
+    array of items), ``instructions``, ``max_output_tokens`` and ``stream``."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidParameter("You must provide a model parameter.", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidParameter(f"Invalid value for 'model': expected a non-empty string, got {_kind(model)}.", "model")
+    _positive_int(body, "max_output_tokens", _MAX_INT)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise InvalidParameter(f"Invalid type for 'stream': expected a boolean, got {_kind(body['stream'])}.", "stream")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidParameter(f"Invalid type for 'instructions': expected a string, got {_kind(instructions)}.",
+                               "instructions")
+    items = body.get("input")
+    if items is None or isinstance(items, str):  # absent: a stored prompt or a previous response supplies it
+        return
+    if not isinstance(items, list):
+        raise InvalidParameter(f"Invalid type for 'input': expected a string or an array of input items, "
+                               f"got {_kind(items)}.", "input")
+    if len(items) > limits.max_messages:
+        raise InvalidParameter(f"Too many input items: {len(items)}; this gateway takes at most "
+                               f"{limits.max_messages} per request.", "input", "too_many_items")
+    for index, item in enumerate(items):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidParameter(f"Invalid type for '{where}': expected an object, got {_kind(item)}.", where)
+        content = item.get("content")
+        if isinstance(content, list):
+            if len(content) > limits.max_content_parts:
+                raise InvalidParameter(
+                    f"Too many content parts in '{where}.content': {len(content)}; this gateway takes at most "
+                    f"{limits.max_content_parts}.", f"{where}.content", "too_many_items")
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict):
+                    where_part = f"{where}.content[{part_index}]"
+                    raise InvalidParameter(f"Invalid type for '{where_part}': expected an object, got {_kind(part)}.",
+                                           where_part)
+        elif content is not None and not isinstance(content, str):
+            raise InvalidParameter(f"Invalid type for '{where}.content': expected a string or an array of "
+                                   f"content parts, got {_kind(content)}.", f"{where}.content")
+
+
 def _positive_int(body: dict[str, Any], name: str, largest: int) -> None:
     value = body.get(name)
     if value is None:  # absent or null: the tier's default applies

@@ -1,9 +1,11 @@
-"""The OpenAI routes the shim proxies, and what it reads from a request body.
+"""The routes the shim proxies, each with its API dialect (dialects/), and
+what it reads from a request body.
 
-Only the body fields metering needs are read (``model``, ``stream``,
-``stream_options``), after request_checks.py has checked their types and the
-document's bounds; the body is re-serialised only when the shim must ask the
-upstream for usage in a stream, otherwise the client's bytes go through.
+Only the body fields metering needs are read (the model, the stream flag,
+the output cap, the prompt), after the dialect has checked their types and
+the document's bounds; the body is re-serialised only when the shim must ask
+the upstream for usage in a stream, otherwise the client's bytes go through.
+Paths listed in ``shim.passthrough_routes`` are proxied unread and unmetered.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
+from gateway_shim.dialects import Dialect
+from gateway_shim.dialects.chat import CHAT
+from gateway_shim.dialects.responses import RESPONSES
 from gateway_shim.errors import MalformedRequest, RouteNotFound
-from gateway_shim.request_checks import check_body, parse_body
+from gateway_shim.request_checks import parse_body
 from quotameter.config import Shim
-from quotameter.tokens import count_prompt
 
 _DEFAULT_LIMITS = Shim()
 
@@ -27,28 +33,48 @@ class Route:
     name: str  # as recorded in events, e.g. "/v1/chat/completions"
     has_body: bool
     streams: bool  # accepts "stream": true with stream_options.include_usage
-    checked: bool = False  # an OpenAI route: its body's fields are checked (request_checks.py)
+    checked: bool = False  # its body's fields are checked (the dialect's ``check``)
+    dialect: Dialect = CHAT  # the API shape: request fields, usage, stream events, error bodies
 
 
-# (method, path after /v1) → route. Anything else is a 404.
+# (method, path after /v1) → route. Anything else is a 404 (or passed through, if configured).
 _ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/chat/completions"): Route("/v1/chat/completions", has_body=True, streams=True, checked=True),
     ("POST", "/completions"): Route("/v1/completions", has_body=True, streams=True, checked=True),
     ("POST", "/embeddings"): Route("/v1/embeddings", has_body=True, streams=False, checked=True),
+    ("POST", "/responses"): Route("/v1/responses", has_body=True, streams=True, checked=True, dialect=RESPONSES),
     ("GET", "/models"): Route("/v1/models", has_body=False, streams=False),
 }
 _MODEL_ROUTE = Route("/v1/models/{model}", has_body=False, streams=False)
 _MODEL_PATH = re.compile(r"^/models/[^/]+$")
 
 
-def match_route(method: str, path: str) -> Route:
-    """The route for ``path`` (the part after ``/v1``), or RouteNotFound."""
+def add_route(method: str, path: str, route: Route) -> None:
+    """Serve ``route`` at ``path`` (after ``/v1``): how a dialect's module adds its API."""
+    _ROUTES[(method, path)] = route
+
+
+def match_route(method: str, path: str, passthrough: Sequence[str] = ()) -> Route:
+    """The route for ``path`` (the part after ``/v1``), or RouteNotFound. A path
+    matching a ``passthrough`` pattern (``shim.passthrough_routes``, full paths)
+    is a route of its own, named for the pattern: proxied unread, unmetered."""
     route = _ROUTES.get((method, path.rstrip("/") or "/"))
     if route is None and method == "GET" and _MODEL_PATH.match(path):
         route = _MODEL_ROUTE
     if route is None:
-        raise RouteNotFound(f"Unknown request URL: {method} /v1{path}. Please check the URL and method.")
+        full = "/v1" + path
+        for pattern in passthrough:
+            if fnmatchcase(full, pattern):
+                return Route(pattern, has_body=False, streams=False)
+        raise RouteNotFound(f"Unknown request URL: {method} {full}. Please check the URL and method.")
     return route
+
+
+def dialect_for(path: str) -> Dialect:
+    """The dialect of the POST route at ``path`` (a full ``/v1/...`` path, query
+    allowed), chat's for any other: for an adapter that only sees the URI."""
+    route = _ROUTES.get(("POST", path.partition("?")[0].removeprefix("/v1").rstrip("/") or "/"))
+    return route.dialect if route is not None else CHAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +85,7 @@ class ProxiedRequest:
     stream: bool
     usage_injected: bool  # the shim asked for usage: drop the usage-only chunk
     prompt_tokens: int | None = None  # counted with the body, off the event loop (large bodies)
+    dialect: Dialect = CHAT
 
 
 async def read_request_async(route: Route, raw: bytes, limits: Shim = _DEFAULT_LIMITS) -> ProxiedRequest:
@@ -73,21 +100,19 @@ async def read_request_async(route: Route, raw: bytes, limits: Shim = _DEFAULT_L
 def read_request(route: Route, raw: bytes, limits: Shim = _DEFAULT_LIMITS, count: bool = False) -> ProxiedRequest:
     """Read what metering needs from the body (its prompt counted too when
     ``count``), or MalformedRequest."""
+    dialect = route.dialect
     if not route.has_body:
-        return ProxiedRequest(None, raw, None, False, False)
+        return ProxiedRequest(None, raw, None, False, False, dialect=dialect)
     body = parse_body(raw, limits)
     if not isinstance(body, dict):
         raise MalformedRequest("The request body must be a JSON object.")
     if route.checked:
-        check_body(route.name, body, limits)
-    model = body.get("model") if isinstance(body.get("model"), str) else None
-    prompt_tokens = count_prompt(body, model) if count else None
-    stream = route.streams and body.get("stream") is True
-    options = body.get("stream_options")
-    if stream and not (isinstance(options, dict) and options.get("include_usage") is True):
-        # The usage chunk is the only exact count of a stream: ask for it, and
-        # hide it from a client that did not ask.
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        upstream_body = json.dumps(body, separators=(",", ":")).encode()
-        return ProxiedRequest(body, upstream_body, model, True, True, prompt_tokens)
-    return ProxiedRequest(body, raw, model, stream, False, prompt_tokens)
+        dialect.check(route.name, body, limits)
+    model = dialect.model(body)
+    prompt_tokens = dialect.count_prompt(body, model) if count else None
+    stream = route.streams and dialect.wants_stream(body)
+    asked = dialect.ask_for_usage(body) if stream else None
+    if asked is not None:
+        upstream_body = json.dumps(asked, separators=(",", ":")).encode()
+        return ProxiedRequest(asked, upstream_body, model, True, True, prompt_tokens, dialect)
+    return ProxiedRequest(body, raw, model, stream, False, prompt_tokens, dialect)

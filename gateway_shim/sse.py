@@ -28,6 +28,11 @@ What an upstream may get wrong, and what the tally makes of it:
   choice; a later one can only be a correction).
 - One huge event: its bytes are kept aside, unscanned, until an event end
   arrives, so an event of N bytes costs O(N), however it is split.
+
+All of the above is chat's (``[DONE]``, usage chunks, unparsed chunks). The
+events of any other dialect (dialects/) are parsed one by one and read
+through it: model, usage, text, and the terminal event, held back as
+``[DONE]`` is.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import json
 import re
 from typing import Any
 
+from gateway_shim.dialects import Dialect
+from gateway_shim.dialects.chat import CHAT
 from gateway_shim.usage import Usage, completion_text, model_from, usage_from
 from quotameter.tokens import count_text
 
@@ -67,8 +74,11 @@ class StreamTally:
     """
 
     def __init__(
-        self, hide_usage: bool = False, cut_at: int | None = None, model: str | None = None, hold_done: bool = False
+        self, hide_usage: bool = False, cut_at: int | None = None, model: str | None = None, hold_done: bool = False,
+        dialect: Dialect = CHAT,
     ) -> None:
+        self.dialect = dialect
+        self._fast = dialect.fast_chunks  # chat: [DONE], usage chunks, chunks left unparsed
         self.hide_usage = hide_usage
         # hold_done: keep the [DONE] event back (in ``held``) for the relay to
         # write once the request's event is spooled (see proxy._relay_stream).
@@ -81,7 +91,7 @@ class StreamTally:
         self._count_model = model
         self.usage: Usage | None = None
         self.model: str | None = None
-        self.done = False  # [DONE] seen: the stream ended as the upstream meant it to
+        self.done = False  # [DONE] (the dialect's terminal event) seen: the stream ended as the upstream meant it to
         self.events = 0
         self._texts: list[str | bytes] = []  # text of parsed chunks, raw data of the others
         self._raw_bytes = 0
@@ -154,7 +164,7 @@ class StreamTally:
             if piece.startswith(b"data: ") and b"\n" not in piece:
                 data = piece[6:]
                 if (
-                    self.cut_at is None and self.model is not None and _object_like(data)
+                    self._fast and self.cut_at is None and self.model is not None and _object_like(data)
                     and b"[DONE]" not in data and not _USAGE_OBJECT.search(data)
                 ):
                     self.events += 1
@@ -193,6 +203,8 @@ class StreamTally:
 
     def _observe_data(self, event: bytes, data: bytes) -> bytes | None:
         self.events += 1
+        if not self._fast:
+            return self._observe_event(event, data)
         if data.strip() == DONE:
             self.done = True
             if self.hold_done:
@@ -246,6 +258,43 @@ class StreamTally:
             if usage is not None and chunk.get("choices") == []:
                 return None
             return _NULL_USAGE.sub(b"", event)
+        return event
+
+
+    def _observe_event(self, event: bytes, data: bytes) -> bytes | None:
+        """One event of a dialect without chat's fast paths: parsed, and read through it."""
+        try:
+            chunk: Any = json.loads(data)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            self.dropped += 1
+            return None
+        dialect = self.dialect
+        if self.model is None:
+            self.model = dialect.event_model(chunk)
+        if self.chunk_id is None:
+            self.chunk_id = dialect.event_id(chunk)
+        self.usage = dialect.event_usage(chunk, self.usage)
+        text = dialect.event_text(chunk)
+        if text:
+            if self.cut_at is not None:
+                if not self._counting:
+                    self._raw_bytes += len(text.encode())  # tokens <= bytes: no count passes cut_at before this does
+                    if self._raw_bytes > self.cut_at:
+                        self._start_counting()
+                if self._counting:
+                    tokens = count_text(text, self._count_model)
+                    if self.counted_output + tokens > self.cut_at:
+                        self.cut = True
+                        return None
+                    self.counted_output += tokens
+            self._texts.append(text)
+        if dialect.event_ends(chunk):
+            self.done = True
+            if self.hold_done:
+                self.held += event
+                return None
         return event
 
 

@@ -372,6 +372,10 @@ class Shim(_SecretFiles):
     # max_header_bytes, or more than max_headers headers, is answered 400.
     max_header_bytes: PositiveInt = 8190
     max_headers: PositiveInt = 128
+    # Other /v1/ paths the shim proxies as they are, unmetered (a valid key still
+    # needed), e.g. ["/v1/files", "/v1/files/*"]; "*" matches any characters.
+    # Any other unknown path is refused 404.
+    passthrough_routes: list[str] = []
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -126,6 +126,39 @@ def count_prompt(body: dict[str, Any], model: str | None = None) -> int:
     return 0
 
 
+def count_response_input(body: dict[str, Any], model: str | None = None) -> int:
+    """Input tokens of a Responses API body: ``instructions`` as a system message,
+    ``input`` as one user message (a string) or a list of items, each message
+    item framed as a chat message is; other items (function call outputs,
+    reasoning…) count their text fields. The same recipe as chat, so a prompt
+    moved from one API to the other costs the same estimate."""
+    model = model or body.get("model")
+    messages: list[Any] = []
+    other_tokens = 0  # items that are not messages: their text, framed as a message is
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list):
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            if "role" in item or item.get("type") == "message":
+                messages.append({key: value for key, value in item.items() if key in ("role", "content", "name")})
+            else:
+                other_tokens += _TOKENS_PER_MESSAGE + sum(
+                    count_text(value, model) for key, value in item.items()
+                    if isinstance(value, str) and key not in _ITEM_LABELS)
+    if not messages and not other_tokens:
+        return 0
+    return count_messages(messages, model) + other_tokens
+
+
+_ITEM_LABELS = ("type", "id", "call_id", "status")  # an item's labels, not its text
+
+
 def _count_inputs(value: Any, model: str | None) -> int:
     if isinstance(value, str):
         return count_text(value, model)

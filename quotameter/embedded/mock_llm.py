@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from quotameter.embedded import mock_messages
+from quotameter.embedded import mock_messages, mock_responses
 from quotameter.tokens import count_prompt
 
 # Each word is one token in o200k_base and cl100k_base, alone and after a space.
@@ -91,6 +91,7 @@ class MockLLM:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/v1/messages", self.messages)
         return app
 
@@ -138,6 +139,25 @@ class MockLLM:
         if usage:
             answer["usage"] = usage
         return web.json_response(answer)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API (mock_responses.py)."""
+        try:
+            fault = parse_fault(request.headers.get(FAULT_HEADER))
+        except ValueError:
+            return _error(400, f"bad {FAULT_HEADER} header")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict) or not isinstance(body.get("input"), str | list):
+            return _error(400, "'input' is a required property", code="missing_required_parameter")
+        if fault.status:
+            return _error(fault.status, f"mock fault: status {fault.status}", kind="server_error")
+        limit = body.get("max_output_tokens")
+        pieces = completion_pieces(int(limit) if limit else DEFAULT_COMPLETION_TOKENS)
+        return await mock_responses.respond(request, body, pieces, body.get("model") or DEFAULT_MODEL,
+                                            fault.no_usage, fault.cut_after, self.token_delay_s)
 
     async def _stream(
         self,
