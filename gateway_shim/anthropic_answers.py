@@ -44,7 +44,7 @@ def error_type(status: int) -> str:
     return _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
 
 
-def error_body(status: int, message: str, request_id: str | None) -> bytes:
+def error_body(status: int, message: str, request_id: str | None = None) -> bytes:
     body: dict[str, object] = {"type": "error", "error": {"type": error_type(status), "message": message}}
     if request_id:
         body["request_id"] = request_id

@@ -15,13 +15,11 @@ cumulative, and newer servers repeat the input fields there. It ends with
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway_shim.errors import InvalidParameter
 from gateway_shim.usage import Usage
 from quotameter.events import UsageSource
-from quotameter.message_tokens import count_messages_prompt
 
 ROUTE = "/v1/messages"
 _MAX_INT = 2**31 - 1
@@ -36,16 +34,9 @@ class Limits(Protocol):
     max_content_parts: int
 
 
-@dataclass(frozen=True, slots=True)
-class MessagesRequest:
-    model: str
-    stream: bool
-    max_tokens: int  # required by the API: the output reservation
-    prompt_tokens: int
-
-
-def read_request(body: dict[str, Any], limits: Limits) -> MessagesRequest:
-    """What admission reads from a Messages request, or InvalidParameter naming the field."""
+def check_request(body: dict[str, Any], limits: Limits) -> None:
+    """Raise InvalidParameter naming the first field admission reads (model, max_tokens,
+    stream, system, messages) that a Messages request gets wrong."""
     model = body.get("model")
     if model is None:
         raise InvalidParameter("model: Field required", "model", "missing_required_parameter")
@@ -66,7 +57,6 @@ def read_request(body: dict[str, Any], limits: Limits) -> MessagesRequest:
     if isinstance(system, list):
         _check_blocks(system, "system", limits)
     _check_messages(body.get("messages"), limits)
-    return MessagesRequest(model, stream is True, max_tokens, count_messages_prompt(body, model))
 
 
 def _check_messages(messages: Any, limits: Limits) -> None:
@@ -156,77 +146,68 @@ def event_text(event: Any) -> str:
     return text if isinstance(text, str) else ""
 
 
-class StreamState:
-    """What a Messages stream said so far: its id, model, usage, and which content block is open."""
-
-    __slots__ = ("message_id", "model", "_usage", "open_block", "ended")
-
-    def __init__(self) -> None:
-        self.message_id: str | None = None
-        self.model: str | None = None
-        self._usage: dict[str, Any] = {}  # Anthropic's fields, the latest value of each
-        self.open_block: int | None = None
-        self.ended = False
-
-    @property
-    def usage(self) -> Usage | None:
-        return usage_of(self._usage) if self._usage else None
-
-    @property
-    def reported_input(self) -> dict[str, int]:
-        """The input fields as the upstream reported them (for a cut's final usage)."""
-        return {name: _int(self._usage.get(name)) for name in
-                ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}
-
-    def observe(self, event: Any) -> str:
-        """Note one parsed stream event; return the output text it carries."""
-        if not isinstance(event, dict):
-            return ""
-        kind = event.get("type")
-        if kind == "message_start" and isinstance(event.get("message"), dict):
-            message = event["message"]
-            if isinstance(message.get("id"), str):
-                self.message_id = message["id"]
-            if isinstance(message.get("model"), str) and message["model"]:
-                self.model = message["model"]
-            self._merge(message.get("usage"))
-        elif kind == "message_delta":
-            self._merge(event.get("usage"))
-        elif kind == "content_block_start":
-            self.open_block = _int(event.get("index"))
-        elif kind == "content_block_stop":
-            self.open_block = None
-        elif kind == END_EVENT:
-            self.ended = True
-        return event_text(event)
-
-    def _merge(self, usage: Any) -> None:
-        if isinstance(usage, dict):  # cumulative: a later value replaces an earlier one; null changes nothing
-            self._usage.update({name: value for name, value in usage.items() if value is not None})
+def event_model(event: dict[str, Any]) -> str | None:
+    """The served model, which ``message_start`` names."""
+    message = event.get("message") if event.get("type") == "message_start" else None
+    model = message.get("model") if isinstance(message, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
-def cut_usage(state: StreamState, output_tokens: int) -> Usage:
-    """A cut stream's usage: the input as the upstream reported it, the output the client was sent."""
-    usage = usage_of({**state.reported_input, "output_tokens": output_tokens})
-    assert usage is not None
-    return Usage(usage.input_tokens, usage.output_tokens, usage.cached_tokens, 0, UsageSource.COUNTED,
-                 usage.cache_write_tokens)
+def event_id(event: dict[str, Any]) -> str | None:
+    message = event.get("message") if event.get("type") == "message_start" else None
+    value = message.get("id") if isinstance(message, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def event_usage(event: dict[str, Any], previous: Usage | None) -> Usage | None:
+    """The stream's usage once ``event`` is read: ``message_start`` gives it all, a
+    ``message_delta`` replaces the fields it carries (cumulative totals; a null
+    changes nothing), others leave it as ``previous`` said."""
+    kind = event.get("type")
+    if kind == "message_start":
+        message = event.get("message")
+        return (usage_of(message.get("usage")) if isinstance(message, dict) else None) or previous
+    usage = event.get("usage")
+    if kind != "message_delta" or not isinstance(usage, dict):
+        return previous
+    base = previous or Usage(source=UsageSource.UPSTREAM)
+    fields = {
+        "input_tokens": base.input_tokens - base.cached_tokens - base.cache_write_tokens,
+        "cache_read_input_tokens": base.cached_tokens,
+        "cache_creation_input_tokens": base.cache_write_tokens,
+        "output_tokens": base.output_tokens,
+    }
+    fields.update({name: value for name, value in usage.items() if name in fields and value is not None})
+    return usage_of(fields)
+
+
+def ends(event: dict[str, Any]) -> bool:
+    return event.get("type") == END_EVENT
+
+
+def open_block(last_event: dict[str, Any] | None) -> int | None:
+    """The index of the content block still open after ``last_event`` (the last one
+    the client was sent), or None."""
+    if not isinstance(last_event, dict) or last_event.get("type") not in ("content_block_start", "content_block_delta"):
+        return None
+    index = last_event.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else 0
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def cut_ending(state: StreamState, output_tokens: int, message: str) -> bytes:
+def cut_ending(block: int | None, output_tokens: int, message: str) -> bytes:
     """The events that end a stream cut at the budget as a normal end: the open
-    block closed, a ``message_delta`` with ``stop_reason: "max_tokens"`` and the
-    usage sent, then ``message_stop``. Why it ended goes in a comment line,
-    which clients skip."""
-    out = [b": " + message.replace("\n", " ").encode() + b"\n\n"] if message else []
-    if state.open_block is not None:
-        out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": state.open_block}))
-    usage = {**state.reported_input, "output_tokens": output_tokens}
+    ``block`` stopped, a ``message_delta`` with ``stop_reason: "max_tokens"`` and
+    the output sent (the input as ``message_start`` reported it stands), then
+    ``message_stop``. Why it ended goes in a comment line, which clients skip."""
+    out = [b": " + message.replace("\n", " ").replace("\r", " ").encode() + b"\n\n"] if message else []
+    if block is not None:
+        out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": block}))
     out.append(_sse("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": "max_tokens", "stop_sequence": None}, "usage": usage}))
+                                      "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                      "usage": {"output_tokens": output_tokens}}))
     out.append(_sse(END_EVENT, {"type": END_EVENT}))
     return b"".join(out)

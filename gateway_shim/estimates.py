@@ -61,7 +61,8 @@ class Estimator:
             fb_in_rate, _, fb_rate = self._model_rates(fallback.model, today)
             fb_budget = policy.period_budget_micro_usd + micro_usd(fallback.extra_budget_usd)
             fb_in = math.ceil(input_tokens * fb_in_rate)
-        cuttable = policy.tier.cut_streams and explicit is None and choices == 1 and output > 0
+        cuttable = (policy.tier.cut_streams and (explicit is None or dialect.cap_required) and choices == 1
+                    and output > 0)
         return (
             Estimate(
                 input_tokens=input_tokens,

@@ -10,15 +10,16 @@ import pytest
 
 from gateway_shim.anthropic_answers import duration_ms, error_body, error_type, ratelimit_headers, rfc3339
 from gateway_shim.anthropic_messages import (
-    StreamState,
     answer_text,
     answer_usage,
+    check_request,
     cut_ending,
-    cut_usage,
     event_text,
-    read_request,
+    open_block,
 )
+from gateway_shim.dialects.messages import MESSAGES
 from gateway_shim.errors import InvalidParameter
+from gateway_shim.sse import StreamTally
 from quotameter.config import Shim, TokenCount
 from quotameter.events import UsageSource
 from quotameter.message_tokens import count_messages_prompt, prefix_tokens
@@ -55,9 +56,16 @@ def test_the_prompt_is_the_system_and_every_block_counted() -> None:
 
 
 def test_a_request_is_read_with_its_prompt_and_its_max_tokens() -> None:
-    request = read_request({**BODY, "stream": True}, LIMITS)
-    assert (request.model, request.stream, request.max_tokens, request.prompt_tokens) == (
-        "mock-small", True, 50, BODY_TOKENS)
+    body = {**BODY, "stream": True}
+    check_request(body, LIMITS)
+    assert (MESSAGES.model(body), MESSAGES.wants_stream(body), MESSAGES.max_output(body)) == ("mock-small", True, 50)
+    assert MESSAGES.count_prompt(body, "mock-small") == BODY_TOKENS
+    assert MESSAGES.ask_for_usage(body) is None and MESSAGES.cap_required
+    assert MESSAGES.degrade(body, "mock-large", 9) == {**body, "model": "mock-large", "max_tokens": 9}
+    # The key as Anthropic's clients send it, or as a Bearer token (which wins).
+    assert MESSAGES.credentials({"x-api-key": " sk-1 "}) == "Bearer sk-1"
+    assert MESSAGES.credentials({"authorization": "Bearer sk-2", "x-api-key": "sk-1"}) == "Bearer sk-2"
+    assert MESSAGES.credentials({}) is None
 
 
 @pytest.mark.parametrize(("change", "param", "code"), [
@@ -77,7 +85,7 @@ def test_a_request_is_read_with_its_prompt_and_its_max_tokens() -> None:
 def test_a_field_admission_reads_is_refused_when_wrong(change: dict, param: str, code: str) -> None:
     body = {key: value for key, value in {**BODY, **change}.items() if value is not None}
     with pytest.raises(InvalidParameter) as caught:
-        read_request(body, LIMITS)
+        check_request(body, LIMITS)
     assert (caught.value.param, caught.value.code) == (param, code)
 
 
@@ -111,43 +119,46 @@ def _stream_events() -> list[dict]:
     ]
 
 
+def _sse(events: list[dict]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
 def test_a_stream_gives_its_usage_cumulatively_and_its_text_by_delta() -> None:
-    state = StreamState()
-    texts = [state.observe(event) for event in _stream_events()]
-    assert "".join(texts) == "Let me seeHello there"  # thinking counts as output; the signature does not
-    assert (state.message_id, state.model, state.open_block, state.ended) == ("msg_1", "claude-x", 1, False)
-    usage = state.usage
+    tally = StreamTally(hold_done=True, dialect=MESSAGES)
+    end = [{"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 9, "input_tokens": None}},
+           {"type": "message_stop"}]
+    raw = _sse(_stream_events() + end)
+    out = b"".join(tally.feed(raw[i : i + 7]) for i in range(0, len(raw), 7))  # any split
+    assert out + tally.held == raw  # passed on byte for byte, message_stop held back
+    assert tally.held == _sse(end[1:]) and tally.done
+    assert tally.text == "Let me seeHello there"  # thinking counts as output; the signature does not
+    assert (tally.chunk_id, tally.model) == ("msg_1", "claude-x")
+    usage = tally.usage
     assert usage is not None and (usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens,
-                                  usage.output_tokens) == (45, 30, 5, 4)
-    # The final delta: the output so far replaces the earlier figure; a null leaves a field alone.
-    state.observe({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                   "usage": {"output_tokens": 9, "input_tokens": None}})
-    state.observe({"type": "message_stop"})
-    assert state.ended and state.usage is not None and state.usage.output_tokens == 9
-    assert state.usage.input_tokens == 45
+                                  usage.output_tokens) == (45, 30, 5, 9)  # a null changes nothing
     assert event_text({"type": "content_block_delta", "delta": {"type": "input_json_delta",
                                                                 "partial_json": '{"a":'}}) == '{"a":'
+    # A delta carrying the input too (newer servers) replaces it.
+    newer = MESSAGES.event_usage({"type": "message_delta", "usage": {"input_tokens": 11, "output_tokens": 10}}, usage)
+    assert newer is not None and (newer.input_tokens, newer.cached_tokens, newer.output_tokens) == (46, 30, 10)
 
 
-def test_a_cut_stream_ends_as_max_tokens_with_the_usage_sent() -> None:
-    state = StreamState()
-    for event in _stream_events():
-        state.observe(event)
-    raw = cut_ending(state, 6, "Pro tier budget reached.")
+def test_a_cut_stream_ends_as_max_tokens_with_the_output_sent() -> None:
+    tally = StreamTally(hold_done=True, dialect=MESSAGES)
+    tally.feed(_sse(_stream_events()))
+    assert open_block(tally.last_event) == 1
+    raw = cut_ending(open_block(tally.last_event), 6, "Pro tier budget reached.")
     events = [part for part in raw.decode().split("\n\n") if part]
     assert events[0] == ": Pro tier budget reached."
     parsed = [(part.split("\n")[0], json.loads(part.split("\n")[1].removeprefix("data: "))) for part in events[1:]]
     assert [name for name, _ in parsed] == ["event: content_block_stop", "event: message_delta", "event: message_stop"]
     assert parsed[0][1] == {"type": "content_block_stop", "index": 1}
     assert parsed[1][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
-    assert parsed[1][1]["usage"] == {"input_tokens": 10, "cache_creation_input_tokens": 5,
-                                     "cache_read_input_tokens": 30, "output_tokens": 6}
-    usage = cut_usage(state, 6)
-    assert (usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens,
-            usage.source) == (45, 30, 5, 6, UsageSource.COUNTED)
-    closed = StreamState()
-    closed.observe({"type": "content_block_stop", "index": 0})
-    assert b"content_block_stop" not in cut_ending(closed, 0, "")
+    # Only the output: the SDK keeps the input message_start reported.
+    assert parsed[1][1]["usage"] == {"output_tokens": 6}
+    assert open_block({"type": "content_block_stop", "index": 0}) is None
+    assert b"content_block_stop" not in cut_ending(None, 0, "")
 
 
 @pytest.mark.parametrize(("status", "kind"), [
@@ -160,6 +171,14 @@ def test_errors_take_anthropics_type_for_their_status(status: int, kind: str) ->
     assert error_type(status) == kind
     assert json.loads(error_body(status, "why", "req_1")) == {
         "type": "error", "error": {"type": kind, "message": "why"}, "request_id": "req_1"}
+
+
+def test_the_dialect_answers_errors_in_anthropics_shape() -> None:
+    assert json.loads(MESSAGES.error_body(429, "requests", "rate_limit_exceeded", "Slow down.", None)) == {
+        "type": "error", "error": {"type": "rate_limit_error", "message": "Slow down."}}
+    assert MESSAGES.upstream_error({"type": "error", "error": {"type": "api_error", "message": "x"}}) == {
+        "type": "api_error", "message": "x"}
+    assert MESSAGES.upstream_error({"type": "message", "content": []}) is None
 
 
 def test_openai_rate_limit_headers_become_anthropics() -> None:
