@@ -253,7 +253,9 @@ async def test_refusals_are_anthropics_errors(stack: Stack) -> None:
     assert not any(name.lower().startswith("x-ratelimit-") for name in headers)
 
     rows = stack.ledger("refused", 3)
-    assert rows[bad_request[2]]["status"] == 400 and rows[bad_request[2]]["input_tokens"] == 0
+    # Refused by the shim itself (its reason), never forwarded; nothing billed.
+    assert (rows[bad_request[2]]["status"], rows[bad_request[2]]["reason"], rows[bad_request[2]]["input_tokens"]) == (
+        400, "missing_required_parameter", 0)
     assert (rows[refusal.request_id]["status"], rows[refusal.request_id]["decision"],
             rows[refusal.request_id]["reason"], rows[refusal.request_id]["output_tokens"]) == (
         429, "refused", "rate_limit_requests", 0)

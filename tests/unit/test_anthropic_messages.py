@@ -4,9 +4,10 @@ anthropic_answers.py, quotameter/message_tokens.py), no services."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
+import yaml
 
 from gateway_shim.anthropic_answers import duration_ms, error_body, error_type, ratelimit_headers, rfc3339
 from gateway_shim.anthropic_messages import (
@@ -19,8 +20,9 @@ from gateway_shim.anthropic_messages import (
 )
 from gateway_shim.dialects.messages import MESSAGES
 from gateway_shim.errors import InvalidParameter
+from gateway_shim.estimates import Estimator
 from gateway_shim.sse import StreamTally
-from quotameter.config import Shim, TokenCount
+from quotameter.config import DEFAULT_CONFIG, Shim, TokenCount, parse_config
 from quotameter.events import UsageSource
 from quotameter.message_tokens import count_messages_prompt, prefix_tokens
 
@@ -203,3 +205,15 @@ def test_openai_rate_limit_headers_become_anthropics() -> None:
     assert "anthropic-ratelimit-input-tokens-limit" in ratelimit_headers(openai, TokenCount.INPUT, now)
     assert (duration_ms("20ms"), duration_ms("1.5s"), duration_ms("2m3s"), duration_ms("soon")) == (20, 1500, 123_000, None)
     assert rfc3339(datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)) == "2026-03-01T12:00:00Z"
+
+
+def test_the_settle_prices_cache_writes_at_their_rate() -> None:
+    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    document["prices"] = [{"model": "claude-x", "input_per_million_usd": "3.00", "output_per_million_usd": "15.00",
+                           "cached_input_per_million_usd": "0.30", "cache_write_per_million_usd": "3.75"}]
+    estimator = Estimator(parse_config(document))
+    usage = answer_usage({"usage": {"input_tokens": 1000, "cache_read_input_tokens": 2000,
+                                    "cache_creation_input_tokens": 4000, "output_tokens": 100}})
+    assert usage is not None
+    # 1000 × 3.00 + 2000 × 0.30 + 4000 × 3.75 + 100 × 15.00 micro-USD
+    assert estimator.cost_micro_usd("claude-x", date(2026, 3, 1), usage) == 3000 + 600 + 15_000 + 1500
