@@ -15,6 +15,7 @@ id of its row in the ledger.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import uuid
@@ -33,7 +34,7 @@ import yaml
 
 from gateway_shim.keystore import create_key
 from quotameter.config import DEFAULT_CONFIG, Config, load_config
-from quotameter.embedded.mock_llm import SEEN_KEY_HEADER, completion_pieces
+from quotameter.embedded.mock_llm import FAULT_HEADER, SEEN_KEY_HEADER, completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.redis_keys import RedisKeys
 from tests.conftest import merge
@@ -289,3 +290,32 @@ async def test_a_stream_cut_at_the_budget_ends_normally_and_is_billed_as_deliver
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == CUT_OUTPUT
     row = stack.ledger("cut-json", 1)[message._request_id]
     assert (row["input_tokens"], row["output_tokens"], row["reason"]) == (PROMPT_TOKENS, CUT_OUTPUT, "budget_cut")
+
+
+async def test_answers_without_usage_or_broken_off_are_billed_as_received(stack: Stack) -> None:
+    key = stack.new_key("counted", "open")
+    body = {"model": "mock-small", "max_tokens": 5, "system": SYSTEM, "messages": MESSAGES}
+    received: dict[str, tuple[int, int, str | None]] = {}  # request id -> input, output, reason
+    async with aiohttp.ClientSession(headers={"x-api-key": key}) as session:
+        # A model that reports no usage: the shim counts the prompt and the text.
+        async with session.post(f"{stack.base_url}/v1/messages", json=body,
+                                headers={FAULT_HEADER: "no-usage"}) as response:
+            message = await response.json()
+            assert response.status == 200 and "usage" not in message, message
+            assert message["content"][0]["text"] == "".join(completion_pieces(5))
+            received[response.headers["request-id"]] = (PROMPT_TOKENS, 5, None)
+        # A stream the model breaks off after 3 words: message_start reported the input,
+        # no message_delta ever reported the output, so the words the client got are counted.
+        async with session.post(f"{stack.base_url}/v1/messages", json={**body, "max_tokens": 10, "stream": True},
+                                headers={FAULT_HEADER: "cut-after=3"}) as response:
+            raw = (await response.read()).decode()
+            assert response.status == 200
+            words = [json.loads(part.split("data: ", 1)[1])["delta"]["text"] for part in raw.split("\n\n")
+                     if part.startswith("event: content_block_delta")]
+            assert words == completion_pieces(3) and "message_stop" not in raw
+            received[response.headers["request-id"]] = (PROMPT_TOKENS, 3, "upstream_stream_cut")
+    rows = stack.ledger("counted", 2)
+    for request_id, (input_tokens, output_tokens, reason) in received.items():
+        row = rows[request_id]
+        assert (row["input_tokens"], row["output_tokens"], row["usage_source"], row["reason"]) == (
+            input_tokens, output_tokens, "counted", reason), row
