@@ -17,9 +17,12 @@ import time
 import aiohttp
 
 MESSAGES = [{"role": "user", "content": "Say something short."}]
+API = "chat"  # or "responses": the same 16-token answer through the Responses API (--api)
 
 
 def _body(stream: bool) -> bytes:
+    if API == "responses":
+        return json.dumps({"model": "mock-small", "input": MESSAGES, "max_output_tokens": 16, "stream": stream}).encode()
     return json.dumps({"model": "mock-small", "messages": MESSAGES, "max_tokens": 16, "stream": stream}).encode()
 
 
@@ -114,7 +117,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--api", choices=["chat", "responses"], default="chat", help="the body's API shape")
     args = parser.parse_args()
+    global API
+    API = args.api
     if args.mode == "open":
         result = asyncio.run(open_loop(args.url, args.key, args.rate, args.duration, args.stream))
     else:

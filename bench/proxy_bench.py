@@ -4,6 +4,7 @@ bare proxy. All on loopback, all in one run:
 
     .venv/bin/python bench/proxy_bench.py            # ~2 minutes
     .venv/bin/python bench/proxy_bench.py --quick    # ~40 s, noisier
+    .venv/bin/python bench/proxy_bench.py --apis chat,responses --quick   # streams per API, ~30 s
 
 It starts its own redis-server, Tansu broker, mock model server (0 token
 delay), bare proxy and shim (real processes, stopped by PID at the end), and
@@ -72,12 +73,15 @@ def _start_all(work: Path) -> tuple[list[ManagedProcess], dict[str, str], str]:
     client = redis.Redis(port=redis_port)
     key = create_key(client, RedisKeys(document["services"]["redis_prefix"]), "bench", "bench").plaintext
     client.close()
-    urls = {
-        "direct": f"http://127.0.0.1:{mock_port}/v1/chat/completions",
-        "bare": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
-        "shim": f"http://127.0.0.1:{shim_port}/v1/chat/completions",
+    urls = {  # the base of each setup's /v1 (see API_PATHS)
+        "direct": f"http://127.0.0.1:{mock_port}/v1",
+        "bare": f"http://127.0.0.1:{bare_port}/v1",
+        "shim": f"http://127.0.0.1:{shim_port}/v1",
     }
     return procs, urls, key
+
+
+API_PATHS = {"chat": "/chat/completions", "responses": "/responses"}
 
 
 def _load(*args: str) -> dict[str, float]:
@@ -93,8 +97,13 @@ def _mark(ok: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Latency and throughput the shim adds.")
     parser.add_argument("--quick", action="store_true", help="short runs (~40 s in all)")
+    parser.add_argument("--apis", help="compare streams of these APIs (e.g. chat,responses) at one load instead")
+    parser.add_argument("--rate", type=int, default=200, help="with --apis: the open loop's arrival rate")
     args = parser.parse_args()
     duration_s, closed_s, connections = (2.0, 3.0, 32) if args.quick else (6.0, 8.0, 32)
+    if args.apis:
+        _compare_apis(args.apis.split(","), args.rate, duration_s, closed_s, connections)
+        return
 
     print(f"proxy bench: loopback, {os.cpu_count()} CPU cores shared by the load generator, mock, "
           f"bare proxy, shim, redis-server and broker (figures are relative, not absolute)")
@@ -104,6 +113,7 @@ def main() -> None:
         procs, urls, key = _start_all(Path(tmp))
         try:
             rows = []
+            urls = {setup: base + API_PATHS["chat"] for setup, base in urls.items()}
             for stream in (False, True):
                 for rate in (200, 500):
                     cell: dict[str, dict[str, float]] = {}
@@ -154,6 +164,44 @@ def main() -> None:
     print(f"\ntargets: added over bare <= {TARGET_P50_MS} ms p50 and <= {TARGET_P99_MS} ms p99: "
           f"{_mark(all(verdicts))}; throughput >= {TARGET_THROUGHPUT:.0%} of bare: "
           f"{_mark(all(r >= TARGET_THROUGHPUT for r in ratios))}")
+
+
+def _compare_apis(apis: list[str], rate: int, duration_s: float, closed_s: float, connections: int) -> None:
+    """Streams of each API side by side, same load, same processes: what the shim
+    adds to each (over the bare proxy), and its stream throughput beside the bare one."""
+    print(f"API bench: 16-token streams per API, open loop {rate}/s for {duration_s:.0f} s per cell, "
+          f"closed loop {connections} connections for {closed_s:.0f} s; {os.cpu_count()} CPU cores shared\n")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="qm-bench-") as tmp:
+        procs, bases, key = _start_all(Path(tmp))
+        try:
+            for api in apis:
+                urls = {setup: base + API_PATHS[api] for setup, base in bases.items()}
+                cell = {setup: _load("open", "--url", urls[setup], "--key", key, "--rate", str(rate), "--duration",
+                                     str(duration_s), "--stream", "--api", api) for setup in ("direct", "bare", "shim")}
+                for setup in ("bare", "shim"):
+                    cell[f"{setup}-closed"] = _load("closed", "--url", urls[setup], "--key", key, "--connections",
+                                                    str(connections), "--duration", str(closed_s), "--stream",
+                                                    "--api", api)
+                results[api] = cell
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+    head = (f"{'api':<10} | {'direct p50':>10}{'p99':>9} | {'bare p50':>9}{'p99':>9} | {'shim p50':>9}{'p99':>9} | "
+            f"{'+bare p50':>9}{'p99':>9} | {'bare req/s':>10} {'shim req/s':>10} | errors")
+    print(head)
+    print("-" * len(head))
+    for api, cell in results.items():
+        d, b, s = cell["direct"], cell["bare"], cell["shim"]
+        errors = int(sum(result["errors"] for result in cell.values()))
+        print(f"{api:<10} | {d['p50_ms']:>10.2f}{d['p99_ms']:>9.2f} | {b['p50_ms']:>9.2f}{b['p99_ms']:>9.2f} | "
+              f"{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f} | {s['p50_ms'] - b['p50_ms']:>+9.2f}"
+              f"{s['p99_ms'] - b['p99_ms']:>+9.2f} | {cell['bare-closed']['rps']:>10.0f} "
+              f"{cell['shim-closed']['rps']:>10.0f} | {errors}")
+        for setup, result in cell.items():
+            if result.get("failures"):
+                print(f"    {setup} failures: {result['failures']}")
+    print("(ms, to the last byte of the stream)")
 
 
 if __name__ == "__main__":

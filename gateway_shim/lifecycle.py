@@ -6,13 +6,15 @@ It knows no HTTP framework. Each transport is a thin adapter that feeds it
 what it sees and writes what it returns: the standalone proxy (proxy.py,
 aiohttp), the check endpoint (check.py: admission only, for a proxy that
 forwards itself) and Envoy's ext_proc (ext_proc.py). All of them therefore
-give the same limits, the same refusals and the same events.
+give the same limits, the same refusals and the same events. Nor does it know
+an API's shape: the route's dialect (dialects/) reads the body, the usage and
+the stream's events, and writes the cut's ending and the error bodies.
 
     exchange = await lifecycle.open(method, path, authorization, upstream)
     forward = await exchange.admit(raw_body)        # or a refusal: exchange.refuse(exc)
     exchange.body(status, raw)                      # a JSON answer, or:
     stream = exchange.stream(forward, status)       #   feed(chunk) -> bytes to pass on,
-    closing = stream.end()                          #   the last bytes, sent after finish()
+    closing = stream.end()                          #   the last bytes (terminal event, or the cut's), sent after finish()
     await exchange.finish()                         # settle, then emit: before the last bytes
 
 ``open`` raises a ShimError for a request that cannot be tied to a customer

@@ -180,7 +180,13 @@ class StreamTally:
                 if run:
                     out.append(self._forward_run(run))
                     run = []
-                forwarded = self._observe(piece + b"\n\n")
+                # A named event ("event: x" then one "data: " line, as the Responses API and
+                # Anthropic send): what _observe would make of it, without its regex.
+                name, _, data = piece.partition(b"\n")
+                if name.startswith(b"event:") and data.startswith(b"data: ") and b"\n" not in data:
+                    forwarded = self._observe_data(piece + b"\n\n", data[6:])
+                else:
+                    forwarded = self._observe(piece + b"\n\n")
             if forwarded:
                 out.append(forwarded)
         if run:

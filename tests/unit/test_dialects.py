@@ -160,3 +160,13 @@ def test_error_bodies_take_their_dialects_shape() -> None:
     assert openai_shaped["error"]["code"] == "unknown_url"
     assert json.loads(error_answer(refusal, dialect=_Shaped()).body) == {
         "type": "error", "error": {"type": "unknown_url", "message": "Unknown request URL: GET /v1/x."}}
+
+
+def test_named_events_read_by_the_newline_fast_path_as_by_the_general_parser() -> None:
+    stream = STREAM + b"event: response.in_progress\nid: 3\ndata: {}\n\n" + b": ping\n\n" + COMPLETED
+    for cut_at in (None, 3, 100):
+        fast = StreamTally(model="m", cut_at=cut_at, hold_done=True, dialect=RESPONSES)
+        general = StreamTally(model="m", cut_at=cut_at, hold_done=True, dialect=RESPONSES)
+        assert fast.feed(stream) == general._feed_any(stream)
+        state = ("cut", "counted_output", "chunk_id", "usage", "model", "done", "events", "text", "held")
+        assert [getattr(fast, name) for name in state] == [getattr(general, name) for name in state]
