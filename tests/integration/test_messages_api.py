@@ -39,6 +39,7 @@ from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.redis_keys import RedisKeys
 from tests.conftest import merge
 from tests.integration.pipeline_helpers import http_json, start_worker, wait_for
+from tests.integration.test_envoy import start_envoy
 
 SYSTEM = "You are terse."
 MESSAGES = [{"role": "user", "content": "Say some words."}]
@@ -64,6 +65,8 @@ TIERS = {
 class Stack:
     config: Config
     shim: ManagedProcess
+    root: Path
+    mock_port: int
 
     @property
     def base_url(self) -> str:
@@ -115,7 +118,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootst
     mock_port = free_port()
     document = merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), {
         "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(root / "spool"),
-                 "drain_timeout_s": 2, "delivery": "broker"},
+                 "drain_timeout_s": 2, "delivery": "broker", "ext_proc_port": free_port()},
         "services": {"redis_url": redis_url, "redis_prefix": f"qm{unique}", "kafka_bootstrap": kafka_bootstrap,
                      "events_topic": f"events-{unique}", "history_dir": str(root / "history"),
                      "worker_url": f"http://127.0.0.1:{free_port()}",
@@ -141,7 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootst
         mock.wait_port("127.0.0.1", mock_port)
         shim.wait_port("127.0.0.1", config.shim.port)
         start_worker(lambda name, *args, config_path: run(name, *args), config, path, "worker")
-        yield Stack(config, shim)
+        yield Stack(config, shim, root, mock_port)
     finally:
         for process in reversed(started):
             process.stop()
@@ -319,3 +322,29 @@ async def test_answers_without_usage_or_broken_off_are_billed_as_received(stack:
         row = rows[request_id]
         assert (row["input_tokens"], row["output_tokens"], row["usage_source"], row["reason"]) == (
             input_tokens, output_tokens, "counted", reason), row
+
+
+async def test_through_envoy_ext_proc_the_key_stays_at_the_edge(stack: Stack) -> None:
+    """The same lifecycle behind Envoy: the client's x-api-key is read, then replaced by the
+    shim's own credential for the model; the stream is metered to the token."""
+    key = stack.new_key("edge", "open")
+    envoy, port = start_envoy(stack.root, "ext_proc.yaml", ext_proc=stack.config.shim.ext_proc_port,
+                              model=stack.mock_port)
+    try:
+        async with anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{port}", api_key=None, max_retries=0,
+                                            timeout=20, default_headers={"x-api-key": key}) as client:
+            async with client.messages.stream(model="mock-small", max_tokens=6, system=SYSTEM,
+                                              messages=MESSAGES) as stream:
+                final = await stream.get_final_message()
+            headers = stream.response.headers
+            with pytest.raises(anthropic.AuthenticationError):
+                await client.messages.create(model="mock-small", max_tokens=3, messages=MESSAGES,
+                                             extra_headers={"x-api-key": "sk-not-a-key"})
+    finally:
+        envoy.stop()
+    assert headers[SEEN_KEY_HEADER] == UPSTREAM_KEY
+    assert final.content[0].text == "".join(completion_pieces(6)) and final.stop_reason == "max_tokens"
+    assert headers["anthropic-ratelimit-requests-limit"] == "100"
+    row = stack.ledger("edge", 1)[headers["request-id"]]
+    assert (row["input_tokens"], row["output_tokens"], row["usage_source"], bool(row["streamed"])) == (
+        PROMPT_TOKENS, 6, "upstream", True), row
