@@ -2,7 +2,10 @@
 admission call (every check + the reservation, one Lua round trip), beside a
 bare Redis round trip (GET) measured in the same run, on the same client.
 
-    .venv/bin/python bench/admission_bench.py [--n 20000] [--concurrency 32]
+    .venv/bin/python bench/admission_bench.py [--n 20000] [--concurrency 32] [--per-user]
+
+``--per-user``: the tier also limits each end user (requests/min, tokens/min,
+tokens/day), and every call names one of 1,000 end users.
 
 Latency is measured one call at a time (loopback, nothing else in flight);
 throughput with ``--concurrency`` calls in flight on one asyncio loop (one
@@ -27,7 +30,7 @@ from gateway_shim.keystore import KeyRecord, create_key
 from quotameter.config import Tier
 from quotameter.embedded.procs import free_port
 from quotameter.embedded.redis_server import redis_process
-from quotameter.policy import resolve
+from quotameter.policy import end_user_digest, resolve
 from quotameter.redis_keys import RedisKeys
 
 PERIOD_END_MS = 4_000_000_000_000
@@ -66,7 +69,10 @@ async def _throughput(call, n: int, concurrency: int) -> float:  # noqa: ANN001
     return n / (time.perf_counter() - t0)
 
 
-async def main(n: int, concurrency: int) -> None:
+PER_USER = {"requests_per_minute": 10_000_000, "tokens_per_minute": 10_000_000_000, "tokens_per_day": 10**15}
+
+
+async def main(n: int, concurrency: int, per_user: bool) -> None:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proc = redis_process(port, Path(tmp) / "data", Path(tmp) / "redis.log", persist=False).start()
@@ -78,13 +84,15 @@ async def main(n: int, concurrency: int) -> None:
             key = KeyRecord(new.key_id, "bench-customer", "bench", False)
             client = aioredis.Redis.from_url(url, max_connections=concurrency + 4)
             admitter = Admitter(client, names)
-            policy = resolve("bench", TIER, "mock-small")
+            policy = resolve("bench", Tier.model_validate({**TIER.model_dump(), "per_user": PER_USER}) if per_user else TIER, "mock-small")
             estimate = Estimate(120, 256, 12, "0.4")
+            digests = [end_user_digest(f"user-{u}") for u in range(1000)]
 
             async def admit(i: int) -> None:
+                user = policy.end_user(digests[i % 1000]) if per_user else None
                 result = await admitter.admit(
                     key, policy, "2030-01", PERIOD_END_MS, f"ev-{i}-{time.perf_counter_ns()}",
-                    int(time.time() * 1000), estimate, 60_000,
+                    int(time.time() * 1000), estimate, 60_000, user=user, day=("2030-01-01", PERIOD_END_MS),
                 )
                 assert result.admitted, result.reason
 
@@ -104,7 +112,8 @@ async def main(n: int, concurrency: int) -> None:
             await race_client.aclose()
         finally:
             proc.stop()
-    print(f"admission bench: {n} calls each, loopback redis-server, redis-py {redis.__version__}")
+    print(f"admission bench: {n} calls each, loopback redis-server, redis-py {redis.__version__}"
+          + (", per-user limits (1,000 end users)" if per_user else ""))
     print(f"{'':28} {'p50 µs':>8} {'p99 µs':>8} {'mean µs':>8} {'calls/s (c=' + str(concurrency) + ')':>18}")
     for name, lat, tput in (("bare round trip (GET)", bare_lat, bare_tput), ("admission (Lua, all checks)", admit_lat, admit_tput)):
         print(f"{name:28} {_pct(lat, .5):8.0f} {_pct(lat, .99):8.0f} {statistics.fmean(lat):8.0f} {tput:18,.0f}")
@@ -142,5 +151,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--per-user", action="store_true")
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.concurrency))
+    asyncio.run(main(args.n, args.concurrency, args.per_user))

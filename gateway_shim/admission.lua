@@ -8,7 +8,9 @@
 -- KEYS[4]  pending expiry    {p}:pending_exp:{c}:{period}
 -- KEYS[5]  reserved sums     {p}:reserved:{c}:{period}
 -- KEYS[6 .. 5+NC]            concurrency sets (zset: event id -> expiry ms)
--- KEYS[6+NC .. 5+NC+NR]      rate state (GCRA: TAT ms; sliding window: hash s,c,p)
+-- KEYS[6+NC .. 5+NC+NR]      rate state (GCRA: TAT ms; sliding window: hash s,c,p);
+--                            the last NU of them the end user's
+-- KEYS[6+NC+NR]              the end user's tokens of the day (only with a day quota)
 --
 -- ARGV  1 now_ms  2 event id  3 reservation expiry (absolute ms)  4 period end ms
 --       5 period token quota (-1: none)  6 budget micro-USD (-1: none)
@@ -20,17 +22,22 @@
 --       16 NC, then per set: limit
 --       then NR, then per rule: algorithm (0 GCRA, 1 sliding), limit, window ms,
 --            counts (0 requests, 1 input, 2 output, 3 total tokens)
+--       then NU (how many of the rules are the end user's: the last ones),
+--            the end user's day token quota (-1: none), the day's end ms
 --
 -- Returns {status, reason, retry_after_ms, served, output_tokens, rule,
---          tokens_used, micro_used, in_flight..., (remaining, reset_ms) per rule}
+--          tokens_used, micro_used, in_flight..., (remaining, reset_ms) per rule,
+--          the end user's tokens of the day (this one too, if admitted)}
 --   status 1 admitted, 0 refused, -1 key revoked or gone
 --   reason 0 none, 1 requests/min, 2 tokens/min, 3 concurrency, 4 period tokens,
---          5 budget, 6 a request larger than a rate limit could ever admit
+--          5 budget, 6 a request larger than a rate limit could ever admit,
+--          7 the end user's day tokens, 8 its requests/min, 9 its tokens/min
+--          (also for a request larger than its tokens/min could ever admit)
 --   served 0 the requested model, 1 the fallback model
 --   rule   the index (1-based) of the refusing rate rule or concurrency set
 
 if redis.call('HGET', KEYS[1], 'revoked') ~= '0' then
-  return {-1, 0, 0, 0, 0, 0, 0, 0}
+  return {-1, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 
 local now = tonumber(ARGV[1])
@@ -50,6 +57,9 @@ local fb_in_micro = tonumber(ARGV[14])
 local fb_out_rate = tonumber(ARGV[15])
 local nc = tonumber(ARGV[16])
 local nr = tonumber(ARGV[17 + nc])
+local nu = tonumber(ARGV[18 + nc + nr * 4])
+local user_quota = tonumber(ARGV[19 + nc + nr * 4])
+local day_end = tonumber(ARGV[20 + nc + nr * 4])
 local reserving = quota >= 0 or budget >= 0
 
 local status, reason, retry, served, rule = 1, 0, 0, 0, 0
@@ -146,6 +156,7 @@ for i = 1, nr do
   local cost = counts == 0 and 1 or costs[counts + 1]
   local key = KEYS[5 + nc + i]
   local why = counts == 0 and 1 or 2
+  if i > nr - nu then why = why + 7 end  -- the end user's: 8 requests, 9 tokens
   local remaining, reset
   if algorithm == 0 then
     local interval = window / limit
@@ -153,7 +164,7 @@ for i = 1, nr do
     local new_tat = tat + cost * interval
     local allow_at = new_tat - window
     if cost > limit then
-      refuse(6, -1, i)
+      refuse(i > nr - nu and 9 or 6, -1, i)
       remaining, reset = math.floor((now - (tat - window)) / interval + 1e-9), math.ceil(tat - now)
     elseif now < allow_at then
       refuse(why, math.ceil(allow_at - now), i)
@@ -173,7 +184,7 @@ for i = 1, nr do
     local elapsed = now - start
     local estimate = p * (window - elapsed) / window + c
     if cost > limit then
-      refuse(6, -1, i)
+      refuse(i > nr - nu and 9 or 6, -1, i)
     elseif estimate + cost > limit then
       local wait
       if c + cost > limit then
@@ -192,7 +203,23 @@ for i = 1, nr do
   rate_out[#rate_out + 1] = reset
 end
 
+-- 4. The end user's tokens of the day: its own counter (reservations and
+-- settled usage), checked with the output as the quota and budget left it.
+local user_used = 0
+if user_quota >= 0 then
+  user_used = tonumber(redis.call('GET', KEYS[6 + nc + nr]) or '0')
+  if user_used + in_tokens + out_tokens > user_quota then
+    refuse(7, day_end - now)
+  end
+end
+
 if status == 1 then
+  if user_quota >= 0 then
+    local key = KEYS[6 + nc + nr]
+    user_used = redis.call('INCRBY', key, in_tokens + out_tokens)
+    -- Kept past the day's end while a reservation of it may still settle.
+    redis.call('PEXPIREAT', key, math.max(day_end, expiry))
+  end
   for _, w in ipairs(writes) do
     if w[1] == 0 then
       redis.call('SET', w[2], w[3], 'PX', w[4])
@@ -219,4 +246,5 @@ end
 local result = {status, reason, retry, served, out_tokens, rule, used_tokens, used_micro}
 for i = 1, nc do result[#result + 1] = in_flight[i] end
 for _, v in ipairs(rate_out) do result[#result + 1] = v end
+result[#result + 1] = user_used
 return result

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.resp import Script, ScriptPipe, encode_args
 from quotameter.config import RateAlgorithm, TokenCount
-from quotameter.policy import LimitKind, Policy, RateRule, Unit
+from quotameter.policy import EndUser, LimitKind, Policy, RateRule, Unit
 from quotameter.redis_keys import RedisKeys
 
 WINDOW_MS = 60_000
@@ -36,6 +36,9 @@ class Reason(IntEnum):
     QUOTA_TOKENS = 4
     QUOTA_BUDGET = 5
     TOO_LARGE = 6
+    USER_QUOTA_TOKENS = 7  # the end user's tokens of the day (per_user.tokens_per_day)
+    USER_REQUESTS = 8
+    USER_TOKENS = 9
 
     @property
     def code(self) -> str:
@@ -54,6 +57,9 @@ _REASON_CODES = {
     Reason.QUOTA_TOKENS: "quota_tokens",
     Reason.QUOTA_BUDGET: "quota_budget",
     Reason.TOO_LARGE: "rate_limit_tokens",
+    Reason.USER_QUOTA_TOKENS: "user_quota_tokens",
+    Reason.USER_REQUESTS: "user_rate_limit_requests",
+    Reason.USER_TOKENS: "user_rate_limit_tokens",
 }
 _REASON_KINDS = {
     Reason.NONE: LimitKind.REQUESTS_PER_MINUTE,
@@ -63,7 +69,11 @@ _REASON_KINDS = {
     Reason.QUOTA_TOKENS: LimitKind.MONTHLY_TOKENS,
     Reason.QUOTA_BUDGET: LimitKind.MONTHLY_BUDGET_USD,
     Reason.TOO_LARGE: LimitKind.TOKENS_PER_MINUTE,
+    Reason.USER_QUOTA_TOKENS: LimitKind.MONTHLY_TOKENS,
+    Reason.USER_REQUESTS: LimitKind.REQUESTS_PER_MINUTE,
+    Reason.USER_TOKENS: LimitKind.TOKENS_PER_MINUTE,
 }
+_RATE_REASONS = (Reason.REQUESTS, Reason.TOKENS, Reason.TOO_LARGE, Reason.USER_REQUESTS, Reason.USER_TOKENS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +103,20 @@ class Admission:
     tokens_used: int  # period tokens: totals + reservations (this one too, if admitted)
     micro_usd_used: int
     in_flight: tuple[int, ...]
-    rates: tuple[tuple[int, int], ...]  # per rate rule: (remaining, reset_ms)
+    rates: tuple[tuple[int, int], ...]  # per rule of ``rules``: (remaining, reset_ms)
     policy: Policy
     local: bool = False  # decided by the in-process limiter (Redis unreachable)
+    user: EndUser | None = None  # the end user held to the policy's per-user limits
+    user_tokens_used: int = 0  # the end user's tokens of the day (this one too, if admitted)
+
+    @property
+    def rules(self) -> tuple[RateRule, ...]:
+        """The rate rules checked: the policy's, then the end user's."""
+        return self.policy.rates if self.user is None else (*self.policy.rates, *self.user.rates)
 
     def refused_rule(self) -> RateRule | None:
-        if self.reason in (Reason.REQUESTS, Reason.TOKENS, Reason.TOO_LARGE) and self.rule:
-            return self.policy.rates[self.rule - 1]
+        if self.reason in _RATE_REASONS and self.rule:
+            return self.rules[self.rule - 1]
         return None
 
 
@@ -130,6 +147,7 @@ class _Layout:
     limits_argv: list[int | str]
     settle_keys: list[str]
     settle_rules: list[tuple[int, RateRule]]  # token rules: (algorithm code, rule)
+    user_settle_rules: list[tuple[int, RateRule]]  # the end user's token rules (scope "user")
     reserving: bool
     needs_settle: bool = field(default=False)
     # The same, RESP-encoded once for the pipelined path (gateway_shim/resp.py).
@@ -151,10 +169,11 @@ class Admitter:
         self._pipe = pipe
         self._admit_script = Script(_ADMIT)
         self._settle_script = Script(_SETTLE)
-        self._layouts: dict[tuple[str, str, str, int], _Layout] = {}
+        self._layouts: dict[tuple[str, str, str, int, bool], _Layout] = {}
 
-    def _layout(self, key: KeyRecord, policy: Policy, period: str) -> _Layout:
-        cache_key = (key.customer, key.key_id, period, id(policy))
+    def _layout(self, key: KeyRecord, policy: Policy, period: str, user: bool = False) -> _Layout:
+        """``user``: with the policy's per-user rules, whose keys each call adds (_user_keys)."""
+        cache_key = (key.customer, key.key_id, period, id(policy), user)
         layout = self._layouts.get(cache_key)
         if layout is not None:
             return layout
@@ -162,11 +181,17 @@ class Admitter:
         head = [n.usage(c, period), n.pending(c, period), n.pending_expiry(c, period), n.reserved(c, period)]
         flights = [n.in_flight(c, rule.scope) for rule in policy.concurrency]
         rates = [n.rate(c, r.unit.value, r.scope, r.algorithm is RateAlgorithm.SLIDING_WINDOW) for r in policy.rates]
-        argv: list[int | str] = [len(policy.concurrency), *(rule.limit for rule in policy.concurrency), len(policy.rates)]
-        for rule in policy.rates:
+        user_rules = policy.user_rates if user else ()
+        argv: list[int | str] = [
+            len(policy.concurrency), *(rule.limit for rule in policy.concurrency), len(policy.rates) + len(user_rules)
+        ]
+        for rule in (*policy.rates, *user_rules):
             algorithm = 0 if rule.algorithm is RateAlgorithm.GCRA else 1
             counts = 0 if rule.unit is Unit.REQUESTS else _COUNTS[rule.counts]
             argv += [algorithm, rule.limit, rule.window_ms, counts]
+        day_quota = policy.user_day_tokens if user and policy.user_day_tokens is not None else -1
+        argv += [len(user_rules), day_quota]
+        user_token_rules = [(0 if r.algorithm is RateAlgorithm.GCRA else 1, r) for r in user_rules if r.unit is Unit.TOKENS]
         token_rules = [(0 if r.algorithm is RateAlgorithm.GCRA else 1, r) for r in policy.rates if r.unit is Unit.TOKENS]
         token_keys = [n.rate(c, r.unit.value, r.scope, a == 1) for a, r in token_rules]
         layout = _Layout(
@@ -174,9 +199,11 @@ class Admitter:
             limits_argv=argv,
             settle_keys=[head[1], head[2], head[3], *flights, *token_keys],
             settle_rules=token_rules,
+            user_settle_rules=user_token_rules,
             reserving=policy.reserves,
         )
-        layout.needs_settle = layout.reserving or bool(flights) or bool(token_rules)
+        layout.needs_settle = (layout.reserving or bool(flights) or bool(token_rules) or bool(user_token_rules)
+                               or day_quota >= 0)
         layout.keys_resp = encode_args(layout.keys)
         layout.limits_resp = encode_args(layout.limits_argv)
         layout.settle_keys_resp = encode_args(layout.settle_keys)
@@ -184,6 +211,32 @@ class Admitter:
             self._layouts.clear()
         self._layouts[cache_key] = layout
         return layout
+
+    def _user_keys(self, customer: str, user: EndUser, day: str) -> tuple[list[str], list[str]]:
+        """The end user's keys: for admission (its rate state, then its day's tokens),
+        and for the settle (its token rates, then its day's tokens)."""
+        n = self._names
+        rates = [n.rate(customer, r.unit.value, r.scope, r.algorithm is RateAlgorithm.SLIDING_WINDOW)
+                 for r in user.rates]
+        tokens = [k for k, r in zip(rates, user.rates, strict=True) if r.unit is Unit.TOKENS]
+        if user.day_tokens is not None:
+            day_key = n.user_day_tokens(customer, user.digest, day)
+            return [*rates, day_key], [*tokens, day_key]
+        return rates, tokens
+
+    def _settle_plan(
+        self, key: KeyRecord, policy: Policy, period: str, user: EndUser | None, day: str
+    ) -> tuple[_Layout, list[str], list[tuple[int, int, int, int]]]:
+        """The settle's keys and token rules (algorithm, limit, window ms, counts code),
+        the end user's included; the day's token counter is a rule of algorithm 2."""
+        layout = self._layout(key, policy, period, user is not None)
+        rules = [(a, r.limit, r.window_ms, _counts(r)) for a, r in (*layout.settle_rules, *layout.user_settle_rules)]
+        if user is None:
+            return layout, layout.settle_keys, rules
+        _, user_keys = self._user_keys(key.customer, user, day)
+        if user.day_tokens is not None:
+            rules.append((2, user.day_tokens, 0, 3))
+        return layout, [*layout.settle_keys, *user_keys], rules
 
     async def admit(
         self,
@@ -196,8 +249,16 @@ class Admitter:
         estimate: Estimate,
         reservation_ttl_ms: int,
         concurrency_limits: list[int] | None = None,
+        user: EndUser | None = None,
+        day: tuple[str, int] = ("", 0),
     ) -> Admission:
-        layout = self._layout(key, policy, period)
+        """``user``: the request's end user, held to the policy's per-user limits;
+        ``day``: the name and end (ms) of the day its day quota counts."""
+        layout = self._layout(key, policy, period, user is not None)
+        keys, keys_resp = layout.keys, layout.keys_resp
+        if user is not None:
+            user_keys, _ = self._user_keys(key.customer, user, day[0])
+            keys, keys_resp = [*keys, *user_keys], keys_resp + encode_args(user_keys)
         argv = layout.limits_argv
         if concurrency_limits is not None:  # batch traffic: fewer slots than interactive
             argv = [argv[0], *concurrency_limits, *argv[1 + len(concurrency_limits):]]
@@ -221,14 +282,14 @@ class Admitter:
         if self._pipe is not None:
             limits = layout.limits_resp if concurrency_limits is None else encode_args(argv)
             reply = await self._pipe.evalsha(
-                self._admit_script, len(layout.keys), layout.keys_resp, encode_args(args) + limits,
-                len(layout.keys) + len(args) + len(argv),
+                self._admit_script, len(keys), keys_resp, encode_args(args) + limits + encode_args([day[1]]),
+                len(keys) + len(args) + len(argv) + 1,
             )
         else:
-            reply = await self._admit(keys=layout.keys, args=[*args, *argv])
+            reply = await self._admit(keys=keys, args=[*args, *argv, day[1]])
         status = int(reply[0])
         nc = len(policy.concurrency)
-        rest = list(map(int, reply[8 + nc:]))
+        rest = list(map(int, reply[8 + nc:-1]))
         return Admission(
             admitted=status == 1,
             revoked=status == -1,
@@ -242,10 +303,12 @@ class Admitter:
             in_flight=tuple(map(int, reply[8:8 + nc])),
             rates=tuple(zip(rest[::2], rest[1::2], strict=True)) if rest else (),
             policy=policy,
+            user=user,
+            user_tokens_used=int(reply[-1]),
         )
 
-    def needs_settle(self, key: KeyRecord, policy: Policy, period: str) -> bool:
-        return self._layout(key, policy, period).needs_settle
+    def needs_settle(self, key: KeyRecord, policy: Policy, period: str, user: EndUser | None = None) -> bool:
+        return self._layout(key, policy, period, user is not None).needs_settle
 
     async def settle(
         self,
@@ -259,14 +322,17 @@ class Admitter:
         used: tuple[int, int],
         used_micro_usd: int,
         settled_ttl_ms: int,
+        user: EndUser | None = None,
+        day: str = "",
     ) -> None:
         """Replace the reservation with the true usage; free the request's slots;
-        give token rates back what the worst case over-charged. ``reserved`` and
-        ``used`` are (input, output) tokens."""
-        layout = self._layout(key, policy, period)
+        give token rates (and the end user's day) back what the worst case
+        over-charged. ``reserved`` and ``used`` are (input, output) tokens."""
+        layout, keys, rules = self._settle_plan(key, policy, period, user, day)
         if not layout.needs_settle:
             return
-        await self._run_settle(layout.settle_keys, layout.settle_keys_resp, [
+        keys_resp = layout.settle_keys_resp if user is None else encode_args(keys)
+        await self._run_settle(keys, keys_resp, [
             event_id,
             sum(used),
             used_micro_usd,
@@ -274,18 +340,20 @@ class Admitter:
             1 if layout.reserving else 0,
             now_ms,
             len(policy.concurrency),
-            len(layout.settle_rules),
-            *_give_backs([(a, r.limit, r.window_ms, _counts(r)) for a, r in layout.settle_rules], reserved, used),
+            len(rules),
+            *_give_backs(rules, reserved, used),
         ])
 
-    def settle_context(self, key: KeyRecord, policy: Policy, period: str, reserved: tuple[int, int]) -> SettleContext | None:
+    def settle_context(
+        self, key: KeyRecord, policy: Policy, period: str, reserved: tuple[int, int],
+        user: EndUser | None = None, day: str = "",
+    ) -> SettleContext | None:
         """What a settle of this admission needs, for a process without its ticket
         (gateway_shim/check_tickets.py); None when it holds nothing to settle."""
-        layout = self._layout(key, policy, period)
+        layout, keys, rules = self._settle_plan(key, policy, period, user, day)
         if not layout.needs_settle:
             return None
-        rules = [(a, r.limit, r.window_ms, _counts(r)) for a, r in layout.settle_rules]
-        return SettleContext(list(layout.settle_keys), layout.reserving, len(policy.concurrency), rules, reserved)
+        return SettleContext(list(keys), layout.reserving, len(policy.concurrency), rules, reserved)
 
     async def settle_reported(
         self, context: SettleContext, event_id: str, now_ms: int, *, used: tuple[int, int], used_micro_usd: int,
@@ -322,7 +390,7 @@ class SettleContext:
     keys: list[str]
     reserving: bool
     concurrency: int  # how many of ``keys`` after the first three are concurrency sets
-    rules: list[tuple[int, int, int, int]]  # token rules: (algorithm, limit, window ms, counts code)
+    rules: list[tuple[int, int, int, int]]  # token rules and counters: (algorithm, limit, window ms, counts code)
     reserved: tuple[int, int]  # (input, output) tokens reserved
 
 

@@ -15,6 +15,9 @@ settles the reservation (gateway_shim/check_tickets.py). A refusal is an event o
 own, emitted here as the proxy does; its answer also carries its JSON body in
 ``x-quotameter-error``, for nginx (see ``_refused``).
 
+The end user a tier's ``per_user`` limits hold is read from the
+``x-quotameter-user`` header the proxy passes on (or the body's ``user``).
+
 Without a body the worst case reserved is the tier's ``default_max_tokens``
 of output (the prompt is not seen). A tier's ``cut_streams`` never admits a
 request shrunk to fit here: the proxy that forwards it cannot cut it there.
@@ -69,7 +72,7 @@ class Check:
                 # Reserved as if asked for: a cut_streams tier would otherwise admit the request
                 # shrunk to fit, and the proxy that forwards it cannot cut the answer there.
                 body[dialect.cap_field] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
-            await exchange.admit(json.dumps(body).encode())
+            await exchange.admit(json.dumps(body).encode(), request.headers)
         except Exception as exc:
             # Refused: the request ends here, and its event is emitted as the proxy's are.
             answer = exchange.refuse(exc)

@@ -53,7 +53,8 @@ class CheckTickets:
         counted from, for as long as its reservation lasts. An admission that holds
         nothing to settle keeps the prompt alone (its report is counted, settles nothing)."""
         stored: dict[str, object] = {"model": ticket.model, "prompt_tokens": prompt_tokens}
-        context = self._admitter.settle_context(ticket.key, ticket.policy, ticket.period, ticket.reserved)
+        context = self._admitter.settle_context(ticket.key, ticket.policy, ticket.period, ticket.reserved,
+                                                ticket.user, ticket.day)
         if context is not None:
             stored.update({
                 "keys": context.keys,

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from gateway_shim import refusal_text
 from gateway_shim.admission import Admission, Admitter, Estimate, Reason
 from gateway_shim.batch_queue import BatchQueue
+from gateway_shim.end_users import day_of, end_user_limits
 from gateway_shim.errors import (
     BackendBusy,
     BackendUnavailable,
@@ -35,7 +36,7 @@ from gateway_shim.refusals import RefusalMemory, request_scopes
 from gateway_shim.routes import ProxiedRequest
 from quotameter.config import Config
 from quotameter.events import Decision
-from quotameter.policy import Policy, resolve
+from quotameter.policy import EndUser, Policy, resolve
 from quotameter.redis_pool import RedisPoolExhausted
 
 log = logging.getLogger("gateway_shim.enforcement")
@@ -43,8 +44,8 @@ log = logging.getLogger("gateway_shim.enforcement")
 # Refusals a batch request may wait out: rate and concurrency limits free up with
 # time; a period quota or budget only while this shim has requests of the customer
 # in flight, whose worst-case reservations settle to the true usage, usually lower.
-_TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY)
-_QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET)
+_TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY, Reason.USER_REQUESTS, Reason.USER_TOKENS)
+_QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET, Reason.USER_QUOTA_TOKENS)
 
 
 class KeyRevoked(InvalidApiKey):
@@ -62,6 +63,8 @@ class Ticket:
     admission: Admission
     reserved: tuple[int, int]  # (input, output) tokens reserved
     model: str | None  # the model sent upstream (the fallback's, when degraded)
+    user: EndUser | None = None  # the end user held to per-user limits
+    day: str = ""  # the day the end user's day quota counted it in
 
 
 class Enforcer:
@@ -74,6 +77,7 @@ class Enforcer:
         self.queue = BatchQueue()
         self._policies: dict[tuple[str, str, str, str | None], Policy] = {}
         self._period: tuple[str, int, int, int] = ("", 0, 0, 0)  # name, start, end ms, length s
+        self._day: tuple[str, int, int] = ("", 0, 0)  # name, start, end ms
         self._in_flight: Counter[str] = Counter()  # admitted, not yet settled, per customer
 
     def status(self) -> dict[str, object]:
@@ -110,6 +114,12 @@ class Enforcer:
             self._period = (name, start_ms, end_ms, (end_ms - start_ms) // 1000)
         return self._period
 
+    def day(self, now_ms: int) -> tuple[str, int, int]:
+        """The day an end user's day quota counts (billing.timezone): name, start, end ms."""
+        if not (self._day[1] <= now_ms < self._day[2]):
+            self._day = day_of(self.config.billing.timezone, now_ms)
+        return self._day
+
     def estimate(self, policy: Policy, proxied: ProxiedRequest, streams: bool) -> tuple[Estimate, bool]:
         """The request's worst case, and whether it named its own max_tokens."""
         return self.estimator.estimate(policy, proxied, streams)
@@ -124,11 +134,15 @@ class Enforcer:
         estimate: Estimate,
         meter: RequestMeter,
         headers: dict[str, str],
+        end_user: str | None = None,
     ) -> Ticket:
-        """Admit the request or raise the refusal; ``headers`` gets the rate-limit headers."""
+        """Admit the request or raise the refusal; ``headers`` gets the rate-limit headers.
+        ``end_user``: who the request is for (attribution.py), held to the tier's per_user limits."""
         if proxied.body is not None and proxied.model is not None and not policy.model_allowed(proxied.model):
             meter.decision, meter.reason = Decision.REFUSED, "model_not_allowed"
             raise refusal_text.model_not_allowed(policy, proxied.model)
+        # A request without a body (malformed, or a route that takes none) names no end user to require.
+        user = end_user_limits(policy, end_user, meter) if proxied.body is not None or end_user else None
         queued = key.batch and policy.queue is not None
         if not queued and self.refusals:
             recalled = self.refusals.recall(key.customer, request_scopes(_request_rule_scopes(policy)))
@@ -136,11 +150,11 @@ class Enforcer:
                 admission, wait_ms = recalled
                 headers.update(self._headers(admission, int(time.time() * 1000)))
                 raise self._refusal(admission, wait_ms, estimate, meter)
-        admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued)
+        admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued, user=user)
         if admission.revoked:
             raise KeyRevoked("revoked")
         if not admission.admitted and queued and self._may_free(key, admission):
-            admission = await self._wait_in_queue(key, policy, estimate, meter, admission)
+            admission = await self._wait_in_queue(key, policy, estimate, meter, admission, user)
         headers.update(self._headers(admission, int(time.time() * 1000)))
         if not admission.admitted:
             if not queued and not admission.local:
@@ -153,16 +167,20 @@ class Enforcer:
         elif admission.output_tokens < estimate.output_tokens:
             meter.reason = "budget_cut"
         self._in_flight[key.customer] += 1
-        return Ticket(key, policy, self.period(int(time.time() * 1000))[0], meter.event_id, admission,
-                      (estimate.input_tokens, admission.output_tokens), model)
+        now_ms = int(time.time() * 1000)
+        return Ticket(key, policy, self.period(now_ms)[0], meter.event_id, admission,
+                      (estimate.input_tokens, admission.output_tokens), model, user, self.day(now_ms)[0])
 
     def _may_free(self, key: KeyRecord, admission: Admission) -> bool:
         """Whether waiting can help: a rate or concurrency limit, or a quota held by
         requests of the customer still running here (see _QUOTA)."""
+        if admission.retry_after_ms < 0:  # larger than a limit could ever admit
+            return False
         return admission.reason in _TRANSIENT or (admission.reason in _QUOTA and self._in_flight[key.customer] > 0)
 
     async def _decide(
-        self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate, meter: RequestMeter, batch: bool
+        self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate, meter: RequestMeter, batch: bool,
+        user: EndUser | None = None,
     ) -> Admission:
         now_ms = int(time.time() * 1000)
         if not self.fail_modes.redis_down:
@@ -172,9 +190,10 @@ class Enforcer:
                 keep = policy.queue.interactive_reserved_concurrency
                 limits = [max(rule.limit - keep, 1) if not rule.scope else rule.limit for rule in policy.concurrency]
             try:
+                day, _, day_end_ms = self.day(now_ms)
                 return await self.admitter.admit(
                     key, policy, period, end_ms, event_id, now_ms, estimate,
-                    int(policy.tier.reservation_ttl_s * 1000), limits,
+                    int(policy.tier.reservation_ttl_s * 1000), limits, user, (day, day_end_ms),
                 )
             except RedisPoolExhausted as exc:
                 meter.decision, meter.reason = Decision.REFUSED, "redis_busy"
@@ -182,14 +201,15 @@ class Enforcer:
             except REDIS_DOWN as exc:
                 self.fail_modes.redis_failed()
                 log.error("Redis unreachable during admission (%s): following each tier's fail modes", exc)
-        return self.fail_modes.admit(key, policy, event_id, now_ms, estimate, meter)
+        return self.fail_modes.admit(key, policy, event_id, now_ms, estimate, meter, user)
 
     def busy(self, exc: RedisPoolExhausted) -> BackendBusy:
         """The answer while Redis is up but no pooled connection freed up in time."""
         return self.fail_modes.busy(exc)
 
     async def _wait_in_queue(
-        self, key: KeyRecord, policy: Policy, estimate: Estimate, meter: RequestMeter, admission: Admission
+        self, key: KeyRecord, policy: Policy, estimate: Estimate, meter: RequestMeter, admission: Admission,
+        user: EndUser | None = None,
     ) -> Admission:
         assert policy.queue is not None
         try:
@@ -219,7 +239,7 @@ class Enforcer:
                         f"({refusal_text.describe(admission, estimate)}). Please retry later.",
                         max(admission.retry_after_ms, 1) / 1000,
                     )
-                admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=True)
+                admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=True, user=user)
         finally:
             ticket.leave(admission.admitted)
         meter.queued_ms = ticket.waited_ms
@@ -228,11 +248,12 @@ class Enforcer:
 
     def _headers(self, admission: Admission, now_ms: int) -> dict[str, str]:
         _, _, end_ms, length_s = self.period(now_ms)
-        return ratelimit_headers(admission, length_s, end_ms - now_ms)
+        return ratelimit_headers(admission, length_s, end_ms - now_ms, self.day(now_ms)[2] - now_ms)
 
     def _refusal(self, admission: Admission, wait_ms: int, estimate: Estimate, meter: RequestMeter) -> Refusal:
         meter.decision, meter.reason = Decision.REFUSED, admission.reason.code
-        _, _, end_ms, _ = self.period(int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        end_ms = self.period(now_ms)[2] if admission.reason is not Reason.USER_QUOTA_TOKENS else self.day(now_ms)[2]
         return refusal_text.refusal(admission, wait_ms, estimate, end_ms)
 
     # -- settlement ---------------------------------------------------------
@@ -260,7 +281,7 @@ class Enforcer:
                 return
             if self.fail_modes.redis_down:
                 return  # the reservation expires after its TTL instead
-            if not self.admitter.needs_settle(key, policy, ticket.period):
+            if not self.admitter.needs_settle(key, policy, ticket.period, ticket.user):
                 return  # nothing held (no quota, concurrency or token rate): no call, no pricing
             usage = meter.usage
             used = (usage.input_tokens, usage.output_tokens)
@@ -269,7 +290,7 @@ class Enforcer:
                 await self.admitter.settle(
                     key, policy, ticket.period, ticket.event_id, int(time.time() * 1000),
                     reserved=ticket.reserved, used=used, used_micro_usd=cost,
-                    settled_ttl_ms=int(policy.tier.settled_ttl_s * 1000),
+                    settled_ttl_ms=int(policy.tier.settled_ttl_s * 1000), user=ticket.user, day=ticket.day,
                 )
             except RedisPoolExhausted as exc:
                 log.error("cannot settle %s (%s): its reservation expires after its TTL", ticket.event_id, exc)

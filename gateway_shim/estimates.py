@@ -47,7 +47,8 @@ class Estimator:
         explicit = dialect.max_output(body)
         choices = dialect.choices(body)
         output = (explicit or policy.default_max_tokens) * choices if streams or "messages" in body else 0
-        counts_tokens = policy.reserves or any(rule.unit.value == "tokens" for rule in policy.rates)
+        counts_tokens = policy.reserves or policy.user_day_tokens is not None or any(
+            rule.unit.value == "tokens" for rule in (*policy.rates, *policy.user_rates))
         input_tokens = 0
         if counts_tokens:  # a large body's prompt was counted as it was read, off the event loop
             input_tokens = proxied.prompt_tokens

@@ -20,7 +20,7 @@ from gateway_shim.keystore import KeyRecord
 from gateway_shim.local_limiter import LocalLimiter
 from gateway_shim.metering import RequestMeter
 from quotameter.events import Decision
-from quotameter.policy import Policy
+from quotameter.policy import EndUser, Policy
 from quotameter.redis_pool import RedisPoolExhausted
 
 log = logging.getLogger("gateway_shim.fail_modes")
@@ -48,7 +48,8 @@ class FailModes:
         self._down_until = time.monotonic() + REDIS_RETRY_S
 
     def admit(
-        self, key: KeyRecord, policy: Policy, event_id: str, now_ms: int, estimate: Estimate, meter: RequestMeter
+        self, key: KeyRecord, policy: Policy, event_id: str, now_ms: int, estimate: Estimate, meter: RequestMeter,
+        user: EndUser | None = None,
     ) -> Admission:
         """The decision without Redis: BackendUnavailable if a limit fails closed."""
         closed = policy.fail_closed_kinds()
@@ -59,7 +60,7 @@ class FailModes:
                 f"The quota service is unreachable and the {policy.tier_name.capitalize()} tier's "
                 f"{', '.join(k.value for k in closed)} limits fail closed. Please retry shortly."
             )
-        admission = self.local.admit(key, policy, event_id, now_ms, estimate)
+        admission = self.local.admit(key, policy, event_id, now_ms, estimate, user)
         self._count("open_admitted" if admission.admitted else "open_refused", key, policy)
         if admission.admitted:
             meter.reason = "fail_open"

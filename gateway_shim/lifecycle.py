@@ -29,11 +29,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import redis.exceptions
 
 from gateway_shim import refusal_text
+from gateway_shim.attribution import NO_ATTRIBUTION, Attribution, attribution_of
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
@@ -110,7 +112,8 @@ class Lifecycle:
 class Exchange:
     """One request past authentication."""
 
-    __slots__ = ("_life", "route", "key", "meter", "headers", "ticket", "proxied", "policy", "_billable", "_finished")
+    __slots__ = ("_life", "route", "key", "meter", "headers", "ticket", "proxied", "policy", "attribution",
+                 "_billable", "_finished")
 
     def __init__(self, life: Lifecycle, route: Route, key: KeyRecord, meter: RequestMeter) -> None:
         self._life = life
@@ -123,12 +126,13 @@ class Exchange:
         self.ticket: Ticket | None = None
         self.proxied: ProxiedRequest | None = None
         self.policy: Policy | None = None
+        self.attribution: Attribution = NO_ATTRIBUTION
         self._billable = True
         self._finished = False
 
-    async def admit(self, raw: bytes) -> Forward:
-        """Admit the request whose body is ``raw``, or raise its refusal (a ShimError:
-        answer it with ``refuse``)."""
+    async def admit(self, raw: bytes, headers: Mapping[str, str] | None = None) -> Forward:
+        """Admit the request whose body is ``raw`` (``headers``: the client's), or raise
+        its refusal (a ShimError: answer it with ``refuse``)."""
         life, meter = self._life, self.meter
         meter.request_bytes = len(raw)
         malformed: MalformedRequest | None = None
@@ -137,13 +141,15 @@ class Exchange:
         except MalformedRequest as exc:  # still counted as a request, then refused
             malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False, dialect=self.route.dialect)
         self.proxied = proxied
+        self.attribution = attribution_of(headers or {}, proxied.body, life.config)
         meter.model_requested = proxied.model
         meter.streamed = proxied.stream
         enforcer = life.enforcer
         self.policy = policy = enforcer.policy(self.key, proxied.model)
         estimate, _ = enforcer.estimate(policy, proxied, self.route.streams)
         try:
-            ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers)
+            ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers,
+                                          self.attribution.end_user)
         except KeyRevoked:
             life.auth.forget(self.key.key_id)
             raise life.auth.invalid() from None

@@ -8,6 +8,14 @@ quota policies: a quoted name with ``q`` quota, ``w`` window seconds and
 and ``t`` seconds until the quota resets). Token policies carry
 ``qu="tokens"``; concurrency ``qu="concurrent-requests"`` (a registered
 unit); the period budget ``qu="usd-micros"``.
+
+A request held to per-user limits (a tier's ``per_user``, for the end user
+it names) is answered with the tighter of the customer and the end user: the
+OpenAI headers take, per unit, the rule with the least left among both
+(``user-requests``, ``user-tokens`` are rules like the others), and the IETF
+fields list the end user's policies too, with its day quota as
+``"user-day-tokens"`` (``w=86400``, ``t`` until the day's end). A request
+without an end user sees the customer's alone.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from quotameter.policy import Policy, Unit
 
 
 @lru_cache(maxsize=4096)
-def policy_field(policy: Policy, period_s: int) -> str:
-    """The ``RateLimit-Policy`` value: constant for a policy, so built once."""
+def policy_field(policy: Policy, period_s: int, user: bool = False) -> str:
+    """The ``RateLimit-Policy`` value: constant for a policy (with or without
+    the end user's), so built once."""
     items = []
-    for rule in policy.rates:
+    for rule in (*policy.rates, *(policy.user_rates if user else ())):
         unit = ';qu="tokens"' if rule.unit is Unit.TOKENS else ""
         items.append(f'"{rule.name}";q={rule.limit};w={rule.window_ms // 1000}{unit}')
     for rule in policy.concurrency:
@@ -33,15 +42,17 @@ def policy_field(policy: Policy, period_s: int) -> str:
         items.append(f'"period-tokens";q={policy.period_tokens};w={period_s};qu="tokens"')
     if policy.period_budget_micro_usd is not None:
         items.append(f'"period-budget";q={policy.period_budget_micro_usd};w={period_s};qu="usd-micros"')
+    if user and policy.user_day_tokens is not None:
+        items.append(f'"user-day-tokens";q={policy.user_day_tokens};w=86400;qu="tokens"')
     return ", ".join(items)
 
 
-def ratelimit_headers(admission: Admission, period_s: int, period_left_ms: int) -> dict[str, str]:
-    policy = admission.policy
+def ratelimit_headers(admission: Admission, period_s: int, period_left_ms: int, day_left_ms: int = 0) -> dict[str, str]:
+    policy, user = admission.policy, admission.user
     headers: dict[str, str] = {}
     live: list[str] = []
     tightest: dict[Unit, tuple[int, int, int]] = {}
-    for rule, (remaining, reset_ms) in zip(policy.rates, admission.rates, strict=True):
+    for rule, (remaining, reset_ms) in zip(admission.rules, admission.rates, strict=True):
         live.append(f'"{rule.name}";r={remaining};t={math.ceil(max(reset_ms, 0) / 1000)}')
         best = tightest.get(rule.unit)
         if best is None or remaining < best[1]:
@@ -59,7 +70,10 @@ def ratelimit_headers(admission: Admission, period_s: int, period_left_ms: int) 
     if policy.period_budget_micro_usd is not None:
         left = max(policy.period_budget_micro_usd - admission.micro_usd_used, 0)
         live.append(f'"period-budget";r={left};t={period_t}')
+    if user is not None and user.day_tokens is not None:
+        left = max(user.day_tokens - admission.user_tokens_used, 0)
+        live.append(f'"user-day-tokens";r={left};t={math.ceil(max(day_left_ms, 0) / 1000)}')
     if live:
-        headers["RateLimit-Policy"] = policy_field(policy, period_s)
+        headers["RateLimit-Policy"] = policy_field(policy, period_s, user is not None)
         headers["RateLimit"] = ", ".join(live)
     return headers

@@ -1,5 +1,11 @@
 """What a refused client reads: the refusal for an admission's outcome, with
-the limit, what was used, what this request needs, and when it frees up."""
+the limit, what was used, what this request needs, and when it frees up.
+
+An end user's limit (a tier's ``per_user``) is named as such ("per end
+user"), never with the end user's id. Its day quota is refused as a rate
+limit (429, ``rate_limit_exceeded``, until the day's end), not as the
+customer's ``insufficient_quota``: the customer's account is in order, and
+its other end users are still served."""
 
 from __future__ import annotations
 
@@ -17,6 +23,14 @@ def refusal(admission: Admission, wait_ms: int, estimate: Estimate, period_end_m
     policy = admission.policy
     tier = f"{policy.tier_name.capitalize()} tier"
     what = describe(admission, estimate)
+    if admission.reason is Reason.USER_QUOTA_TOKENS:
+        resets = datetime.fromtimestamp(period_end_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return RateLimited(
+            f"{tier} per-user limit exceeded: {what}. The end user's quota resets at {resets}.{hint(policy)}",
+            wait_ms / 1000,
+            admission.reason.code,
+            unit="tokens",
+        )
     if admission.reason in (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET):
         resets = datetime.fromtimestamp(period_end_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
         return QuotaExceeded(
@@ -25,16 +39,18 @@ def refusal(admission: Admission, wait_ms: int, estimate: Estimate, period_end_m
             admission.reason.code,
             status=policy.tier.quota_status,
         )
-    if admission.reason is Reason.TOO_LARGE:
+    if admission.reason is Reason.TOO_LARGE or (admission.reason is Reason.USER_TOKENS and wait_ms < 0):
         return RateLimited(
-            f"{tier} limit exceeded: {what}, more than the limit can ever admit. "
+            f"{tier}{' per-user' if admission.reason is Reason.USER_TOKENS else ''} limit exceeded: {what}, more than the limit can ever admit. "
             f"Lower max_tokens or shorten the prompt.{hint(policy)}",
             None,
-            "rate_limit_tokens",
+            admission.reason.code,
             unit="tokens",
         )
     retry_s = max(1, math.ceil(wait_ms / 1000))
-    unit = "tokens" if admission.reason is Reason.TOKENS else "requests"
+    unit = "tokens" if admission.reason in (Reason.TOKENS, Reason.USER_TOKENS) else "requests"
+    if admission.reason in (Reason.USER_REQUESTS, Reason.USER_TOKENS):
+        tier += " per-user"
     return RateLimited(
         f"{tier} limit exceeded: {what}. Please retry after {retry_s}s.{hint(policy)}",
         wait_ms / 1000,
@@ -70,11 +86,14 @@ def describe(admission: Admission, estimate: Estimate) -> str:
     """The limit, what was used, and what this request needs."""
     policy, reason = admission.policy, admission.reason
     needs = estimate.input_tokens + estimate.output_tokens
-    if reason in (Reason.REQUESTS, Reason.TOKENS, Reason.TOO_LARGE):
+    if reason in (Reason.REQUESTS, Reason.TOKENS, Reason.TOO_LARGE, Reason.USER_REQUESTS, Reason.USER_TOKENS):
         rule = admission.refused_rule()
         assert rule is not None
         remaining = admission.rates[admission.rule - 1][0]
-        where = {"": ""}.get(rule.scope, f" for {rule.scope.replace(':', ' ')}")
+        if rule.scope.startswith("user:"):
+            where = " per end user"
+        else:
+            where = {"": ""}.get(rule.scope, f" for {rule.scope.replace(':', ' ')}")
         if rule.unit.value == "requests":
             return f"{rule.limit} requests per minute{where} (used {rule.limit - remaining})"
         return (f"{rule.limit} tokens per minute{where} (used {rule.limit - remaining}, "
@@ -82,6 +101,10 @@ def describe(admission: Admission, estimate: Estimate) -> str:
     if reason is Reason.CONCURRENCY:
         rule = policy.concurrency[admission.rule - 1]
         return f"{rule.limit} concurrent requests (in flight: {admission.in_flight[admission.rule - 1]})"
+    if reason is Reason.USER_QUOTA_TOKENS:
+        day_tokens = admission.user.day_tokens if admission.user is not None else 0
+        return (f"{day_tokens} tokens per day per end user (used {admission.user_tokens_used}, "
+                f"this request needs up to {needs})")
     if reason is Reason.QUOTA_TOKENS:
         return (f"{policy.period_tokens} tokens per billing period (used {admission.tokens_used}, "
                 f"this request needs up to {needs})")

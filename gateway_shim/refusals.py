@@ -12,7 +12,7 @@ the period resets.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway_shim.admission import Admission, Reason
 
@@ -65,6 +65,9 @@ class RefusalMemory:
         until = retry_at if admission.reason is Reason.REQUESTS else min(retry_at, now + QUOTA_RECHECK_S)
         if len(self._entries) >= _MAX_ENTRIES:
             self._entries.clear()
+        if admission.user is not None:  # answered to every end user of the customer: the customer's state only
+            admission = replace(admission, user=None, rates=admission.rates[:len(admission.policy.rates)],
+                                user_tokens_used=0)
         self._entries[(customer, scope)] = Remembered(admission, until, retry_at)
 
 

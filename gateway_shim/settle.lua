@@ -10,6 +10,8 @@
 --        reported usage: a gone entry expired, or the pipeline released it)
 --      7 NC  8 NR, then per rule: algorithm, limit, window ms, tokens to give back
 --        (negative: charge more, the request used more than it reserved)
+--      algorithm 0 GCRA, 1 sliding window, 2 a plain token counter (an end
+--        user's tokens of the day: corrected only while it still exists)
 
 local id = ARGV[1]
 local tokens, micro = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -49,7 +51,11 @@ for i = 1, nr do
   local algorithm, limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local give_back = tonumber(ARGV[base + 4])
   local key = KEYS[3 + nc + i]
-  if algorithm == 0 then
+  if algorithm == 2 then
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('INCRBY', key, -give_back)
+    end
+  elseif algorithm == 0 then
     local tat = tonumber(redis.call('GET', key))
     if tat then
       local new_tat = tat - give_back * window / limit

@@ -157,6 +157,23 @@ class BatchQueue(_Strict):
     interactive_reserved_concurrency: NonNegativeInt = 0
 
 
+class PerUserLimits(_Strict):
+    """Limits on each end user of a customer (the request's ``user`` /
+    ``safety_identifier`` or ``x-quotameter-user``), checked in the same
+    admission as the customer's: an end user can be held tighter than the
+    customer, never looser. State is per (customer, end user)."""
+
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    # Tokens (input + output) per calendar day in billing.timezone, counted by
+    # the shim itself: reserved at admission, corrected to the true usage by
+    # the settle (the pipeline keeps no per-user totals in Redis).
+    tokens_per_day: PositiveInt | None = None
+    # A request naming no end user is refused 400; otherwise it is held to the
+    # customer's limits only.
+    require_user: bool = False
+
+
 class Tier(_Strict):
     """One customer tier. ``None`` on a limit means unlimited."""
 
@@ -183,6 +200,8 @@ class Tier(_Strict):
     # a settled one (true usage awaiting the pipeline) after settled_ttl_s.
     reservation_ttl_s: float = Field(default=900.0, gt=0)
     settled_ttl_s: float = Field(default=3600.0, gt=0)
+    # Limits on each end user of the customer (see PerUserLimits); None: none.
+    per_user: PerUserLimits | None = None
     # Usage alerts at these percentages of monthly_tokens and of
     # monthly_budget_usd; unset = ``alerts.thresholds_pct``, [] = none.
     alert_thresholds_pct: list[Annotated[int, Field(ge=1, le=1000)]] | None = None

@@ -31,7 +31,9 @@ class Decision(StrEnum):
 # Why a request was refused, or admitted in a degraded way (RequestData.reason):
 #   refused: rate_limit_requests, rate_limit_tokens, concurrency, quota_tokens,
 #            quota_budget, model_not_allowed, queue_full, queue_timeout,
-#            redis_unavailable (a fail-closed limit while Redis is away)
+#            redis_unavailable (a fail-closed limit while Redis is away),
+#            user_rate_limit_requests, user_rate_limit_tokens, user_quota_tokens
+#            (an end user's per_user limits), user_required, user_too_long
 #   admitted: fallback (model_served is the tier's cheaper model), queued
 #            (waited queued_ms), budget_cut (output cut to what the budget
 #            allowed), fail_open (admitted by the in-process limiter)

@@ -2,7 +2,8 @@
 → per-model limits. Pure: no I/O, the shim caches the result per combination.
 
 Customer overrides replace the tier's values (the state they apply to is the
-customer's anyway). Key overrides and per-model limits add checks of their
+customer's anyway). A tier's ``per_user`` limits become rules with the scope
+"user" here, made concrete per request for one end user (``Policy.end_user``). Key overrides and per-model limits add checks of their
 own, with state of their own, on top of the customer's: a key or a model can
 be held tighter than the customer, never looser. Period quotas and budgets
 are per customer only (the pipeline totals usage per customer).
@@ -10,8 +11,9 @@ are per customer only (the pipeline totals usage per customer).
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import StrEnum
 
@@ -50,7 +52,7 @@ class LimitKind(StrEnum):
 class RateRule:
     name: str  # the IETF policy name, e.g. "requests", "key-tokens", "gpt-4o-requests"
     unit: Unit
-    scope: str  # "" (the customer), "key:<id>" or "model:<name>": part of the state key
+    scope: str  # "" (the customer), "key:<id>", "model:<name>" or "user:<digest>": part of the state key
     limit: int
     window_ms: int
     algorithm: RateAlgorithm
@@ -67,6 +69,21 @@ class ConcurrencyRule:
     limit: int
 
 
+@dataclass(frozen=True, slots=True)
+class EndUser:
+    """The per-user limits of one request's end user, known by a digest of its id."""
+
+    digest: str
+    rates: tuple[RateRule, ...]  # scope "user:<digest>"
+    day_tokens: int | None
+
+
+def end_user_digest(end_user: str) -> str:
+    """A fixed-length name for a customer-supplied end-user id: what Redis keys
+    and in-process state carry, so the id itself never shapes a key."""
+    return hashlib.blake2b(end_user.encode(), digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True, slots=True, eq=False)  # by identity: the shim caches one per combination
 class Policy:
     tier_name: str
@@ -77,6 +94,18 @@ class Policy:
     period_budget_micro_usd: int | None
     allowed_models: frozenset[str] | None
     default_max_tokens: int
+    user_rates: tuple[RateRule, ...] = ()  # the tier's per_user rates, scope "user"
+    user_day_tokens: int | None = None
+    require_user: bool = False
+
+    @property
+    def per_user(self) -> bool:
+        """Whether a request naming an end user is held to per-user limits."""
+        return bool(self.user_rates) or self.user_day_tokens is not None
+
+    def end_user(self, digest: str) -> EndUser:
+        scope = f"user:{digest}"
+        return EndUser(digest, tuple(replace(rule, scope=scope) for rule in self.user_rates), self.user_day_tokens)
 
     @property
     def upgrade_hint(self) -> str:
@@ -96,7 +125,10 @@ class Policy:
         return self.period_tokens is not None or self.period_budget_micro_usd is not None
 
     def configured_kinds(self) -> set[LimitKind]:
-        kinds = {rule.kind for rule in self.rates}
+        # Per-user limits follow the fail mode of their kind (the day quota: monthly_tokens).
+        kinds = {rule.kind for rule in (*self.rates, *self.user_rates)}
+        if self.user_day_tokens is not None:
+            kinds.add(LimitKind.MONTHLY_TOKENS)
         if self.concurrency:
             kinds.add(LimitKind.CONCURRENT_REQUESTS)
         if self.period_tokens is not None:
@@ -157,6 +189,12 @@ def resolve(
         add_rates(f"{model}-", f"model:{model}", per_model.requests_per_minute, per_model.tokens_per_minute)
         default_max_tokens = per_model.default_max_tokens or default_max_tokens
     budget = pick("monthly_budget_usd")
+    per_user = tier.per_user
+    user_rates: list[RateRule] = []
+    if per_user is not None:
+        user_start = len(rates)
+        add_rates("user-", "user", per_user.requests_per_minute, per_user.tokens_per_minute)
+        user_rates, rates[user_start:] = rates[user_start:], []
     return Policy(
         tier_name=tier_name,
         tier=tier,
@@ -166,6 +204,9 @@ def resolve(
         period_budget_micro_usd=None if budget is None else micro_usd(budget),
         allowed_models=None if allowed is None else frozenset(allowed),
         default_max_tokens=default_max_tokens,
+        user_rates=tuple(user_rates),
+        user_day_tokens=None if per_user is None else per_user.tokens_per_day,
+        require_user=per_user is not None and per_user.require_user,
     )
 
 

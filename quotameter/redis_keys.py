@@ -6,9 +6,13 @@
     {p}:rl:{rpm|tpm}[:sw]:{customer}[:{scope}]  rate state of one rule: GCRA TAT (str), or a
                                         sliding-window hash (s window start ms,
                                         c current count, p previous count); scope
-                                        "key:<id>" or "model:<name>" for key and
-                                        per-model limits
+                                        "key:<id>", "model:<name>" or "user:<digest>"
+                                        for key, per-model and per-user limits
     {p}:inflight:{customer}[:{scope}] zset  event id -> expiry ms: requests in flight
+    {p}:user_tokens:{customer}:{digest}:{day}  str  one end user's tokens of a day
+                                        (per_user.tokens_per_day): reservations and
+                                        settled usage; expires at the day's end (or
+                                        when its last reservation would)
     {p}:usage:{customer}:{period} hash  the pipeline's period totals (authoritative):
                                         requests, input_tokens, output_tokens,
                                         cached_tokens, reasoning_tokens, cost_usd
@@ -50,6 +54,10 @@ before it emits the event), and the pipeline, in the same atomic step that
 writes a customer's totals, removes the entries of the event ids those totals
 now include. Admission compares totals + reserved with the quota and budget.
 
+End users never name a key: only the digest of their id does (its 32 hex
+characters, quotameter.policy.end_user_digest), so a customer-supplied string
+cannot shape a key, and every per-user key expires by itself.
+
 Customer ids are wrapped in braces ({…}) so one customer's keys share a
 Redis Cluster hash slot and a Lua script may touch them together.
 """
@@ -82,6 +90,9 @@ class RedisKeys:
 
     def in_flight(self, customer: str, scope: str = "") -> str:
         return f"{self.prefix}:inflight:{{{customer}}}" + (f":{scope}" if scope else "")
+
+    def user_day_tokens(self, customer: str, digest: str, day: str) -> str:
+        return f"{self.prefix}:user_tokens:{{{customer}}}:{digest}:{day}"
 
     def usage(self, customer: str, period: str) -> str:
         return f"{self.prefix}:usage:{{{customer}}}:{period}"

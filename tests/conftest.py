@@ -66,36 +66,43 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 ConfigFactory = Callable[..., tuple[Config, Path]]
 
 
+def make_config(
+    directory: Path, redis_url: str, kafka_bootstrap: str, unique: str, overrides: dict[str, Any] | None = None
+) -> tuple[Config, Path]:
+    """Write a config into ``directory``: the example policy, this ``unique``
+    prefix / topic / app id / directories / ports, plus ``overrides``."""
+    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    document = merge(
+        document,
+        {
+            # A test's teardown stops its worker before its shim: a shim's
+            # events left unconfirmed then would hold it for the full drain.
+            "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(directory / "spool"),
+                     "drain_timeout_s": 2},
+            "services": {
+                "redis_url": redis_url,
+                "redis_prefix": f"qm{unique}",
+                "kafka_bootstrap": kafka_bootstrap,
+                "events_topic": f"events-{unique}",
+                "history_dir": str(directory / "history"),
+                "worker_url": f"http://127.0.0.1:{free_port()}",
+                "dashboard_url": f"http://127.0.0.1:{free_port()}",
+                "worker_app_id": f"qm-{unique}",
+            },
+        },
+    )
+    document = merge(document, overrides or {})
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return load_config(path), path
+
+
 @pytest.fixture
 def config_factory(tmp_path: Path, redis_url: str, kafka_bootstrap: str, unique: str) -> ConfigFactory:
-    """Write a config for this test: the example policy, this test's own
-    prefix / topic / app id / directories / ports, plus ``overrides``."""
+    """Write a config for this test (``make_config``) with ``overrides``."""
 
     def make(overrides: dict[str, Any] | None = None) -> tuple[Config, Path]:
-        document = yaml.safe_load(DEFAULT_CONFIG.read_text())
-        document = merge(
-            document,
-            {
-                # A test's teardown stops its worker before its shim: a shim's
-                # events left unconfirmed then would hold it for the full drain.
-                "shim": {"port": free_port(), "instance": f"shim-{unique}", "spool_dir": str(tmp_path / "spool"),
-                         "drain_timeout_s": 2},
-                "services": {
-                    "redis_url": redis_url,
-                    "redis_prefix": f"qm{unique}",
-                    "kafka_bootstrap": kafka_bootstrap,
-                    "events_topic": f"events-{unique}",
-                    "history_dir": str(tmp_path / "history"),
-                    "worker_url": f"http://127.0.0.1:{free_port()}",
-                    "dashboard_url": f"http://127.0.0.1:{free_port()}",
-                    "worker_app_id": f"qm-{unique}",
-                },
-            },
-        )
-        document = merge(document, overrides or {})
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
-        return load_config(path), path
+        return make_config(tmp_path, redis_url, kafka_bootstrap, unique, overrides)
 
     return make
 

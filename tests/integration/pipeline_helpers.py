@@ -179,8 +179,11 @@ def as_strings(totals: dict[str, Any]) -> dict[str, str]:
     return {name: str(totals[name]) for name in ACME_TOTALS}
 
 
-async def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 20.0) -> list[Any]:
-    """The first ``count`` records of ``topic`` (fewer if it times out)."""
+async def read_topic(
+    bootstrap: str, topic: str, count: int, timeout_s: float = 20.0, keys: set[bytes] | None = None
+) -> list[Any]:
+    """The first ``count`` records of ``topic`` (fewer if it times out); with ``keys``,
+    of those records only (e.g. the events of some customers)."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     records: list[Any] = []
@@ -189,7 +192,7 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 
         while len(records) < count and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for partition_records in batch.values():
-                records.extend(partition_records)
+                records.extend(r for r in partition_records if keys is None or r.key in keys)
     finally:
         await consumer.stop()
     return records

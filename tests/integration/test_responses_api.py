@@ -159,6 +159,16 @@ async def test_responses_admitted_refused_cut_passed_through_and_billed_to_the_t
     assert (edge_usage.input_tokens, edge_usage.output_tokens) == (MOCK_INPUT, 7)
     assert shim.reserved("edge")[0] == MOCK_INPUT + 7  # settled to the true usage
 
+    # The check endpoint (auth_request, forwardAuth) reads a Responses body through the same dialect:
+    # its input and max_output_tokens are what it reserves.
+    checked = {"model": "mock-small", "instructions": INSTRUCTIONS, "input": INPUT, "max_output_tokens": 9}
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{shim.base_url}/check", json=checked, headers={
+            "Authorization": f"Bearer {shim.new_key('checked', 'metered')}", "X-Original-URI": "/v1/responses"},
+    ) as admitted:
+        assert admitted.status == 200, await admitted.text()
+    assert shim.reserved("checked")[0] == count_response_input(checked, "mock-small") + 9
+
     # The ledger: each request once, to the token the client was served.
     await asyncio.to_thread(start_worker, cli_process, shim.config, shim.config_path, "worker")
     rows = await asyncio.to_thread(rows_of, shim, "writer", 5)
