@@ -1,7 +1,8 @@
 """Who a request is for, inside the customer: the end user it names.
 
 The end user is the body's ``user`` (OpenAI's end-user id) or
-``safety_identifier`` (its successor), else the ``x-quotameter-user`` header
+``safety_identifier`` (its successor) or ``metadata.user_id`` (Anthropic's
+Messages API), else the ``x-quotameter-user`` header
 a gateway in front may set. Project and tags are not read yet.
 """
 
@@ -33,6 +34,9 @@ def attribution_of(headers: Mapping[str, str], body: dict | None, config: Config
             if isinstance(value, str) and value:
                 end_user = value
                 break
+        metadata = body.get("metadata")  # Anthropic's Messages API: metadata.user_id
+        if end_user is None and isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+            end_user = metadata["user_id"] or None
     if end_user is None:
         end_user = _header(headers, USER_HEADER) or None
     return NO_ATTRIBUTION if end_user is None else Attribution(end_user, None, ())

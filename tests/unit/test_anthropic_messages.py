@@ -18,6 +18,7 @@ from gateway_shim.anthropic_messages import (
     event_text,
     open_block,
 )
+from gateway_shim.attribution import attribution_of
 from gateway_shim.dialects.messages import MESSAGES
 from gateway_shim.errors import InvalidParameter
 from gateway_shim.estimates import Estimator
@@ -217,3 +218,10 @@ def test_the_settle_prices_cache_writes_at_their_rate() -> None:
     assert usage is not None
     # 1000 × 3.00 + 2000 × 0.30 + 4000 × 3.75 + 100 × 15.00 micro-USD
     assert estimator.cost_micro_usd("claude-x", date(2026, 3, 1), usage) == 3000 + 600 + 15_000 + 1500
+
+
+def test_the_end_user_is_read_from_metadata_user_id() -> None:
+    config = parse_config(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    assert attribution_of({}, {**BODY, "metadata": {"user_id": "u-42"}}, config).end_user == "u-42"
+    assert attribution_of({}, {**BODY, "metadata": {"user_id": ""}}, config).end_user is None
+    assert attribution_of({"x-quotameter-user": "h"}, BODY, config).end_user == "h"
