@@ -62,7 +62,8 @@ class Estimator:
             fb_in_rate, _, fb_rate = self._model_rates(fallback.model, today)
             fb_budget = policy.period_budget_micro_usd + micro_usd(fallback.extra_budget_usd)
             fb_in = math.ceil(input_tokens * fb_in_rate)
-        cuttable = policy.tier.cut_streams and explicit is None and choices == 1 and output > 0
+        cuttable = (policy.tier.cut_streams and (explicit is None or dialect.cap_required) and choices == 1
+                    and output > 0)
         return (
             Estimate(
                 input_tokens=input_tokens,
@@ -81,6 +82,7 @@ class Estimator:
         """What ``usage`` of ``model`` cost on ``day``, in integer micro-USD."""
         cost = self.prices.cost(
             model, day, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
+            cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
         )
         return micro_usd(cost.usd)

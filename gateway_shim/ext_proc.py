@@ -126,12 +126,17 @@ class _Phases:
         # The quotameter key never reaches the model: the upstream's own key, if any, replaces it.
         # Nor does the client's accept-encoding: the shim reads the answer, so it comes uncompressed
         # (Envoy's compressor, if any, still encodes it for the client).
+        # Anthropic's clients send their key as x-api-key, and its API takes the upstream's key there.
         upstream_key = self._life.config.upstream.api_key
-        set_headers = {"authorization": f"Bearer {upstream_key.get_secret_value()}"} if upstream_key else {}
+        set_headers: dict[str, str] = {}
+        if upstream_key and self.exchange.route.name == "/v1/messages":
+            set_headers["x-api-key"] = upstream_key.get_secret_value()
+        elif upstream_key:
+            set_headers["authorization"] = f"Bearer {upstream_key.get_secret_value()}"
         body = forward.body if forward.rewritten else None
         if body is not None:
             set_headers["content-length"] = str(len(body))  # Envoy keeps it in BUFFERED mode: ours to set
-        remove = ("accept-encoding",) if upstream_key else ("authorization", "accept-encoding")
+        remove = tuple(name for name in ("authorization", "x-api-key", "accept-encoding") if name not in set_headers)
         return messages.mutation(set_headers, remove), body
 
     # -- response -----------------------------------------------------------

@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis.exceptions
 
@@ -121,6 +121,8 @@ class Exchange:
         self.key = key
         self.meter = meter
         self.headers: dict[str, str] = {}  # rate-limit headers, for every answer once admission ran
+        if route.dialect.request_id_header:  # the request's id, as its API names it (Anthropic: request-id)
+            self.headers[route.dialect.request_id_header] = meter.event_id
         self.ticket: Ticket | None = None
         self.proxied: ProxiedRequest | None = None
         self.policy: Policy | None = None
@@ -156,7 +158,8 @@ class Exchange:
             life.auth.forget(self.key.key_id)
             raise life.auth.invalid() from None
         finally:
-            self.headers = self.route.dialect.limit_headers(self.headers)  # the API's own names
+            # The API's own names (and token kinds: what the tier's tokens/min rules count).
+            self.headers = self.route.dialect.limit_headers(self.headers, policy.tier.tokens_per_minute_counts)
         self.ticket = ticket
         if malformed is not None:
             raise malformed
@@ -329,14 +332,13 @@ class StreamObserver:
         meter, proxied = exchange.meter, exchange.proxied
         assert proxied is not None
         ending = b""
-        # A usage chunk is the exact count; without one, count what the client received.
-        usage = (None if tally.cut else tally.usage) or _counted_usage(proxied, tally.text)
+        usage = _stream_usage(tally, proxied)
         if tally.cut:
             meter.reason = "budget_cut"
             ending = proxied.dialect.cut_ending(CutStream(
                 response_id=tally.chunk_id, model=tally.model or proxied.model, output_tokens=usage.output_tokens,
                 input_tokens=usage.input_tokens, text=tally.text, message=self._forward.cut_message,
-                sequence_number=tally.events))
+                sequence_number=tally.events, last_event=tally.last_event))
         elif not self._client_gone:
             ending = tally.held
         if not tally.done and meter.reason is None:
@@ -366,3 +368,20 @@ def _counted_usage(proxied: ProxiedRequest, output_text: str) -> Usage:
         prompt = proxied.dialect.count_prompt(body, proxied.model) if body else 0
     return Usage(input_tokens=prompt, output_tokens=count_text(output_text, proxied.model),
                  source=UsageSource.COUNTED)
+
+
+def _stream_usage(tally: StreamTally, proxied: ProxiedRequest) -> Usage:
+    """A stream's usage: the upstream's report, the exact count; without one, the shim's
+    count of what the client received. A stream cut here, or one that broke off before
+    the report could cover what was sent (Anthropic reports the input first, the output
+    last), keeps the input as reported (cached and cache-write tokens apart) with the
+    output the client received."""
+    reported = tally.usage
+    if reported is not None and not tally.cut and (tally.done or not reported.input_tokens):
+        return reported
+    counted = _counted_usage(proxied, tally.text)
+    if reported is None or not reported.input_tokens:
+        return counted
+    if not tally.cut and reported.output_tokens >= counted.output_tokens:
+        return reported  # a report after the last text (chat's usage chunk), the end lost
+    return replace(reported, output_tokens=counted.output_tokens, reasoning_tokens=0, source=UsageSource.COUNTED)

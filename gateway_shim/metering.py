@@ -66,6 +66,7 @@ class RequestMeter:
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             usage_source=usage.source,
             streamed=self.streamed,

@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway_shim.dialects import Dialect
 from gateway_shim.dialects.chat import CHAT
+from gateway_shim.dialects.messages import MESSAGES
 from gateway_shim.dialects.responses import RESPONSES
 from gateway_shim.errors import MalformedRequest, RouteNotFound
 from gateway_shim.request_checks import parse_body
@@ -43,6 +44,7 @@ _ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/completions"): Route("/v1/completions", has_body=True, streams=True, checked=True),
     ("POST", "/embeddings"): Route("/v1/embeddings", has_body=True, streams=False, checked=True),
     ("POST", "/responses"): Route("/v1/responses", has_body=True, streams=True, checked=True, dialect=RESPONSES),
+    ("POST", "/messages"): Route("/v1/messages", has_body=True, streams=True, checked=True, dialect=MESSAGES),
     ("GET", "/models"): Route("/v1/models", has_body=False, streams=False),
 }
 _MODEL_ROUTE = Route("/v1/models/{model}", has_body=False, streams=False)

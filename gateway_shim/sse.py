@@ -78,6 +78,7 @@ class StreamTally:
         dialect: Dialect = CHAT,
     ) -> None:
         self.dialect = dialect
+        self.last_event: dict[str, Any] | None = None  # the last parsed event passed on (not chat's)
         self._fast = dialect.fast_chunks  # chat: [DONE], usage chunks, chunks left unparsed
         self.hide_usage = hide_usage
         # hold_done: keep the [DONE] event back (in ``held``) for the relay to
@@ -301,6 +302,7 @@ class StreamTally:
             if self.hold_done:
                 self.held += event
                 return None
+        self.last_event = chunk  # what a cut's ending may have to close (dialects.CutStream)
         return event
 
 

@@ -14,11 +14,12 @@ from quotameter.config import Upstream as UpstreamConfig
 
 log = logging.getLogger("gateway_shim.upstream")
 
-# Not passed upstream: hop-by-hop headers, the client's quotameter key, and
+# Not passed upstream: hop-by-hop headers, the client's quotameter key (Authorization,
+# or x-api-key as Anthropic's clients send it), and
 # what aiohttp sets itself (it negotiates compression and decompresses).
 _REQUEST_DROP = frozenset(
     "host connection keep-alive proxy-authorization proxy-connection te trailer transfer-encoding "
-    "upgrade content-length authorization accept-encoding".split()
+    "upgrade content-length authorization x-api-key accept-encoding".split()
 )
 _RESPONSE_DROP = frozenset(
     "connection keep-alive transfer-encoding content-length content-encoding server date".split()
@@ -68,7 +69,9 @@ class _Exchange:
     async def __aenter__(self) -> aiohttp.ClientResponse:
         request = self._request
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP)
-        if self._authorization:
+        if self._authorization and self._path == "/messages":  # Anthropic's API takes its key as x-api-key
+            headers["x-api-key"] = self._authorization.removeprefix("Bearer ")
+        elif self._authorization:
             headers["Authorization"] = self._authorization
         query = request.query_string
         url = self._base_url + self._path + (f"?{query}" if query else "")

@@ -21,6 +21,7 @@ class Usage:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     source: UsageSource = UsageSource.NONE
+    cache_write_tokens: int = 0  # part of input_tokens, as cached_tokens is (Anthropic reports cache writes)
 
 
 NO_USAGE = Usage()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway_shim.usage import Usage
+from quotameter.config import TokenCount
 
 
 class Limits(Protocol):
@@ -55,6 +56,7 @@ class CutStream:
     text: str  # the text the client was served
     message: str  # why the stream ends (refusal_text.stream_cut)
     sequence_number: int  # events the upstream sent (for APIs that number their events)
+    last_event: dict[str, Any] | None = None  # the last event the client was sent (what it left open)
 
 
 class Dialect:
@@ -63,6 +65,9 @@ class Dialect:
     name = "openai"
     cap_field = "max_tokens"  # the output cap a degraded request is sent with
     fast_chunks = False  # sse.py's chat fast paths apply (chat.py only)
+    # The API requires the output cap: a ceiling the budget may lower (cut_streams), not a demand.
+    cap_required = False
+    request_id_header: str | None = None  # a header every answer carries the request's event id in
 
     # -- request --------------------------------------------------------------
 
@@ -149,8 +154,9 @@ class Dialect:
     def error_body(self, status: int, error_type: str, code: str, message: str, param: str | None) -> bytes:
         return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}}).encode()
 
-    def limit_headers(self, headers: dict[str, str]) -> dict[str, str]:
-        """The rate-limit headers under this API's names (given OpenAI's)."""
+    def limit_headers(self, headers: dict[str, str], counts: TokenCount = TokenCount.TOTAL) -> dict[str, str]:
+        """The rate-limit headers under this API's names (given OpenAI's; ``counts``: what
+        the tier's tokens/min rules count)."""
         return headers
 
 

@@ -11,6 +11,11 @@ Faults are chosen per request with the ``x-mock-fault`` header, a comma list:
     status=500    answer with that status and an OpenAI error body
     garbage       answer 200 with a body that is not JSON (or SSE data that is not)
     no-usage      never report usage
+
+``POST /v1/messages`` answers as Anthropic's Messages API does (mock_messages.py),
+with the same faults; its answers carry the ``x-api-key`` it was sent in
+``x-mock-api-key`` (``none`` without one), so a test sees which credential
+reached the model.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from quotameter.embedded import mock_responses
+from quotameter.embedded import mock_messages, mock_responses
 from quotameter.tokens import count_prompt
 
 # Each word is one token in o200k_base and cl100k_base, alone and after a space.
@@ -34,6 +39,7 @@ DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_MODEL = "mock-small"
 MODELS = ("mock-small", "mock-large", "gpt-4o-mini", "gpt-4o")
 FAULT_HEADER = "x-mock-fault"
+SEEN_KEY_HEADER = "x-mock-api-key"
 
 
 def completion_pieces(n_tokens: int) -> list[str]:
@@ -78,6 +84,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class MockLLM:
     def __init__(self, token_delay_ms: float = 0.0) -> None:
         self.token_delay_s = max(token_delay_ms, 0.0) / 1000
+        self.prompt_cache = mock_messages.PromptCache()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)  # as large a prompt as a shim lets through
@@ -85,6 +92,7 @@ class MockLLM:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/messages", self.messages)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -190,6 +198,58 @@ class MockLLM:
         if usage and include_usage:
             await send([], usage=usage)
         await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        def error(status: int, message: str) -> web.Response:
+            return web.json_response(mock_messages.error_body(status, message), status=status)
+
+        try:
+            fault = parse_fault(request.headers.get(FAULT_HEADER))
+        except ValueError:
+            return error(400, f"bad {FAULT_HEADER} header")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return error(400, "The request body is not valid JSON.")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return error(400, "messages: Field required")
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+            return error(400, "max_tokens: Field required")
+        if fault.status:
+            return error(fault.status, f"mock fault: status {fault.status}")
+        body.setdefault("model", DEFAULT_MODEL)
+        message = mock_messages.answer(body, self.prompt_cache, completion_pieces(mock_messages.MAX_WORDS))
+        seen = {SEEN_KEY_HEADER: request.headers.get("x-api-key", "none")}
+        if body.get("stream"):
+            return await self._messages_stream(request, message, fault, seen)
+        if fault.garbage:
+            return web.Response(body=b'{"type": "message", "content": [', content_type="application/json")
+        return web.json_response(mock_messages.message_json(message, not fault.no_usage), headers=seen)
+
+    async def _messages_stream(
+        self, request: web.Request, message: mock_messages.MockMessage, fault: Fault, seen: dict[str, str]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **seen})
+        await response.prepare(request)
+        usage = not fault.no_usage
+        if fault.garbage:
+            await response.write(b"event: content_block_delta\ndata: {this is not json\n\n")
+        for event in mock_messages.stream_head(message, usage):
+            await response.write(event)
+        for sent, word in enumerate(message.words):
+            if fault.cut_after is not None and sent >= fault.cut_after:
+                assert request.transport is not None
+                request.transport.abort()  # an abrupt end: no message_delta, no message_stop
+                return response
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            await response.write(mock_messages.stream_word(word))
+        for event in mock_messages.stream_tail(message, usage):
+            await response.write(event)
         await response.write_eof()
         return response
 

@@ -45,13 +45,13 @@ async def test_every_answer_conforms_to_the_served_document(shim_factory: ShimFa
     assert served == json.loads(json.dumps(document()))
     assert served["openapi"] == "3.1.0"
     assert set(served["paths"]) == {"/healthz", "/v1/usage", "/v1/events", "/v1/events/kong", "/v1/check",
-                                    "/v1/responses"}
+                                    "/v1/responses", "/v1/messages"}
     schema = schemathesis.openapi.from_dict(served)
     # Who may call what: the right credential, a wrong one, or none.
     # /v1/responses: a key held to 50,000 tokens a minute, so a huge max_output_tokens is refused, not generated.
     writer = shim.new_key("documented", "pro", tokens_per_minute=50_000)
     credentials = {"/v1/events": INGEST, "/v1/events/kong": INGEST, "/v1/usage": key, "/v1/check": key,
-                   "/v1/responses": writer}
+                   "/v1/responses": writer, "/v1/messages": key}
     calls: dict[str, list[int]] = {}
 
     for result in schema.get_all_operations():
@@ -77,6 +77,7 @@ async def test_every_answer_conforms_to_the_served_document(shim_factory: ShimFa
     # Each operation was reached past its authentication, not only refused at the door.
     assert 200 in summary["GET /healthz"] and 200 in summary["GET /v1/usage"] and 200 in summary["POST /v1/check"]
     assert 400 in summary["POST /v1/responses"]  # the shim's own checks (a 200 needs luck: the mock requires input)
+    assert 200 in summary["POST /v1/messages"] and 400 in summary["POST /v1/messages"]
     assert 202 in summary["POST /v1/events/kong"] and {202, 400, 401} <= set(summary["POST /v1/events"])
 
 
