@@ -23,7 +23,9 @@ RANGE_FROM = datetime(2025, 3, 1, tzinfo=UTC)
 RANGE_TO = datetime(2025, 3, 11, tzinfo=UTC)
 JANUARY_FROM = datetime(2025, 1, 1, tzinfo=UTC)
 JANUARY_TO = datetime(2025, 2, 1, tzinfo=UTC)
-CONFIG_OVERRIDES = {"customers": {"beta": {"monthly_budget_usd": "1.90"}}}
+APRIL_FROM = datetime(2025, 4, 1, tzinfo=UTC)
+APRIL_TO = datetime(2025, 4, 11, tzinfo=UTC)
+CONFIG_OVERRIDES = {"customers": {"beta": {"monthly_budget_usd": "1.90"}, "delta": {"monthly_budget_usd": "0.10"}}}
 
 
 def _row(n: int, customer: str, tier: str, when: str, *, decision: str = "admitted", reason: str | None = None,
@@ -86,9 +88,29 @@ JANUARY = [
 ]
 JANUARY_MONTH = 202501
 
+# April: what a spreadsheet and a person must read right. delta spent $0.0000216 of a
+# $0.10 budget (0.0216 %, through one API key); the other customer ids are text a
+# spreadsheet would run as formulas, or that CSV must quote; one amount has all 12
+# decimals the ledger keeps (a binary float would round it).
+HOSTILE_CUSTOMERS = ('=SUM(1,2)', '+cmd "quoted", x', '@evil\nline', '-2+3', 'plain, with comma')
+APRIL = [
+    _row(20, "delta", "pro", "2025-04-02 10:00:00", served="gpt-4o-mini", tokens=(100, 6), cost="0.0000216",
+         latency_ms=80),
+    _row(21, HOSTILE_CUSTOMERS[0], "free", "2025-04-03 10:00:00", served="mock-small", tokens=(10, 10),
+         cost="1.005", latency_ms=80),
+    _row(22, HOSTILE_CUSTOMERS[1], "free", "2025-04-03 11:00:00", served="mock-small", tokens=(10, 10),
+         cost="2.5", latency_ms=80),
+    _row(23, HOSTILE_CUSTOMERS[2], "free", "2025-04-04 09:00:00", served="mock-small", tokens=(10, 10),
+         cost="0.333333333333", latency_ms=80),
+    _row(24, HOSTILE_CUSTOMERS[3], "free", "2025-04-04 10:00:00", decision="refused", reason="quota_tokens",
+         requested="mock-small", status=429, latency_ms=1),
+    _row(25, HOSTILE_CUSTOMERS[4], "enterprise", "2025-04-05 12:00:00", served="gpt-4o", tokens=(10, 10),
+         cost="12345.678901234567", latency_ms=80),
+]
+
 
 def seed(path: Path) -> None:
-    """Create the ledger in a new chDB directory at ``path``: March and February
+    """Create the ledger in a new chDB directory at ``path``: March, February and April
     in one batch, January's batch twice, then January's rollups rebuilt."""
     from chdb.session import Session
 
@@ -96,7 +118,7 @@ def seed(path: Path) -> None:
     try:
         for statement in schema.DDL:
             session.query(statement)
-        for batch in (ROWS, JANUARY, JANUARY):
+        for batch in (ROWS + APRIL, JANUARY, JANUARY):
             session.query(schema.INSERT_EVENTS + "\n".join(json.dumps(r) for r in batch))
         for statement in schema.rollup_rebuild(JANUARY_MONTH):
             session.query(statement)
