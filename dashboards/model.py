@@ -80,8 +80,9 @@ class Panel:
         raise KeyError(f"panel {self.key} has no field {name!r}")
 
     @property
-    def money_columns(self) -> tuple[str, ...]:
-        return tuple(f.name for f in self.fields if f.is_money)
+    def decimal_columns(self) -> tuple[str, ...]:
+        """Money and percentages: Decimals in SQL, to be read as exact text."""
+        return tuple(f.name for f in self.fields if f.unit in (Unit.USD, Unit.PERCENT))
 
 
 @dataclass(frozen=True)

@@ -45,5 +45,15 @@ def ledger_runner(config: Config) -> AbstractContextManager[QueryRunner]:
     return open_ledger(config, WORKER_TIMEOUT_S)
 
 
+def exact_decimals(panel: Panel, sql: str) -> str:
+    """``sql`` with the panel's money and percentage columns as decimal text: JSON
+    rows would otherwise carry them as binary floats. Grafana reads the Decimals as they are."""
+    if not panel.decimal_columns:
+        return sql
+    text = ", ".join(f"toString({c}) AS {c}" for c in panel.decimal_columns)
+    return f"SELECT * REPLACE ({text}) FROM ({sql})"
+
+
 def run_panel(runner: QueryRunner, panel: Panel, time_range: TimeRange, variables: Variables) -> list[Row]:
-    return runner.rows(expand(panel.sql, time_range, variables))
+    """The panel's rows, money and percentages as exact decimal text."""
+    return runner.rows(exact_decimals(panel, expand(panel.sql, time_range, variables)))
