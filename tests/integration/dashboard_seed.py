@@ -105,7 +105,7 @@ APRIL = [
     _row(24, HOSTILE_CUSTOMERS[3], "free", "2025-04-04 10:00:00", decision="refused", reason="quota_tokens",
          requested="mock-small", status=429, latency_ms=1),
     _row(25, HOSTILE_CUSTOMERS[4], "enterprise", "2025-04-05 12:00:00", served="gpt-4o", tokens=(10, 10),
-         cost="12345.678901234567", latency_ms=80),
+         cost="98765432.123456789012", latency_ms=80),
 ]
 
 

@@ -281,10 +281,10 @@ def test_csv_download_is_exact_and_never_a_formula(served: str) -> None:
     content_type, body = fetch(f"{served}/dashboard/billing/mtd_vs_budget.csv?{APRIL}")
     assert content_type == "text/csv; charset=utf-8"
     # Most spent first; customer ids a spreadsheet would run are behind a quote; money to every
-    # decimal the ledger keeps (12345.678901234567 has more digits than a binary float holds).
+    # decimal the ledger keeps (98765432.123456789012 has more digits than a binary float holds).
     assert body.decode("utf-8") == (
         "\ufeffCustomer,Tier,Spend this period (USD),Monthly budget (USD),Budget used (%)\r\n"
-        '"plain, with comma",enterprise,12345.678901234567,50000,24.691357802469\r\n'
+        '"plain, with comma",enterprise,98765432.123456789012,50000,197530.864246913578\r\n'
         '"\'+cmd ""quoted"", x",free,2.5,1,250\r\n'
         '"\'=SUM(1,2)",free,1.005,1,100.5\r\n'
         '"\'@evil\nline",free,0.333333333333,1,33.3333333333\r\n'
