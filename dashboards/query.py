@@ -46,12 +46,15 @@ def ledger_runner(config: Config) -> AbstractContextManager[QueryRunner]:
 
 
 def exact_decimals(panel: Panel, sql: str) -> str:
-    """``sql`` with the panel's money and percentage columns as decimal text: JSON
-    rows would otherwise carry them as binary floats. Grafana reads the Decimals as they are."""
+    """``sql`` projected onto the panel's fields, money and percentages as decimal
+    text: JSON rows would otherwise carry them as binary floats. (Grafana reads the
+    Decimals as they are.) A plain projection keeps the rows' order; no ``* REPLACE``,
+    whose syntax tree the worker's query guard does not read."""
     if not panel.decimal_columns:
         return sql
-    text = ", ".join(f"toString({c}) AS {c}" for c in panel.decimal_columns)
-    return f"SELECT * REPLACE ({text}) FROM ({sql})"
+    decimals = set(panel.decimal_columns)
+    columns = ", ".join(f"toString({f.name}) AS {f.name}" if f.name in decimals else f.name for f in panel.fields)
+    return f"SELECT {columns} FROM ({sql})"
 
 
 def run_panel(runner: QueryRunner, panel: Panel, time_range: TimeRange, variables: Variables) -> list[Row]:
