@@ -68,7 +68,7 @@ class Check:
                 # Reserved as if asked for: a cut_streams tier would otherwise admit the request
                 # shrunk to fit, and the proxy that forwards it cannot cut the answer there.
                 body["max_tokens"] = lifecycle.enforcer.policy(exchange.key, model).default_max_tokens
-            await exchange.admit(json.dumps(body).encode())
+            await exchange.admit(json.dumps(body).encode(), request.headers)
         except Exception as exc:
             # Refused: the request ends here, and its event is emitted as the proxy's are.
             answer = exchange.refuse(exc)

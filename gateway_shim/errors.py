@@ -23,6 +23,7 @@
         ├── UsageBadRequest       400  GET /v1/usage: a bad parameter
         ├── UsageForbidden        403  GET /v1/usage: a key asked for another customer
         ├── UsageNotFound         404  GET /v1/usage: no such customer (admin token)
+        ├── HistoryUnavailable    503  GET /v1/usage?start_time=…: the worker that reads the ledger does not answer
         ├── IngestDisabled        404  POST /v1/events: no shim.ingest_token is set
         ├── InvalidEvents         400  POST /v1/events: an event breaks the schema (param: where)
         ├── PayloadTooLarge       413  a body over shim.max_body_bytes; POST /v1/events: over ingest_max_bytes or ingest_max_events
@@ -286,6 +287,16 @@ class UsageNotFound(ShimError):
     status = 404
     error_type = "invalid_request_error"
     code = "customer_not_found"
+
+
+class HistoryUnavailable(ShimError):
+    """Usage history is read from the ledger through the pipeline worker
+    (services.worker_url), which did not answer. Check that a worker runs."""
+
+    status = 503
+    error_type = "server_error"
+    code = "usage_history_unavailable"
+    retry_after_s = 5.0
 
 
 class IngestDisabled(ShimError):

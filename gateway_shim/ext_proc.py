@@ -48,7 +48,7 @@ log = logging.getLogger("gateway_shim.ext_proc")
 class _Phases:
     """One request, phase by phase, over the lifecycle. ``close`` ends it however it went."""
 
-    __slots__ = ("_life", "exchange", "_forward", "_status", "_observer", "_ended", "_body", "finished")
+    __slots__ = ("_life", "exchange", "_forward", "_status", "_observer", "_ended", "_body", "finished", "_headers")
 
     def __init__(self, life: Lifecycle) -> None:
         self._life = life
@@ -59,6 +59,7 @@ class _Phases:
         self._ended = False  # the stream's last bytes were handed to Envoy (or it was cut)
         self._body = bytearray()  # a JSON answer, read once whole
         self.finished = False  # settled and emitted (or nothing to bill)
+        self._headers: dict[str, str] = {}  # the client's request headers, for attribution
 
     async def on(self, request: ProcessingRequest) -> ProcessingResponse:
         phase = request.WhichOneof("request")
@@ -89,7 +90,7 @@ class _Phases:
     # -- request ------------------------------------------------------------
 
     async def _request_headers(self, request: HttpHeaders) -> ProcessingResponse:
-        headers = messages.header_map(request)
+        self._headers = headers = messages.header_map(request)
         refusing = self._life.emitter.refusing  # a request that could not be billed is not served
         if refusing is not None:
             answer = error_answer(refusing)
@@ -119,7 +120,7 @@ class _Phases:
         """Admit (or raise the refusal): the header mutation for the upstream, and
         the body it gets instead of the client's (None: the client's)."""
         assert self.exchange is not None
-        self._forward = forward = await self.exchange.admit(raw)
+        self._forward = forward = await self.exchange.admit(raw, self._headers)
         # The quotameter key never reaches the model: the upstream's own key, if any, replaces it.
         # Nor does the client's accept-encoding: the shim reads the answer, so it comes uncompressed
         # (Envoy's compressor, if any, still encodes it for the client).

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from quotameter.config import KeyOverrides
 from quotameter.errors import KeyFormatError
+from quotameter.labels import id_problem
 from quotameter.keys import NewKey, generate_key, split_key, verify_secret
 
 PRIORITIES = ("interactive", "batch")
@@ -29,6 +30,7 @@ class KeyRecord:
     revoked: bool
     priority: str = "interactive"  # "batch": may wait in the tier's queue instead of a 429
     limits: KeyOverrides | None = None  # this key's own limits, on top of its customer's
+    project: str | None = None  # spend through this key is this project's, whatever a header says
 
     @property
     def batch(self) -> bool:
@@ -43,14 +45,19 @@ def create_key(
     *,
     priority: str = "interactive",
     limits: KeyOverrides | None = None,
+    project: str | None = None,
 ) -> NewKey:
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
+    if project is not None and (problem := id_problem(project)):
+        raise ValueError(f"project {problem}")
     new = generate_key()
     now_ms = int(time.time() * 1000)
     extra = {"priority": priority}
     if limits is not None:
         extra["limits"] = limits.model_dump_json(exclude_none=True)
+    if project is not None:
+        extra["project"] = project
     with client.pipeline(transaction=True) as pipe:
         pipe.hset(
             names.api_key(new.key_id),
@@ -97,6 +104,7 @@ def _record(key_id: str, fields: dict) -> KeyRecord:
         get.get("revoked", "0") == "1",
         get.get("priority", "interactive"),
         limits,
+        get.get("project") or None,
     )
 
 

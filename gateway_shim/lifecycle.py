@@ -9,7 +9,7 @@ forwards itself) and Envoy's ext_proc (ext_proc.py). All of them therefore
 give the same limits, the same refusals and the same events.
 
     exchange = await lifecycle.open(method, path, authorization, upstream)
-    forward = await exchange.admit(raw_body)        # or a refusal: exchange.refuse(exc)
+    forward = await exchange.admit(raw_body, headers)  # or a refusal: exchange.refuse(exc)
     exchange.body(status, raw)                      # a JSON answer, or:
     stream = exchange.stream(forward, status)       #   feed(chunk) -> bytes to pass on,
     closing = stream.end()                          #   the last bytes, sent after finish()
@@ -27,11 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis.exceptions
 
 from gateway_shim import refusal_text
+from gateway_shim.attribution import NO_ATTRIBUTION, Attribution, attribution_of
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer, KeyRevoked, Ticket
@@ -100,7 +102,8 @@ class Lifecycle:
 class Exchange:
     """One request past authentication."""
 
-    __slots__ = ("_life", "route", "key", "meter", "headers", "ticket", "proxied", "policy", "_billable", "_finished")
+    __slots__ = ("_life", "route", "key", "meter", "headers", "ticket", "proxied", "policy", "_billable", "_finished",
+                 "attribution")
 
     def __init__(self, life: Lifecycle, route: Route, key: KeyRecord, meter: RequestMeter) -> None:
         self._life = life
@@ -113,10 +116,11 @@ class Exchange:
         self.policy: Policy | None = None
         self._billable = True
         self._finished = False
+        self.attribution: Attribution = NO_ATTRIBUTION
 
-    async def admit(self, raw: bytes) -> Forward:
+    async def admit(self, raw: bytes, headers: Mapping[str, str] | None = None) -> Forward:
         """Admit the request whose body is ``raw``, or raise its refusal (a ShimError:
-        answer it with ``refuse``)."""
+        answer it with ``refuse``). ``headers``: the client's, for its attribution."""
         life, meter = self._life, self.meter
         meter.request_bytes = len(raw)
         malformed: MalformedRequest | None = None
@@ -124,6 +128,8 @@ class Exchange:
             proxied = await read_request_async(self.route, raw, life.config.shim)
         except MalformedRequest as exc:  # still counted as a request, then refused
             malformed, proxied = exc, ProxiedRequest(None, raw, None, False, False)
+        self.attribution = attribution_of(headers or {}, proxied.body, life.config)
+        meter.attribution = self.attribution
         self.proxied = proxied
         meter.model_requested = proxied.model
         meter.streamed = proxied.stream

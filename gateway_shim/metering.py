@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from gateway_shim.attribution import NO_ATTRIBUTION, Attribution
 from gateway_shim.errors import Refusal, ShimError
 from gateway_shim.keystore import KeyRecord
 from gateway_shim.usage import NO_USAGE, Usage
@@ -27,6 +28,7 @@ class RequestMeter:
     request_bytes: int = 0
     response_bytes: int = 0
     queued_ms: float | None = None
+    attribution: Attribution = NO_ATTRIBUTION
     event_id: str = field(default_factory=new_event_id)  # also the reservation's id
     _t0: float = field(default_factory=time.perf_counter)
     _first_byte_s: float | None = None
@@ -46,7 +48,7 @@ class RequestMeter:
     def encoded_event(self, source: str, key: KeyRecord) -> EncodedEvent:
         """This request's usage event, encoded directly (the bytes ``encode_event`` would give; no model built)."""
         latency_ms = (time.perf_counter() - self._t0) * 1000
-        usage = self.usage
+        usage, attribution = self.usage, self.attribution
         return encode_request_event(
             self.event_id,
             source,
@@ -72,4 +74,7 @@ class RequestMeter:
             request_bytes=self.request_bytes,
             response_bytes=self.response_bytes,
             queued_ms=None if self.queued_ms is None else round(self.queued_ms, 3),
+            end_user=attribution.end_user,
+            project=key.project or attribution.project,  # a key's own project wins over a header
+            tags=attribution.tags,
         )

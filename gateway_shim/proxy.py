@@ -65,7 +65,7 @@ class Proxy:
         except ShimError as exc:
             return error_response(exc)
         try:
-            forward = await exchange.admit(await read_body(request, exchange.route.name, self.config.shim))
+            forward = await exchange.admit(await read_body(request, exchange.route.name, self.config.shim), request.headers)
             async with self.upstream.open(request, path, forward.body) as upstream:
                 if exchange.is_stream(upstream.status, upstream.headers.get("Content-Type")):
                     return await _relay_stream(request, upstream, exchange, forward)

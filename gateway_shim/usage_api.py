@@ -2,12 +2,17 @@
 
     GET /v1/usage[?period=YYYY-MM]              with the customer's own API key
     GET /v1/usage?customer=ID[&period=YYYY-MM]  with the admin token (shim.admin_token)
+    GET /v1/usage?start_time=S[&bucket_width=1h&group_by=user,tag:team…]   history
 
 A key reads its own customer only: asking for another customer is a 403,
 and nothing in the answer names any other customer or any key. The admin
 token is compared in constant time and is never a customer key. A wrong key
 or token counts against the client's address like the proxy's (429 past
 ``shim.auth_failures_per_minute``, gateway_shim/auth_failures.py).
+
+With ``start_time``, the answer is the ledger's history instead, in time
+buckets and grouped by model, key, end user, project or tag
+(gateway_shim/usage_history.py), under the same access rules.
 
 Usage is the pipeline's period totals in Redis (authoritative, a batch
 behind at most) plus the reservations the shim holds for requests not yet in
@@ -27,6 +32,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
+from gateway_shim import usage_history
 from gateway_shim.auth import Authenticator, bearer_token
 from gateway_shim.auth_failures import AuthFailures, shared
 from gateway_shim.errors import (
@@ -74,11 +80,13 @@ class UsageApi:
     async def _answer(self, request: web.Request) -> dict[str, Any]:
         asked = request.query.get("customer") or None
         calendar = self.config.billing.calendar
+        history = "start_time" in request.query  # the ledger's buckets (usage_history.py), not period totals
         period = request.query.get("period") or calendar.current(datetime.now(UTC))
         try:
             start, end = calendar.bounds(period)
         except ValueError as exc:
-            raise UsageBadRequest(str(exc)) from None
+            if not history:
+                raise UsageBadRequest(str(exc)) from None
         authorization = request.headers.get("Authorization")
         client = self.auth.client_of(request)
         self.auth.failures.check(client)  # before the admin token is compared, too
@@ -93,6 +101,8 @@ class UsageApi:
             if asked is not None and asked != key.customer:
                 raise UsageForbidden("This API key can only read its own customer's usage.")
             customer, tier = key.customer, key.tier
+        if history:
+            return await usage_history.history(self.config, customer, request.query)
         totals, held = await self._state(customer, period)
         if tier is None and not totals:
             raise UsageNotFound(f"No customer {customer!r} is known to this gateway.")

@@ -3,6 +3,9 @@
     GET  /healthz                     200 {"status": "ready"} once the worker has
                                       joined its group and consumes; 503 before
     GET  /usage?customer=C&period=P   the ledger's exact totals (P = YYYY-MM)
+    POST /usage/buckets               body: JSON {customer, start_s, end_s, width_s,
+                                      group_by}; 200 {"results": […], "truncated": bool}
+                                      (``pipeline.history.usage_buckets``), 400 if invalid
     POST /query                       body: one read-only SELECT (text, or JSON
                                       {"sql": …}); 200 {"rows": […]}, 400 if rejected
     POST /rebuild-state?customer=C&month=P&force=1
@@ -34,6 +37,7 @@ from pipeline.usage_agent import UsageSink
 from quotameter.windows import Granularity
 from pipeline.history.sql_guard import guarded_query
 from pipeline.history.store import AsyncHistory, HistoryError, QueryRejected
+from pipeline.history.usage_buckets import MAX_ROWS, BucketQuery
 from quotameter.periods import BillingCalendar
 from quotameter.service_auth import TokenGate
 
@@ -130,6 +134,22 @@ def register_views(
                 return self.json(await history.usage(customer, period, calendar))
             except HistoryError as exc:
                 return self.json({"error": str(exc)}, status=500)
+
+    @app.page("/usage/buckets")
+    class UsageBuckets(View):
+        async def post(self, request: Request) -> Response:
+            if (denied := refused(self, request)) is not None:
+                return denied
+            try:
+                query = BucketQuery.from_json(json.loads(await request.text()))
+            except ValueError as exc:  # also a body that is not JSON
+                return self.json({"error": str(exc)}, status=400)
+            try:
+                rows = await history.select(*query.sql())
+            except HistoryError as exc:
+                return self.json({"error": str(exc)}, status=503)
+            results = [query.result(row) for row in rows[:MAX_ROWS]]
+            return self.json({"results": results, "truncated": len(rows) > MAX_ROWS})
 
     @app.page("/query")
     class Query(View):

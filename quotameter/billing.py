@@ -111,6 +111,7 @@ class Line:
     billed: dict[Component, int]  # billed quantity per component
     unit_prices: dict[Component, Decimal] | None  # per million; None: the version is not in the price table
     ledger_cost: Decimal  # the sum of the events' recorded costs
+    breakdown: tuple[str, ...] = ()  # the line's value of each of the invoice's ``by`` dimensions
 
     @property
     def amounts(self) -> dict[Component, Decimal]:
@@ -143,6 +144,7 @@ class Invoice:
     period_end: str
     final: bool
     customers: list[CustomerInvoice] = field(default_factory=list)
+    by: tuple[str, ...] = ()  # breakdown dimensions (export_sql.BREAKDOWNS): api_key, user, project, tag:KEY
 
     @property
     def amount(self) -> Decimal:
@@ -153,8 +155,8 @@ class Invoice:
             yield from customer.lines
 
 
-def line_of(row: Mapping[str, Any], rates: Mapping[str, Rates]) -> Line:
-    """One aggregated ledger row (``quotameter.export_sql.LINES``) as a line."""
+def line_of(row: Mapping[str, Any], rates: Mapping[str, Rates], by: tuple[str, ...] = ()) -> Line:
+    """One aggregated ledger row (``quotameter.export_sql.lines``) as a line."""
     version = str(row["price_version"])
     found = rates.get(version)
     prices = unit_prices(found) if found is not None else (dict(_ZERO_PRICES) if version == UNPRICED else None)
@@ -166,6 +168,7 @@ def line_of(row: Mapping[str, Any], rates: Mapping[str, Rates]) -> Line:
         billed={c: int(row[BILLED_COLUMNS[c]]) for c in Component},
         unit_prices=prices,
         ledger_cost=Decimal(str(row["cost_usd"])),
+        breakdown=tuple(str(row[f"by_{n}"]) for n in range(len(by))),
     )
 
 
@@ -175,20 +178,20 @@ def _billable(line: Line) -> bool:
 
 def build_invoice(
     rows: Iterable[Mapping[str, Any]], rates: Mapping[str, Rates], *, month: str, currency: str,
-    period_start: str, period_end: str, final: bool,
+    period_start: str, period_end: str, final: bool, by: tuple[str, ...] = (),
 ) -> Invoice:
     """Lines grouped per customer, both sorted. Lines with nothing to bill
     (only refused requests) are left out; their counts are in no total."""
     by_customer: dict[str, list[Line]] = {}
     for row in rows:
-        line = line_of(row, rates)
+        line = line_of(row, rates, by)
         if _billable(line):
             by_customer.setdefault(line.customer, []).append(line)
     customers = [
-        CustomerInvoice(name, sorted(lines, key=lambda l: (l.model, l.price_version)))
+        CustomerInvoice(name, sorted(lines, key=lambda l: (l.model, l.price_version, l.breakdown)))
         for name, lines in sorted(by_customer.items())
     ]
-    return Invoice(month, currency, period_start, period_end, final, customers)
+    return Invoice(month, currency, period_start, period_end, final, customers, by)
 
 
 # -- rendering: fixed order and formatting, nothing about the run, so the same
@@ -203,9 +206,21 @@ CSV_COLUMNS = (
 _TOKEN_COUNTS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens")
 
 
+def breakdown_columns(by: tuple[str, ...]) -> list[str]:
+    """The CSV / JSON names of breakdown dimensions: api_key_id, user, project, tag:KEY."""
+    return ["api_key_id" if name == "api_key" else name for name in by]
+
+
+def csv_safe(value: str) -> str:
+    """A customer-supplied cell a spreadsheet will not run as a formula (OWASP's advice:
+    a leading ' before = + - @ tab and carriage return)."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _line_cells(line: Line, currency: str) -> list[str]:
     prices = line.unit_prices or {}
-    cells = ["line", line.customer, line.model, line.price_version, currency, str(line.counts["requests"])]
+    cells = ["line", line.customer, line.model, line.price_version, *map(csv_safe, line.breakdown), currency,
+             str(line.counts["requests"])]
     cells += [str(line.counts[name]) for name in _TOKEN_COUNTS]
     for c in Component:
         cells += [str(line.billed[c]), f"{prices[c]:f}" if c in prices else ""]
@@ -218,13 +233,15 @@ def render_csv(invoice: Invoice) -> str:
     record, so the file says so itself."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    columns = [*CSV_COLUMNS[:4], *breakdown_columns(invoice.by), *CSV_COLUMNS[4:]]
+    blanks = [""] * len(invoice.by)
+    writer.writerow(columns)
     if not invoice.final:
-        writer.writerow(["draft"] + [""] * (len(CSV_COLUMNS) - 1))
+        writer.writerow(["draft"] + [""] * (len(columns) - 1))
     for customer in invoice.customers:
         for line in customer.lines:
             writer.writerow(_line_cells(line, invoice.currency))
-        total = ["customer_total", customer.customer, "", "", invoice.currency, str(customer.count("requests"))]
+        total = ["customer_total", customer.customer, "", "", *blanks, invoice.currency, str(customer.count("requests"))]
         total += [str(customer.count(name)) for name in _TOKEN_COUNTS]
         total += [str(sum(l.billed[c] for l in customer.lines)) if kind == "billed" else ""
                   for c in Component for kind in ("billed", "price")]
@@ -232,11 +249,12 @@ def render_csv(invoice: Invoice) -> str:
     return out.getvalue()
 
 
-def _line_json(line: Line, currency: str) -> dict[str, Any]:
+def _line_json(line: Line, currency: str, by: tuple[str, ...] = ()) -> dict[str, Any]:
     prices = line.unit_prices
     return {
         "model": line.model,
         "price_version": line.price_version,
+        **dict(zip(breakdown_columns(by), line.breakdown, strict=True)),
         "requests": line.counts["requests"],
         "tokens": {name.removesuffix("_tokens"): line.counts[name] for name in _TOKEN_COUNTS},
         "charges": [
@@ -266,7 +284,7 @@ def invoice_document(invoice: Invoice) -> dict[str, Any]:
         "customers": [
             {
                 "customer": c.customer,
-                "lines": [_line_json(line, currency) for line in c.lines],
+                "lines": [_line_json(line, currency, invoice.by) for line in c.lines],
                 "requests": c.count("requests"),
                 "tokens": {name.removesuffix("_tokens"): c.count(name) for name in _TOKEN_COUNTS},
                 "amount": exact(c.amount),

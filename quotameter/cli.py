@@ -71,6 +71,7 @@ def keys_create(
     tokens_per_minute: Annotated[Optional[int], typer.Option(help="This key's own tokens/min.")] = None,
     concurrent_requests: Annotated[Optional[int], typer.Option(help="This key's own concurrency.")] = None,
     models: Annotated[Optional[str], typer.Option(help="Comma list: the only models this key may use.")] = None,
+    project: Annotated[Optional[str], typer.Option(help="Project the key's spend is attributed to.")] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Create an API key. The key is shown once, on stdout; only its hash is stored.
@@ -97,14 +98,20 @@ def keys_create(
         limits = KeyOverrides(**values) if any(v is not None for v in values.values()) else None
     except ValidationError as exc:
         raise _fail(f"invalid key limits: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", 2) from None
+    from quotameter.labels import id_problem
+
+    if project is not None and (problem := id_problem(project)):
+        raise _fail(f"--project {problem}", 2)
     try:
         new = create_key(
-            _redis(config), RedisKeys(config.services.redis_prefix), customer, tier, priority=priority, limits=limits
+            _redis(config), RedisKeys(config.services.redis_prefix), customer, tier, priority=priority, limits=limits,
+            project=project,
         )
     except Exception as exc:  # redis.ConnectionError and friends
         raise _fail(f"cannot reach Redis at {config.services.redis_url}: {exc}") from None
     if as_json:
-        typer.echo(json.dumps({"key": new.plaintext, "key_id": new.key_id, "customer": customer, "tier": tier}))
+        shown = {"key": new.plaintext, "key_id": new.key_id, "customer": customer, "tier": tier}
+        typer.echo(json.dumps(shown | ({"project": project} if project else {})))
     else:
         typer.echo(new.plaintext)
 
@@ -372,6 +379,9 @@ def export(
     stripe_window: Annotated[
         Optional[str], typer.Option("--stripe-window", help="hour or day (default: billing.stripe.window).")
     ] = None,
+    by: Annotated[
+        Optional[str], typer.Option("--by", help="Break lines down by api_key, user, project, tag:KEY (comma list).")
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Export a billing period's usage per customer and model, after reconciling
@@ -388,8 +398,15 @@ def export(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quotameter.export import FORMATS, ExportError, ExportRefused, ReconciliationFailed, run_export
+    from quotameter.export_sql import breakdown
 
     config = _config(config_path)
+    try:
+        dimensions = breakdown(by or "")
+    except ValueError as exc:
+        raise _fail(f"--by: {exc}", 2) from None
+    if dimensions and fmt == "stripe":
+        raise _fail("--by exports csv or json only: Stripe meter events are per customer", 2)
     if fmt not in FORMATS:
         raise _fail(f"--format must be one of {', '.join(FORMATS)}", 2)
     if stripe_window not in (None, "hour", "day"):
@@ -414,7 +431,8 @@ def export(
     try:
         with bar:
             result = run_export(
-                config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, progress=progress
+                config, month, fmt, datetime.now(UTC), draft=draft, force=force, window=stripe_window, by=dimensions,
+                progress=progress,
             )
     except ExportError as exc:
         # soft_wrap: long messages stay on one line each, whole numbers intact.

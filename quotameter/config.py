@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from quotameter.delivery import AckMode
 from quotameter.errors import ConfigError
+from quotameter.labels import MAX_TAGS
 from quotameter.periods import BillingCalendar
 
 ENV_PREFIX = "QUOTAMETER_"
@@ -372,6 +373,14 @@ class Shim(_SecretFiles):
     # max_header_bytes, or more than max_headers headers, is answered 400.
     max_header_bytes: PositiveInt = 8190
     max_headers: PositiveInt = 128
+    # Attribution (gateway_shim/attribution.py): the headers naming who a request's
+    # spend is for. The end-user header wins over the body's user fields; a key
+    # created with --project wins over the project header. A tags header reads
+    # "team=search,feature=autocomplete", at most max_tags of them; a bad one is a 400.
+    end_user_header: str = Field(default="x-quotameter-user", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    project_header: str = Field(default="x-quotameter-project", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    tags_header: str = Field(default="x-quotameter-tags", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    max_tags: int = Field(default=MAX_TAGS, ge=0, le=MAX_TAGS)
 
     @field_validator("trusted_proxies")
     @classmethod

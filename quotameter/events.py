@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from quotameter.errors import EventError
+from quotameter.labels import MAX_ID_CHARS, MAX_TAGS, id_problem, tag_problem
 
 EVENT_TYPE_V1 = "quotameter.request.v1"
 _EVENT_TYPE_RE = re.compile(r"^quotameter\.request\.v[1-9][0-9]*$")
@@ -72,6 +73,30 @@ class RequestData(BaseModel):
     response_bytes: NonNegativeInt = 0
     upstream_cost_usd: Decimal | None = None
     queued_ms: float | None = Field(default=None, ge=0)  # time waited in the batch queue
+    # Who the spend is for (quotameter/labels.py bounds them). Added to v1 as
+    # optional fields: a reader that does not know them ignores them.
+    end_user: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    project: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    tags: dict[str, str] | None = Field(default=None, max_length=MAX_TAGS)  # sorted by key when the shim writes them
+
+    @field_validator("end_user", "project")
+    @classmethod
+    def _plain_id(cls, value: str | None) -> str | None:
+        if value is not None and (problem := id_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _bounded_tags(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags")
+        for key, text in value.items():
+            if problem := tag_problem(key, text):
+                raise ValueError(problem)
+        return value or None
 
     @property
     def total_tokens(self) -> int:
@@ -179,6 +204,9 @@ def encode_request_event(
     response_bytes: int = 0,
     upstream_cost_usd: Decimal | None = None,
     queued_ms: float | None = None,
+    end_user: str | None = None,
+    project: str | None = None,
+    tags: tuple[tuple[str, str], ...] = (),
 ) -> EncodedEvent:
     """The event ``UsageEvent(..., data=RequestData(...))`` encoded: the same
     bytes as ``encode_event`` of that model, without building it (the shim's
@@ -198,6 +226,7 @@ def encode_request_event(
         and (model_served is None or type(model_served) is str) and (upstream is None or type(upstream) is str)
         and _plain_float(latency_ms) and (ttft_ms is None or _plain_float(ttft_ms))
         and (queued_ms is None or _plain_float(queued_ms)) and upstream_cost_usd is None
+        and (end_user is None and project is None and tags == () or _valid_labels(end_user, project, tags))
     ):
         stamp = time.isoformat()
         if stamp.endswith("+00:00"):
@@ -213,6 +242,12 @@ def encode_request_event(
             optional += ',"upstream":' + _json_str(upstream)
         ttft = "" if ttft_ms is None else ',"ttft_ms":' + repr(ttft_ms)
         queued = "" if queued_ms is None else ',"queued_ms":' + repr(queued_ms)
+        if end_user is not None:
+            queued += ',"end_user":' + _json_str(end_user)
+        if project is not None:
+            queued += ',"project":' + _json_str(project)
+        if tags:
+            queued += ',"tags":{' + ",".join(_json_str(k) + ":" + _json_str(v) for k, v in tags) + "}"
         text = (
             f'{{"specversion":"1.0","id":{_json_str(id)},"source":{_json_str(source)},'
             f'"type":"{EVENT_TYPE_V1}","subject":{_json_str(subject)},"time":"{stamp}",'
@@ -240,9 +275,23 @@ def encode_request_event(
             cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens, usage_source=usage_source,
             streamed=streamed, latency_ms=latency_ms, ttft_ms=ttft_ms, request_bytes=request_bytes,
             response_bytes=response_bytes, upstream_cost_usd=upstream_cost_usd, queued_ms=queued_ms,
+            end_user=end_user, project=project, tags=dict(tags) or None,
         ),
     )
     return EncodedEvent(event.id, event.customer_id, event.time_ms, encode_event(event))
+
+
+def _valid_labels(end_user: object, project: object, tags: object) -> bool:
+    """Attribution the model would take as it is: else the model decides (and refuses)."""
+    if not (end_user is None or (type(end_user) is str and id_problem(end_user) is None)):
+        return False
+    if not (project is None or (type(project) is str and id_problem(project) is None)):
+        return False
+    if type(tags) is not tuple or len(tags) > MAX_TAGS:
+        return False
+    keys = [pair[0] for pair in tags if type(pair) is tuple and len(pair) == 2]
+    return (len(keys) == len(tags) and len(set(keys)) == len(keys)
+            and all(type(k) is str and type(v) is str and tag_problem(k, v) is None for k, v in tags))
 
 
 def _plain_float(value: object) -> bool:

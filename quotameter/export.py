@@ -181,13 +181,18 @@ def run_export(
     draft: bool = False,
     force: bool = False,
     window: str | None = None,
+    by: tuple[str, ...] = (),
     progress: Progress = lambda step, done, total: None,
 ) -> Export:
     """Build, reconcile and render one period's export. ``now`` decides
     finality and Stripe's accepted range. ``draft``: an open period is
-    exported marked not final (never as Stripe events, which are sent once)."""
+    exported marked not final (never as Stripe events, which are sent once).
+    ``by``: lines also broken down by these (export_sql.breakdown), each
+    priced and reconciled as any line; the customers' totals do not change."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if by and fmt == "stripe":
+        raise ExportError("a breakdown (--by) exports as csv or json: Stripe meter events are per customer")
     if draft and fmt == "stripe":
         raise ExportRefused(
             "a draft cannot be exported as Stripe meter events: Stripe keeps what is sent and a later final "
@@ -203,10 +208,10 @@ def run_export(
             raise ExportRefused(f"{fin.describe()}. Pass --draft to export it marked not final.")
         warnings.append(f"{fin.describe()}; exported as a draft (--draft): marked not final")
     with ledger(config) as reader:
-        line_rows = _paged(reader, lambda n, o: export_sql.lines(fin.start, fin.end, n, o), "invoice lines", progress)
+        line_rows = _paged(reader, lambda n, o: export_sql.lines(fin.start, fin.end, n, o, by), "invoice lines", progress)
         invoice = billing.build_invoice(
             line_rows, billing.rate_table(config), month=month, currency=config.billing.currency,
-            period_start=fin.start.isoformat(), period_end=fin.end.isoformat(), final=fin.final,
+            period_start=fin.start.isoformat(), period_end=fin.end.isoformat(), final=fin.final, by=by,
         )
         totals = _paged(reader, lambda n, o: export_sql.customer_totals(fin.start, fin.end, n, o), "ledger totals", progress)
         ledger_totals = {str(row["customer"]): row for row in totals}

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from quotameter.billing import BILLED_COLUMNS, Component
+from quotameter.labels import TAG_KEY
 from quotameter.periods import BillingCalendar
 
 EVENTS = "quotameter.events"
@@ -52,19 +53,42 @@ def _in_period(start: datetime, end: datetime) -> str:
     return f"time >= {_time(start)} AND time < {_time(end)}"
 
 
-def _events(start: datetime, end: datetime, where: str = "") -> str:
+# --by: the ledger column of each breakdown dimension ('' where none was given).
+BREAKDOWNS = {"api_key": "api_key_id", "user": "end_user", "project": "project"}
+
+
+def breakdown(names: str) -> tuple[str, ...]:
+    """``api_key,user,tag:team`` checked, or ValueError naming the bad one."""
+    by = tuple(name.strip() for name in names.split(",") if name.strip())
+    for name in by:
+        if name not in BREAKDOWNS and not (name.startswith("tag:") and TAG_KEY.fullmatch(name[4:])):
+            raise ValueError(f"cannot break down by {name[:80]!r}: use api_key, user, project or tag:KEY")
+    if len(set(by)) != len(by):
+        raise ValueError("a breakdown dimension is given twice")
+    return by
+
+
+def _breakdown_columns(by: Sequence[str]) -> str:
+    # A tag key passed breakdown()'s check (letters, digits, _ . -) and is quoted besides.
+    return "".join(
+        f", {BREAKDOWNS[name] if name in BREAKDOWNS else f'tags[{quote(name[4:])}]'} AS by_{n}" for n, name in enumerate(by)
+    )
+
+
+def _events(start: datetime, end: datetime, where: str = "", by: Sequence[str] = ()) -> str:
     """The period's unique events (its UTC bounds, whatever the partitions),
     columns renamed for summing."""
-    return f"""(SELECT customer, coalesce(model_served, model_requested, '') AS model, price_version,
+    return f"""(SELECT customer, coalesce(model_served, model_requested, '') AS model, price_version{_breakdown_columns(by)},
         decision = 'admitted' AS ok, time AS t, input_tokens AS it, output_tokens AS ot, cached_tokens AS ca,
         cache_write_tokens AS cw, reasoning_tokens AS rt, cost_usd AS cost
     FROM {EVENTS} FINAL
     WHERE {_in_period(start, end)}{where})"""
 
 
-def lines(start: datetime, end: datetime, limit: int = PAGE_ROWS, offset: int = 0) -> str:
-    """Invoice lines: one row per customer, model and price version."""
-    return f"""SELECT customer, model, price_version,
+def lines(start: datetime, end: datetime, limit: int = PAGE_ROWS, offset: int = 0, by: Sequence[str] = ()) -> str:
+    """Invoice lines: one row per customer, model and price version (and ``by``'s values)."""
+    keys = "customer, model, price_version" + "".join(f", by_{n}" for n in range(len(by)))
+    return f"""SELECT {keys},
     countIf(ok) AS requests,
     countIf(NOT ok) AS refused,
     count() AS events,
@@ -75,9 +99,9 @@ def lines(start: datetime, end: datetime, limit: int = PAGE_ROWS, offset: int = 
     sum(rt) AS reasoning_tokens,
     {_BILLED_SUMS},
     toString(sum(cost)) AS cost_usd
-FROM {_events(start, end)}
-GROUP BY customer, model, price_version
-ORDER BY customer, model, price_version
+FROM {_events(start, end, by=by)}
+GROUP BY {keys}
+ORDER BY {keys}
 LIMIT {int(limit)} OFFSET {int(offset)}"""
 
 

@@ -109,6 +109,10 @@ class ChdbHistory:
         rows = self._json_rows(self._run(self._ro, text, fmt="JSONEachRow"))
         return rows[:MAX_QUERY_ROWS]
 
+    def select(self, sql: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """One of our own SELECTs, its ``{name:Type}`` placeholders bound by the engine."""
+        return self._json_rows(self._run(self._ro, sql, params, fmt="JSONEachRow"))[:MAX_QUERY_ROWS]
+
     def explain_ast(self, sql: str) -> str:
         """The engine's parse tree of ``sql`` (parsed, never run): ``sql_guard`` reads it."""
         return self._run(self._ro, f"EXPLAIN AST {sql}", fmt="TSVRaw")

@@ -215,6 +215,11 @@ class ClickHouseHistory:
             :MAX_QUERY_ROWS
         ]
 
+    def select(self, sql: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """One of our own SELECTs, its ``{name:Type}`` placeholders bound by the server."""
+        rows = self._select(sql, params, max_result_rows=MAX_QUERY_ROWS, result_overflow_mode="break")
+        return self._json_rows(rows)[:MAX_QUERY_ROWS]
+
     def explain_ast(self, sql: str) -> str:
         """The server's parse tree of ``sql`` (parsed, never run): ``sql_guard`` reads it."""
         raw = self._call(self.client.raw_query, f"EXPLAIN AST {sql}", settings=READ_ONLY, fmt="TSVRaw")

@@ -70,7 +70,10 @@ DDL = (
         late Bool DEFAULT false,
         kafka_partition Int32 DEFAULT -1,
         kafka_offset Int64 DEFAULT -1,
-        ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        ingested_at DateTime64(3, 'UTC') DEFAULT now64(3),
+        end_user String DEFAULT '',
+        project String DEFAULT '',
+        tags Map(String, String)
     )
     ENGINE = ReplacingMergeTree
     PARTITION BY toYYYYMM(time)
@@ -81,6 +84,10 @@ DDL = (
     f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS late Bool DEFAULT false AFTER source",
     f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1 AFTER late",
     f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition",
+    # Attribution ('' and {}: none given).
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS end_user String DEFAULT ''",
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS project String DEFAULT ''",
+    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS tags Map(String, String)",
 )
 
 # name, time column, its type, the bucket expression over events.time
@@ -204,6 +211,9 @@ LEDGER_COLUMNS = (
     "late",
     "kafka_partition",
     "kafka_offset",
+    "end_user",
+    "project",
+    "tags",
 )
 # Rows as JSON arrays in LEDGER_COLUMNS order: a third cheaper to encode than
 # objects, and the sink encodes every event.
@@ -245,6 +255,9 @@ def ledger_values(priced: PricedEvent) -> list[Any]:
         priced.late,
         priced.partition,
         priced.offset,
+        data.end_user or "",
+        data.project or "",
+        data.tags or {},
     ]
 
 

@@ -40,6 +40,9 @@ class HistoryStore(Protocol):
     def query(self, sql: str) -> list[dict[str, Any]]:
         """Run one read-only SELECT; rows as dicts."""
 
+    def select(self, sql: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Run one of quotameter's own SELECTs with bound ``{name:Type}`` parameters."""
+
     def explain_ast(self, sql: str) -> str:
         """The engine's ``EXPLAIN AST`` of ``sql``: parsed, never run (``sql_guard``)."""
 
@@ -64,6 +67,9 @@ class AsyncHistory:
 
     async def query(self, sql: str) -> list[dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.query, sql)
+
+    async def select(self, sql: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.select, sql, params)
 
     async def explain_ast(self, sql: str) -> str:
         return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.explain_ast, sql)

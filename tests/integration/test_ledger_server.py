@@ -286,3 +286,27 @@ def test_stops_cleanly_and_says_why_it_cannot_start(tmp_path: Path, cli_process:
     assert ledger.proc.alive() and not (directory / CLEAN_MARKER).exists()
     assert ledger.proc.stop() == 0
     assert (directory / CLEAN_MARKER).exists()
+
+
+def test_usage_buckets_bind_attribution_through_the_http_interface(ledger: Ledger, unique: str) -> None:
+    from pipeline.history.usage_buckets import BucketQuery
+
+    customer, odd = f"attr-{unique}", "o'brien \"x\", ');DROP TABLE quotameter.events;-- é"
+    events = [
+        UsageEvent(id=f"ev-{customer}-{n}", source="t", subject=customer, time=AT, data=RequestData(
+            api_key_id="k", tier="pro", route="/v1/chat/completions", status=200, decision="admitted",
+            model_requested="m", usage_source="upstream", input_tokens=10 + n, output_tokens=n, end_user=user,
+            tags={"team": team} if team else None))
+        for n, (user, team) in enumerate([(odd, "search"), (odd, "search"), ("bob", None), (None, "ads")])
+    ]
+    store = ClickHouseHistory.from_url(ledger.url)
+    try:
+        store.insert_events(price_batch(events, PriceTable(list(CONFIG.prices))))
+        start = int(AT.timestamp()) // 3600 * 3600
+        query = BucketQuery(customer, start, start + 3600, 3600, ("user", "tag:team"))
+        results = [query.result(row) for row in store.select(*query.sql())]
+    finally:
+        store.close()
+    got = {(r["user"], r["tags"]["team"]): (r["input_tokens"], r["output_tokens"], r["num_model_requests"]) for r in results}
+    assert got == {(None, "ads"): (13, 3, 1), ("bob", None): (12, 2, 1), (odd, "search"): (21, 1, 2)}
+    assert {r["bucket_s"] for r in results} == {start}

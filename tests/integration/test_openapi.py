@@ -24,16 +24,19 @@ from schemathesis.generation import GenerationMode
 
 from gateway_shim.openapi import document
 from tests.integration.enforcement_helpers import ShimFactory, shim_factory  # noqa: F401
+from tests.integration.pipeline_helpers import start_worker
 
 INGEST, ADMIN = "ingest-secret-token", "admin-secret-token"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 
 
-async def test_every_answer_conforms_to_the_served_document(shim_factory: ShimFactory) -> None:
+async def test_every_answer_conforms_to_the_served_document(shim_factory: ShimFactory, cli_process) -> None:
     # Wrong credentials are sent on purpose, far more than 20 a minute: the failed-auth
     # limiter (tested in test_access.py) would soon answer every call 429, right key or not.
     shim = await shim_factory({}, shim={"ingest_token": INGEST, "admin_token": ADMIN, "auth_failures_per_minute": 0})
+    # GET /v1/usage?start_time=… reads the ledger through a worker.
+    await asyncio.to_thread(start_worker, cli_process, shim.config, shim.config_path, "worker")
     key = shim.new_key("documented", "pro")
     root = shim.base_url.removesuffix("/v1")
     async with aiohttp.ClientSession() as session, session.get(f"{root}/openapi.json") as response:

@@ -26,7 +26,8 @@ BASE = {"api_key_id": "a1b2c3d4e5f6", "tier": "pro", "route": "/v1/chat/completi
 def _both(id_: str = "0190a0b0-0000-7000-8000-000000000000", source: str = "shim-1", subject: str = "acme",
           time: datetime = datetime(2026, 11, 28, 12, 0, 1, 500000, tzinfo=UTC), **data: object) -> tuple[bytes, bytes]:
     fields = {**BASE, **data}
-    model = UsageEvent(id=id_, source=source, subject=subject, time=time, data=RequestData(**fields))
+    modelled = {**fields, "tags": dict(fields["tags"]) or None} if "tags" in fields else fields
+    model = UsageEvent(id=id_, source=source, subject=subject, time=time, data=RequestData(**modelled))
     fast = encode_request_event(id_, source, subject, time, **fields)
     assert fast.id == model.id and fast.customer_id == model.customer_id and fast.time_ms == model.time_ms
     return fast.value, encode_event(model)
@@ -51,6 +52,12 @@ def test_random_values_encode_identically() -> None:
         def text() -> str:
             return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
 
+        def printable() -> str:
+            return "".join(rng.choice("aZ09 -_/.:\"\\é€😀',;=") for _ in range(rng.randint(1, 12))).strip() or "u"
+
+        def tag() -> str:
+            return rng.choice("aZ09") + "".join(rng.choice("aZ09_.-") for _ in range(rng.randint(0, 3)))
+
         def number() -> float:
             return round(rng.choice([rng.random(), rng.random() * 1000, rng.random() * 1e7, 0.0]), rng.choice([3, 6]))
 
@@ -65,8 +72,21 @@ def test_random_values_encode_identically() -> None:
             streamed=rng.choice([True, False]), latency_ms=number(), ttft_ms=rng.choice([None, number()]),
             request_bytes=rng.randint(0, 10**6), response_bytes=rng.randint(0, 10**6),
             queued_ms=rng.choice([None, number()]),
+            **rng.choice([{}, {"end_user": printable(), "project": rng.choice([None, printable()]),
+                               "tags": tuple(sorted({tag(): tag() for _ in range(rng.randint(0, 3))}.items()))}]),
         )
         assert fast == model
+
+
+def test_attribution_encodes_identically_and_bad_values_are_refused_as_the_model_does() -> None:
+    fast, model = _both(end_user="o'brien \"x\", é 😀", project="p-1", tags=(("feature", "a:b/c"), ("team", "search")))
+    assert fast == model and b'"tags":{"feature":"a:b/c","team":"search"}' in fast
+    assert decode_event(fast).data.tags == {"feature": "a:b/c", "team": "search"}
+    for bad in ({"end_user": "x" * 257}, {"end_user": "a\nb"}, {"project": ""}, {"tags": (("te am", "x"),)},
+                {"tags": tuple((f"k{n}", "v") for n in range(17))}):
+        with pytest.raises(ValidationError):
+            encode_request_event("0190a0b0-0000-7000-8000-000000000000", "s", "c", datetime(2026, 1, 1, tzinfo=UTC),
+                                 **{**BASE, **bad})
 
 
 @pytest.mark.parametrize("odd", [
