@@ -16,14 +16,17 @@ from pipeline.history.schema import EVENTS
 
 # The model served, else the one requested (the rollups' ``model``).
 MODEL = "coalesce(model_served, model_requested, '')"
+# A request's tags as 'key=value' strings: one filter value per tag.
+TAG_PAIRS = "arrayMap((k, v) -> concat(k, '=', v), mapKeys(tags), mapValues(tags))"
 
 
 @dataclass(frozen=True)
 class Dimension:
     name: str  # the template variable
     label: str
-    ledger_expr: str  # its value on a ledger row (a String)
+    ledger_expr: str  # its value on a ledger row: a String, or an Array(String) when ``many``
     in_rollups: bool = False  # the rollups group by it, under ``name``
+    many: bool = False  # a row has several values (tags): it matches when any is selected
 
 
 DIMENSIONS = (
@@ -31,10 +34,15 @@ DIMENSIONS = (
     Dimension("tier", "Tier", "tier", in_rollups=True),
     Dimension("model", "Model", MODEL, in_rollups=True),
     Dimension("api_key", "API key", "api_key_id"),
+    Dimension("end_user", "End user", "end_user"),
+    Dimension("project", "Project", "project"),
+    Dimension("tag", "Tag", TAG_PAIRS, many=True),
 )
 
 
-def _condition(column: str, name: str) -> str:
+def _condition(column: str, name: str, many: bool = False) -> str:
+    if many:
+        return f"$__conditionalAll(hasAny({column}, [${{{name}}}]), ${name})"
     return f"$__conditionalAll({column} IN (${{{name}}}), ${name})"
 
 
@@ -47,7 +55,7 @@ def rollup_filters() -> str:
 
 def ledger_filters() -> str:
     """On the ledger's own columns (usable in PREWHERE, before any alias exists)."""
-    return "\n  AND ".join(_condition(d.ledger_expr, d.name) for d in DIMENSIONS)
+    return "\n  AND ".join(_condition(d.ledger_expr, d.name, d.many) for d in DIMENSIONS)
 
 
 def ledger_only_selected() -> str:
@@ -58,5 +66,6 @@ def ledger_only_selected() -> str:
 
 def ledger_options_sql(dimension: Dimension) -> str:
     """The values a dimension took in the range, read from the ledger (unfiltered)."""
-    return (f"SELECT DISTINCT {dimension.ledger_expr} AS {dimension.name} FROM {EVENTS} "
+    value = f"arrayJoin({dimension.ledger_expr})" if dimension.many else dimension.ledger_expr
+    return (f"SELECT DISTINCT {value} AS {dimension.name} FROM {EVENTS} "
             f"PREWHERE $__timeFilter(time) WHERE {dimension.name} != '' ORDER BY {dimension.name}")

@@ -209,8 +209,9 @@ def test_the_guard_passes_the_products_own_queries_and_the_session_is_read_only(
         time_range = TimeRange(now - timedelta(days=7), now, interval_s=3600)
         variables = Variables(constants=config_constants(config))
         sqls = [expand(item.sql, time_range, variables) for board in DASHBOARDS for item in (*board.variables, *board.panels)]
-        # As the built-in page sends them: an API key selected (the ledger alone), money as decimal text.
-        one_key = Variables(selected={"api_key": ["key-1"]}, constants=config_constants(config))
+        # As the built-in page sends them: filters the rollups lack selected (the ledger alone), money as text.
+        one_key = Variables(selected={"api_key": ["key-1"], "end_user": ["u"], "project": ["p"], "tag": ["team=a"]},
+                            constants=config_constants(config))
         sqls += [exact_decimals(p, expand(p.sql, time_range, one_key)) for board in DASHBOARDS for p in board.panels]
         start, end = config.billing.calendar.bounds(PERIOD)
         for name, function in inspect.getmembers(export_sql, inspect.isfunction):

@@ -203,7 +203,8 @@ def test_billing_page_reads_like_a_bill(served: str) -> None:
     text = dom.visible_text
     assert [raw for raw in RAW_NAMES if raw in text] == []
     for label in ("Spend in range", "Requests served", "Requests refused", "Spend (USD)", "Customer", "Model",
-                  "Spend this period", "Monthly budget", "Budget used", "API key", "Download CSV"):
+                  "Spend this period", "Monthly budget", "Budget used", "API key", "End user", "Project", "Tag",
+                  "Download CSV"):
         assert label in text, f"{label!r} is not on the page"
     assert dom.stats("total_spend") == {"spend_usd": "0.0338"}  # exact, from the ledger's Decimal
     assert dom.stats_shown("total_spend") == {"spend_usd": ("Spend", "$0.03", "$0.0338")}

@@ -155,6 +155,29 @@ def test_template_variables_filter(runner: ChdbRunner, constants: dict[str, str]
     assert rows(runner, constants, "billing.total_spend", api_key=["key-beta"], customer=["acme"]) == [{"spend_usd": 0}]
 
 
+def test_attribution_filters(runner: ChdbRunner, constants: dict[str, str]) -> None:
+    # April: delta's request by end user user-7, project checkout, tags team=payments and env=prod;
+    # '+cmd…' in project checkout with team=search.
+    april = TimeRange(APRIL_FROM, APRIL_TO, interval_s=86400)
+    from dashboards.catalog import VARIABLES
+
+    options = {v.name: [next(iter(r.values())) for r in runner.rows(expand(v.sql, april, Variables(constants=constants)))]
+               for v in VARIABLES if v.name in ("end_user", "project", "tag")}
+    assert options == {"end_user": ["user-7"], "project": ["checkout"], "tag": ["env=prod", "team=payments", "team=search"]}
+
+    def spend(**selected: list[str]) -> object:
+        return rows(runner, constants, "billing.total_spend", april, **selected)[0]["spend_usd"]
+
+    assert spend(end_user=["user-7"]) == 0.0000216
+    assert spend(project=["checkout"]) == 2.5000216
+    assert spend(tag=["team=payments"]) == 0.0000216
+    assert spend(tag=["team=search", "env=prod"]) == 2.5000216  # any selected tag
+    assert spend(tag=["team=nobody"]) == 0
+    assert spend(project=["checkout"], tag=["team=search"]) == 2.5
+    assert [r["customer"] for r in rows(runner, constants, "billing.mtd_vs_budget", april, project=["checkout"])] == [
+        '+cmd "quoted", x', "delta"]
+
+
 def test_a_small_share_of_a_budget_is_not_zero(runner: ChdbRunner, constants: dict[str, str]) -> None:
     # delta: $0.0000216 spent of a $0.10 budget, exactly 0.0216 %.
     april = TimeRange(APRIL_FROM, APRIL_TO, interval_s=86400)
@@ -248,7 +271,8 @@ def test_variable_options_are_what_was_used_in_the_range(runner: ChdbRunner, con
     options = {v.name: [next(iter(r.values())) for r in runner.rows(expand(v.sql, DAY, Variables(constants=constants)))]
                for v in VARIABLES}
     assert options == {"customer": ["acme", "beta", "cito"], "tier": ["enterprise", "free", "pro"],
-                       "model": ["gpt-4o", "gpt-4o-mini", "mock-small"], "api_key": ["key-acme", "key-beta", "key-cito"]}
+                       "model": ["gpt-4o", "gpt-4o-mini", "mock-small"], "api_key": ["key-acme", "key-beta", "key-cito"],
+                       "end_user": [], "project": [], "tag": []}  # March has no attribution
 
 
 # -- the billing period in SQL: the same calendar as quotameter.periods -------------------------------

@@ -48,7 +48,7 @@ def test_every_target_uses_the_clickhouse_query_model() -> None:
 def test_template_variables_and_config_constants() -> None:
     document = _built()["quotameter-billing"]
     variables = {v["name"]: v for v in document["templating"]["list"]}
-    for name in ("customer", "tier", "model", "api_key"):
+    for name in ("customer", "tier", "model", "api_key", "end_user", "project", "tag"):
         assert variables[name]["type"] == "query"
         assert variables[name]["multi"] and variables[name]["includeAll"]
         assert variables[name]["current"]["value"] == "$__all"
