@@ -19,8 +19,7 @@ from typing import Any
 from dashboards.model import Panel, Unit
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_UNIT_IN_HEADER = {Unit.USD: " (USD)", Unit.PERCENT: " (%)", Unit.MS: " (ms)", Unit.SECONDS: " (s)",
-                   Unit.PER_SECOND: " (per second)"}
+_UNIT_IN_HEADER = {Unit.USD: " (USD)", Unit.PERCENT: " (%)", Unit.MS: " (ms)", Unit.SECONDS: " (s)"}
 
 
 def safe_text(text: str) -> str:
