@@ -21,8 +21,10 @@ MONTH_TO_DATE = usage(PERIOD_START, "$__toTime")
 # USD, exact (Decimal(38, 12)).
 SPEND = "sum(cost_usd)"
 
-# Customers drawn per chart at most (the rest are summed as "other").
+# Customers drawn per chart at most (the rest are summed as OTHERS).
 TOP_SERIES = 10
+# In parentheses, as no customer id is likely to be.
+OTHERS = "(all others)"
 
 # A customer's budget: its own override, else its tier's (NULL: no budget).
 BUDGET = """toDecimal128OrNull(if(mapContains(${customer_budget_usd}, customer),
@@ -34,10 +36,10 @@ def percent_of(part: str, whole: str) -> str:
     return f"100 * {part} / nullIf({whole}, 0)"
 
 
-# The top customers by spend in the range, else 'other'.
+# The top customers by spend in the range, else OTHERS.
 CUSTOMER_SERIES = f"""if(customer IN (SELECT customer FROM {RANGE}
                        GROUP BY customer ORDER BY {SPEND} DESC, customer LIMIT {TOP_SERIES}),
-          customer, 'other')"""
+          customer, '{OTHERS}')"""
 CUSTOMER_OR_OTHER = Field("customer_series", "Customer", Unit.TEXT)
 FORECAST_SPEND = Field("forecast_usd", "Forecast for the period", Unit.USD)
 FORECAST_BUDGET = Field("forecast_budget_pct", "Forecast against budget", Unit.PERCENT)
@@ -79,11 +81,11 @@ SPEND_PER_CUSTOMER = Panel(
     x="customer_series",
     values=("spend_usd",),
     fields=(CUSTOMER_OR_OTHER, f.SPEND),
-    description=f"The {TOP_SERIES} customers with the highest spend in the range; the rest summed as 'other'.",
+    description=f"The {TOP_SERIES} customers with the highest spend in the range; the rest summed as '{OTHERS}'.",
     sql=f"""SELECT {CUSTOMER_SERIES} AS customer_series, {SPEND} AS spend_usd
 FROM {RANGE}
 GROUP BY customer_series
-ORDER BY customer_series = 'other', spend_usd DESC, customer_series""",
+ORDER BY customer_series = '{OTHERS}', spend_usd DESC, customer_series""",
 )
 
 SPEND_PER_MODEL = Panel(
@@ -164,7 +166,7 @@ SPEND_OVER_TIME = Panel(
     values=("spend_usd",),
     fields=(f.TIME, CUSTOMER_OR_OTHER, f.SPEND),
     width=24,
-    description=f"Spend per interval; the {TOP_SERIES} customers with the highest spend in the range, the rest as 'other'.",
+    description=f"Spend per interval; the {TOP_SERIES} customers with the highest spend in the range, the rest as '{OTHERS}'.",
     sql=f"""SELECT $__timeInterval(time) AS t, {CUSTOMER_SERIES} AS customer_series, {SPEND} AS spend_usd
 FROM {SERIES}
 GROUP BY t, customer_series

@@ -19,7 +19,8 @@ from typing import Any
 from dashboards.model import Panel, Unit
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_UNIT_IN_HEADER = {Unit.USD: " (USD)", Unit.PERCENT: " (%)", Unit.MS: " (ms)", Unit.SECONDS: " (s)"}
+_UNIT_IN_HEADER = {Unit.USD: " (USD)", Unit.PERCENT: " (%)", Unit.MS: " (ms)", Unit.SECONDS: " (s)",
+                   Unit.TIME: " (UTC)"}
 
 
 def safe_text(text: str) -> str:

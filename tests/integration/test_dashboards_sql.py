@@ -91,6 +91,11 @@ def test_billing_figures(runner: ChdbRunner, constants: dict[str, str]) -> None:
     assert rows(runner, constants, "billing.spend_per_customer") == [
         {"customer_series": "acme", "spend_usd": 0.0225}, {"customer_series": "beta", "spend_usd": 0.0095},
         {"customer_series": "cito", "spend_usd": 0.0018}]
+    # Past the top customers, the rest are one bar, drawn last.
+    top_two = dashboard("billing").panel("spend_per_customer").sql.replace("LIMIT 10", "LIMIT 2")
+    assert runner.rows(expand(top_two, DAY, Variables(constants=constants))) == [
+        {"customer_series": "acme", "spend_usd": 0.0225}, {"customer_series": "beta", "spend_usd": 0.0095},
+        {"customer_series": "(all others)", "spend_usd": 0.0018}]
     assert rows(runner, constants, "billing.spend_per_model") == [
         {"model": "gpt-4o", "spend_usd": 0.0225}, {"model": "mock-small", "spend_usd": 0.0095},
         {"model": "gpt-4o-mini", "spend_usd": 0.0018}]
