@@ -9,8 +9,9 @@ a sprinkle of fallbacks, queueing and upstream errors; the rollups fill
 from the materialized views as the pipeline's inserts do), then runs each
 panel with its macros expanded for the whole month (Grafana's "this month",
 ending 23:59:59, so the last hour is read from the ledger), template
-variables on All and again with one customer selected, and over the month's
-last 6 hours (minute points: timeseries read the ledger), and prints the
+variables on All, with one customer selected, with one API key selected (the
+ledger alone, deduplicated), and over the month's last 6 hours (minute
+points: timeseries read the ledger), and prints the
 median of a few runs beside the 500 ms target. ``reads`` says where the
 panel's rows come from (see dashboards/sources.py). Timing starts once the
 background merges of the seeded parts have settled. The directory is
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dashboards.catalog import DASHBOARDS, config_constants  # noqa: E402
+from dashboards.catalog import DASHBOARDS, VARIABLES, config_constants  # noqa: E402
 from dashboards.macros import TimeRange, Variables, expand  # noqa: E402
 from pipeline.history import schema  # noqa: E402
 from quotameter.config import load_config  # noqa: E402
@@ -112,7 +113,7 @@ def reads(sql: str) -> str:
     sources = []
     if "usage_hourly_store" in sql:
         sources.append("rollups")
-    if f"FROM {schema.EVENTS} FINAL" in sql:
+    if f"FROM {schema.EVENTS} FINAL\n    PREWHERE $__timeFilter" in sql:  # not usage()'s filtered-by-key branch
         sources.append("ledger FINAL")
     elif f"FROM {schema.EVENTS}\n    PREWHERE $__timeFilter" in sql:
         sources.append("ledger")
@@ -146,6 +147,7 @@ def main() -> int:
     last_6h = TimeRange(RANGE_END - timedelta(hours=6), RANGE_END)
     all_vars = Variables(constants=constants)
     one_customer = Variables(selected={"customer": ["cust-7"]}, constants=constants)
+    one_key = Variables(selected={"api_key": ["key-7"]}, constants=constants)  # the ledger alone (no rollup has it)
     with tempfile.TemporaryDirectory(prefix="qm-dashboard-bench-") as tmp:
         session = Session(str(Path(tmp) / "history"))
         try:
@@ -156,19 +158,24 @@ def main() -> int:
             waited, parts = settle(session)
             print(f"merges settled after {waited:.1f} s; active parts, rows: {parts}; "
                   f"interval {time_range.effective_interval_s} s")
-            print(f"{'dashboard':<11} {'panel':<25} {'reads':<21} {'all ms':>7} {'rows':>5} {'1 cust ms':>9} "
-                  f"{'6h ms':>7}  target {TARGET_MS:.0f} ms")
             worst = 0.0
+            for variable in VARIABLES:  # each page load lists every filter's options
+                options_ms, rows = time_query(session, expand(variable.sql, time_range, all_vars), args.runs)
+                worst = max(worst, options_ms)
+                print(f"options of {variable.name:<10} {options_ms:>7.1f} ms, {rows} values")
+            print(f"{'dashboard':<11} {'panel':<25} {'reads':<21} {'all ms':>7} {'rows':>5} {'1 cust ms':>9} "
+                  f"{'1 key ms':>8} {'6h ms':>7}  target {TARGET_MS:.0f} ms")
             for dashboard in DASHBOARDS:
                 for panel in dashboard.panels:
                     all_ms, rows = time_query(session, expand(panel.sql, time_range, all_vars), args.runs)
                     one_ms, _ = time_query(session, expand(panel.sql, time_range, one_customer), args.runs)
+                    key_ms, _ = time_query(session, expand(panel.sql, time_range, one_key), args.runs)
                     short_ms, _ = time_query(session, expand(panel.sql, last_6h, all_vars), args.runs)
-                    worst = max(worst, all_ms, one_ms, short_ms)
-                    verdict = "ok" if max(all_ms, one_ms, short_ms) <= TARGET_MS else "SLOW"
+                    worst = max(worst, all_ms, one_ms, key_ms, short_ms)
+                    verdict = "ok" if max(all_ms, one_ms, key_ms, short_ms) <= TARGET_MS else "SLOW"
                     name = dashboard.uid.removeprefix("quotameter-")
                     print(f"{name:<11} {panel.key:<25} {reads(panel.sql):<21} {all_ms:>7.1f} {rows:>5} {one_ms:>9.1f} "
-                          f"{short_ms:>7.1f}  {verdict}")
+                          f"{key_ms:>8.1f} {short_ms:>7.1f}  {verdict}")
             print(f"slowest panel: {worst:.1f} ms (target {TARGET_MS:.0f} ms)")
         finally:
             session.close()

@@ -15,6 +15,7 @@ from dataclasses import replace
 from decimal import Decimal
 
 from dashboards.billing import BILLING
+from dashboards.filters import DIMENSIONS, Dimension, ledger_options_sql
 from dashboards.macros import quote_literal
 from dashboards.model import Dashboard, QueryVariable
 from dashboards.operations import OPERATIONS
@@ -22,13 +23,18 @@ from dashboards.quotas import QUOTAS
 from dashboards.sources import usage
 from quotameter.config import Config
 
-# Options: what was used in the range (unfiltered: a variable's query must not name a variable).
+# Options: what was used in the range (unfiltered: a variable's query must not name a variable),
+# from the rollups where they hold the dimension.
 _USED = usage(filters=False)
-VARIABLES = (
-    QueryVariable("customer", "Customer", f"SELECT DISTINCT customer FROM {_USED} ORDER BY customer"),
-    QueryVariable("tier", "Tier", f"SELECT DISTINCT tier FROM {_USED} ORDER BY tier"),
-    QueryVariable("model", "Model", f"SELECT DISTINCT model FROM {_USED} WHERE model != '' ORDER BY model"),
-)
+
+
+def _options_sql(dimension: Dimension) -> str:
+    if dimension.in_rollups:
+        return f"SELECT DISTINCT {dimension.name} FROM {_USED} WHERE {dimension.name} != '' ORDER BY {dimension.name}"
+    return ledger_options_sql(dimension)
+
+
+VARIABLES = tuple(QueryVariable(d.name, d.label, _options_sql(d)) for d in DIMENSIONS)
 
 DASHBOARDS: tuple[Dashboard, ...] = tuple(
     replace(d, variables=VARIABLES) for d in (BILLING, QUOTAS, OPERATIONS)

@@ -22,7 +22,7 @@ from grafana_foundation_sdk.models import dashboard as model
 
 from dashboards.catalog import DASHBOARDS, FOLDER_TITLE, FOLDER_UID
 from dashboards.macros import ALL
-from dashboards.model import Dashboard, Panel, QueryVariable, Viz
+from dashboards.model import Dashboard, Panel, QueryVariable, Unit, Viz
 
 PLUGIN_ID = "grafana-clickhouse-datasource"
 PLUGIN_VERSION = "4.0.0"
@@ -74,6 +74,34 @@ def _panel_builder(panel: Panel) -> Any:
     return table.Panel()
 
 
+def _field_overrides(builder: Any, panel: Panel) -> Any:
+    """Each column's label (and unit, where it is not the panel's) as Grafana field overrides,
+    so a table header, legend or stat reads "Budget used", not ``budget_used_pct``."""
+    for field in panel.fields:
+        if panel.series and field.name in panel.values:
+            # Long rows turned wide: one field per series, named by the series column's label value.
+            label = f"${{__field.labels.{panel.series}}}"
+        else:
+            label = field.label
+        properties = [model.DynamicConfigValue(id_val="displayName", value=label)]
+        if field.unit not in (Unit.TEXT, Unit.TIME) and field.unit != panel.unit:
+            properties.append(model.DynamicConfigValue(id_val="unit", value=str(field.unit)))
+        builder = builder.override_by_name(field.name, properties)
+    return builder
+
+
+def _axis(builder: Any, panel: Panel) -> Any:
+    """The value axis: titled when it shows one column, never below zero for money and counts."""
+    if panel.viz not in (Viz.TIMESERIES, Viz.BAR):
+        return builder
+    units = {panel.field(v).unit for v in panel.values}
+    if len(panel.values) == 1:
+        builder = builder.axis_label(panel.field(panel.values[0]).label)
+    if units <= {Unit.USD, Unit.COUNT, Unit.PERCENT, Unit.PER_SECOND}:
+        builder = builder.axis_soft_min(0)
+    return builder
+
+
 def build_panel(panel: Panel, datasource_uid: str) -> Any:
     is_series = panel.viz is Viz.TIMESERIES
     query = ClickHouseQuery(
@@ -91,7 +119,7 @@ def build_panel(panel: Panel, datasource_uid: str) -> Any:
         .span(panel.width)
         .height(panel.height)
     )
-    return builder
+    return _axis(_field_overrides(builder, panel), panel)
 
 
 def build_variable(variable: QueryVariable, datasource_uid: str) -> Any:

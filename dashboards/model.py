@@ -1,5 +1,6 @@
 """What a dashboard is, independent of how it is drawn: panels of SQL with
-the ClickHouse datasource's macros, a visualisation and a unit.
+the ClickHouse datasource's macros, a visualisation, and a ``Field`` (human
+label and unit) for every column the SQL returns.
 
 Both renderers read these: ``dashboards.grafana`` (Grafana JSON) and
 ``dashboards.server`` (the built-in page). A panel's ``uid`` and ``id`` are
@@ -10,6 +11,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+
+class Unit(StrEnum):
+    """Grafana unit ids; the built-in page formats the same ones."""
+
+    USD = "currencyUSD"  # exact decimal text, shown to the cent
+    PERCENT = "percent"  # 0-100
+    COUNT = "short"
+    MS = "ms"
+    SECONDS = "s"
+    PER_SECOND = "reqps"
+    TEXT = "string"  # names and ids, some of them chosen by customers
+    TIME = "dateTimeAsIso"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One column a panel's SQL returns: what a person reads instead of its name."""
+
+    name: str  # the SQL alias
+    label: str  # column header, legend, axis title, stat caption
+    unit: Unit = Unit.COUNT
+
+    @property
+    def is_money(self) -> bool:
+        return self.unit is Unit.USD
 
 
 class Viz(StrEnum):
@@ -33,12 +60,29 @@ class Panel:
     values: tuple[str, ...] = ()  # the plotted / shown value columns
     width: int = 12  # Grafana grid units (24 = full width)
     height: int = 8
+    fields: tuple[Field, ...] = ()  # every column the SQL returns, in order
 
     def __post_init__(self) -> None:
         if ";" in self.sql:
             raise ValueError(f"panel {self.key}: SQL must be one statement without ';'")
         if self.viz in (Viz.TIMESERIES, Viz.BAR, Viz.STAT) and not self.values:
             raise ValueError(f"panel {self.key}: a {self.viz} panel names its value columns")
+        named = {f.name for f in self.fields}
+        drawn = (*self.values, *((self.x,) if self.viz in (Viz.TIMESERIES, Viz.BAR) else ()),
+                 *((self.series,) if self.series else ()))
+        if missing := [c for c in drawn if c not in named]:
+            raise ValueError(f"panel {self.key}: no Field (label, unit) for {missing}")
+
+    def field(self, name: str) -> Field:
+        for candidate in self.fields:
+            if candidate.name == name:
+                return candidate
+        raise KeyError(f"panel {self.key} has no field {name!r}")
+
+    @property
+    def decimal_columns(self) -> tuple[str, ...]:
+        """Money and percentages: Decimals in SQL, to be read as exact text."""
+        return tuple(f.name for f in self.fields if f.unit in (Unit.USD, Unit.PERCENT))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ counted from the ledger deduplicated; the percentiles read the ledger without
 
 from __future__ import annotations
 
-from dashboards.model import Dashboard, Panel, Viz
+from dashboards import fields as f
+from dashboards.model import Dashboard, Field, Panel, Unit, Viz
 from dashboards.sources import ledger, usage
 
 # From the request's end at the shim to its row in the ledger.
@@ -26,6 +27,7 @@ REQUESTS_PER_S = Panel(
     x="t",
     series="decision",
     values=("requests_per_s",),
+    fields=(f.TIME, Field("decision", "Outcome", Unit.TEXT), Field("requests_per_s", "Requests per second", Unit.PER_SECOND)),
     sql=f"""SELECT t, decision, round(n / $__interval_s, 6) AS requests_per_s
 FROM (SELECT $__timeInterval(time) AS t, sum(requests) AS admitted, sum(refused) AS refused
       FROM {usage(step="$__interval_s")}
@@ -44,6 +46,8 @@ LATENCY = Panel(
     unit="ms",
     x="t",
     values=("p50_ms", "p95_ms", "p99_ms"),
+    fields=(f.TIME, Field("p50_ms", "Median", Unit.MS), Field("p95_ms", "95th percentile", Unit.MS),
+            Field("p99_ms", "99th percentile", Unit.MS)),
     sql=f"""SELECT $__timeInterval(time) AS t, quantilesExactInclusive(0.5, 0.95, 0.99)(latency_ms) AS q,
        round(q[1], 3) AS p50_ms, round(q[2], 3) AS p95_ms, round(q[3], 3) AS p99_ms
 FROM {ledger("decision = 'admitted'", final=False)}
@@ -59,6 +63,7 @@ TTFT = Panel(
     unit="ms",
     x="t",
     values=("p50_ms", "p95_ms"),
+    fields=(f.TIME, Field("p50_ms", "Median", Unit.MS), Field("p95_ms", "95th percentile", Unit.MS)),
     sql=f"""SELECT $__timeInterval(time) AS t, quantilesExactInclusive(0.5, 0.95)(ttft_ms) AS q,
        round(q[1], 3) AS p50_ms, round(q[2], 3) AS p95_ms
 FROM {ledger("streamed AND ttft_ms IS NOT NULL", final=False)}
@@ -76,6 +81,7 @@ UPSTREAM_ERRORS = Panel(
     x="t",
     series="upstream_name",
     values=("errors",),
+    fields=(f.TIME, Field("upstream_name", "Upstream", Unit.TEXT), Field("errors", "Errors")),
     sql=f"""SELECT $__timeInterval(time) AS t, ifNull(upstream, 'unknown') AS upstream_name, count() AS errors
 FROM {ledger(UPSTREAM_ERROR, final=True)}
 GROUP BY t, upstream_name
@@ -91,6 +97,8 @@ PIPELINE_LAG = Panel(
     unit="s",
     x="t",
     values=("p50_lag_s", "p99_lag_s", "max_lag_s"),
+    fields=(f.TIME, Field("p50_lag_s", "Median lag", Unit.SECONDS), Field("p99_lag_s", "99th percentile lag", Unit.SECONDS),
+            Field("max_lag_s", "Longest lag", Unit.SECONDS)),
     sql=f"""SELECT $__timeInterval(time) AS t, quantilesExactInclusive(0.5, 0.99)({LAG_MS}) AS q,
        round(q[1] / 1000, 3) AS p50_lag_s, round(q[2] / 1000, 3) AS p99_lag_s, round(max({LAG_MS}) / 1000, 3) AS max_lag_s
 FROM {ledger(final=False)}
@@ -105,6 +113,7 @@ TRAFFIC = Panel(
     viz=Viz.STAT,
     unit="short",
     values=("events", "refused", "upstream_errors"),
+    fields=(Field("events", "Requests"), f.REFUSED, Field("upstream_errors", "Upstream errors")),
     sql=f"""SELECT sum(events) AS events, sum(refused) AS refused,
        (SELECT count() FROM {ledger(UPSTREAM_ERROR, final=True)}) AS upstream_errors
 FROM {usage()}""",

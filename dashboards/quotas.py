@@ -10,21 +10,27 @@ event id stored twice counts once.
 
 from __future__ import annotations
 
-from dashboards.billing import BUDGET, SPEND
-from dashboards.model import Dashboard, Panel, Viz
+from dashboards import fields as f
+from dashboards.billing import BUDGET, SPEND, percent_of
+from dashboards.model import Dashboard, Field, Panel, Unit, Viz
 from dashboards.sources import PERIOD_START, ledger, usage
 
-TOKEN_QUOTA = """toFloat64OrNull(if(mapContains(${customer_monthly_tokens}, customer),
-                                   ${customer_monthly_tokens}[customer], ${tier_monthly_tokens}[current_tier]))"""
+TOKEN_QUOTA = """toUInt64OrNull(if(mapContains(${customer_monthly_tokens}, customer),
+                                  ${customer_monthly_tokens}[customer], ${tier_monthly_tokens}[current_tier]))"""
 
-# Month-to-date use of each customer against its quotas (input + output tokens, spend).
+# Month-to-date use of each customer against its quotas (input + output tokens, spend);
+# percentages exact (Decimal), so a small share never reads 0.
 _PER_CUSTOMER = f"""SELECT customer, argMax(tier, time) AS current_tier,
        sum(input_tokens + output_tokens) AS mtd_tokens, {TOKEN_QUOTA} AS token_quota,
-       round(100 * mtd_tokens / token_quota, 2) AS token_quota_pct,
+       {percent_of("toDecimal128(mtd_tokens, 12)", "token_quota")} AS token_quota_pct,
        {SPEND} AS mtd_spend_usd, {BUDGET} AS budget_usd,
-       round(100 * mtd_spend_usd / budget_usd, 2) AS budget_used_pct
+       {percent_of("mtd_spend_usd", "budget_usd")} AS budget_used_pct
 FROM {usage(PERIOD_START, "$__toTime")}
 GROUP BY customer"""
+_PER_CUSTOMER_FIELDS = (f.CUSTOMER, f.CURRENT_TIER, f.PERIOD_TOKENS, f.TOKEN_QUOTA, f.TOKEN_QUOTA_USED, f.PERIOD_SPEND,
+                        f.BUDGET, f.BUDGET_USED)
+REASON = Field("refusal_reason", "Reason", Unit.TEXT)
+OUTCOME = Field("decision", "Outcome", Unit.TEXT)
 
 UTILISATION_PER_CUSTOMER = Panel(
     id=1,
@@ -34,6 +40,7 @@ UTILISATION_PER_CUSTOMER = Panel(
     viz=Viz.TABLE,
     unit="percent",
     width=24,
+    fields=_PER_CUSTOMER_FIELDS,
     sql=f"""{_PER_CUSTOMER}
 ORDER BY greatest(ifNull(token_quota_pct, 0), ifNull(budget_used_pct, 0)) DESC, customer""",
 )
@@ -47,11 +54,14 @@ UTILISATION_PER_TIER = Panel(
     unit="percent",
     x="tier",
     values=("token_quota_pct", "budget_used_pct"),
+    fields=(f.TIER, Field("customers", "Customers"), Field("tokens", "Tokens this period"),
+            Field("token_quotas", "Token quotas"), f.TOKEN_QUOTA_USED, Field("spend_usd", "Spend this period", Unit.USD),
+            Field("budgets_usd", "Budgets", Unit.USD), f.BUDGET_USED),
     sql=f"""SELECT current_tier AS tier, count() AS customers,
        sum(mtd_tokens) AS tokens, sum(token_quota) AS token_quotas,
-       round(100 * tokens / token_quotas, 2) AS token_quota_pct,
-       round(sum(mtd_spend_usd), 6) AS spend_usd, sum(budget_usd) AS budgets_usd,
-       round(100 * spend_usd / budgets_usd, 2) AS budget_used_pct
+       {percent_of("toDecimal128(tokens, 12)", "token_quotas")} AS token_quota_pct,
+       sum(mtd_spend_usd) AS spend_usd, sum(budget_usd) AS budgets_usd,
+       {percent_of("spend_usd", "budgets_usd")} AS budget_used_pct
 FROM ({_PER_CUSTOMER})
 GROUP BY tier
 ORDER BY tier""",
@@ -66,6 +76,7 @@ REFUSALS_BY_TIER_REASON = Panel(
     x="tier",
     series="refusal_reason",
     values=("refusals",),
+    fields=(f.TIER, REASON, Field("refusals", "Refusals")),
     sql=f"""SELECT tier, ifNull(reason, 'unknown') AS refusal_reason, count() AS refusals
 FROM {ledger("decision = 'refused'", final=True)}
 GROUP BY tier, refusal_reason
@@ -81,6 +92,7 @@ REFUSALS_OVER_TIME = Panel(
     x="t",
     series="refusal_reason",
     values=("refusals",),
+    fields=(f.TIME, REASON, Field("refusals", "Refusals")),
     sql=f"""SELECT $__timeInterval(time) AS t, ifNull(reason, 'unknown') AS refusal_reason, count() AS refusals
 FROM {ledger("decision = 'refused'", final=True)}
 GROUP BY t, refusal_reason
@@ -97,6 +109,7 @@ FALLBACKS = Panel(
     x="t",
     series="model",
     values=("fallbacks",),
+    fields=(f.TIME, f.MODEL, Field("fallbacks", "Fallbacks")),
     sql=f"""SELECT $__timeInterval(time) AS t, model, count() AS fallbacks
 FROM {ledger("reason = 'fallback'", final=True)}
 GROUP BY t, model
@@ -113,6 +126,7 @@ QUEUED = Panel(
     x="t",
     series="decision",
     values=("queued",),
+    fields=(f.TIME, OUTCOME, Field("queued", "Queued requests")),
     sql=f"""SELECT $__timeInterval(time) AS t, decision, count() AS queued
 FROM {ledger("reason = 'queued'", final=True)}
 GROUP BY t, decision

@@ -4,8 +4,9 @@ in the browser with plotly.js, served from the installed ``plotly`` wheel
 (never a CDN).
 
     GET /                              → /dashboard/billing
-    GET /dashboard/{billing|quotas|operations}?from=now-7d&to=now&customer=a&customer=b&tier=…&model=…
-    GET /api/dashboard/{name}?…        the same data as JSON
+    GET /dashboard/{billing|quotas|operations}?from=now-7d&to=now&customer=a&customer=b&tier=…&model=…&api_key=…
+    GET /api/dashboard/{name}?…        the same data as JSON (money and percentages as exact decimal text)
+    GET /dashboard/{name}/{panel}.csv?…  one panel's rows as CSV, exact values (``csv_export``)
     GET /static/plotly.min.js
     GET /healthz
 
@@ -31,9 +32,11 @@ from typing import Any
 from aiohttp import web
 
 from dashboards.catalog import DASHBOARDS, config_constants, dashboard
+from dashboards.csv_export import panel_csv
+from dashboards.display import display
 from dashboards.macros import ALL, MacroError, TimeRange, Variables, expand, parse_time
-from dashboards.model import Dashboard
-from dashboards.query import QueryRunner, ledger_runner
+from dashboards.model import Dashboard, Panel
+from dashboards.query import QueryRunner, ledger_runner, run_panel
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
 from quotameter.service_auth import TokenGate, require_token_off_loopback
@@ -69,55 +72,92 @@ class DashboardApp:
         # One query thread: chDB and urllib block, and one page's queries share one runner.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dashboard-query")
 
-    def gather(self, board: Dashboard, query: Any) -> dict[str, Any]:
-        """Run every panel of ``board`` for the request's range and variables (blocking)."""
+    def _time_range(self, board: Dashboard, query: Any) -> TimeRange:
         now = self.clock()
         start = parse_time(query.get("from", board.time_from), now)
         end = parse_time(query.get("to", board.time_to), now)
-        time_range = TimeRange(start, end)
+        return TimeRange(start, end)
+
+    def _variables(self, runner: QueryRunner, board: Dashboard, time_range: TimeRange,
+                   query: Any) -> tuple[Variables, dict[str, list[str]]]:
         selected = {v.name: _selection(query, v.name) for v in board.variables}
         base = Variables(constants=self.constants)
         options: dict[str, list[str]] = {}
+        for variable in board.variables:
+            try:
+                rows = runner.rows(expand(variable.sql, time_range, base))
+                options[variable.name] = [str(next(iter(r.values()))) for r in rows]
+            except QuotameterError:
+                options[variable.name] = []
+        return Variables(selected=selected, options=options, constants=self.constants), options
+
+    def gather(self, board: Dashboard, query: Any) -> dict[str, Any]:
+        """Run every panel of ``board`` for the request's range and variables (blocking)."""
+        time_range = self._time_range(board, query)
         panels: list[dict[str, Any]] = []
         with self.runner_factory() as runner:
-            for variable in board.variables:
-                try:
-                    rows = runner.rows(expand(variable.sql, time_range, base))
-                    options[variable.name] = [str(next(iter(r.values()))) for r in rows]
-                except QuotameterError:
-                    options[variable.name] = []
-            variables = Variables(selected=selected, options=options, constants=self.constants)
+            variables, options = self._variables(runner, board, time_range, query)
             for panel in board.panels:
                 entry: dict[str, Any] = {
                     "key": panel.key, "id": panel.id, "title": panel.title, "description": panel.description,
                     "viz": str(panel.viz), "unit": panel.unit, "x": panel.x, "series": panel.series,
                     "values": list(panel.values), "width": panel.width, "rows": [], "error": None,
+                    "fields": [{"name": f.name, "label": f.label, "unit": str(f.unit)} for f in panel.fields],
+                    "display": [],
                 }
                 try:
-                    entry["rows"] = runner.rows(expand(panel.sql, time_range, variables))
+                    entry["rows"] = run_panel(runner, panel, time_range, variables)
                 except QuotameterError as exc:
                     entry["error"] = str(exc)
+                entry["display"] = [[display(row.get(f.name), f) for f in panel.fields] for row in entry["rows"]]
                 panels.append(entry)
             source = getattr(runner, "source", "ledger")
         return {
             "dashboard": {"uid": board.uid, "title": board.title, "description": board.description},
-            "from": start.isoformat(), "to": end.isoformat(), "interval_s": time_range.effective_interval_s,
-            "selected": selected, "options": options, "source": source, "panels": panels,
+            "from": time_range.start.isoformat(), "to": time_range.end.isoformat(),
+            "interval_s": time_range.effective_interval_s, "selected": dict(variables.selected),
+            "options": options, "source": source, "panels": panels,
         }
 
-    async def _gather(self, request: web.Request) -> tuple[Dashboard, dict[str, Any]]:
+    def panel_rows(self, board: Dashboard, panel: Panel, query: Any) -> list[dict[str, Any]]:
+        """One panel's rows for the request's range and variables (blocking): what its CSV holds."""
+        time_range = self._time_range(board, query)
+        with self.runner_factory() as runner:
+            variables, _ = self._variables(runner, board, time_range, query)
+            return run_panel(runner, panel, time_range, variables)
+
+    @staticmethod
+    def _board(request: web.Request) -> Dashboard:
         try:
-            board = dashboard(request.match_info["name"])
+            return dashboard(request.match_info["name"])
         except KeyError:
             names = ", ".join(d.uid.removeprefix("quotameter-") for d in DASHBOARDS)
             raise web.HTTPNotFound(text=f"no dashboard {request.match_info['name']!r}; try one of: {names}") from None
+
+    async def _run(self, work: Callable[..., Any], *args: Any) -> Any:
         try:
-            data = await asyncio.get_running_loop().run_in_executor(self.executor, self.gather, board, request.query)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
         except MacroError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
         except QuotameterError as exc:
             raise web.HTTPServiceUnavailable(text=str(exc)) from None
-        return board, data
+
+    async def _gather(self, request: web.Request) -> tuple[Dashboard, dict[str, Any]]:
+        board = self._board(request)
+        return board, await self._run(self.gather, board, request.query)
+
+    async def csv(self, request: web.Request) -> web.Response:
+        board = self._board(request)
+        try:
+            panel = board.panel(request.match_info["panel"])
+        except KeyError:
+            keys = ", ".join(p.key for p in board.panels)
+            raise web.HTTPNotFound(text=f"no panel {request.match_info['panel']!r}; try one of: {keys}") from None
+        rows = await self._run(self.panel_rows, board, panel, request.query)
+        name = f"{board.uid.removeprefix('quotameter-')}-{panel.key}.csv"
+        # A BOM, so a spreadsheet reads the file as UTF-8 (customer ids are any text).
+        return web.Response(body=("\ufeff" + panel_csv(panel, rows)).encode(), headers={
+            "Content-Type": "text/csv; charset=utf-8", "Content-Disposition": f'attachment; filename="{name}"'})
 
     async def page(self, request: web.Request) -> web.Response:
         board, data = await self._gather(request)
@@ -194,6 +234,7 @@ def make_app(config: Config, runner_factory: RunnerFactory | None = None, clock:
         web.get("/", handler.root),
         web.get("/dashboard", handler.root),
         web.get("/dashboard/{name}", handler.page),
+        web.get("/dashboard/{name}/{panel}.csv", handler.csv),
         web.get("/api/dashboard/{name}", handler.api),
         web.get("/static/plotly.min.js", handler.plotly),
         web.get("/healthz", handler.health),

@@ -43,19 +43,14 @@ request of a month would cost more than the whole panel does.
 
 from __future__ import annotations
 
+from dashboards.filters import MODEL, ledger_filters, ledger_only_selected, rollup_filters
 from pipeline.history.schema import DATABASE, EVENTS
 
-# The model served, else the one requested (the rollups' ``model``).
-MODEL = "coalesce(model_served, model_requested, '')"
-
-# The template-variable filter every panel applies ("All" drops the condition).
-FILTERS = """$__conditionalAll(customer IN (${customer}), $customer)
-  AND $__conditionalAll(tier IN (${tier}), $tier)
-  AND $__conditionalAll(model IN (${model}), $model)"""
-
-# The same on the ledger's own columns (usable in PREWHERE, before any alias exists).
-LEDGER_FILTERS = FILTERS.replace("model IN", f"{MODEL} IN")
-
+# The template-variable filters every panel applies ("All" drops a condition).
+FILTERS = rollup_filters()
+LEDGER_FILTERS = ledger_filters()
+# A filter the rollups cannot apply (an API key…) is selected: usage() reads the ledger alone.
+LEDGER_ONLY = ledger_only_selected()
 
 
 # The billing period holding the end of the time range, as
@@ -88,7 +83,10 @@ def usage(start: str = "$__fromTime", end: str = "$__toTime", *, step: str | Non
     """Usage rows of the events with ``start <= time <= end`` (whole-second DateTime
     expressions): daily and hourly rollups for the whole buckets, the ledger for
     the rest. ``step``: the points' interval in seconds (a timeseries);
-    ``filters=False`` leaves the template variables out (a variable's own query)."""
+    ``filters=False`` leaves the template variables out (a variable's own query).
+    While a filter the rollups lack is selected, the rollups and the partial
+    hours read nothing, and the whole range is read from the ledger, ``FINAL``
+    (a retried batch must not count twice there: no rebuilt rollup stands in)."""
     where = f" AND {FILTERS}" if filters else ""
     ledger_where = f" AND {LEDGER_FILTERS}" if filters else ""
     hourly_ok = f" AND {step} % 3600 = 0" if step else ""
@@ -97,6 +95,16 @@ def usage(start: str = "$__fromTime", end: str = "$__toTime", *, step: str | Non
     hour_from, hour_to = f"toStartOfHour({start} + 3599, 'UTC')", f"toStartOfHour({end}, 'UTC')"
     day_from, day_to = f"toStartOfDay({start} + 86399, 'UTC')", f"toStartOfDay({end}, 'UTC')"
     in_hours = f"time >= {hour_from} AND time < {hour_to}{hourly_ok}"
+    ledger_rows = f"""SELECT time, customer, tier, {MODEL} AS model,
+           toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
+           input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events"""
+    # Constant-false when no such filter is selected: the engine reads no part for it.
+    whole_range = f"""
+    UNION ALL
+    {ledger_rows}
+    FROM {EVENTS} FINAL
+    PREWHERE time >= {start} AND time <= {end} AND ({LEDGER_ONLY}){ledger_where}""" if filters else ""
+    partial_hours = f"NOT ({in_hours}) AND NOT ({LEDGER_ONLY})" if filters else f"NOT ({in_hours})"
     return f"""(
     SELECT toDateTime64(day, 3, 'UTC') AS time, {_USAGE_COLUMNS}
     FROM {DATABASE}.usage_daily_store
@@ -107,11 +115,9 @@ def usage(start: str = "$__fromTime", end: str = "$__toTime", *, step: str | Non
     WHERE hour >= {hour_from} AND hour < {hour_to}{hourly_ok}
       AND NOT (hour >= {day_from} AND hour < {day_to}{daily_ok}){where}
     UNION ALL
-    SELECT time, customer, tier, {MODEL} AS model,
-           toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
-           input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events
+    {ledger_rows}
     FROM {EVENTS}
-    PREWHERE time >= {start} AND time <= {end} AND NOT ({in_hours}){ledger_where}
+    PREWHERE time >= {start} AND time <= {end} AND {partial_hours}{ledger_where}{whole_range}
 )"""
 
 
@@ -130,7 +136,7 @@ def ledger(condition: str = "1", *, final: bool) -> str:
 # The usage of every event in the range straight from the deduplicated ledger:
 # what usage() must equal (the tests and the benchmark compare against it).
 USAGE_LEDGER = f"""(
-    SELECT time, customer, tier, {MODEL} AS model,
+    SELECT time, customer, tier, {MODEL} AS model, api_key_id,
            toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
            input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events
     FROM {EVENTS} FINAL

@@ -23,13 +23,16 @@ RANGE_FROM = datetime(2025, 3, 1, tzinfo=UTC)
 RANGE_TO = datetime(2025, 3, 11, tzinfo=UTC)
 JANUARY_FROM = datetime(2025, 1, 1, tzinfo=UTC)
 JANUARY_TO = datetime(2025, 2, 1, tzinfo=UTC)
-CONFIG_OVERRIDES = {"customers": {"beta": {"monthly_budget_usd": "1.90"}}}
+APRIL_FROM = datetime(2025, 4, 1, tzinfo=UTC)
+APRIL_TO = datetime(2025, 4, 11, tzinfo=UTC)
+CONFIG_OVERRIDES = {"customers": {"beta": {"monthly_budget_usd": "1.90"}, "delta": {"monthly_budget_usd": "0.10"}}}
 
 
 def _row(n: int, customer: str, tier: str, when: str, *, decision: str = "admitted", reason: str | None = None,
          requested: str | None = None, served: str | None = None, tokens: tuple[int, int] = (0, 0),
          cost: str = "0", latency_ms: float = 0.0, ttft_ms: float | None = None, status: int = 200,
-         lag_s: float = 1.0, upstream: str | None = "mock") -> dict[str, Any]:
+         lag_s: float = 1.0, upstream: str | None = "mock", end_user: str = "", project: str = "",
+         tags: dict[str, str] | None = None) -> dict[str, Any]:
     time = datetime.fromisoformat(when).replace(tzinfo=UTC)
     return {
         "id": f"evt-{n:03d}", "time": time.strftime("%Y-%m-%d %H:%M:%S.000"), "customer": customer,
@@ -41,6 +44,7 @@ def _row(n: int, customer: str, tier: str, when: str, *, decision: str = "admitt
         "usage_source": "upstream" if served else "none", "streamed": ttft_ms is not None, "latency_ms": latency_ms,
         "ttft_ms": ttft_ms, "request_bytes": 100, "response_bytes": 200, "source": "shim-test",
         "ingested_at": (time + timedelta(seconds=lag_s)).strftime("%Y-%m-%d %H:%M:%S.000"),
+        "end_user": end_user, "project": project, "tags": tags or {},
     }
 
 
@@ -86,9 +90,30 @@ JANUARY = [
 ]
 JANUARY_MONTH = 202501
 
+# April: what a spreadsheet and a person must read right. delta spent $0.0000216 of a
+# $0.10 budget (0.0216 %, through one API key); the other customer ids are text a
+# spreadsheet would run as formulas, or that CSV must quote; one amount has all 12
+# decimals the ledger keeps (a binary float would round it). Two carry attribution
+# (end user, project, tags).
+HOSTILE_CUSTOMERS = ('=SUM(1,2)', '+cmd "quoted", x', '@evil\nline', '-2+3', 'plain, with comma')
+APRIL = [
+    _row(20, "delta", "pro", "2025-04-02 10:00:00", served="gpt-4o-mini", tokens=(100, 6), cost="0.0000216",
+         latency_ms=80, end_user="user-7", project="checkout", tags={"team": "payments", "env": "prod"}),
+    _row(21, HOSTILE_CUSTOMERS[0], "free", "2025-04-03 10:00:00", served="mock-small", tokens=(10, 10),
+         cost="1.005", latency_ms=80),
+    _row(22, HOSTILE_CUSTOMERS[1], "free", "2025-04-03 11:00:00", served="mock-small", tokens=(10, 10),
+         cost="2.5", latency_ms=80, project="checkout", tags={"team": "search"}),
+    _row(23, HOSTILE_CUSTOMERS[2], "free", "2025-04-04 09:00:00", served="mock-small", tokens=(10, 10),
+         cost="0.333333333333", latency_ms=80),
+    _row(24, HOSTILE_CUSTOMERS[3], "free", "2025-04-04 10:00:00", decision="refused", reason="quota_tokens",
+         requested="mock-small", status=429, latency_ms=1),
+    _row(25, HOSTILE_CUSTOMERS[4], "enterprise", "2025-04-05 12:00:00", served="gpt-4o", tokens=(10, 10),
+         cost="98765432.123456789012", latency_ms=80),
+]
+
 
 def seed(path: Path) -> None:
-    """Create the ledger in a new chDB directory at ``path``: March and February
+    """Create the ledger in a new chDB directory at ``path``: March, February and April
     in one batch, January's batch twice, then January's rollups rebuilt."""
     from chdb.session import Session
 
@@ -96,7 +121,7 @@ def seed(path: Path) -> None:
     try:
         for statement in schema.DDL:
             session.query(statement)
-        for batch in (ROWS, JANUARY, JANUARY):
+        for batch in (ROWS + APRIL, JANUARY, JANUARY):
             session.query(schema.INSERT_EVENTS + "\n".join(json.dumps(r) for r in batch))
         for statement in schema.rollup_rebuild(JANUARY_MONTH):
             session.query(statement)

@@ -32,6 +32,7 @@ import redis
 
 from dashboards.catalog import DASHBOARDS, config_constants
 from dashboards.macros import TimeRange, Variables, expand
+from dashboards.query import exact_decimals
 from gateway_shim.keystore import revoke_key
 from pipeline.history import schema
 from pipeline.history.chdb_store import ChdbHistory
@@ -208,6 +209,10 @@ def test_the_guard_passes_the_products_own_queries_and_the_session_is_read_only(
         time_range = TimeRange(now - timedelta(days=7), now, interval_s=3600)
         variables = Variables(constants=config_constants(config))
         sqls = [expand(item.sql, time_range, variables) for board in DASHBOARDS for item in (*board.variables, *board.panels)]
+        # As the built-in page sends them: filters the rollups lack selected (the ledger alone), money as text.
+        one_key = Variables(selected={"api_key": ["key-1"], "end_user": ["u"], "project": ["p"], "tag": ["team=a"]},
+                            constants=config_constants(config))
+        sqls += [exact_decimals(p, expand(p.sql, time_range, one_key)) for board in DASHBOARDS for p in board.panels]
         start, end = config.billing.calendar.bounds(PERIOD)
         for name, function in inspect.getmembers(export_sql, inspect.isfunction):
             if name in ("customer_totals", "lines"):

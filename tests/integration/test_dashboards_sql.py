@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from dashboards.sources import PERIOD_END, PERIOD_START, USAGE_LEDGER
 from pipeline.history.schema import EVENTS
 from quotameter.config import DEFAULT_CONFIG, parse_config
 from quotameter.periods import BillingCalendar
-from tests.integration.dashboard_seed import (CONFIG_OVERRIDES, JANUARY_FROM, JANUARY_TO, RANGE_FROM, RANGE_TO,
-                                              seed)
+from tests.integration.dashboard_seed import (APRIL_FROM, APRIL_TO, CONFIG_OVERRIDES, JANUARY_FROM, JANUARY_TO,
+                                              RANGE_FROM, RANGE_TO, seed)
 
 DAY = TimeRange(RANGE_FROM, RANGE_TO, interval_s=86400)
 JANUARY = TimeRange(JANUARY_FROM, JANUARY_TO, interval_s=86400)
@@ -58,7 +59,7 @@ PANELS = [(d, p) for d in DASHBOARDS for p in d.panels]
 def test_every_panel_is_in_the_parametrized_run() -> None:
     assert [f"{d.uid.removeprefix('quotameter-')}.{p.key}" for d, p in PANELS] == [
         "billing.total_spend", "billing.total_requests", "billing.spend_per_customer", "billing.spend_per_model",
-        "billing.mtd_vs_budget", "billing.forecast", "billing.top_customers",
+        "billing.mtd_vs_budget", "billing.forecast", "billing.top_customers", "billing.spend_over_time",
         "quotas.utilisation_per_customer", "quotas.utilisation_per_tier", "quotas.refusals_by_tier_reason",
         "quotas.refusals_over_time", "quotas.fallbacks", "quotas.queued",
         "operations.traffic", "operations.requests_per_s", "operations.latency", "operations.ttft",
@@ -73,25 +74,47 @@ def test_every_panel_runs(runner: ChdbRunner, constants: dict[str, str], panel: 
     assert result, f"{board.uid}.{definition.key} returned no rows over the seeded ledger"
     for column in (*definition.values, *([definition.x] if definition.viz in ("timeseries", "bar") else [])):
         assert column in result[0], f"{definition.key}: no column {column!r} in {list(result[0])}"
+    # Every column a person sees has a label; a table or stat shows all its columns, a chart may compute more.
+    labelled = [f.name for f in definition.fields]
+    if definition.viz in ("table", "stat"):
+        assert list(result[0]) == labelled, f"{definition.key}: columns {list(result[0])} labelled {labelled}"
+    else:
+        assert set(labelled) <= set(result[0]), f"{definition.key}: labels for {labelled}, columns {list(result[0])}"
+    for field in definition.fields:
+        assert field.label != field.name and "_" not in field.label, f"{definition.key}.{field.name}: {field.label!r}"
 
 
 def test_billing_figures(runner: ChdbRunner, constants: dict[str, str]) -> None:
     # Event 10 is last month and January is before the range: the range keeps both out.
     assert rows(runner, constants, "billing.total_spend") == [{"spend_usd": 0.0338}]
     assert rows(runner, constants, "billing.total_requests") == [{"requests": 6, "refused": 3}]
-    per_customer = rows(runner, constants, "billing.spend_per_customer")
+    assert rows(runner, constants, "billing.spend_per_customer") == [
+        {"customer_series": "acme", "spend_usd": 0.0225}, {"customer_series": "beta", "spend_usd": 0.0095},
+        {"customer_series": "cito", "spend_usd": 0.0018}]
+    # Past the top customers, the rest are one bar, drawn last.
+    top_two = dashboard("billing").panel("spend_per_customer").sql.replace("LIMIT 10", "LIMIT 2")
+    assert runner.rows(expand(top_two, DAY, Variables(constants=constants))) == [
+        {"customer_series": "acme", "spend_usd": 0.0225}, {"customer_series": "beta", "spend_usd": 0.0095},
+        {"customer_series": "(all others)", "spend_usd": 0.0018}]
+    assert rows(runner, constants, "billing.spend_per_model") == [
+        {"model": "gpt-4o", "spend_usd": 0.0225}, {"model": "mock-small", "spend_usd": 0.0095},
+        {"model": "gpt-4o-mini", "spend_usd": 0.0018}]
+    over_time = rows(runner, constants, "billing.spend_over_time")
     spend: dict[str, float] = {}
-    for row in per_customer:
+    for row in over_time:
         spend[row["customer_series"]] = round(spend.get(row["customer_series"], 0) + row["spend_usd"], 6)
     assert spend == {"acme": 0.0225, "beta": 0.0095, "cito": 0.0018}
-    assert {r["t"] for r in per_customer if r["customer_series"] == "acme"} == {"2025-03-02 00:00:00", "2025-03-05 00:00:00"}
+    assert {r["t"] for r in over_time if r["customer_series"] == "acme"} == {"2025-03-02 00:00:00", "2025-03-05 00:00:00"}
 
     budget = by(rows(runner, constants, "billing.mtd_vs_budget"), "customer")
+    # 0.0225 of 500 is 0.0045 %: a percentage rounded to two places in SQL read 0 here.
     assert budget["acme"] | {} == {"customer": "acme", "current_tier": "pro", "mtd_spend_usd": 0.0225,
-                                   "budget_usd": 500, "budget_used_pct": 0}
+                                   "budget_usd": 500, "budget_used_pct": 0.0045}
     assert (budget["beta"]["budget_usd"], budget["beta"]["budget_used_pct"]) == (1.9, 0.5)  # the customer override
+    assert budget["cito"]["budget_used_pct"] == 0.0000036  # 0.0018 of 50000
     forecast = by(rows(runner, constants, "billing.forecast"), "customer")
     assert forecast["acme"]["forecast_usd"] == 0.06975  # 10 of March's 31 days gone: x 3.1
+    assert forecast["acme"]["forecast_budget_pct"] == 0.01395
     assert forecast["beta"]["forecast_budget_pct"] == 1.55
     top = rows(runner, constants, "billing.top_customers")
     assert [r["customer"] for r in top] == ["acme", "beta", "cito"]
@@ -128,6 +151,46 @@ def test_template_variables_filter(runner: ChdbRunner, constants: dict[str, str]
     assert rows(runner, constants, "billing.total_spend", tier=["pro"]) == [{"spend_usd": 0.0225}]
     assert rows(runner, constants, "billing.total_spend", model=["mock-small"]) == [{"spend_usd": 0.0095}]
     assert rows(runner, constants, "billing.total_spend", customer=["x') OR ('1'='1"]) == [{"spend_usd": 0}]
+    # The rollups have no API key: selecting one reads the range from the ledger alone.
+    assert rows(runner, constants, "billing.total_spend", api_key=["key-beta"]) == [{"spend_usd": 0.0095}]
+    assert rows(runner, constants, "billing.total_requests", api_key=["key-acme", "key-cito"]) == [
+        {"requests": 4, "refused": 2}]
+    assert rows(runner, constants, "quotas.refusals_by_tier_reason", api_key=["key-cito"]) == [
+        {"tier": "enterprise", "refusal_reason": "queued", "refusals": 1}]
+    assert rows(runner, constants, "billing.total_spend", api_key=["key-beta"], customer=["acme"]) == [{"spend_usd": 0}]
+
+
+def test_attribution_filters(runner: ChdbRunner, constants: dict[str, str]) -> None:
+    # April: delta's request by end user user-7, project checkout, tags team=payments and env=prod;
+    # '+cmd…' in project checkout with team=search.
+    april = TimeRange(APRIL_FROM, APRIL_TO, interval_s=86400)
+    from dashboards.catalog import VARIABLES
+
+    options = {v.name: [next(iter(r.values())) for r in runner.rows(expand(v.sql, april, Variables(constants=constants)))]
+               for v in VARIABLES if v.name in ("end_user", "project", "tag")}
+    assert options == {"end_user": ["user-7"], "project": ["checkout"], "tag": ["env=prod", "team=payments", "team=search"]}
+
+    def spend(**selected: list[str]) -> object:
+        return rows(runner, constants, "billing.total_spend", april, **selected)[0]["spend_usd"]
+
+    assert spend(end_user=["user-7"]) == 0.0000216
+    assert spend(project=["checkout"]) == 2.5000216
+    assert spend(tag=["team=payments"]) == 0.0000216
+    assert spend(tag=["team=search", "env=prod"]) == 2.5000216  # any selected tag
+    assert spend(tag=["team=nobody"]) == 0
+    assert spend(project=["checkout"], tag=["team=search"]) == 2.5
+    assert [r["customer"] for r in rows(runner, constants, "billing.mtd_vs_budget", april, project=["checkout"])] == [
+        '+cmd "quoted", x', "delta"]
+
+
+def test_a_small_share_of_a_budget_is_not_zero(runner: ChdbRunner, constants: dict[str, str]) -> None:
+    # delta: $0.0000216 spent of a $0.10 budget, exactly 0.0216 %.
+    april = TimeRange(APRIL_FROM, APRIL_TO, interval_s=86400)
+    budget = by(rows(runner, constants, "billing.mtd_vs_budget", april, api_key=["key-delta"]), "customer")
+    assert budget == {"delta": {"customer": "delta", "current_tier": "pro", "mtd_spend_usd": 0.0000216,
+                                "budget_usd": 0.1, "budget_used_pct": 0.0216}}
+    util = by(rows(runner, constants, "quotas.utilisation_per_customer", april), "customer")
+    assert (util["delta"]["budget_used_pct"], util["delta"]["token_quota_pct"]) == (0.0216, 0.000212)  # 106 of 50M
 
 
 def test_a_batch_written_twice_is_counted_once(runner: ChdbRunner, constants: dict[str, str]) -> None:
@@ -179,7 +242,10 @@ def test_usage_panels_equal_the_deduplicated_ledger(runner: ChdbRunner, constant
     assert rows(runner, constants, "billing.total_requests", time_range) == ledger(
         f"SELECT sum(requests) AS requests, sum(refused) AS refused {in_range}")
     assert rows(runner, constants, "billing.spend_per_model", time_range) == ledger(
-        f"SELECT $__timeInterval(time) AS t, model, {SPEND} AS spend_usd {in_range} GROUP BY t, model ORDER BY t, model")
+        f"SELECT model, {SPEND} AS spend_usd {in_range} AND model != '' GROUP BY model ORDER BY spend_usd DESC, model")
+    assert rows(runner, constants, "billing.spend_over_time", time_range) == ledger(  # fewer than 10 customers
+        f"SELECT $__timeInterval(time) AS t, customer AS customer_series, {SPEND} AS spend_usd {in_range} "
+        "GROUP BY t, customer_series ORDER BY t, customer_series")
     top = rows(runner, constants, "billing.top_customers", time_range)
     assert [(r["customer"], r["requests"], r["refused"], r["input_tokens"], r["spend_usd"]) for r in top] == [
         (r["customer"], r["requests"], r["refused"], r["input_tokens"], r["spend_usd"]) for r in ledger(
@@ -190,6 +256,13 @@ def test_usage_panels_equal_the_deduplicated_ledger(runner: ChdbRunner, constant
         "AND time <= $__toTime GROUP BY customer ORDER BY mtd_spend_usd DESC, customer")
     assert [{k: r[k] for k in ("customer", "mtd_spend_usd")} for r in
             rows(runner, constants, "billing.mtd_vs_budget", time_range)] == month_to_date
+    # An API key selected: the same totals from the ledger alone, wherever the range's ends fall.
+    keys = ["key-acme", "key-beta"]
+    by_key = f"{in_range} AND api_key_id IN ('key-acme', 'key-beta')"
+    assert rows(runner, constants, "billing.total_spend", time_range, api_key=keys) == ledger(
+        f"SELECT {SPEND} AS spend_usd {by_key}")
+    assert rows(runner, constants, "billing.spend_per_model", time_range, api_key=keys) == ledger(
+        f"SELECT model, {SPEND} AS spend_usd {by_key} AND model != '' GROUP BY model ORDER BY spend_usd DESC, model")
     rps = {(r["t"], r["decision"]): r["requests_per_s"] for r in
            rows(runner, constants, "operations.requests_per_s", time_range)}
     assert rps == {(r["t"], r["decision"]): round(r["n"] / interval_s, 6) for r in ledger(
@@ -203,7 +276,8 @@ def test_variable_options_are_what_was_used_in_the_range(runner: ChdbRunner, con
     options = {v.name: [next(iter(r.values())) for r in runner.rows(expand(v.sql, DAY, Variables(constants=constants)))]
                for v in VARIABLES}
     assert options == {"customer": ["acme", "beta", "cito"], "tier": ["enterprise", "free", "pro"],
-                       "model": ["gpt-4o", "gpt-4o-mini", "mock-small"]}
+                       "model": ["gpt-4o", "gpt-4o-mini", "mock-small"], "api_key": ["key-acme", "key-beta", "key-cito"],
+                       "end_user": [], "project": [], "tag": []}  # March has no attribution
 
 
 # -- the billing period in SQL: the same calendar as quotameter.periods -------------------------------
@@ -256,12 +330,13 @@ def test_period_to_date_panels_follow_the_calendar(runner: ChdbRunner, zone: str
         f"SELECT customer, toString(sum(cost_usd)) AS spend FROM {EVENTS} FINAL"
         f" WHERE time >= fromUnixTimestamp64Milli({int(start.timestamp()) * 1000}, 'UTC')"
         f" AND time <= fromUnixTimestamp64Milli({int(range_to.timestamp()) * 1000}, 'UTC') GROUP BY customer")
-    spend = {r["customer"]: round(float(r["spend"]), 6) for r in expected}
+    exact = {r["customer"]: Decimal(r["spend"]) for r in expected}
+    spend = {c: float(s) for c, s in exact.items()}
     budget = by(rows(runner, constants, "billing.mtd_vs_budget", time_range), "customer")
     assert {c: r["mtd_spend_usd"] for c, r in budget.items()} == spend
-    elapsed = (range_to - start).total_seconds()
+    elapsed_s, period_s = int((range_to - start).total_seconds()), int((end - start).total_seconds())
     forecast = by(rows(runner, constants, "billing.forecast", time_range), "customer")
-    assert {c: r["forecast_usd"] for c, r in forecast.items()} == {
-        c: round(s * (end - start).total_seconds() / elapsed, 6) for c, s in spend.items()}
+    assert {c: r["forecast_usd"] for c, r in forecast.items()} == {  # Decimal(38, 12) division truncates
+        c: float((s * period_s / elapsed_s).quantize(Decimal("1e-12"), ROUND_DOWN)) for c, s in exact.items()}
     util = by(rows(runner, constants, "quotas.utilisation_per_customer", time_range), "customer")
     assert {c: r["mtd_spend_usd"] for c, r in util.items()} == spend

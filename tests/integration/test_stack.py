@@ -63,6 +63,12 @@ def test_make_run_meters_a_request_stops_cleanly_and_keeps_history(tmp_path):
         dashboard = stack.wait_for(r"^dashboards: (http://\S+/dashboard)").group(1)
         with urllib.request.urlopen(dashboard + "/billing", timeout=30) as page:
             assert page.status == 200 and b"plotly.min.js" in page.read()
+        # The same page's data, read through the worker's guarded /query: every panel answers, with the tokens served.
+        with urllib.request.urlopen(dashboard.replace("/dashboard", "/api/dashboard") + "/billing", timeout=30) as api:
+            panels = {p["key"]: p for p in json.loads(api.read())["panels"]}
+        assert {k: p["error"] for k, p in panels.items() if p["error"]} == {}
+        (top,) = [r for r in panels["top_customers"]["rows"] if r["customer"] == "demo-pro"]
+        assert (top["input_tokens"], top["output_tokens"]) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
         # 3 + "user" 1 + "Hello there" 2 + 3 prompt tokens (o200k_base); the mock's default 16 out.
         assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (9, 16)
         assert (first["ledger"]["input_tokens"], first["ledger"]["output_tokens"]) == ("9", "16")

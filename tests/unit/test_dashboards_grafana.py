@@ -48,7 +48,7 @@ def test_every_target_uses_the_clickhouse_query_model() -> None:
 def test_template_variables_and_config_constants() -> None:
     document = _built()["quotameter-billing"]
     variables = {v["name"]: v for v in document["templating"]["list"]}
-    for name in ("customer", "tier", "model"):
+    for name in ("customer", "tier", "model", "api_key", "end_user", "project", "tag"):
         assert variables[name]["type"] == "query"
         assert variables[name]["multi"] and variables[name]["includeAll"]
         assert variables[name]["current"]["value"] == "$__all"
@@ -58,6 +58,29 @@ def test_template_variables_and_config_constants() -> None:
     assert "'pro', '500'" in variables["tier_budget_usd"]["query"]
     panel_sql = " ".join(p["targets"][0]["rawSql"] for p in document["panels"])
     assert "$__conditionalAll(customer IN (${customer}), $customer)" in panel_sql
+
+
+def test_every_column_is_shown_by_its_label() -> None:
+    # The same Field definitions the built-in page reads, as Grafana field overrides.
+    built = _built()
+    for board in DASHBOARDS:
+        drawn = {p["id"]: p for p in built[board.uid]["panels"]}
+        for panel in board.panels:
+            overrides = {o["matcher"]["options"]: {q["id"]: q["value"] for q in o["properties"]}
+                         for o in drawn[panel.id]["fieldConfig"]["overrides"]}
+            assert list(overrides) == [f.name for f in panel.fields], panel.key
+            for field in panel.fields:
+                # a long series panel names each line by its series (a customer), not by the value's label
+                label = f"${{__field.labels.{panel.series}}}" if panel.series and field.name in panel.values else field.label
+                assert overrides[field.name]["displayName"] == label, (panel.key, field.name)
+    billing = {p["title"]: p for p in built["quotameter-billing"]["panels"]}
+    budget = {o["matcher"]["options"]: o["properties"] for o in billing["Period to date against budget"]["fieldConfig"]["overrides"]}
+    assert {"id": "unit", "value": "percent"} in budget["budget_used_pct"]  # a share, in a table of dollars
+    per_customer = billing["Spend per customer"]
+    assert per_customer["type"] == "barchart" and per_customer["options"]["xField"] == "customer_series"
+    assert per_customer["fieldConfig"]["defaults"]["custom"]["axisSoftMin"] == 0
+    assert per_customer["fieldConfig"]["defaults"]["custom"]["axisLabel"] == "Spend"
+    assert billing["Spend per model"]["type"] == "barchart"
 
 
 def test_customer_overrides_reach_the_constants() -> None:
