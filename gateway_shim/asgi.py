@@ -103,7 +103,8 @@ class _Relay:
     async def run(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         exchange = self.exchange
         try:
-            forward = await exchange.admit(await _read_body(receive, headers, self.config, exchange.route.name))
+            raw = await _read_body(receive, headers, self.config, exchange.route.name)
+            forward = await exchange.admit(raw, headers)
         except Exception as exc:
             await self._refused(send, exc)
             return

@@ -109,7 +109,7 @@ class QuotameterCallback(CustomLogger):
         except ShimError as exc:
             raise _http_error(error_answer(exc)) from None
         try:
-            forward = await exchange.admit(json.dumps(_client_body(data), default=str).encode())
+            forward = await exchange.admit(json.dumps(_client_body(data), default=str).encode(), _client_headers(data))
         except Exception as exc:
             answer = exchange.refuse(exc)
             await exchange.finish()
@@ -220,6 +220,12 @@ def _client_body(data: dict) -> dict:
         if field in data:
             body[field] = data[field]  # as LiteLLM will send it
     return body
+
+
+def _client_headers(data: dict) -> dict[str, str]:
+    """The client's request headers as LiteLLM kept them: the attribution headers."""
+    headers = (data.get("proxy_server_request") or {}).get("headers")
+    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
 
 
 _LITELLM_FIELDS = frozenset({"metadata", "litellm_metadata", "proxy_server_request", "litellm_call_id",

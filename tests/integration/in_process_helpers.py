@@ -39,7 +39,8 @@ def ledger(config: Config, customer: str) -> dict[str, dict[str, Any]]:
         f"{config.services.worker_url}/query",
         f"""SELECT id, count() AS copies, any(input_tokens) AS input_tokens, any(output_tokens) AS output_tokens,
                    any(decision) AS decision, any(usage_source) AS usage_source, any(streamed) AS streamed,
-                   any(status) AS status, any(reason) AS reason, any(model_served) AS model_served
+                   any(status) AS status, any(reason) AS reason, any(model_served) AS model_served,
+                   any(end_user) AS end_user, toJSONString(any(tags)) AS tags
             FROM quotameter.events WHERE customer = '{customer}' GROUP BY id""",
         config=config,
     )

@@ -71,7 +71,8 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
                                                       ("limited", "limited"), ("cut", "cutting"),
                                                       ("left", "app"), ("thrifty", "thrifty"))}
         async with client(base, keys["json"]) as c:
-            raw = await c.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
+            raw = await c.chat.completions.with_raw_response.create(
+                model="mock-small", messages=MESSAGES, max_tokens=5, user="end-user-7", extra_headers={"x-quotameter-tags": "team=search"})
             completion = raw.parse()
             assert completion.choices[0].message.content == "".join(completion_pieces(5))
             assert raw.headers["x-ratelimit-limit-requests"] == "100", raw.headers
@@ -157,6 +158,9 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
             assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
             assert row["reason"] == {"cut": "budget_cut", "thrifty": "fallback"}.get(customer), row
             assert row["model_served"] == "mock-small", row
+            # Attribution: the body's end user and the tags header, as the client sent them.
+            assert (row["end_user"], row["tags"]) == (("end-user-7", '{"team":"search"}') if customer == "json"
+                                                      else ("", "{}")), row
         [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
         assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", PROMPT_TOKENS)
         assert 3 <= left["output_tokens"] < LONG // 2, left  # what was passed on before the app stopped
