@@ -26,7 +26,8 @@ from gateway_shim.errors import InvalidApiKey
 from gateway_shim.keystore import KeyRecord, authenticate
 from quotameter.redis_keys import RedisKeys
 
-_MISSING = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+_MISSING = ("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'"
+            " (or as 'x-api-key: YOUR_KEY' to /v1/messages).")
 _INVALID = "Incorrect API key provided. Create one with 'quotameter keys create'."
 
 

@@ -42,6 +42,18 @@ function count(value) {
     return typeof value === 'number' && value >= 0 && value % 1 === 0 ? value : 0;
 }
 
+// The API the request speaks, from its path, as the shim's routes tell them apart
+// (gateway_shim/dialects/): OpenAI's chat and completions, its Responses API, or
+// Anthropic's Messages API. Only chat and completions need asking for usage in a
+// stream; the other two always end theirs with it.
+function apiOf(r) {
+    var path = String(r.uri || '').replace(/\/+$/, '');
+    if (/\/messages$/.test(path)) {
+        return 'messages';
+    }
+    return /\/responses$/.test(path) ? 'responses' : 'chat';
+}
+
 // js_content of /v1/: nginx has read the body by now (auth_request's access
 // phase comes before it is read). The check's subrequest sees no body of its
 // own, so a copy goes through a variable, which subrequests share.
@@ -79,6 +91,8 @@ function upstreamBody(r) {
     }
     if (body.stream === true) {
         r.variables.qm_streamed = '1';
+    }
+    if (body.stream === true && apiOf(r) === 'chat') {
         var options = body.stream_options;
         if (!isObject(options) || options.include_usage !== true) {
             r.variables.qm_hide_usage = '1';
@@ -107,8 +121,11 @@ var runCount = 0;
 var textBytes = 0;
 var textRoom = TEXT_LIMIT;
 var textFull = false;
+var api = 'chat'; // set by header()
+var messageUsage = {}; // Anthropic: message_start's usage, then message_delta's on top
 
 function header(r) {
+    api = apiOf(r);
     r.variables.qm_upstream_status = String(r.status);
     var type = String(r.headersOut['Content-Type'] || '').toLowerCase();
     sse = type.indexOf('text/event-stream') === 0;
@@ -123,8 +140,15 @@ function note(r, document) {
     if (!isObject(document)) {
         return;
     }
-    if (!r.variables.qm_model_served && typeof document.model === 'string' && document.model) {
-        r.variables.qm_model_served = document.model;
+    // Responses stream events nest the response, Anthropic's message_start the message.
+    var whole = isObject(document.response) ? document.response
+        : (isObject(document.message) ? document.message : document);
+    if (!r.variables.qm_model_served && typeof whole.model === 'string' && whole.model) {
+        r.variables.qm_model_served = whole.model;
+    }
+    if (api === 'messages') {
+        noteMessageUsage(r, document);
+        return;
     }
     var usage = document.usage;
     if (!isObject(usage) && isObject(document.response)) {
@@ -140,6 +164,36 @@ function note(r, document) {
         output_tokens: count(usage.completion_tokens !== undefined ? usage.completion_tokens : usage.output_tokens),
         cached_tokens: isObject(input) ? count(input.cached_tokens) : 0,
         reasoning_tokens: isObject(output) ? count(output.reasoning_tokens) : 0,
+    });
+}
+
+// Anthropic's usage: a JSON Message carries it whole; a stream splits it between
+// message_start (input, cache) and message_delta (the output so far, cumulative).
+// A stream's is final only from a message_delta: a client that leaves before is
+// billed from the text it was passed. Anthropic counts cache reads and writes
+// outside input_tokens; the event counts them inside (gateway_shim/anthropic_messages.py).
+function noteMessageUsage(r, document) {
+    var usage = document.type === 'message_start' && isObject(document.message)
+        ? document.message.usage : document.usage;
+    if (!isObject(usage)) {
+        return;
+    }
+    Object.keys(usage).forEach(function(field) {
+        if (typeof usage[field] === 'number') {
+            messageUsage[field] = usage[field];
+        }
+    });
+    if (document.type !== 'message_delta' && document.type !== 'message') {
+        return;
+    }
+    var read = count(messageUsage.cache_read_input_tokens);
+    var written = count(messageUsage.cache_creation_input_tokens);
+    r.variables.qm_usage = JSON.stringify({
+        input_tokens: count(messageUsage.input_tokens) + read + written,
+        output_tokens: count(messageUsage.output_tokens),
+        cached_tokens: read,
+        cache_write_tokens: written,
+        reasoning_tokens: 0,
     });
 }
 
@@ -169,6 +223,12 @@ function event(r, text) {
 // The generated text of an answer or of one chunk, as the shim's proxy counts it
 // (gateway_shim/usage.py completion_text).
 function completionText(document) {
+    if (api === 'responses') {
+        return responsesText(document);
+    }
+    if (api === 'messages') {
+        return messagesText(document);
+    }
     if (!isObject(document) || !Array.isArray(document.choices)) {
         return '';
     }
@@ -188,6 +248,66 @@ function completionText(document) {
         });
         if (typeof choice.text === 'string') {
             text += choice.text; // legacy completions
+        }
+    });
+    return text;
+}
+
+// The Responses API's generated text (gateway_shim/dialects/responses.py): a stream
+// event's delta of text, refusal, reasoning or tool arguments; a whole response's
+// output items.
+var RESPONSES_DELTAS = ['response.output_text.delta', 'response.refusal.delta', 'response.reasoning_text.delta',
+                        'response.reasoning_summary_text.delta', 'response.function_call_arguments.delta'];
+
+function responsesText(document) {
+    if (!isObject(document)) {
+        return '';
+    }
+    if (typeof document.delta === 'string') {
+        return RESPONSES_DELTAS.indexOf(document.type) >= 0 ? document.delta : '';
+    }
+    var text = '';
+    (Array.isArray(document.output) ? document.output : []).forEach(function(item) {
+        if (!isObject(item)) {
+            return;
+        }
+        if (typeof item.arguments === 'string') {
+            text += item.arguments;
+        }
+        [item.content, item.summary].forEach(function(parts) {
+            (Array.isArray(parts) ? parts : []).forEach(function(part) {
+                if (isObject(part)) {
+                    text += (typeof part.text === 'string' ? part.text : '')
+                        + (typeof part.refusal === 'string' ? part.refusal : '');
+                }
+            });
+        });
+    });
+    return text;
+}
+
+// Anthropic's generated text (gateway_shim/anthropic_messages.py): a
+// content_block_delta's text, thinking or tool input; a whole Message's blocks.
+function messagesText(document) {
+    if (!isObject(document)) {
+        return '';
+    }
+    if (document.type === 'content_block_delta' && isObject(document.delta)) {
+        var delta = document.delta;
+        var member = {text_delta: 'text', thinking_delta: 'thinking', input_json_delta: 'partial_json'}[delta.type];
+        return member && typeof delta[member] === 'string' ? delta[member] : '';
+    }
+    var text = '';
+    (document.type === 'message' && Array.isArray(document.content) ? document.content : []).forEach(function(block) {
+        if (!isObject(block)) {
+            return;
+        }
+        if (block.type === 'text' && typeof block.text === 'string') {
+            text += block.text;
+        } else if (block.type === 'thinking' && typeof block.thinking === 'string') {
+            text += block.thinking;
+        } else if (block.type === 'tool_use') {
+            text += JSON.stringify(block.input === undefined ? {} : block.input);
         }
     });
     return text;

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -96,7 +97,8 @@ def ledger(shim: Shim, customer: str) -> dict[str, dict[str, Any]]:
                    any(api_key_id) AS api_key_id, any(decision) AS decision, any(usage_source) AS usage_source,
                    any(streamed) AS streamed, any(model_served) AS model_served, any(status) AS status,
                    any(model_requested) AS model_requested, any(reason) AS reason,
-                   any(end_user) AS end_user, any(tags) AS tags
+                   any(end_user) AS end_user, any(tags) AS tags,
+                   any(cached_tokens) AS cached_tokens, any(cache_write_tokens) AS cache_write_tokens
             FROM quotameter.events WHERE customer = '{customer}' GROUP BY id""",
     )
     assert status == 200, body
@@ -175,6 +177,7 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
             "nginx-silent": await without_usage(shim, port),
         }
         fell_back = await fallen_back(shim, port)
+        other_apis = await responses_and_messages(shim, port)
         answered = (("nginx-edge", served), ("nginx-stream", streamed), ("nginx-thrifty", fell_back))
         late, counted["nginx-late"] = await kept_and_sent_again(shim, tmp_path / "mistaken", model_port)
         counted["nginx-long"] = await long_stream_in_bounded_memory(shim, cli_process, tmp_path / "unpaused")
@@ -224,6 +227,17 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                     input_tokens, output_tokens, "counted"
                 ), row
                 assert row["copies"] == 1 and row["status"] == 200 and bool(row["streamed"]) == streamed, row
+        # The Responses API and Anthropic's Messages API: nginx read each one's usage from its
+        # own shape (Anthropic's cache reads and writes inside the input), to the token.
+        rows = await asyncio.to_thread(
+            wait_for, lambda: set(other_apis) <= set(r := ledger(shim, "nginx-apis")) and r, 30.0, "nginx-apis' events"
+        )
+        for event_id, (input_tokens, output_tokens, cached, written, streamed) in other_apis.items():
+            row = rows[event_id]
+            assert (row["input_tokens"], row["output_tokens"], row["cached_tokens"], row["cache_write_tokens"]) == (
+                input_tokens, output_tokens, cached, written
+            ), row
+            assert row["usage_source"] == "upstream" and row["copies"] == 1 and bool(row["streamed"]) == streamed, row
         # Every report of the first nginx was taken: it kept none to send again.
         assert not (tmp_path / "nginx" / "unreported.log").exists() or (tmp_path / "nginx" / "unreported.log").read_text() == ""
         # The refusals are the check's own events, with nothing used.
@@ -277,6 +291,52 @@ async def stream_through(shim: Shim, port: int) -> dict[str, openai.types.Comple
                 served[event_id] = asked  # same request, same usage
             # The check saw the body: the prompt counted and max_tokens reserved, not the tier's default.
             assert held.startswith(f"{asked.prompt_tokens + STREAMED_TOKENS}:"), held
+    return served
+
+
+# A system prompt marked for caching: the mock writes it to its cache once, then reads it.
+CACHED_SYSTEM = [{"type": "text", "text": "You answer in one short line. " * 8, "cache_control": {"type": "ephemeral"}}]
+
+
+async def responses_and_messages(shim: Shim, port: int) -> dict[str, tuple[int, int, int, int, bool]]:
+    """The Responses API and Anthropic's Messages API through nginx, JSON and streamed.
+    Neither is asked for usage (both always report it): nginx reads it from each one's
+    events. What each client was told it used (input, output, cached, cache-written,
+    streamed), by event id; Anthropic's input counts its cache reads and writes."""
+    key = shim.new_key("nginx-apis", "metered")
+    served: dict[str, tuple[int, int, int, int, bool]] = {}
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20) as client:
+        raw = await client.responses.with_raw_response.create(model="mock-small", input="Say hello", max_output_tokens=5)
+        response = raw.parse()
+        assert response.output_text and response.usage is not None
+        served[raw.headers["x-quotameter-event-id"]] = (
+            response.usage.input_tokens, response.usage.output_tokens, 0, 0, False)
+        raw = await client.responses.with_raw_response.create(
+            model="mock-small", input="Say hello", max_output_tokens=STREAMED_TOKENS, stream=True)
+        events = [event async for event in raw.parse()]
+        completed = [e.response for e in events if e.type == "response.completed"]
+        assert len(completed) == 1 and completed[0].usage is not None, [e.type for e in events]
+        usage = completed[0].usage
+        assert usage.output_tokens == STREAMED_TOKENS
+        served[raw.headers["x-quotameter-event-id"]] = (usage.input_tokens, usage.output_tokens, 0, 0, True)
+    async with anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{port}", api_key=key, max_retries=0,
+                                        timeout=20) as claude:
+        raw = await claude.messages.with_raw_response.create(
+            model="mock-small", max_tokens=5, system=CACHED_SYSTEM, messages=[{"role": "user", "content": "Hi"}])
+        message = await raw.parse()
+        written = message.usage.cache_creation_input_tokens or 0
+        assert written > 0 and not message.usage.cache_read_input_tokens, message.usage
+        served[raw.headers["x-quotameter-event-id"]] = (
+            message.usage.input_tokens + written, message.usage.output_tokens, 0, written, False)
+        raw = await claude.messages.with_raw_response.create(
+            model="mock-small", max_tokens=STREAMED_TOKENS, system=CACHED_SYSTEM, stream=True,
+            messages=[{"role": "user", "content": "Hi"}])
+        events = [event async for event in await raw.parse()]
+        start = next(e.message.usage for e in events if e.type == "message_start")
+        output = [e.usage.output_tokens for e in events if e.type == "message_delta"][-1]
+        read = start.cache_read_input_tokens or 0
+        assert read == written and output == STREAMED_TOKENS, start
+        served[raw.headers["x-quotameter-event-id"]] = (start.input_tokens + read, output, read, 0, True)
     return served
 
 
