@@ -10,8 +10,9 @@ percentages of a budget are Decimal too (never rounded in SQL: a customer at
 from __future__ import annotations
 
 from dashboards import fields as f
+from dashboards.filters import TAG_PAIRS
 from dashboards.model import Dashboard, Field, Panel, Unit, Viz
-from dashboards.sources import PERIOD_END, PERIOD_START, usage
+from dashboards.sources import PERIOD_END, PERIOD_START, ledger, usage
 
 # The range's usage (stats, tables), the same per point of a timeseries, the billing period to date.
 RANGE = usage()
@@ -173,11 +174,52 @@ GROUP BY t, customer_series
 ORDER BY t, customer_series""",
 )
 
+# Spend by who it was for (the request's attribution): read from the ledger,
+# deduplicated, as the rollups do not keep these columns. Answered requests only,
+# as billed; "(none)" where a request named no end user or project.
+ANSWERED = ledger("decision = 'admitted'", final=True)
+
+SPEND_BY_ATTRIBUTION = Panel(
+    id=9,
+    key="spend_by_attribution",
+    title="Spend by API key, end user and project",
+    viz=Viz.TABLE,
+    unit="currencyUSD",
+    fields=(f.CUSTOMER, f.API_KEY, f.END_USER, f.PROJECT, f.REQUESTS, f.INPUT_TOKENS, f.OUTPUT_TOKENS, f.SPEND),
+    width=16,
+    description="The 20 highest-spending combinations in the range, from the ledger.",
+    sql=f"""SELECT customer, api_key_id, if(end_user = '', '(none)', end_user) AS end_user,
+       if(project = '', '(none)', project) AS project, count() AS requests,
+       sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, {SPEND} AS spend_usd
+FROM {ANSWERED}
+GROUP BY customer, api_key_id, end_user, project
+ORDER BY spend_usd DESC, customer, api_key_id, end_user, project
+LIMIT 20""",
+)
+
+SPEND_PER_TAG = Panel(
+    id=10,
+    key="spend_per_tag",
+    title="Spend per tag",
+    viz=Viz.BAR,
+    unit="currencyUSD",
+    x="tag",
+    values=("spend_usd",),
+    fields=(f.TAG, f.SPEND),
+    width=8,
+    description="A request with several tags counts under each of them: the bars may add up to more than the spend.",
+    sql=f"""SELECT arrayJoin({TAG_PAIRS}) AS tag, {SPEND} AS spend_usd
+FROM {ANSWERED}
+GROUP BY tag
+ORDER BY spend_usd DESC, tag
+LIMIT 20""",
+)
+
 BILLING = Dashboard(
     uid="quotameter-billing",
     title="quotameter · Billing",
     description="Spend from the usage ledger: per customer and model, billing period to date, forecast.",
     time_from="now/M",
     panels=(TOTAL_SPEND, TOTAL_REQUESTS, SPEND_PER_CUSTOMER, SPEND_PER_MODEL, MTD_VS_BUDGET, FORECAST, TOP_CUSTOMERS,
-            SPEND_OVER_TIME),
+            SPEND_OVER_TIME, SPEND_BY_ATTRIBUTION, SPEND_PER_TAG),
 )

@@ -60,6 +60,7 @@ def test_every_panel_is_in_the_parametrized_run() -> None:
     assert [f"{d.uid.removeprefix('quotameter-')}.{p.key}" for d, p in PANELS] == [
         "billing.total_spend", "billing.total_requests", "billing.spend_per_customer", "billing.spend_per_model",
         "billing.mtd_vs_budget", "billing.forecast", "billing.top_customers", "billing.spend_over_time",
+        "billing.spend_by_attribution", "billing.spend_per_tag",
         "quotas.utilisation_per_customer", "quotas.utilisation_per_tier", "quotas.refusals_by_tier_reason",
         "quotas.refusals_over_time", "quotas.fallbacks", "quotas.queued",
         "operations.traffic", "operations.requests_per_s", "operations.latency", "operations.ttft",
@@ -119,6 +120,16 @@ def test_billing_figures(runner: ChdbRunner, constants: dict[str, str]) -> None:
     top = rows(runner, constants, "billing.top_customers")
     assert [r["customer"] for r in top] == ["acme", "beta", "cito"]
     assert (top[1]["input_tokens"], top[1]["output_tokens"], top[1]["refused"]) == (51000, 11000, 1)
+    # Who the spend was for: answered requests from the ledger, "(none)" where a request named nobody.
+    spent_for = {(r["customer"], r["end_user"], r["project"]): (r["requests"], r["spend_usd"])
+                 for r in rows(runner, constants, "billing.spend_by_attribution")}
+    assert spent_for[("beta", "ana", "search-app")] == (1, 0.009)
+    assert spent_for[("beta", "(none)", "(none)")] == (1, 0.0005)
+    assert sum(spend for _, spend in spent_for.values()) == pytest.approx(0.0338 - 0.0)  # every answered request once
+    # A request counts under each of its tags.
+    assert rows(runner, constants, "billing.spend_per_tag") == [
+        {"tag": "team=search", "spend_usd": 0.009}, {"tag": "env=prod", "spend_usd": 0.0018},
+        {"tag": "team=ops", "spend_usd": 0.0018}]
 
 
 def test_quota_figures(runner: ChdbRunner, constants: dict[str, str]) -> None:
@@ -277,7 +288,7 @@ def test_variable_options_are_what_was_used_in_the_range(runner: ChdbRunner, con
                for v in VARIABLES}
     assert options == {"customer": ["acme", "beta", "cito"], "tier": ["enterprise", "free", "pro"],
                        "model": ["gpt-4o", "gpt-4o-mini", "mock-small"], "api_key": ["key-acme", "key-beta", "key-cito"],
-                       "end_user": [], "project": [], "tag": []}  # March has no attribution
+                       "end_user": ["ana"], "project": ["search-app"], "tag": ["env=prod", "team=ops", "team=search"]}
 
 
 # -- the billing period in SQL: the same calendar as quotameter.periods -------------------------------
