@@ -106,20 +106,7 @@ def check_responses_body(body: dict[str, Any], limits: Limits) -> None:
         where = f"input[{index}]"
         if not isinstance(item, dict):
             raise InvalidParameter(f"Invalid type for '{where}': expected an object, got {_kind(item)}.", where)
-        content = item.get("content")
-        if isinstance(content, list):
-            if len(content) > limits.max_content_parts:
-                raise InvalidParameter(
-                    f"Too many content parts in '{where}.content': {len(content)}; this gateway takes at most "
-                    f"{limits.max_content_parts}.", f"{where}.content", "too_many_items")
-            for part_index, part in enumerate(content):
-                if not isinstance(part, dict):
-                    where_part = f"{where}.content[{part_index}]"
-                    raise InvalidParameter(f"Invalid type for '{where_part}': expected an object, got {_kind(part)}.",
-                                           where_part)
-        elif content is not None and not isinstance(content, str):
-            raise InvalidParameter(f"Invalid type for '{where}.content': expected a string or an array of "
-                                   f"content parts, got {_kind(content)}.", f"{where}.content")
+        _check_content(item.get("content"), where, limits)
 
 
 def _positive_int(body: dict[str, Any], name: str, largest: int) -> None:
@@ -151,20 +138,24 @@ def _check_messages(messages: Any, limits: Limits) -> None:
         if not isinstance(role, str):
             code = "missing_required_parameter" if role is None else "invalid_type"
             raise InvalidParameter(f"Invalid value for '{where}.role': expected a string.", f"{where}.role", code)
-        content = message.get("content")
-        if isinstance(content, list):
-            if len(content) > limits.max_content_parts:
-                raise InvalidParameter(
-                    f"Too many content parts in '{where}.content': {len(content)}; this gateway takes at most "
-                    f"{limits.max_content_parts}.", f"{where}.content", "too_many_items")
-            for part_index, part in enumerate(content):
-                if not isinstance(part, dict):
-                    where_part = f"{where}.content[{part_index}]"
-                    raise InvalidParameter(f"Invalid type for '{where_part}': expected an object, got {_kind(part)}.",
-                                           where_part)
-        elif content is not None and not isinstance(content, str):
-            raise InvalidParameter(f"Invalid type for '{where}.content': expected a string or an array of "
-                                   f"content parts, got {_kind(content)}.", f"{where}.content")
+        _check_content(message.get("content"), where, limits)
+
+
+def _check_content(content: Any, where: str, limits: Limits) -> None:
+    """A message's or an input item's ``content``: a string, or a bounded array of part objects."""
+    if isinstance(content, list):
+        if len(content) > limits.max_content_parts:
+            raise InvalidParameter(
+                f"Too many content parts in '{where}.content': {len(content)}; this gateway takes at most "
+                f"{limits.max_content_parts}.", f"{where}.content", "too_many_items")
+        for part_index, part in enumerate(content):
+            if not isinstance(part, dict):
+                where_part = f"{where}.content[{part_index}]"
+                raise InvalidParameter(f"Invalid type for '{where_part}': expected an object, got {_kind(part)}.",
+                                       where_part)
+    elif content is not None and not isinstance(content, str):
+        raise InvalidParameter(f"Invalid type for '{where}.content': expected a string or an array of "
+                               f"content parts, got {_kind(content)}.", f"{where}.content")
 
 
 def _is_prompt(value: Any) -> bool:

@@ -68,6 +68,18 @@ def parse_fault(header: str | None) -> Fault:
     return Fault(**values)
 
 
+async def _read(request: web.Request) -> tuple[Fault, Any] | web.Response:
+    """The request's fault header and JSON body, or the 400 answering either."""
+    try:
+        fault = parse_fault(request.headers.get(FAULT_HEADER))
+    except ValueError:
+        return _error(400, f"bad {FAULT_HEADER} header")
+    try:
+        return fault, json.loads(await request.read())
+    except ValueError:
+        return _error(400, "We could not parse the JSON body of your request.")
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status)
@@ -103,14 +115,10 @@ class MockLLM:
         return web.json_response({"object": "list", "data": data})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        try:
-            fault = parse_fault(request.headers.get(FAULT_HEADER))
-        except ValueError:
-            return _error(400, f"bad {FAULT_HEADER} header")
-        try:
-            body = json.loads(await request.read())
-        except ValueError:
-            return _error(400, "We could not parse the JSON body of your request.")
+        read = await _read(request)
+        if isinstance(read, web.Response):
+            return read
+        fault, body = read
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "'messages' is a required property", code="missing_required_parameter")
         if fault.status:
@@ -142,14 +150,10 @@ class MockLLM:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API (mock_responses.py)."""
-        try:
-            fault = parse_fault(request.headers.get(FAULT_HEADER))
-        except ValueError:
-            return _error(400, f"bad {FAULT_HEADER} header")
-        try:
-            body = json.loads(await request.read())
-        except ValueError:
-            return _error(400, "We could not parse the JSON body of your request.")
+        read = await _read(request)
+        if isinstance(read, web.Response):
+            return read
+        fault, body = read
         if not isinstance(body, dict) or not isinstance(body.get("input"), str | list):
             return _error(400, "'input' is a required property", code="missing_required_parameter")
         if fault.status:
@@ -200,7 +204,6 @@ class MockLLM:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         def error(status: int, message: str) -> web.Response:

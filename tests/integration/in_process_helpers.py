@@ -3,6 +3,7 @@ keys, a host process with quotameter inside, and the ledger's rows by event id."
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from gateway_shim.keystore import create_key
 from quotameter.config import Config
 from quotameter.embedded.procs import ManagedProcess
 from quotameter.redis_keys import RedisKeys
-from tests.integration.pipeline_helpers import http_json
+from tests.integration.pipeline_helpers import http_json, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +47,30 @@ def ledger(config: Config, customer: str) -> dict[str, dict[str, Any]]:
     )
     assert status == 200, body
     return {row["id"]: row for row in body["rows"]}
+
+
+async def check_ledger(config: Config, served: dict[str, tuple[int, int, bool]], prompt_tokens: int, long: int) -> None:
+    """Each customer's one admitted request in the ledger, to the token what its client
+    was served (``served``: customer -> input, output, streamed); the client that left
+    billed for what was passed on; the refusals with nothing used."""
+    for customer, (input_tokens, output_tokens, streamed) in served.items():
+        rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
+        admitted = [r for r in rows.values() if r["decision"] == "admitted"]
+        assert len(admitted) == 1, rows
+        row = admitted[0]
+        assert (row["input_tokens"], row["output_tokens"]) == (input_tokens, output_tokens), (customer, row)
+        assert row["copies"] == 1 and bool(row["streamed"]) == streamed and row["status"] == 200, row
+        assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
+        assert row["reason"] == {"cut": "budget_cut", "thrifty": "fallback"}.get(customer), row
+        assert row["model_served"] == "mock-small", row
+        # Attribution: the body's end user and the tags header, as the client sent them.
+        assert (row["end_user"], row["tags"]) == (("end-user-7", '{"team":"search"}') if customer == "json"
+                                                  else ("", "{}")), row
+    [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
+    assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", prompt_tokens)
+    assert 3 <= left["output_tokens"] < long // 2, left  # what was passed on before the app stopped
+    refusals = await asyncio.to_thread(
+        wait_for, lambda: [r for r in ledger(config, "limited").values() if r["decision"] == "refused"], 30.0)
+    assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in refusals] == [(429, 0, 0)]
+    denials = [r for r in ledger(config, "json").values() if r["decision"] == "refused"]
+    assert [r["status"] for r in denials] == [403]

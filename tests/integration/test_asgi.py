@@ -20,8 +20,8 @@ from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import free_port
 from quotameter.tokens import count_prompt, count_text
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
-from tests.integration.in_process_helpers import ROOT, host_process, ledger, new_key
-from tests.integration.pipeline_helpers import start_worker, wait_for
+from tests.integration.in_process_helpers import ROOT, check_ledger, host_process, new_key
+from tests.integration.pipeline_helpers import start_worker
 
 PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
 TIERS = {
@@ -148,27 +148,7 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
         assert completion.model == "mock-small"
         served["thrifty"] = (PROMPT_TOKENS, 3, False)
 
-        for customer, (input_tokens, output_tokens, streamed) in served.items():
-            rows = await asyncio.to_thread(wait_for, lambda: ledger(config, customer), 60.0, f"{customer}'s events")
-            admitted = [r for r in rows.values() if r["decision"] == "admitted"]
-            assert len(admitted) == 1, rows
-            row = admitted[0]
-            assert (row["input_tokens"], row["output_tokens"]) == (input_tokens, output_tokens), (customer, row)
-            assert row["copies"] == 1 and bool(row["streamed"]) == streamed and row["status"] == 200, row
-            assert row["usage_source"] == ("counted" if customer == "cut" else "upstream"), row
-            assert row["reason"] == {"cut": "budget_cut", "thrifty": "fallback"}.get(customer), row
-            assert row["model_served"] == "mock-small", row
-            # Attribution: the body's end user and the tags header, as the client sent them.
-            assert (row["end_user"], row["tags"]) == (("end-user-7", '{"team":"search"}') if customer == "json"
-                                                      else ("", "{}")), row
-        [left] = (await asyncio.to_thread(wait_for, lambda: ledger(config, "left"), 60.0, "left's event")).values()
-        assert (left["reason"], left["usage_source"], left["input_tokens"]) == ("client_disconnected", "counted", PROMPT_TOKENS)
-        assert 3 <= left["output_tokens"] < LONG // 2, left  # what was passed on before the app stopped
-        refusals = await asyncio.to_thread(
-            wait_for, lambda: [r for r in ledger(config, "limited").values() if r["decision"] == "refused"], 30.0)
-        assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in refusals] == [(429, 0, 0)]
-        denials = [r for r in ledger(config, "json").values() if r["decision"] == "refused"]
-        assert [r["status"] for r in denials] == [403]
+        await check_ledger(config, served, PROMPT_TOKENS, LONG)
     finally:
         app.stop()
 
