@@ -151,12 +151,20 @@ class Exchange:
         enforcer = life.enforcer
         self.policy = policy = enforcer.policy(self.key, proxied.model)
         estimate, _ = enforcer.estimate(policy, proxied, self.route.streams)
+        decision = meter.decision
         try:
             ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers,
                                           self.attribution.end_user)
         except KeyRevoked:
             life.auth.forget(self.key.key_id)
             raise life.auth.invalid() from None
+        except MalformedRequest:
+            if malformed is None:
+                raise
+            # A request refused for its end user (per_user.require_user) when the one it
+            # named was refused already (attribution): the client learns what it sent wrong.
+            meter.decision, meter.reason = decision, None
+            raise malformed from None
         finally:
             # The API's own names (and token kinds: what the tier's tokens/min rules count).
             self.headers = self.route.dialect.limit_headers(self.headers, policy.tier.tokens_per_minute_counts)

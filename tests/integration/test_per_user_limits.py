@@ -156,8 +156,12 @@ async def test_an_end_user_at_its_cap_is_refused_while_the_customer_and_other_us
     reasons = sorted((e.subject, e.data.reason or "") for e in events if e.data.decision == "refused")
     assert reasons == [
         ("app", "user_rate_limit_requests"), ("app", "user_rate_limit_requests"), ("app", "user_rate_limit_tokens"),
-        ("strict-app", "user_required"), ("strict-app", "user_too_long"),
+        ("strict-app", "user_required"),
     ]
+    # The over-long id is refused by attribution, as the malformed request it is (400, counted, not billed).
+    malformed = sorted(e.data.reason for e in events if e.subject == "strict-app" and e.data.status == 400
+                       and e.data.decision != "refused")
+    assert malformed == ["invalid_json", "invalid_value"], malformed
     # The end user's id never names a key: only its digest does.
     keys = _user_keys(shim, "app")
     assert keys and not any("alice" in k or "bob" in k for k in keys)
