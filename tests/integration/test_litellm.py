@@ -88,7 +88,13 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
         served: dict[str, tuple[int, int, bool]] = {}  # customer -> what the client was told it used
         keys = {c: new_key(config, c, t) for c, t in (("json", "app"), ("stream", "app"), ("quiet", "app"),
                                                       ("limited", "limited"), ("cut", "cutting"),
-                                                      ("left", "app"), ("thrifty", "thrifty"))}
+                                                      ("left", "app"), ("thrifty", "thrifty"),
+                                                      ("responses", "app"))}
+        # The Responses API: LiteLLM's /v1/responses, admitted and settled by the same hooks.
+        async with client(keys["responses"]) as c:
+            response = await c.responses.create(model="mock-small", input="Say hello", max_output_tokens=5)
+            assert response.output_text and response.usage is not None
+            served["responses"] = (response.usage.input_tokens, response.usage.output_tokens, False)
         async with client(keys["json"]) as c:
             raw = await c.chat.completions.with_raw_response.create(
                 model="mock-small", messages=MESSAGES, max_tokens=5, user="end-user-7", extra_headers={"x-quotameter-tags": "team=search"})
