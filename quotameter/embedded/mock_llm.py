@@ -39,7 +39,7 @@ DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_MODEL = "mock-small"
 MODELS = ("mock-small", "mock-large", "gpt-4o-mini", "gpt-4o")
 FAULT_HEADER = "x-mock-fault"
-SEEN_KEY_HEADER = "x-mock-api-key"
+SEEN_KEY_HEADER = "x-mock-api-key"  # the key the model was sent (x-api-key, or the Bearer of a chat JSON request)
 
 
 def completion_pieces(n_tokens: int) -> list[str]:
@@ -146,7 +146,8 @@ class MockLLM:
         }
         if usage:
             answer["usage"] = usage
-        return web.json_response(answer)
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return web.json_response(answer, headers={SEEN_KEY_HEADER: bearer or "none"})
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API (mock_responses.py)."""

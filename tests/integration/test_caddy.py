@@ -11,6 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from quotameter.embedded.mock_llm import SEEN_KEY_HEADER
 from quotameter.embedded.procs import ManagedProcess, free_port
 from tests.integration.enforcement_helpers import MESSAGES, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import start_worker, wait_for
@@ -58,6 +59,7 @@ async def test_forward_auth_admits_refuses_and_the_report_settles(
             for remaining in ("1", "0"):
                 raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
                 assert raw.status_code == 200 and raw.headers["x-ratelimit-remaining-requests"] == remaining
+                assert raw.headers[SEEN_KEY_HEADER] == "none"  # the client's key stopped at Caddy
                 assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["RateLimit"].startswith('"requests";')
                 served.append(raw.parse())
                 event_ids.append(raw.headers["x-quotameter-event-id"])

@@ -28,7 +28,7 @@ import openai
 import pytest
 
 from gateway_shim.keystore import list_keys
-from quotameter.embedded.mock_llm import FAULT_HEADER, completion_pieces
+from quotameter.embedded.mock_llm import FAULT_HEADER, SEEN_KEY_HEADER, completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.tokens import count_prompt, count_text
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
@@ -146,6 +146,7 @@ async def test_nginx_admits_refuses_and_reports_the_usage_itself(
                 raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
                 completion = raw.parse()
                 assert raw.status_code == 200 and completion.choices[0].message.content and completion.usage
+                assert raw.headers[SEEN_KEY_HEADER] == "none"  # the client's key stopped at nginx
                 served[raw.headers["x-quotameter-event-id"]] = completion.usage
             assert raw.headers["x-ratelimit-limit-requests"] == "2" and raw.headers["x-ratelimit-remaining-requests"] == "0"
             # The third in the minute: the check's 429 reaches the client whole, through nginx.

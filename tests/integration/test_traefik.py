@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from quotameter.embedded.mock_llm import SEEN_KEY_HEADER
 from quotameter.embedded.procs import ManagedProcess, free_port
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.pipeline_helpers import start_worker, wait_for
@@ -69,9 +70,11 @@ async def test_forward_auth_admits_refuses_and_the_report_settles(
         key = shim.new_key("traefik-edge", "checked")
         # No x-quotameter-model header: Traefik forwards the body to the check.
         async with openai.AsyncOpenAI(base_url=traefik.url(traefik.checked), api_key=key, max_retries=0, timeout=20) as client:
-            served = [
-                await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5) for _ in range(2)
-            ]
+            served = []
+            for _ in range(2):
+                raw = await client.chat.completions.with_raw_response.create(model="mock-small", messages=MESSAGES, max_tokens=5)
+                assert raw.headers[SEEN_KEY_HEADER] == "none"  # the client's key stopped at Traefik
+                served.append(raw.parse())
             # The third in the minute: the check's 429 reaches the client whole.
             with pytest.raises(openai.RateLimitError) as refused:
                 await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=5)
