@@ -24,6 +24,14 @@ EVENT_TYPE_V1 = "quotameter.request.v1"
 _EVENT_TYPE_RE = re.compile(r"^quotameter\.request\.v[1-9][0-9]*$")
 
 
+# The times an event may carry: from the Unix epoch (times travel as Unix
+# milliseconds) to the end of what the ledger's DateTime64 holds. Outside them a
+# ledger would read a year of three digits as another time or refuse the whole
+# batch holding it, so such an event is refused where it enters.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+END_OF_TIME = datetime(2300, 1, 1, tzinfo=UTC)
+
+
 class Decision(StrEnum):
     ADMITTED = "admitted"
     REFUSED = "refused"
@@ -131,7 +139,10 @@ class UsageEvent(BaseModel):
     def _aware(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError("time must carry a time zone (RFC 3339)")
-        return value.astimezone(UTC)
+        value = value.astimezone(UTC)
+        if not EARLIEST_TIME <= value < END_OF_TIME:
+            raise ValueError(f"time must be from {EARLIEST_TIME:%Y-%m-%d} to {END_OF_TIME.year - 1}-12-31 (UTC)")
+        return value
 
     @property
     def customer_id(self) -> str:

@@ -152,6 +152,9 @@ async def test_bad_requests_are_refused_and_nothing_is_spooled(cli_process, conf
     status, body = await post(config, {**one, "subject": ""})
     assert status == 400 and body["error"]["param"] == "subject", body
     assert body["error"]["message"] == "subject: String should have at least 1 character; the event was not taken."
+    # A time the ledger cannot hold (a year of three digits would be misread, or refuse its whole batch).
+    status, body = await post(config, {**one, "time": "0999-05-06T07:08:09.123Z"})
+    assert status == 400 and body["error"]["param"] == "time", body
 
     # Too large: by Content-Length, by a chunked body with no length, by the event count.
     big = [event(f"big-{n}", "acme", 10, 1) for n in range(3)]

@@ -76,6 +76,10 @@ def test_a_v2_event_with_new_fields_still_reads_as_v1():
         (lambda b: b["data"].update(input_tokens=1.5), "data.input_tokens"),
         (lambda b: b.update(type="com.example.other"), "type"),
         (lambda b: b.update(time="2026-11-28T12:00:00"), "time"),
+        # Outside what the ledger holds: a year of three digits would be misread or block its batch.
+        (lambda b: b.update(time="0999-05-06T07:08:09.123Z"), "time"),
+        (lambda b: b.update(time="1969-12-31T23:59:59.999Z"), "time"),
+        (lambda b: b.update(time="2300-01-01T00:00:00Z"), "time"),
         (lambda b: b.update(specversion="0.3"), "specversion"),
     ],
 )
@@ -86,6 +90,15 @@ def test_malformed_events_name_the_field(mutate, mentions):
     mutate(body)
     with pytest.raises(EventError, match=mentions.replace(".", r"\.")):
         decode_event(json.dumps(body))
+
+
+def test_the_ledger_range_is_accepted_to_its_ends():
+    import json
+
+    for moment in ("1970-01-01T00:00:00Z", "2299-12-31T23:59:59.999Z"):
+        body = json.loads(encode_event(make_event()))
+        body["time"] = moment
+        assert decode_event(json.dumps(body)).time.year in (1970, 2299)
 
 
 def test_not_json_at_all():
