@@ -74,3 +74,15 @@ async def check_ledger(config: Config, served: dict[str, tuple[int, int, bool]],
     assert [(r["status"], r["input_tokens"], r["output_tokens"]) for r in refusals] == [(429, 0, 0)]
     denials = [r for r in ledger(config, "json").values() if r["decision"] == "refused"]
     assert [r["status"] for r in denials] == [403]
+
+
+async def leave_mid_stream(client: Any, messages: list[dict[str, str]], max_tokens: int, after: int = 3) -> None:
+    """A client that reads ``after`` content chunks of a stream, then closes it."""
+    stream = await client.chat.completions.create(model="mock-small", messages=messages, max_tokens=max_tokens,
+                                                  stream=True)
+    read = 0
+    async for chunk in stream:
+        read += bool(chunk.choices and chunk.choices[0].delta.content)
+        if read == after:
+            break
+    await stream.close()

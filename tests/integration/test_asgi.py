@@ -20,7 +20,7 @@ from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import free_port
 from quotameter.tokens import count_prompt, count_text
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
-from tests.integration.in_process_helpers import ROOT, check_ledger, host_process, new_key
+from tests.integration.in_process_helpers import ROOT, check_ledger, leave_mid_stream, host_process, new_key
 from tests.integration.pipeline_helpers import start_worker
 
 PRICES = [{"model": "mock-large", "input_per_million_usd": "1.00", "output_per_million_usd": "4.00"}]
@@ -131,13 +131,7 @@ async def test_middleware_admits_refuses_cuts_and_meters_to_the_token(config_fac
 
         # A client that leaves after 3 of 40 tokens: the app is stopped, what was passed on is billed.
         async with client(base, keys["left"]) as c:
-            stream = await c.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=LONG, stream=True)
-            read = 0
-            async for chunk in stream:
-                read += bool(chunk.choices and chunk.choices[0].delta.content)
-                if read == 3:
-                    break
-            await stream.close()
+            await leave_mid_stream(c, MESSAGES, LONG)
         before = await generated(base)
         await asyncio.sleep(0.5)
         assert await generated(base) == before < 6 + 6 + CUT_AT + 1 + LONG // 2  # stopped, long before its end

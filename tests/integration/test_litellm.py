@@ -22,7 +22,7 @@ from quotameter.embedded.mock_llm import completion_pieces
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.tokens import count_text
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
-from tests.integration.in_process_helpers import ROOT, check_ledger, new_key
+from tests.integration.in_process_helpers import ROOT, check_ledger, leave_mid_stream, new_key
 from tests.integration.pipeline_helpers import start_worker
 
 SHIPPED = ROOT / "deploy" / "litellm" / "config.yaml"
@@ -151,13 +151,7 @@ async def test_litellm_with_quotameter_inside(config_factory, cli_process, tmp_p
 
         # A client that leaves after 3 tokens: billed for what LiteLLM was handed, not the whole answer.
         async with client(keys["left"]) as c:
-            stream = await c.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=LONG, stream=True)
-            read = 0
-            async for chunk in stream:
-                read += bool(chunk.choices and chunk.choices[0].delta.content)
-                if read == 3:
-                    break
-            await stream.close()
+            await leave_mid_stream(c, MESSAGES, LONG)
 
         Shim(config, None, path).set_totals("thrifty", micro_usd=1000)  # its budget is spent
         async with client(keys["thrifty"]) as c:
