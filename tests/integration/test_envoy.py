@@ -262,7 +262,8 @@ async def test_ext_proc_admits_meters_cuts_and_refuses(shim_factory: ShimFactory
 
 async def test_ext_proc_bills_a_stream_envoy_closes_early(shim_factory: ShimFactory, tmp_path: Path) -> None:
     ext_proc_port = free_port()
-    shim = await shim_factory(TIERS, shim={"ext_proc_port": ext_proc_port})
+    # A paced model: an instant one could hand Envoy the whole long answer before the client leaves.
+    shim = await shim_factory(TIERS, token_delay_ms=2, shim={"ext_proc_port": ext_proc_port})
     envoy, port = await asyncio.to_thread(
         start_envoy, tmp_path, "ext_proc.yaml", ext_proc=ext_proc_port, model=model_port(shim)
     )
