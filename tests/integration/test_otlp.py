@@ -38,7 +38,8 @@ async def traced(
     running = await asyncio.to_thread(start_shim, tmp_path_factory.mktemp("otlp"), redis_url, kafka_bootstrap,
                                       {"prices": PRICES}, env)
     yield running
-    running.shim.stop()
+    # In a thread: the shim's last export on its way out goes to the receiver on this loop.
+    await asyncio.to_thread(running.shim.stop)
     running.mock.stop()
 
 

@@ -229,6 +229,9 @@ async def test_json_access_lines_carry_the_request_and_never_the_key(shim: Runni
     records = await read_topic(shim.config.services.kafka_bootstrap, shim.config.services.events_topic, 6)
     events = {json.loads(r.value)["id"]: json.loads(r.value) for r in records}
     assert len(events) == 6
+    # Not traced (no OTLP endpoint): the events and their records carry no trace context.
+    assert not [e for e in events.values() if "traceparent" in e]
+    assert not [r for r in records if "traceparent" in dict(r.headers)]
     lines = [line for line in shim.shim.log_path.read_text().splitlines() if line.startswith("{")]
     parsed = [json.loads(line) for line in lines]  # every JSON line parses
     assert parsed and all({"time", "level", "logger", "message"} <= p.keys() for p in parsed)
