@@ -325,11 +325,14 @@ class Exchange:
 
     def cost_micro_usd(self) -> int:
         """What the request cost at the shim's prices (0 when it used nothing, or is unpriced)."""
-        usage, meter = self.meter.usage, self.meter
+        meter = self.meter
+        if meter.cost_micro_usd is not None:  # the settle priced it already
+            return meter.cost_micro_usd
+        usage = meter.usage
         if not (usage.input_tokens or usage.output_tokens):
             return 0
-        return self._life.enforcer.estimator.cost_micro_usd(
-            meter.model_served or meter.model_requested, meter.started_at.date(), usage)
+        model = meter.model_served or (self.ticket.model if self.ticket is not None else meter.model_requested)
+        return self._life.enforcer.estimator.cost_micro_usd(model, meter.started_at.date(), usage)
 
 
 class StreamObserver:
