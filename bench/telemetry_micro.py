@@ -83,12 +83,12 @@ async def _round(life: Lifecycle, key: KeyRecord, route: object, n: int, record:
             token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
             exchange.span = span
             with logs.request_context(exchange.meter.event_id, key.customer, key.key_id):
-                admit = tel.child("quotameter.admit")
+                admit = tel.child(exchange, "quotameter.admit")
                 if admit is not None:
                     admit.end()
                 exchange.calling_upstream()
                 exchange.upstream_done()
-                settle = tel.child("quotameter.settle")
+                settle = tel.child(exchange, "quotameter.settle")
                 if settle is not None:
                     settle.end()
                 exchange.traceparent()

@@ -167,7 +167,7 @@ class Exchange:
         self.policy = policy = enforcer.policy(self.key, proxied.model)
         estimate, _ = enforcer.estimate(policy, proxied, self.route.streams)
         decision = meter.decision
-        span = life.telemetry.child("quotameter.admit")
+        span = life.telemetry.child(self, "quotameter.admit")
         began = time.perf_counter()
         try:
             ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers,
@@ -305,7 +305,7 @@ class Exchange:
         self.upstream_done()
         life = self._life
         if self.ticket is not None:
-            span = life.telemetry.child("quotameter.settle")
+            span = life.telemetry.child(self, "quotameter.settle")
             await life.enforcer.settle(self.ticket, self.meter)
             if span is not None:
                 span.end()

@@ -36,6 +36,7 @@ from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, SpanKin
 from quotameter.config import Config
 from quotameter.events import Decision
 from telemetry import logs
+from telemetry.context import extract
 
 if TYPE_CHECKING:
     from gateway_shim.emitter import EventEmitter
@@ -218,20 +219,25 @@ class ShimTelemetry:
 
     # -- spans (only when tracing) --------------------------------------------
 
-    def server_span(self, method: str, route_path: str | None, path: str) -> trace.Span | None:
-        """The request's SERVER span (``None`` when not tracing); the caller makes it current."""
+    def server_span(self, method: str, route_path: str | None, path: str,
+                    traceparent: str | None = None) -> trace.Span | None:
+        """The request's SERVER span, or None when not tracing or sampled out (then
+        nothing more of the request's trace is made). ``traceparent``: the client's,
+        whose sampling decision a parent-based sampler follows. The caller makes it current."""
         if not self.tracing:
             return None
         name = f"{method} {route_path}" if route_path else method
-        return _tracer.start_span(name, kind=SpanKind.SERVER,
+        span = _tracer.start_span(name, context=extract(traceparent) if traceparent else None, kind=SpanKind.SERVER,
                                   attributes={"http.request.method": method, "url.path": path})
+        return span if span.is_recording() else None
 
-    def child(self, name: str) -> trace.Span | None:
-        return _tracer.start_span(name) if self.tracing else None
+    def child(self, exchange: Exchange, name: str) -> trace.Span | None:
+        """A span under the request's (current) SERVER span, when that one is recorded."""
+        return _tracer.start_span(name) if exchange.span is not None else None
 
     def client_span(self, exchange: Exchange) -> trace.Span | None:
         """The upstream call as a GenAI CLIENT span (an HTTP one for a route that is no GenAI operation)."""
-        if not self.tracing:
+        if exchange.span is None:
             return None
         operation = _ROUTES.get(exchange.route.name, (None, None))[1]
         if operation is None:
