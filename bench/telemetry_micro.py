@@ -55,8 +55,15 @@ class _Enforcer:
         self.estimator = Estimator(config)
 
 
+class _Spool:
+    depth = 0
+
+
 class _Emitter:
-    spool = None
+    spool = _Spool()
+
+    def oldest_undelivered_ms(self) -> None:
+        return None
 
 
 def _lifecycle(config: object) -> Lifecycle:

@@ -68,13 +68,13 @@ class FastHistogram:
 
     def _capture(self, attributes: dict[str, Any]) -> None:
         """The aggregations the SDK's path just fed for ``attributes``, if the shortcut may feed them."""
+        real = getattr(self._histogram, "_real_instrument", None) or self._histogram
+        consumer = getattr(real, "_measurement_consumer", None)
+        if consumer is None:
+            return  # no SDK provider (yet): the API's no-op took it; look again next time
         try:
             from opentelemetry.sdk.metrics._internal._view_instrument_match import _hash_attributes
 
-            real = getattr(self._histogram, "_real_instrument", None) or self._histogram
-            consumer = getattr(real, "_measurement_consumer", None)
-            if consumer is None:
-                return  # no SDK provider yet: try again on the next record
             key = _hash_attributes(dict(attributes))
             targets = []
             for storage in consumer._reader_storages.values():
