@@ -22,6 +22,12 @@ the stream's events, and writes the cut's ending and the error bodies.
 and emits nothing. Past ``open``, every request emits exactly one event,
 whatever its outcome, once ``finish`` runs (adapters call it in a
 ``finally``), after its reservation is settled.
+
+``finish`` also tells telemetry.py what the request did (its metrics, span
+ends and access line); an adapter that knows more sets it on the exchange:
+its method, path and start, its SERVER span, and the upstream call
+(``calling_upstream``, ``upstream_answered``, ``upstream_done``). A sampled
+request's event carries its trace context.
 """
 
 from __future__ import annotations
