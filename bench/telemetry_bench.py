@@ -7,13 +7,13 @@ telemetry off beside the same proxy with it on, same run, same load.
 The whole product runs (redis-server, broker, worker, mock model with 0 token
 delay) with two shims in front of the same mock, key and tier (every limit
 kind, none reached): "off" (``telemetry.metrics: false``, no access line, no
-``OTEL_*``) and "on" (``/metrics`` served and scraped every second,
-the access line, OTLP/HTTP metrics and traces to a local sink, traces
+``OTEL_*``) and "on" (``/metrics`` served and scraped every 5 s, JSON access
+lines, OTLP/HTTP metrics and traces to a local sink, traces
 sampled at 10 %: ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``,
 ``OTEL_TRACES_SAMPLER_ARG=0.1``). Load comes from bench/loadgen.py in its
 own process: open loop at fixed rates (p50 / p99 to the last byte from the
 scheduled send time) and a closed loop (throughput), JSON and streamed,
-alternating off and on cell by cell so both see the same machine.
+off and on taking turns to go first, so both see the same machine.
 Targets: on adds <= 0.2 ms p50, and keeps >= 95 % of off's throughput.
 """
 
@@ -45,6 +45,13 @@ from quotameter.redis_keys import RedisKeys  # noqa: E402
 
 TARGET_ADDED_P50_MS, TARGET_THROUGHPUT = 0.2, 0.95
 SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+SCRAPE_EVERY_S = 5.0  # tighter than a usual Prometheus scrape interval (15 s to 1 min)
+PAUSE_S = 1.0  # between cells: the worker catches up with the last cell's events
+
+
+def _order(turn: int) -> tuple[str, str]:
+    """Off first, then on first: neither always runs after the other's load."""
+    return ("off", "on") if turn % 2 == 0 else ("on", "off")
 
 
 def _start(work: Path) -> tuple[Stack, dict[str, int], int]:
@@ -88,7 +95,7 @@ def _start(work: Path) -> tuple[Stack, dict[str, int], int]:
 
 
 class _Scraper(threading.Thread):
-    """Prometheus's part: GET /metrics every second, as a scrape config would."""
+    """Prometheus's part: GET /metrics every SCRAPE_EVERY_S, as a scrape config would."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
@@ -96,7 +103,7 @@ class _Scraper(threading.Thread):
         self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(SCRAPE_EVERY_S):
             with urllib.request.urlopen(self.url, timeout=5) as response:
                 self.bytes = len(response.read())
             self.scrapes += 1
@@ -126,17 +133,22 @@ def main() -> None:
         try:
             open_cells: dict[tuple[bool, int, str], dict[str, float]] = {}
             closed_cells: dict[tuple[bool, str], dict[str, float]] = {}
+            turn = 0
             for stream in modes:
                 flags = ["--stream"] if stream else []
                 for rate in rates:
-                    for name in ("off", "on"):
+                    for name in _order(turn):
                         url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
                         open_cells[(stream, rate, name)] = _load("open", "--url", url, "--key", stack.key, "--rate",
                                                                  str(rate), "--duration", str(duration_s), *flags)
-                for name in ("off", "on"):
+                        time.sleep(PAUSE_S)
+                    turn += 1
+                for name in _order(turn):
                     url = f"http://127.0.0.1:{ports[name]}/v1/chat/completions"
                     closed_cells[(stream, name)] = _load("closed", "--url", url, "--key", stack.key, "--connections",
                                                          str(connections), "--duration", str(closed_s), *flags)
+                    time.sleep(PAUSE_S)
+                turn += 1
             with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/stats", timeout=5) as response:
                 sink = json.loads(response.read())
         finally:
