@@ -163,3 +163,25 @@ async def test_the_clients_trace_context_is_followed(traced: RunningShim, otlp_r
     assert contexts == [f"00-{joined}", "none"]
     await asyncio.sleep(0.5)  # a batch of spans more: none of the unsampled request's
     assert not [s for s in otlp_receiver.spans if s.trace_id == dropped]
+
+
+async def test_a_streamed_answer_is_one_client_span_with_its_usage(
+    traced: RunningShim, otlp_receiver: OtlpReceiver
+) -> None:
+    key, _ = traced.new_key("streamed-co", "metered")
+    async with traced.client(key) as client:
+        stream = await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=4,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 4
+
+    def streamed() -> list[Span]:
+        return [s for s in otlp_receiver.spans if s.kind == "CLIENT" and s.attributes.get("gen_ai.request.max_tokens") == 4]
+
+    upstream = (await otlp_receiver.wait_for(streamed, 15, "the stream's CLIENT span"))[0]
+    assert (upstream.attributes["gen_ai.usage.input_tokens"], upstream.attributes["gen_ai.usage.output_tokens"]) == (
+        usage.prompt_tokens, usage.completion_tokens)
+    server = next(s for s in otlp_receiver.spans if s.span_id == upstream.parent_span_id)
+    assert server.kind == "SERVER" and server.attributes["quotameter.outcome"] == "admitted"
+    assert server.start_ns <= upstream.start_ns <= upstream.end_ns <= server.end_ns
