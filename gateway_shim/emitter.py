@@ -74,8 +74,8 @@ from gateway_shim.spool import Spool, SpoolRecord
 from quotameter.config import Config
 from quotameter.delivery import AckMode, delivery_headers
 from quotameter.events import EncodedEvent, UsageEvent, encode_event, traceparent_of
-from telemetry.context import TRACEPARENT_HEADER
 from quotameter.redis_keys import RedisKeys
+from telemetry.context import TRACEPARENT_HEADER
 
 log = logging.getLogger("gateway_shim.emitter")
 
