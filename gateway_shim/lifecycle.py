@@ -329,16 +329,10 @@ class Exchange:
             return None
         return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
-    def cost_micro_usd(self) -> int:
-        """What the request cost at the shim's prices (0 when it used nothing, or is unpriced)."""
+    def priced_model(self) -> str | None:
+        """The model the request is priced as (the settle's choice): the one that served it."""
         meter = self.meter
-        if meter.cost_micro_usd is not None:  # the settle priced it already
-            return meter.cost_micro_usd
-        usage = meter.usage
-        if not (usage.input_tokens or usage.output_tokens):
-            return 0
-        model = meter.model_served or (self.ticket.model if self.ticket is not None else meter.model_requested)
-        return self._life.enforcer.estimator.cost_micro_usd(model, meter.started_at.date(), usage)
+        return meter.model_served or (self.ticket.model if self.ticket is not None else meter.model_requested)
 
 
 class StreamObserver:

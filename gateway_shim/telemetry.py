@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from decimal import Decimal
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,8 @@ from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, SpanKin
 from gateway_shim.otel_histograms import FastHistogram
 from quotameter.config import Config
 from quotameter.events import Decision
+from quotameter.policy import micro_usd
+from quotameter.pricing import PriceTable
 from telemetry import logs
 from telemetry.context import extract
 
@@ -91,7 +94,10 @@ _tracer = trace.get_tracer("quotameter.shim")
 _requests: defaultdict[tuple[Any, ...], int] = defaultdict(int)
 _upstream_errors: defaultdict[tuple[str, str], int] = defaultdict(int)
 _tokens: defaultdict[tuple[Any, ...], int] = defaultdict(int)
-_cost: defaultdict[tuple[Any, ...], int] = defaultdict(int)
+# (priced model or None, day, tier, customer) -> [input, output, cached, reasoning, cache_write] tokens:
+# priced when collected (a sum of usages costs the sum of their exact costs)
+_priced: dict[tuple[Any, ...], list[int]] = {}
+_pricing: list[ShimTelemetry] = []  # whose prices and model names the cost is reported in (the last set up)
 _fail_modes: defaultdict[tuple[str, str], int] = defaultdict(int)
 _inflight = [0]
 _emitters: weakref.WeakSet[EventEmitter] = weakref.WeakSet()
@@ -136,9 +142,23 @@ _meter.create_observable_counter(
 _meter.create_observable_counter(
     "quotameter.shim.tokens", [lambda o: _observe(_tokens, ("type", "model", "tier", "customer"))], unit="{token}",
     description="Tokens served, as metered")
+def _cost_cb(options: CallbackOptions) -> Iterable[Observation]:
+    if not _pricing:
+        return []
+    telemetry = _pricing[-1]
+    totals: defaultdict[tuple[Any, ...], Decimal] = defaultdict(Decimal)
+    for (model, day, tier, customer), tokens in list(_priced.items()):
+        input_tokens, output_tokens, cached, reasoning, cache_write = tokens
+        totals[(telemetry.model(model), tier, customer)] += telemetry.prices.cost(
+            model, day, input_tokens=input_tokens, output_tokens=output_tokens, cached_tokens=cached,
+            cache_write_tokens=cache_write, reasoning_tokens=reasoning).usd
+    return [Observation(micro_usd(usd), _attributes(("model", "tier", "customer"), key))
+            for key, usd in totals.items() if usd]
+
+
 _meter.create_observable_counter(
-    "quotameter.shim.cost", [lambda o: _observe(_cost, ("model", "tier", "customer"))], unit="{microdollar}",
-    description="Cost at the shim's prices, integer micro-USD (the worker's is the billing one)")
+    "quotameter.shim.cost", [_cost_cb], unit="{microdollar}",
+    description="Cost at the shim's prices, integer micro-USD, rounded up (the worker's is the billing one)")
 _meter.create_observable_counter(
     "quotameter.shim.fail_mode.decisions", [lambda o: _observe(_fail_modes, ("mode", "limit_kind"))],
     unit="{decision}", description="Admissions decided without Redis")
@@ -214,7 +234,9 @@ class ShimTelemetry:
             if fallback is not None and getattr(fallback, "model", None):
                 known.add(fallback.model)
         self.known_models = frozenset(known)
+        self.prices = PriceTable(config.prices, config.default_price)
         self.tracing = tracing()
+        _pricing[:] = [self]
 
     def model(self, name: str | None) -> str:
         return name if name is not None and name in self.known_models else OTHER
@@ -282,10 +304,21 @@ class ShimTelemetry:
         if usage.input_tokens or usage.output_tokens:
             tier = key.tier
             served = self.model(meter.model_served or meter.model_requested)
-            for kind, count in zip(_TOKEN_TYPES, (usage.input_tokens, usage.output_tokens, usage.cached_tokens,
-                                                  usage.reasoning_tokens, usage.cache_write_tokens), strict=True):
+            counts = (usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens,
+                      usage.cache_write_tokens)
+            for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
                 if count:
                     _tokens[(kind, served, tier, customer)] += count
+            priced = exchange.priced_model()
+            day = meter.started_at.date()
+            if self.prices.lookup(priced, day) is None:
+                priced = None  # unpriced (0), or the default price: one key for all such models
+            tokens = _priced.get((priced, day, tier, customer))
+            if tokens is None:
+                _priced[(priced, day, tier, customer)] = list(counts)
+            else:
+                for i, count in enumerate(counts):
+                    tokens[i] += count
         upstream_kind = None
         if exchange.upstream_s is not None or meter.reason in _UPSTREAM_REASONS:
             upstream_kind = _upstream_error_kind(exchange.upstream_status, meter.reason)
@@ -324,10 +357,6 @@ class ShimTelemetry:
                         names, (operation, self.provider, model, served, "input")))
                     _token_usage.record(usage.output_tokens, _attributes(
                         names, (operation, self.provider, model, served, "output")))
-        cost = exchange.cost_micro_usd()
-        if cost:
-            customer = exchange.key.customer if self.customer_labels else None
-            _cost[(self.model(meter.model_served or meter.model_requested), exchange.key.tier, customer)] += cost
         if exchange.span is not None:
             _end_server_span(exchange.span, meter.status, outcome, reason)
         usage = meter.usage

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +201,11 @@ async def test_metrics_count_the_requests_and_the_tokens_served(traffic: Traffic
     assert value(found, f"{usage}_sum", **genai, gen_ai_token_type="input") == traffic.input_tokens
     assert value(found, f"{usage}_sum", **genai, gen_ai_token_type="output") == traffic.output_tokens
     assert value(found, f"{usage}_count", gen_ai_token_type="output") == 4  # the 500 reported none
-    # mock-small: $0.10 in, $0.40 out per 1M tokens, in integer micro-USD per request.
-    expected_cost = sum(n * 0.10 + o * 0.40 for n, o in ((11, 5), (11, 9), (11, 7), (11, 3)))
-    assert value(found, "quotameter_shim_cost_total", model="mock-small") == pytest.approx(expected_cost, abs=4)
+    # mock-small: $0.10 in, $0.40 out per 1M tokens = micro-USD per token; whole micro-USD, rounded up, per series.
+    served = {"metered": (3 * PROMPT_TOKENS, 5 + 9 + 7), "tight": (PROMPT_TOKENS, 3)}
+    for tier, (input_tokens, output_tokens) in served.items():
+        cost = math.ceil(Decimal("0.10") * input_tokens + Decimal("0.40") * output_tokens)
+        assert value(found, "quotameter_shim_cost_total", model="mock-small", tier=tier) == cost
 
     # Durations: one admission per admitted or refused request, one upstream call per forwarded one.
     admission = "quotameter_shim_admission_duration_seconds_count"
