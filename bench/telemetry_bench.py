@@ -7,10 +7,11 @@ telemetry off beside the same proxy with it on, same run, same load.
 The whole product runs (redis-server, broker, worker, mock model with 0 token
 delay) with two shims in front of the same mock, key and tier (every limit
 kind, none reached): "off" (``telemetry.metrics: false``, no access line, no
-``OTEL_*``) and "on" (``/metrics`` served and scraped every 5 s, JSON access
-lines, OTLP/HTTP metrics and traces to a local sink, traces
-sampled at 10 %: ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``,
-``OTEL_TRACES_SAMPLER_ARG=0.1``). Load comes from bench/loadgen.py in its
+``OTEL_*``) and "on" (``/metrics`` served and scraped every 5 s, OTLP/HTTP
+metrics and traces to a local sink, traces sampled at 10 %:
+``OTEL_TRACES_SAMPLER=parentbased_traceidratio``,
+``OTEL_TRACES_SAMPLER_ARG=0.1``; with ``--access-log console|json``, the
+access line too). Load comes from bench/loadgen.py in its
 own process: open loop at fixed rates (p50 / p99 to the last byte from the
 scheduled send time) and a closed loop (throughput), JSON and streamed,
 off and on taking turns to go first, so both see the same machine.
@@ -54,7 +55,7 @@ def _order(turn: int) -> tuple[str, str]:
     return ("off", "on") if turn % 2 == 0 else ("on", "off")
 
 
-def _start(work: Path) -> tuple[Stack, dict[str, int], int]:
+def _start(work: Path, access_log: str) -> tuple[Stack, dict[str, int], int]:
     """The product with a shim "off" and a shim "on": (stack, shim ports, the OTLP sink's port)."""
     redis_port, broker_port, mock_port, worker_port, sink_port = (free_port() for _ in range(5))
     ports = {"off": free_port(), "on": free_port()}
@@ -78,8 +79,8 @@ def _start(work: Path) -> tuple[Stack, dict[str, int], int]:
                                env={**env, "QUOTAMETER_CONFIG": str(worker_config)}), worker_port, timeout_s=90)
     otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", **SAMPLED}
-    for name, telemetry, extra in (("off", {"metrics": False, "access_log": False}, {}),
-                                   ("on", {"metrics": True, "access_log": True, "log_format": "json"}, otlp)):
+    on = {"metrics": True, "access_log": access_log != "off", "log_format": "json" if access_log == "json" else "console"}
+    for name, telemetry, extra in (("off", {"metrics": False, "access_log": False}, {}), ("on", on, otlp)):
         shim = {**document.get("shim", {}), "port": ports[name], "spool_dir": str(work / f"spool-{name}"),
                 "instance": f"bench-{name}"}
         path = work / f"shim-{name}.yaml"
@@ -116,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Latency and throughput of the shim with telemetry off and on.")
     parser.add_argument("--quick", action="store_true", help="one rate, JSON only, 2 s cells: under a minute")
     parser.add_argument("--rates", default="200,500", help="open-loop arrival rates (requests/s)")
+    parser.add_argument("--access-log", choices=["off", "console", "json"], default="off",
+                        help="the access line in 'on' too (one per request, to its log file)")
     args = parser.parse_args()
     if args.quick:
         duration_s, closed_s, rates, modes = 2.0, 2.0, [200], [False]
@@ -124,15 +127,19 @@ def main() -> None:
     connections = 32
     print(f"telemetry bench: {os.cpu_count()} CPU cores shared by the load generator, mock, worker, broker, "
           f"redis-server and both shims; open loop {duration_s:.0f} s per cell, closed loop {connections} "
-          f"connections {closed_s:.0f} s; 16-token answers\n", flush=True)
+          f"connections {closed_s:.0f} s; 16-token answers; access line in 'on': {args.access_log}\n", flush=True)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qm-telemetry-bench-") as tmp:
-        stack, ports, sink_port = _start(Path(tmp))
+        stack, ports, sink_port = _start(Path(tmp), args.access_log)
         scraper = _Scraper(ports["on"])
         scraper.start()
         try:
             open_cells: dict[tuple[bool, int, str], dict[str, float]] = {}
             closed_cells: dict[tuple[bool, str], dict[str, float]] = {}
+            for name in ("off", "on"):  # warm both up (first connections, lazy imports, first exports)
+                _load("open", "--url", f"http://127.0.0.1:{ports[name]}/v1/chat/completions", "--key", stack.key,
+                      "--rate", str(rates[0]), "--duration", "1")
+            time.sleep(PAUSE_S)
             turn = 0
             for stream in modes:
                 flags = ["--stream"] if stream else []
