@@ -48,6 +48,7 @@ TARGET_ADDED_P50_MS, TARGET_THROUGHPUT = 0.2, 0.95
 SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 SCRAPE_EVERY_S = 5.0  # tighter than a usual Prometheus scrape interval (15 s to 1 min)
 PAUSE_S = 1.0  # between cells: the worker catches up with the last cell's events
+WARM_UP_S = 6.0  # past the span processor's first export (OTEL_BSP_SCHEDULE_DELAY, 5 s)
 
 
 def _order(turn: int) -> tuple[str, str]:
@@ -136,9 +137,9 @@ def main() -> None:
         try:
             open_cells: dict[tuple[bool, int, str], dict[str, float]] = {}
             closed_cells: dict[tuple[bool, str], dict[str, float]] = {}
-            for name in ("off", "on"):  # warm both up (first connections, lazy imports, first exports)
+            for name in ("off", "on"):  # warm both up: first connections, and 'on''s first span export
                 _load("open", "--url", f"http://127.0.0.1:{ports[name]}/v1/chat/completions", "--key", stack.key,
-                      "--rate", str(rates[0]), "--duration", "1")
+                      "--rate", str(rates[0]), "--duration", str(WARM_UP_S))
             time.sleep(PAUSE_S)
             turn = 0
             for stream in modes:
