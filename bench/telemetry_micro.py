@@ -31,7 +31,6 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio  # noqa: E402
 
-from gateway_shim import telemetry  # noqa: E402
 from gateway_shim.keystore import KeyRecord  # noqa: E402
 from gateway_shim.lifecycle import Exchange, Lifecycle  # noqa: E402
 from gateway_shim.metering import RequestMeter  # noqa: E402
