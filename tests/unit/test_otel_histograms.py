@@ -3,7 +3,6 @@ gives the same points as the SDK's own path, and steps aside where it must."""
 
 from __future__ import annotations
 
-
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 from opentelemetry.sdk.metrics.view import View
