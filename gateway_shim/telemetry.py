@@ -13,8 +13,10 @@ and hashes the attributes for every reader on every call (~10 µs here). So:
   (``loop.call_soon`` from ``finish``: the handler's step that writes the
   answer runs first), with attribute dicts built once per attribute tuple,
   which lets otel_histograms.py skip the SDK's per-call attribute work.
-- spans exist only when a tracer provider is set (an OTLP endpoint); without
-  one no span object is made at all.
+- the cost counter sums tokens per priced model and day, and prices the
+  sums when collected (a sum of usages costs the sum of their exact costs).
+- spans exist only when a tracer provider is set (an OTLP endpoint) and the
+  request is sampled: otherwise no span object is made past the sampling.
 
 Attribute values are bounded sets: a model is named only when the config
 knows it (prices, aliases, tiers), else ``other``; never a key or an end
@@ -25,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from decimal import Decimal
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
