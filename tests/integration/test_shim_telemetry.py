@@ -1,7 +1,8 @@
 """The shim's own telemetry, read as an operator reads it: ``GET /metrics``
 after a known mix of traffic from the official openai client through the real
 shim to the mock model (JSON and streamed answers, a refusal by requests per
-minute, an unknown route, the model's 5xx), and the shim's JSON log lines.
+minute, an unknown route, the model's 5xx, and one admission of the check
+endpoint), and the shim's JSON log lines.
 
 The counters equal what was sent, and the token sums what the client was
 served, to the token; the exposition names no key, no end user and no
@@ -137,7 +138,7 @@ class Traffic:
 @pytest_asyncio.fixture(scope="module")
 async def traffic(shim: RunningShim) -> AsyncIterator[Traffic]:
     """The mix, sent once: 2 JSON + 1 stream admitted, 1 upstream 500, 1 admitted and 1
-    refused by requests/min in the tight tier, 1 unknown route."""
+    refused by requests/min in the tight tier, 1 unknown route, 1 check admitted."""
     key, key_id = shim.new_key("acme-telemetry", "metered")
     tight_key, tight_key_id = shim.new_key("tight-telemetry", "tight")
     input_tokens = output_tokens = 0
@@ -172,6 +173,11 @@ async def traffic(shim: RunningShim) -> AsyncIterator[Traffic]:
         async with session.post(f"{shim.base_url}/v1/no/such/route", json={},
                                 headers={"Authorization": f"Bearer {key}"}) as response:
             assert response.status == 404
+        # The check endpoint's admission (for a proxy that forwards itself): counted as route "check".
+        async with session.post(f"{shim.base_url}/v1/check", json={"model": "mock-small", "messages": MESSAGES},
+                                headers={"Authorization": f"Bearer {key}", "X-Original-URI": "/v1/chat/completions"}
+                                ) as response:
+            assert response.status == 200, await response.text()
     assert input_tokens == 4 * PROMPT_TOKENS and output_tokens == 5 + 9 + 7 + 3
     yield Traffic(key, key_id, tight_key, tight_key_id, input_tokens, output_tokens, await shim.scrape())
 
@@ -186,7 +192,8 @@ async def test_metrics_count_the_requests_and_the_tokens_served(traffic: Traffic
                  tier="tight") == 1
     assert value(found, requests, **chat, outcome="upstream_error", reason="upstream_error", tier="metered") == 1
     assert value(found, requests, route="unknown", outcome="error", reason="unknown_url") == 1
-    assert value(found, requests) == 7  # nothing else was counted
+    assert value(found, requests, route="check", outcome="admitted", tier="metered", model="mock-small") == 1
+    assert value(found, requests) == 8  # nothing else was counted
     assert value(found, "quotameter_shim_upstream_errors_total", route="chat", kind="status_5xx") == 1
     assert value(found, "quotameter_shim_upstream_errors_total") == 1
 
@@ -209,7 +216,7 @@ async def test_metrics_count_the_requests_and_the_tokens_served(traffic: Traffic
 
     # Durations: one admission per admitted or refused request, one upstream call per forwarded one.
     admission = "quotameter_shim_admission_duration_seconds_count"
-    assert value(found, admission, route="chat") == 6
+    assert value(found, admission, route="chat") == 6 and value(found, admission, route="check") == 1
     assert value(found, "quotameter_shim_upstream_duration_seconds_count", route="chat", status_class="2xx") == 4
     assert value(found, "quotameter_shim_upstream_duration_seconds_count", route="chat", status_class="5xx") == 1
     assert value(found, "quotameter_shim_added_duration_seconds_count", streamed="true") == 1
@@ -240,8 +247,11 @@ async def test_json_access_lines_carry_the_request_and_never_the_key(shim: Runni
     parsed = [json.loads(line) for line in lines]  # every JSON line parses
     assert parsed and all({"time", "level", "logger", "message"} <= p.keys() for p in parsed)
     access = [p for p in parsed if p["logger"] == "quotameter.access"]
-    by_id = {p["request_id"]: p for p in access if "request_id" in p}
+    by_id = {p["request_id"]: p for p in access if "request_id" in p and p["path"] != "/v1/check"}
     assert by_id.keys() == events.keys()
+    # The check's admission: its event comes later, with the proxy's usage report.
+    (check,) = [p for p in access if p["path"] == "/v1/check"]
+    assert (check["status"], check["outcome"], check["customer"]) == (200, "admitted", "acme-telemetry")
     for event_id, line in by_id.items():
         data = events[event_id]["data"]
         assert line["event_id"] == event_id and line["key_id"] == data["api_key_id"]
