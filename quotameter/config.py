@@ -513,6 +513,20 @@ class Supervisor(_Strict):
     shutdown_timeout_s: float = Field(default=90.0, gt=0)
 
 
+class Telemetry(_Strict):
+    """What the shim and the worker tell an operator (telemetry/). Exporters,
+    sampling and the service's name are set the OpenTelemetry way, by the
+    ``OTEL_*`` environment variables (README, "Telemetry")."""
+
+    # json: one object per line, for a log shipper; console: for a person.
+    log_format: Literal["console", "json"] = "console"
+    access_log: bool = True  # one line per request (logger quotameter.access)
+    metrics: bool = True  # GET /metrics on the shim and the worker, Prometheus text
+    # Metrics never carry a customer id unless this is set: a label per
+    # customer multiplies every series by the number of customers.
+    customer_labels: bool = False
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
@@ -531,6 +545,7 @@ class Config(BaseSettings):
     pipeline: Pipeline = Pipeline()
     alerts: Alerts = Alerts()
     supervisor: Supervisor = Supervisor()
+    telemetry: Telemetry = Telemetry()
 
     @classmethod
     def settings_customise_sources(
