@@ -1,14 +1,20 @@
 """deploy/prometheus: promtool checks the scrape config and the alert rules,
 and runs the rules' unit tests (deploy/prometheus/alerts_test.yml), where each
-alert fires on failing synthetic series and stays silent on healthy ones."""
+alert fires on failing synthetic series and stays silent on healthy ones.
+Every PromQL expression of the shipped service-health dashboard parses in a
+real Prometheus (2.42 has no parse endpoint: each is run by /api/v1/query)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import yaml
 
-from tests.integration.prometheus_binaries import DEPLOY, binary
+from tests.integration.prometheus_binaries import DEPLOY, Prometheus, binary, scrape_config
+
+DASHBOARD = DEPLOY.parent / "grafana" / "dashboards" / "quotameter-service-health.json"
 
 
 def promtool(*args: str) -> str:
@@ -52,3 +58,16 @@ def test_each_alert_fires_on_failure_and_not_on_health() -> None:
     assert fired == names, f"alerts never seen firing in alerts_test.yml: {names - fired}"
     assert silent_when_healthy == names, f"alerts not checked against healthy series: {names - silent_when_healthy}"
     assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
+
+
+def test_the_dashboard_promql_parses(tmp_path: Path) -> None:
+    document = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in document["panels"] for t in panel["targets"]]
+    assert len(exprs) >= len(document["panels"])
+    prometheus = Prometheus(scrape_config(tmp_path, {}), tmp_path).start()
+    try:
+        for expr in exprs:
+            # Grafana's macro, as it would expand it at a 15 s scrape interval
+            prometheus.query(expr.replace("$__rate_interval", "1m"))
+    finally:
+        prometheus.stop()
