@@ -45,7 +45,7 @@ class RequestMeter:
         if self._first_byte_s is None:
             self._first_byte_s = time.perf_counter() - self._t0
 
-    def encoded_event(self, source: str, key: KeyRecord) -> EncodedEvent:
+    def encoded_event(self, source: str, key: KeyRecord, traceparent: str | None = None) -> EncodedEvent:
         """This request's usage event, encoded directly (the bytes ``encode_event`` would give; no model built)."""
         latency_ms = (time.perf_counter() - self._t0) * 1000
         usage, attribution = self.usage, self.attribution
@@ -78,4 +78,5 @@ class RequestMeter:
             end_user=attribution.end_user,
             project=key.project or attribution.project,  # a key's own project wins over a header
             tags=attribution.tags,
+            traceparent=traceparent,  # a sampled request's trace context, for the worker's spans
         )

@@ -1,0 +1,385 @@
+"""The worker's telemetry against a real broker, redis-server and chDB ledger:
+``GET /metrics`` counts exactly what was produced, the batch spans reach an
+OTLP receiver linked to the requests' trace contexts, and every log line is
+one JSON object.
+
+One worker serves the whole module (JSON logs, traces exported to the
+receiver below); its stdout and stderr are kept apart to check each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client.parser import text_string_to_metric_families
+
+from quotameter.config import Config
+from quotameter.embedded.procs import free_port
+from quotameter.events import UsageEvent, encode_event
+from tests.conftest import make_config
+from tests.integration.pipeline_helpers import (
+    READY_LINE,
+    WORKER_READY_TIMEOUT_S,
+    health_status,
+    http_json,
+    make_event,
+    wait_for,
+)
+
+LATE_GRACE_S = 60
+# The ledger flush (and so the offset commit) waits this long: the lag stays
+# above 0 long enough for a scrape to see it.
+LEDGER_FLUSH_MS = 3000
+MODULE_BUDGET_S = 40
+
+
+# ---------------------------------------------------------------- an OTLP/HTTP traces receiver
+
+
+class SpanReceiver:
+    """Takes OTLP/HTTP protobuf exports on 127.0.0.1, as a collector would."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/traces":
+                    request = ExportTraceServiceRequest.FromString(body)
+                    with receiver.lock:
+                        receiver.spans.extend(
+                            span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
+                        )
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def named(self, name: str) -> list[Span]:
+        with self.lock:
+            return [span for span in self.spans if span.name == name]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[SpanReceiver]:
+    receiver = SpanReceiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+# ---------------------------------------------------------------- what is produced
+
+
+def traceparent(sampled: bool = True) -> str:
+    return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-{'01' if sampled else '00'}"
+
+
+@dataclass
+class Sent:
+    """What the test produced, and what each outcome must count."""
+
+    records: list[tuple[str, bytes, int, str | None]] = field(default_factory=list)  # key, value, ts, traceparent
+    unique: list[UsageEvent] = field(default_factory=list)
+    on_time: int = 0
+    late: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+
+    def event(self, event: UsageEvent, context: str | None = None, *, late: bool = False) -> None:
+        self.records.append((event.customer_id, encode_event(event), event.time_ms, context))
+        self.unique.append(event)
+        self.late += late
+        self.on_time += not late
+
+    def again(self, event: UsageEvent) -> None:
+        self.records.append((event.customer_id, encode_event(event), event.time_ms, None))
+        self.duplicates += 1
+
+    def malformed(self, key: str, value: bytes) -> None:
+        self.records.append((key, value, int(time.time() * 1000), None))
+        self.dead_lettered += 1
+
+    def linked(self) -> set[tuple[bytes, bytes]]:
+        """(trace id, span id) of every sampled context sent."""
+        out = set()
+        for *_, context in self.records:
+            if context and context.endswith("-01"):
+                _, trace_id, span_id, _ = context.split("-")
+                out.add((bytes.fromhex(trace_id), bytes.fromhex(span_id)))
+        return out
+
+
+def traffic(tag: str) -> Sent:
+    now = datetime.now(UTC)
+    sent = Sent()
+
+    def event(n: int, customer: str, at: datetime, **tokens: int) -> UsageEvent:
+        return make_event(f"{tag}-{n}", customer, **tokens).model_copy(update={"time": at})
+
+    first = [event(n, f"{tag}-a" if n % 2 else f"{tag}-b", now, input_tokens=100 + n, output_tokens=n) for n in range(40)]
+    for n, item in enumerate(first):
+        # Sampled contexts on some, one unsampled (the shim sends none; a linked one would be wrong).
+        sent.event(item, traceparent() if n % 5 == 0 else traceparent(sampled=False) if n == 7 else None)
+    sent.again(first[0])
+    sent.again(first[3])
+    # Older than its customer's newest event by more than the grace: late.
+    sent.event(event(100, f"{tag}-b", now - timedelta(seconds=LATE_GRACE_S * 10), input_tokens=5), late=True)
+    sent.malformed(f"{tag}-a", b"{not json")
+    # Keyed by another customer than its subject: dead-lettered too.
+    sent.records.append((f"{tag}-a", encode_event(event(101, f"{tag}-b", now, input_tokens=1)), now_ms(), None))
+    sent.dead_lettered += 1
+    return sent
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def send(config: Config, sent: Sent) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=config.services.kafka_bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for key, value, ts, context in sent.records:
+            headers = [("traceparent", context.encode())] if context else None
+            await producer.send(config.services.events_topic, value, key=key.encode(), timestamp_ms=ts, headers=headers)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+# ---------------------------------------------------------------- one worker for the module
+
+
+@dataclass
+class Run:
+    config: Config
+    worker: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    sent: Sent
+    lag_seen: int  # the largest total lag a scrape showed while the batch was in flight
+    ledger_rows: int = 0
+    metrics_text: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+def scrape(config: Config) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{config.services.worker_url}/metrics", timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """(sample name, labels) → value, from the Prometheus text."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    found = samples(text).get((name, frozenset(labels.items())))
+    assert found is not None, f"{name}{labels} not in /metrics:\n{text}"
+    return found
+
+
+def lag(text: str, topic: str) -> dict[int, float]:
+    return {
+        int(dict(labels)["partition"]): v
+        for (name, labels), v in samples(text).items()
+        if name == "quotameter_worker_consumer_lag" and dict(labels).get("topic") == topic
+    }
+
+
+def stop(worker: subprocess.Popen[bytes]) -> int:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            return worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return worker.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+async def run(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootstrap: str, receiver: SpanReceiver
+) -> AsyncIterator[Run]:
+    began = time.monotonic()
+    directory = tmp_path_factory.mktemp("worker-telemetry")
+    unique = uuid.uuid4().hex[:10]
+    config, path = make_config(
+        directory, redis_url, kafka_bootstrap, unique,
+        {"pipeline": {"late_grace_s": LATE_GRACE_S, "ledger_flush_ms": LEDGER_FLUSH_MS}, "telemetry": {"log_format": "json"}},
+    )
+    env = {
+        **os.environ,
+        "QUOTAMETER_CONFIG": str(path),
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the receiver soon
+        # Faust's own INFO lines too (assignment tables span many lines): each must still be one JSON line.
+        "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL": "INFO",
+    }
+    stdout, stderr = directory / "worker.stdout", directory / "worker.stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        worker = subprocess.Popen([sys.executable, "-m", "quotameter", "worker"], stdout=out, stderr=err, env=env,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        while health_status(config) != 200:
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{stderr.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the worker was not ready in {WORKER_READY_TIMEOUT_S}s"
+            time.sleep(0.1)
+        topic = config.services.events_topic
+        assert lag(scrape(config), topic) == {}  # nothing fetched yet: no partition reported
+
+        sent = traffic(unique)
+        await send(config, sent)
+        # The rows wait LEDGER_FLUSH_MS for the ledger, the commit waits for the rows.
+        lag_seen = 0.0
+
+        def in_flight() -> bool:
+            nonlocal lag_seen
+            lag_seen = max(lag_seen, sum(lag(scrape(config), topic).values()))
+            return lag_seen > 0
+
+        wait_for(in_flight, 10, "a scrape to show the lag of the batch in flight")
+        wait_for(lambda: ledger_rows(config) == len(sent.unique), 30, "every unique event in the ledger")
+        wait_for(lambda: (p := lag(scrape(config), topic)) and len(p) == 4 and not any(p.values()), 15,
+                 "the lag of all 4 partitions to fall to 0")
+        current = Run(config, worker, stdout, stderr, sent, int(lag_seen))
+        current.metrics_text = scrape(config)
+        current.ledger_rows = ledger_rows(config)
+        current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
+        wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
+        current.exit_code = stop(worker)
+        print(f"module ready in {time.monotonic() - began:.1f}s")
+        yield current
+    finally:
+        stop(worker)
+
+
+def ledger_rows(config: Config) -> int:
+    status, body = http_json(
+        f"{config.services.worker_url}/query",
+        "SELECT count() AS n FROM quotameter.events",
+        config=config,
+    )
+    assert status == 200, body
+    return int(body["rows"][0]["n"])
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_metrics_count_every_record_under_its_outcome(run: Run) -> None:
+    text, sent = run.metrics_text, run.sent
+    counted = {
+        outcome: value(text, "quotameter_worker_events_total", outcome=outcome)
+        for outcome in ("consumed", "late", "duplicate", "dead_lettered")
+    }
+    assert counted == {"consumed": sent.on_time, "late": sent.late, "duplicate": sent.duplicates,
+                       "dead_lettered": sent.dead_lettered}
+    assert sum(counted.values()) == len(sent.records)
+    # The same as the ledger (every unique event, each once) and the worker's own counters.
+    assert run.ledger_rows == len(sent.unique) == counted["consumed"] + counted["late"]
+    assert run.stats["applied"] == sent.on_time + sent.late and run.stats["malformed"] == sent.dead_lettered
+    # One batch-size observation per batch, summing to every record read.
+    assert value(text, "quotameter_worker_batch_size_count") == run.stats["batches"]
+    assert value(text, "quotameter_worker_batch_size_sum") == len(sent.records)
+
+
+def test_freshness_is_one_observation_per_write_and_the_late_event_shows(run: Run) -> None:
+    text = run.metrics_text
+    ledger_count = value(text, "quotameter_worker_freshness_seconds_count", target="ledger")
+    assert ledger_count == run.stats["ledger_inserts"] >= 1
+    redis_count = value(text, "quotameter_worker_freshness_seconds_count", target="redis")
+    assert 1 <= redis_count <= run.stats["batches"]
+    for target, count in (("ledger", ledger_count), ("redis", redis_count)):
+        # The late event (10 grace periods old) is in exactly one write of each;
+        # the others were written within seconds of being made.
+        assert value(text, "quotameter_worker_freshness_seconds_bucket", target=target, le="60") == count - 1, target
+        assert value(text, "quotameter_worker_freshness_seconds_bucket", target=target, le="900") == count, target
+    assert value(text, "quotameter_worker_ledger_insert_duration_seconds_count") == run.stats["ledger_inserts"]
+    failures = samples(text).get(("quotameter_worker_ledger_insert_failures_total", frozenset()))
+    assert failures in (None, 0)  # no insert failed (a counter never added to is not exported)
+
+
+def test_lag_was_seen_and_fell_to_zero(run: Run) -> None:
+    assert run.lag_seen > 0
+    assert lag(run.metrics_text, run.config.services.events_topic) == {0: 0, 1: 0, 2: 0, 3: 0}
+
+
+def test_batch_spans_link_the_requests_and_hold_the_stages(run: Run, receiver: SpanReceiver) -> None:
+    topic = run.config.services.events_topic
+    batches = receiver.named(f"process {topic}")
+    assert batches, [span.name for span in receiver.spans]
+    for span in batches:
+        assert span.kind == Span.SpanKind.SPAN_KIND_CONSUMER
+        attributes = {a.key: a.value for a in span.attributes}
+        assert attributes["messaging.system"].string_value == "kafka"
+        assert attributes["messaging.destination.name"].string_value == topic
+        assert attributes["messaging.operation.type"].string_value == "process"
+        assert attributes["messaging.batch.message_count"].int_value >= 1
+    assert sum(
+        {a.key: a.value for a in span.attributes}["messaging.batch.message_count"].int_value for span in batches
+    ) == len(run.sent.records)
+    links = {(link.trace_id, link.span_id) for span in batches for link in span.links}
+    assert links == run.sent.linked()  # every sampled context, the unsampled one not
+    ids = {span.span_id for span in batches}
+    for stage in ("quotameter.redis_write", "quotameter.ledger_insert"):
+        spans = receiver.named(stage)
+        assert spans and all(span.parent_span_id in ids for span in spans), stage
+
+
+def test_log_lines_are_json_one_per_line(run: Run) -> None:
+    assert run.exit_code == 0
+    assert run.stdout.read_text().splitlines() == [READY_LINE]
+    lines = run.stderr.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # each line is one object
+    assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+    loggers = {record["logger"] for record in records}
+    # The worker's lines, the libraries' (Faust at INFO here) and the shutdown's.
+    assert "pipeline.worker" in loggers and any(name.startswith("faust") for name in loggers), loggers
+    assert any(record["message"].startswith("malformed event at") for record in records)
+    assert any(record["message"] == "sinks flushed and closed" for record in records)
