@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -51,8 +52,16 @@ class Prometheus:
 
     def start(self) -> Prometheus:
         self.proc.start()
-        self.proc.wait_port("127.0.0.1", self.port, timeout_s=30)
+        # The API answers 503 (plain text) until the TSDB is open: wait for /-/ready.
+        self.proc.wait_until(self._ready, 30, "/-/ready")
         return self
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def stop(self) -> None:
         self.proc.stop()
@@ -64,7 +73,9 @@ class Prometheus:
             with urllib.request.urlopen(url, timeout=10) as response:
                 body = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read())
+            text = exc.read().decode(errors="replace")
+            assert text.startswith("{"), f"{path} {params}: Prometheus answered {exc.code}: {text[:300]}"
+            body = json.loads(text)
         assert body["status"] == "success", f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
         return body["data"]
 

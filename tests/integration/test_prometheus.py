@@ -148,6 +148,10 @@ def traffic(stack: Stack) -> Served:
     total = sum(served.outcomes.values())
     rows = wait_for(lambda: (r := ledger_rows(stack.config, CUSTOMER))["ids"] == total and r, 30, "the ledger")
     assert (rows["input_tokens"], rows["output_tokens"]) == (served.input_tokens, served.output_tokens)
+    # Both processes scraped since: Prometheus holds the state the ledger shows.
+    written = time.time()
+    wait_for(lambda: min(float(r["value"][1]) for r in stack.prometheus.query("timestamp(up)")) > written, 10,
+             "a scrape of both targets after the ledger's rows")
     return served
 
 
@@ -190,7 +194,8 @@ def test_every_dashboard_expression_evaluates(stack: Stack, traffic: Served) -> 
     incidents = {"quotameter_shim_fail_mode_decisions_total", "quotameter_worker_ledger_insert_failures_total"}
     read = {name for panel in SERVICE_HEALTH.panels for q in panel.promql for name in series_names(q.expr)}
     missing = sorted(read - names - incidents)
-    assert missing == [], f"the dashboard reads series no target exposes: {missing}"
+    exposed = sorted(n for n in names if n.startswith(("quotameter_", "gen_ai_")))
+    assert missing == [], f"the dashboard reads series no target exposes: {missing}; exposed: {exposed}"
     # And they answer with data where the traffic put some.
     requests = SERVICE_HEALTH.panel("requests_by_outcome").promql[0].expr.replace("$__rate_interval", RATE_INTERVAL)
     assert {r["metric"]["outcome"] for r in p.query(requests)} >= {"admitted", "refused"}
