@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import openai
 import pytest
 import redis
@@ -173,7 +174,11 @@ def test_request_and_token_counters_equal_what_was_served(stack: Stack, traffic:
 
 
 def test_the_alert_rules_load_and_none_fires(stack: Stack) -> None:
-    groups = stack.prometheus.api("rules")["groups"]
+    def evaluated() -> list[dict[str, Any]]:  # every group evaluated once at least (every second here)
+        found = stack.prometheus.api("rules")["groups"]
+        return found if found and all(not g["lastEvaluation"].startswith("0001") for g in found) else []
+
+    groups = wait_for(evaluated, 10, "the rules' first evaluation")
     shipped = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
     assert sorted(loaded) == sorted(r["alert"] for g in shipped for r in g["rules"])
