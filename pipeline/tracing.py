@@ -16,8 +16,9 @@ A batch is not a child of any request: it carries many, so each request is a
 *link* (OpenTelemetry's messaging conventions for batch receivers). A request's
 context is the Kafka record header ``traceparent``, else the CloudEvent's
 ``traceparent`` attribute. At most MAX_LINKS links per span (the SDK's
-default span link limit too); ``quotameter.trace_links.dropped`` counts
-the rest.
+default span link limit too); past it the contexts are not even parsed, and
+``quotameter.trace_links.dropped`` counts the records whose ``traceparent``
+header was left unlinked.
 
 Without a tracer provider (no OTLP endpoint) every span is the API's
 non-recording span: the links are not even looked for.
@@ -81,19 +82,19 @@ def link_requests(span: Span, events: Sequence[Any], cloudevents: Iterable[Any])
 
     def add(traceparent: bytes | str | None) -> None:
         nonlocal dropped
-        context = span_context_of(traceparent)  # None when missing or malformed
-        if context is None or not context.trace_flags.sampled or (context.trace_id, context.span_id) in seen:
+        if len(seen) >= MAX_LINKS:
+            dropped += traceparent is not None  # past the cap: counted, not parsed
             return
-        seen.add((context.trace_id, context.span_id))
-        if len(seen) > MAX_LINKS:
-            dropped += 1
-        else:
+        context = span_context_of(traceparent)  # None when missing or malformed
+        if context is not None and context.trace_flags.sampled and (context.trace_id, context.span_id) not in seen:
+            seen.add((context.trace_id, context.span_id))
             span.add_link(context)
 
     for event in events:
         add(_header(event.message))
-    for cloudevent in cloudevents:
-        add(getattr(cloudevent, TRACEPARENT_HEADER, None))
+    if len(seen) < MAX_LINKS:
+        for cloudevent in cloudevents:
+            add(getattr(cloudevent, TRACEPARENT_HEADER, None))
     if dropped:
         span.set_attribute(DROPPED, dropped)
 
