@@ -51,6 +51,8 @@ LATE_GRACE_S = 60
 # The ledger flush (and so the offset commit) waits this long: the lag stays
 # above 0 long enough for a scrape to see it.
 LEDGER_FLUSH_MS = 3000
+ADMIN_TOKEN = "telemetry-admin-token"
+WEBHOOK_SECRET = "whsec_telemetry"
 MONTHLY_TOKENS = 1000
 ALERTS = 2 * 4  # two customers past 50, 80, 90 and 100 % of MONTHLY_TOKENS (no budget alert: pro's is $500)
 
@@ -214,6 +216,7 @@ class Run:
     stderr: Path
     sent: Sent
     lag_seen: int  # the largest total lag a scrape showed while the batch was in flight
+    stats_without_token: int = 0
     ledger_rows: int = 0
     metrics_text: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -274,7 +277,9 @@ async def run(
         "telemetry": {"log_format": "json"},
         # Both customers pass every token threshold: ALERTS alerts, each posted to the receiver.
         "tiers": {"pro": {"monthly_tokens": MONTHLY_TOKENS}},
-        "alerts": {"webhook_url": receiver.hook_url, "webhook_secret": "whsec_telemetry", "webhook_max_attempts": 3,
+        # /metrics stays open for a scraper without it; the other views do not.
+        "services": {"admin_token": ADMIN_TOKEN},
+        "alerts": {"webhook_url": receiver.hook_url, "webhook_secret": WEBHOOK_SECRET, "webhook_max_attempts": 3,
                    "webhook_backoff_initial_s": 0.05, "webhook_backoff_max_s": 0.1},
     })
     env = {
@@ -319,6 +324,7 @@ async def run(
         current.metrics_text = scrape(config)
         current.ledger_rows = ledger_rows(config)
         current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
+        current.stats_without_token = http_json(f"{config.services.worker_url}/stats")[0]
         wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
         current.exit_code = stop(worker)
         print(f"module ready in {time.monotonic() - began:.1f}s")
@@ -388,6 +394,14 @@ def test_alerts_and_webhook_deliveries_are_counted(run: Run, receiver: Receiver)
     deliveries = {o: value(text, "quotameter_worker_webhook_deliveries_total", outcome=o)
                   for o in ("delivered", "failed", "retried")}
     assert deliveries == {"delivered": ALERTS - 1, "failed": 1, "retried": ALERTS}
+
+
+def test_metrics_need_no_token_and_name_no_customer_event_or_secret(run: Run, tag: str) -> None:
+    assert run.stats_without_token == 401  # scrape() sent no token, and was answered
+    text = run.metrics_text
+    # Customers and event ids are all "<tag>-…"; the topic ("events-<tag>") is the only mention of the tag.
+    assert f"{tag}-" not in text
+    assert ADMIN_TOKEN not in text and WEBHOOK_SECRET not in text
 
 
 def test_lag_was_seen_and_fell_to_zero(run: Run) -> None:
