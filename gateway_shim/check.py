@@ -45,6 +45,7 @@ from gateway_shim.proxy import Proxy
 from gateway_shim.routes import Route, dialect_for
 from quotameter.events import Decision
 from telemetry import logs
+from telemetry.context import TRACEPARENT_HEADER
 
 log = logging.getLogger("gateway_shim.check")
 
@@ -64,7 +65,7 @@ class Check:
         started = time.perf_counter()
         lifecycle = self._proxy.lifecycle
         telemetry = lifecycle.telemetry
-        span = telemetry.server_span(request.method, "/v1/check", request.path)
+        span = telemetry.server_span(request.method, "/v1/check", request.path, request.headers.get(TRACEPARENT_HEADER))
         token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
         try:
             return await self._handle(request, lifecycle, started, span)

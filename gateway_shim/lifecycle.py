@@ -22,6 +22,12 @@ the stream's events, and writes the cut's ending and the error bodies.
 and emits nothing. Past ``open``, every request emits exactly one event,
 whatever its outcome, once ``finish`` runs (adapters call it in a
 ``finally``), after its reservation is settled.
+
+``finish`` also tells telemetry.py what the request did (its metrics, span
+ends and access line); an adapter that knows more sets it on the exchange:
+its method, path and start, its SERVER span, and the upstream call
+(``calling_upstream``, ``upstream_answered``, ``upstream_done``). A sampled
+request's event carries its trace context.
 """
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ class Exchange:
         self.policy = policy = enforcer.policy(self.key, proxied.model)
         estimate, _ = enforcer.estimate(policy, proxied, self.route.streams)
         decision = meter.decision
-        span = life.telemetry.child("quotameter.admit")
+        span = life.telemetry.child(self, "quotameter.admit")
         began = time.perf_counter()
         try:
             ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers,
@@ -305,7 +311,7 @@ class Exchange:
         self.upstream_done()
         life = self._life
         if self.ticket is not None:
-            span = life.telemetry.child("quotameter.settle")
+            span = life.telemetry.child(self, "quotameter.settle")
             await life.enforcer.settle(self.ticket, self.meter)
             if span is not None:
                 span.end()
@@ -325,11 +331,14 @@ class Exchange:
 
     def cost_micro_usd(self) -> int:
         """What the request cost at the shim's prices (0 when it used nothing, or is unpriced)."""
-        usage, meter = self.meter.usage, self.meter
+        meter = self.meter
+        if meter.cost_micro_usd is not None:  # the settle priced it already
+            return meter.cost_micro_usd
+        usage = meter.usage
         if not (usage.input_tokens or usage.output_tokens):
             return 0
-        return self._life.enforcer.estimator.cost_micro_usd(
-            meter.model_served or meter.model_requested, meter.started_at.date(), usage)
+        model = meter.model_served or (self.ticket.model if self.ticket is not None else meter.model_requested)
+        return self._life.enforcer.estimator.cost_micro_usd(model, meter.started_at.date(), usage)
 
 
 class StreamObserver:

@@ -28,6 +28,7 @@ class RequestMeter:
     request_bytes: int = 0
     response_bytes: int = 0
     queued_ms: float | None = None
+    cost_micro_usd: int | None = None  # at the shim's prices, once the settle priced it
     attribution: Attribution = NO_ATTRIBUTION
     event_id: str = field(default_factory=new_event_id)  # also the reservation's id
     _t0: float = field(default_factory=time.perf_counter)

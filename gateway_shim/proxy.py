@@ -44,6 +44,7 @@ from gateway_shim.telemetry import route_label
 from gateway_shim.upstream import Upstream, client_headers
 from quotameter.config import Config
 from telemetry import logs
+from telemetry.context import TRACEPARENT_HEADER
 
 log = logging.getLogger("gateway_shim.proxy")
 
@@ -67,10 +68,10 @@ class Proxy:
         try:
             route = self.lifecycle.route(request.method, path)
         except ShimError as exc:
-            span = telemetry.server_span(request.method, None, request.path)
+            span = telemetry.server_span(request.method, None, request.path, request.headers.get(TRACEPARENT_HEADER))
             telemetry.unopened(request.method, request.path, "unknown", exc.code, exc.status, started, span)
             return error_response(exc)
-        span = telemetry.server_span(request.method, route.name, request.path)
+        span = telemetry.server_span(request.method, route.name, request.path, request.headers.get(TRACEPARENT_HEADER))
         token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
         try:
             try:

@@ -11,7 +11,8 @@ and hashes the attributes for every reader on every call (~10 µs here). So:
   They export exactly as synchronous counters do (cumulative sums).
 - histograms are recorded once per request, after its answer is written
   (``loop.call_soon`` from ``finish``: the handler's step that writes the
-  answer runs first), with attribute dicts built once per attribute tuple.
+  answer runs first), with attribute dicts built once per attribute tuple,
+  which lets otel_histograms.py skip the SDK's per-call attribute work.
 - spans exist only when a tracer provider is set (an OTLP endpoint); without
   one no span object is made at all.
 
@@ -33,9 +34,11 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, SpanKind, Status, StatusCode
 
+from gateway_shim.otel_histograms import FastHistogram
 from quotameter.config import Config
 from quotameter.events import Decision
 from telemetry import logs
+from telemetry.context import extract
 
 if TYPE_CHECKING:
     from gateway_shim.emitter import EventEmitter
@@ -147,21 +150,21 @@ _meter.create_observable_gauge("quotameter.shim.spool.depth", [_spool_depth], un
 _meter.create_observable_gauge("quotameter.shim.spool.age", [_spool_age], unit="s",
                                description="Age of the oldest undelivered usage event (0 when none)")
 
-_admission_duration = _meter.create_histogram(
+_admission_duration = FastHistogram(_meter.create_histogram(
     "quotameter.shim.admission.duration", unit="s", description="Admission, from the body read to the decision",
-    explicit_bucket_boundaries_advisory=_ADMISSION_S)
-_added_duration = _meter.create_histogram(
+    explicit_bucket_boundaries_advisory=_ADMISSION_S))
+_added_duration = FastHistogram(_meter.create_histogram(
     "quotameter.shim.added.duration", unit="s", description="The proxy's own time: the request's minus the upstream's",
-    explicit_bucket_boundaries_advisory=_ADDED_S)
-_upstream_duration = _meter.create_histogram(
+    explicit_bucket_boundaries_advisory=_ADDED_S))
+_upstream_duration = FastHistogram(_meter.create_histogram(
     "quotameter.shim.upstream.duration", unit="s", description="The upstream call, to its last byte",
-    explicit_bucket_boundaries_advisory=_OPERATION_S)
-_token_usage = _meter.create_histogram(
+    explicit_bucket_boundaries_advisory=_OPERATION_S))
+_token_usage = FastHistogram(_meter.create_histogram(
     "gen_ai.client.token.usage", unit="{token}", description="Tokens used per GenAI operation",
-    explicit_bucket_boundaries_advisory=_TOKENS)
-_operation_duration = _meter.create_histogram(
+    explicit_bucket_boundaries_advisory=_TOKENS))
+_operation_duration = FastHistogram(_meter.create_histogram(
     "gen_ai.client.operation.duration", unit="s", description="GenAI operation duration",
-    explicit_bucket_boundaries_advisory=_OPERATION_S)
+    explicit_bucket_boundaries_advisory=_OPERATION_S))
 
 
 def register_emitter(emitter: EventEmitter) -> None:
@@ -218,20 +221,25 @@ class ShimTelemetry:
 
     # -- spans (only when tracing) --------------------------------------------
 
-    def server_span(self, method: str, route_path: str | None, path: str) -> trace.Span | None:
-        """The request's SERVER span (``None`` when not tracing); the caller makes it current."""
+    def server_span(self, method: str, route_path: str | None, path: str,
+                    traceparent: str | None = None) -> trace.Span | None:
+        """The request's SERVER span, or None when not tracing or sampled out (then
+        nothing more of the request's trace is made). ``traceparent``: the client's,
+        whose sampling decision a parent-based sampler follows. The caller makes it current."""
         if not self.tracing:
             return None
         name = f"{method} {route_path}" if route_path else method
-        return _tracer.start_span(name, kind=SpanKind.SERVER,
+        span = _tracer.start_span(name, context=extract(traceparent) if traceparent else None, kind=SpanKind.SERVER,
                                   attributes={"http.request.method": method, "url.path": path})
+        return span if span.is_recording() else None
 
-    def child(self, name: str) -> trace.Span | None:
-        return _tracer.start_span(name) if self.tracing else None
+    def child(self, exchange: Exchange, name: str) -> trace.Span | None:
+        """A span under the request's (current) SERVER span, when that one is recorded."""
+        return _tracer.start_span(name) if exchange.span is not None else None
 
     def client_span(self, exchange: Exchange) -> trace.Span | None:
         """The upstream call as a GenAI CLIENT span (an HTTP one for a route that is no GenAI operation)."""
-        if not self.tracing:
+        if exchange.span is None:
             return None
         operation = _ROUTES.get(exchange.route.name, (None, None))[1]
         if operation is None:

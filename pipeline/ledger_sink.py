@@ -48,6 +48,7 @@ class LedgerSink:
         self._events: list[EventT] = []
         self._since = 0.0
         self._batches: list[SpanContext] = []  # the traced batches whose rows are buffered
+        self._oldest_ms: int | None = None  # the oldest buffered row's event time
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.inserted = 0
@@ -59,14 +60,18 @@ class LedgerSink:
     def buffered(self) -> int:
         return len(self._rows)
 
-    async def add(self, rows: Sequence[PricedEvent], events: Sequence[EventT]) -> None:
-        """Buffer a batch's new rows and every event of it (acked after the insert)."""
+    async def add(self, rows: Sequence[PricedEvent], events: Sequence[EventT], oldest_ms: int | None = None) -> None:
+        """Buffer a batch's new rows and every event of it (acked after the
+        insert); ``oldest_ms``: the rows' oldest event time, if the caller knows it."""
         if not self._events:
             self._since = time.monotonic()
         self._rows.extend(rows)
         self._events.extend(events)
-        if rows and (batch := tracing.current_context()) is not None:
-            self._batches.append(batch)
+        if rows:
+            oldest_ms = min(p.event.time_ms for p in rows) if oldest_ms is None else oldest_ms
+            self._oldest_ms = oldest_ms if self._oldest_ms is None else min(self._oldest_ms, oldest_ms)
+            if (batch := tracing.current_context()) is not None:
+                self._batches.append(batch)
         if len(self._rows) >= 2 * self.batch_rows:
             await self.flush()  # back-pressure: never more than two batches behind
         elif len(self._rows) >= self.batch_rows:
@@ -83,14 +88,14 @@ class LedgerSink:
 
     async def flush(self) -> None:
         async with self._lock:
-            rows, events, batches = self._rows, self._events, self._batches
-            self._rows, self._events, self._batches = [], [], []
+            rows, events, batches, oldest_ms = self._rows, self._events, self._batches, self._oldest_ms
+            self._rows, self._events, self._batches, self._oldest_ms = [], [], [], None
             if not events:
                 return
             if rows:
                 with tracing.insert_span(batches):
                     await self._insert(rows)
-                telemetry.freshness("ledger", min(p.event.time_ms for p in rows), time.time_ns() // 1_000_000)
+                telemetry.freshness("ledger", oldest_ms or 0, time.time_ns() // 1_000_000)
             self.recent.confirm(p.event.id for p in rows)
             if self.on_inserted is not None:
                 self.on_inserted(rows)

@@ -16,17 +16,19 @@ A batch is not a child of any request: it carries many, so each request is a
 *link* (OpenTelemetry's messaging conventions for batch receivers). A request's
 context is the Kafka record header ``traceparent``, else the CloudEvent's
 ``traceparent`` attribute. At most MAX_LINKS links per span (the SDK's
-default span link limit too); ``quotameter.trace_links.dropped`` counts
-the rest.
+default span link limit too); past it the contexts are not even parsed, and
+``quotameter.trace_links.dropped`` counts the records whose ``traceparent``
+header was left unlinked.
 
-Without a tracer provider (no OTLP endpoint) every span is the API's
-non-recording span: the links are not even looked for.
+Without a tracer provider (no OTLP endpoint) no span is started at all
+(the API's no-op spans still cost a context switch each, about as much as
+the batch's metrics), and the links are not even looked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -40,8 +42,16 @@ DROPPED = "quotameter.trace_links.dropped"
 _tracer = trace.get_tracer("quotameter.worker")
 
 
+def _traced() -> bool:
+    """Whether a tracer provider is set (telemetry.setup sets one only for an OTLP endpoint)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 @contextmanager
 def batch_span(topic: str, group: str) -> Iterator[Span]:
+    if not _traced():
+        yield trace.INVALID_SPAN
+        return
     attributes = {
         "messaging.system": "kafka",
         "messaging.destination.name": topic,
@@ -55,7 +65,7 @@ def batch_span(topic: str, group: str) -> Iterator[Span]:
 
 def stage_span(name: str) -> Any:
     """A child of the current span for one stage of the batch."""
-    return _tracer.start_as_current_span(name)
+    return _tracer.start_as_current_span(name) if _traced() else nullcontext()
 
 
 def _header(message: Any) -> bytes | str | None:
@@ -81,19 +91,19 @@ def link_requests(span: Span, events: Sequence[Any], cloudevents: Iterable[Any])
 
     def add(traceparent: bytes | str | None) -> None:
         nonlocal dropped
-        context = span_context_of(traceparent)  # None when missing or malformed
-        if context is None or not context.trace_flags.sampled or (context.trace_id, context.span_id) in seen:
+        if len(seen) >= MAX_LINKS:
+            dropped += traceparent is not None  # past the cap: counted, not parsed
             return
-        seen.add((context.trace_id, context.span_id))
-        if len(seen) > MAX_LINKS:
-            dropped += 1
-        else:
+        context = span_context_of(traceparent)  # None when missing or malformed
+        if context is not None and context.trace_flags.sampled and (context.trace_id, context.span_id) not in seen:
+            seen.add((context.trace_id, context.span_id))
             span.add_link(context)
 
     for event in events:
         add(_header(event.message))
-    for cloudevent in cloudevents:
-        add(getattr(cloudevent, TRACEPARENT_HEADER, None))
+    if len(seen) < MAX_LINKS:
+        for cloudevent in cloudevents:
+            add(getattr(cloudevent, TRACEPARENT_HEADER, None))
     if dropped:
         span.set_attribute(DROPPED, dropped)
 
@@ -106,6 +116,8 @@ def current_context() -> SpanContext | None:
 
 def insert_span(batches: Sequence[SpanContext]) -> Any:
     """``quotameter.ledger_insert`` under the oldest of ``batches``, linked to the others."""
+    if not _traced():
+        return nullcontext()
     if not batches:
         return _tracer.start_as_current_span("quotameter.ledger_insert")
     parent = trace.set_span_in_context(trace.NonRecordingSpan(batches[0]))

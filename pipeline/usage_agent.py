@@ -125,7 +125,8 @@ class UsageSink:
         #    next batch.
         with tracing.stage_span("quotameter.redis_write"):
             written = await self.writer.write(result.periods, result.ids)
-        self._redis_freshness(fresh, written)
+        oldest_ms = min(d.time_ms for d in fresh) if fresh else None  # the freshness of this batch's writes
+        self._redis_freshness(oldest_ms, fresh, written)
         # 6. Alerts fire once per threshold (the engine claims each in Redis).
         if self.observer is not None:
             # ALERTS-HOOK: the one call site of the alert engine (pipeline.alerts).
@@ -136,17 +137,16 @@ class UsageSink:
                 )
         # 7. Ledger rows of the new ids; every event of the batch is acked
         #    after they are written.
-        await self.ledger.add(result.rows, events)
+        await self.ledger.add(result.rows, events, oldest_ms)
         self._count(events, delivered, fresh, dead, result.late, result.seeded)
 
-    def _redis_freshness(self, fresh: list[Delivered], written: bool) -> None:
-        if fresh:
-            oldest = min(d.priced.event.time_ms for d in fresh)
-            self._unwritten_ms = oldest if self._unwritten_ms is None else min(self._unwritten_ms, oldest)
+    def _redis_freshness(self, oldest_ms: int | None, fresh: list[Delivered], written: bool) -> None:
+        if oldest_ms is not None:
+            self._unwritten_ms = oldest_ms if self._unwritten_ms is None else min(self._unwritten_ms, oldest_ms)
         if not written or self._unwritten_ms is None:
             return  # kept by the writer for the next batch: fresh only once that one is written
         written_ms = self.freshness.clock_ms()
-        self.freshness.observe("redis", (d.priced.event.time_ms for d in fresh), written_ms)
+        self.freshness.observe("redis", (d.time_ms for d in fresh), written_ms)
         telemetry.freshness("redis", self._unwritten_ms, written_ms)
         self._unwritten_ms = None
 

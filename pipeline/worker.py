@@ -6,6 +6,11 @@ ledger's totals of the current period where it has none or older ones
 (``pipeline.rebuild``), then run Faust until SIGINT/SIGTERM. Once the worker
 has joined its group and recovered its tables it prints
 ``quotameter worker ready`` on stdout and ``GET /healthz`` answers 200.
+
+Everything else it says goes to stderr as log lines in ``telemetry.log_format``
+(json: one object per line, Faust's and the libraries' lines included); its
+metrics are on ``GET /metrics`` (pipeline.telemetry) and its spans go to the
+OTLP endpoint of the ``OTEL_*`` variables, if any (pipeline.tracing).
 """
 
 from __future__ import annotations

@@ -134,7 +134,13 @@ class UsageEvent(BaseModel):
     # CloudEvents' distributed-tracing extension: the W3C trace context of the
     # request, only when its trace was sampled. Last, so that a reader finds
     # it at the end of the encoded event without parsing it (traceparent_of).
-    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
+    traceparent: str | None = None
+
+    @field_validator("traceparent", mode="before")
+    @classmethod
+    def _trace_context(cls, value: object) -> str | None:
+        # A malformed one is dropped, never a reason to refuse usage (it is not billing data).
+        return value if isinstance(value, str) and _TRACEPARENT_RE.fullmatch(value) else None
 
     @field_validator("type")
     @classmethod

@@ -143,3 +143,23 @@ async def test_token_usage_metric_arrives_over_otlp(traced: RunningShim, otlp_re
     tokens = otlp_receiver.latest_points("quotameter.shim.tokens")
     assert {p.attributes["type"]: p.value for p in tokens if p.attributes["model"] == METRIC_MODEL} == {
         "input": served[0], "output": served[1]}
+
+
+async def test_the_clients_trace_context_is_followed(traced: RunningShim, otlp_receiver: OtlpReceiver) -> None:
+    """A client's sampled traceparent makes the request part of its trace; an unsampled
+    one (parent-based sampling) leaves no span, and the event no trace context."""
+    key, _ = traced.new_key("joined-co", "metered")
+    joined, dropped = "5" * 32, "6" * 32
+    async with traced.client(key) as client:
+        for trace_id, flags in ((joined, "01"), (dropped, "00")):
+            await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=2,
+                                                 extra_headers={"traceparent": f"00-{trace_id}-{'7' * 16}-{flags}"})
+    server = (await otlp_receiver.wait_for(
+        lambda: [s for s in otlp_receiver.spans if s.kind == "SERVER" and s.trace_id == joined], 15, "joined span"))[0]
+    assert server.parent_span_id == "7" * 16
+    records = await read_topic(traced.config.services.kafka_bootstrap, traced.config.services.events_topic, 2,
+                               keys={b"joined-co"})
+    contexts = sorted(json.loads(r.value).get("traceparent", "none")[:35] for r in records)
+    assert contexts == [f"00-{joined}", "none"]
+    await asyncio.sleep(0.5)  # a batch of spans more: none of the unsampled request's
+    assert not [s for s in otlp_receiver.spans if s.trace_id == dropped]

@@ -51,29 +51,45 @@ LATE_GRACE_S = 60
 # The ledger flush (and so the offset commit) waits this long: the lag stays
 # above 0 long enough for a scrape to see it.
 LEDGER_FLUSH_MS = 3000
-MODULE_BUDGET_S = 40
+ADMIN_TOKEN = "telemetry-admin-token"
+WEBHOOK_SECRET = "whsec_telemetry"
+MONTHLY_TOKENS = 1000
+ALERTS = 2 * 4  # two customers past 50, 80, 90 and 100 % of MONTHLY_TOKENS (no budget alert: pro's is $500)
 
 
 # ---------------------------------------------------------------- an OTLP/HTTP traces receiver
 
 
-class SpanReceiver:
-    """Takes OTLP/HTTP protobuf exports on 127.0.0.1, as a collector would."""
+class Receiver:
+    """Takes OTLP/HTTP protobuf exports on 127.0.0.1, as a collector would, and
+    the alerts' webhook: the first POST of each alert gets a 500, a retry 200,
+    except the 100 % alert of REJECTED_CUSTOMER: 400 (given up, not retried)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rejected_customer: str) -> None:
         self.spans: list[Span] = []
+        self.hooks: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/v1/traces":
-                    request = ExportTraceServiceRequest.FromString(body)
+                if self.path == "/hook":
+                    alert = json.loads(body)
+                    data = alert["data"]
                     with receiver.lock:
-                        receiver.spans.extend(
-                            span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
-                        )
+                        first = all(hook["id"] != alert["id"] for hook in receiver.hooks)
+                        receiver.hooks.append({"id": alert["id"], "data": data})
+                    rejected = data["customer"] == rejected_customer and data["threshold_pct"] == 100
+                    self.send_response(500 if first else 400 if rejected else 200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                request = ExportTraceServiceRequest.FromString(body)
+                with receiver.lock:
+                    receiver.spans.extend(
+                        span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
+                    )
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -86,6 +102,7 @@ class SpanReceiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        self.hook_url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def named(self, name: str) -> list[Span]:
@@ -94,8 +111,14 @@ class SpanReceiver:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[SpanReceiver]:
-    receiver = SpanReceiver()
+def tag() -> str:
+    """This module's customers, topic, prefix and app id."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def receiver(tag: str) -> Iterator[Receiver]:
+    receiver = Receiver(rejected_customer=f"{tag}-b")
     receiver.thread.start()
     yield receiver
     receiver.server.shutdown()
@@ -193,6 +216,7 @@ class Run:
     stderr: Path
     sent: Sent
     lag_seen: int  # the largest total lag a scrape showed while the batch was in flight
+    stats_without_token: int = 0
     ledger_rows: int = 0
     metrics_text: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -243,15 +267,21 @@ def stop(worker: subprocess.Popen[bytes]) -> int:
 
 @pytest.fixture(scope="module")
 async def run(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootstrap: str, receiver: SpanReceiver
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, kafka_bootstrap: str, receiver: Receiver, tag: str
 ) -> AsyncIterator[Run]:
     began = time.monotonic()
     directory = tmp_path_factory.mktemp("worker-telemetry")
-    unique = uuid.uuid4().hex[:10]
-    config, path = make_config(
-        directory, redis_url, kafka_bootstrap, unique,
-        {"pipeline": {"late_grace_s": LATE_GRACE_S, "ledger_flush_ms": LEDGER_FLUSH_MS}, "telemetry": {"log_format": "json"}},
-    )
+    unique = tag
+    config, path = make_config(directory, redis_url, kafka_bootstrap, unique, {
+        "pipeline": {"late_grace_s": LATE_GRACE_S, "ledger_flush_ms": LEDGER_FLUSH_MS},
+        "telemetry": {"log_format": "json"},
+        # Both customers pass every token threshold: ALERTS alerts, each posted to the receiver.
+        "tiers": {"pro": {"monthly_tokens": MONTHLY_TOKENS}},
+        # /metrics stays open for a scraper without it; the other views do not.
+        "services": {"admin_token": ADMIN_TOKEN},
+        "alerts": {"webhook_url": receiver.hook_url, "webhook_secret": WEBHOOK_SECRET, "webhook_max_attempts": 3,
+                   "webhook_backoff_initial_s": 0.05, "webhook_backoff_max_s": 0.1},
+    })
     env = {
         **os.environ,
         "QUOTAMETER_CONFIG": str(path),
@@ -287,16 +317,26 @@ async def run(
         wait_for(lambda: ledger_rows(config) == len(sent.unique), 30, "every unique event in the ledger")
         wait_for(lambda: (p := lag(scrape(config), topic)) and len(p) == 4 and not any(p.values()), 15,
                  "the lag of all 4 partitions to fall to 0")
+        # Every alert posted twice (500, then 200 or 400), each counted once its last answer was read.
+        wait_for(lambda: len(receiver.hooks) == 2 * ALERTS, 15, f"{2 * ALERTS} webhook requests")
+        wait_for(lambda: ended_deliveries(scrape(config)) == ALERTS, 5, "every delivery counted")
         current = Run(config, worker, stdout, stderr, sent, int(lag_seen))
         current.metrics_text = scrape(config)
         current.ledger_rows = ledger_rows(config)
         current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
+        current.stats_without_token = http_json(f"{config.services.worker_url}/stats")[0]
         wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
         current.exit_code = stop(worker)
         print(f"module ready in {time.monotonic() - began:.1f}s")
         yield current
     finally:
         stop(worker)
+
+
+def ended_deliveries(text: str) -> float:
+    found = samples(text)
+    return sum(found.get(("quotameter_worker_webhook_deliveries_total", frozenset({("outcome", o)})), 0)
+               for o in ("delivered", "failed"))
 
 
 def ledger_rows(config: Config) -> int:
@@ -345,12 +385,31 @@ def test_freshness_is_one_observation_per_write_and_the_late_event_shows(run: Ru
     assert failures in (None, 0)  # no insert failed (a counter never added to is not exported)
 
 
+def test_alerts_and_webhook_deliveries_are_counted(run: Run, receiver: Receiver) -> None:
+    text = run.metrics_text
+    assert value(text, "quotameter_worker_alerts_fired_total", kind="tokens") == ALERTS
+    assert not [name for (name, labels) in samples(text) if name == "quotameter_worker_alerts_fired_total"
+                and dict(labels)["kind"] != "tokens"]
+    assert len({hook["id"] for hook in receiver.hooks}) == ALERTS
+    deliveries = {o: value(text, "quotameter_worker_webhook_deliveries_total", outcome=o)
+                  for o in ("delivered", "failed", "retried")}
+    assert deliveries == {"delivered": ALERTS - 1, "failed": 1, "retried": ALERTS}
+
+
+def test_metrics_need_no_token_and_name_no_customer_event_or_secret(run: Run, tag: str) -> None:
+    assert run.stats_without_token == 401  # scrape() sent no token, and was answered
+    text = run.metrics_text
+    # Customers and event ids are all "<tag>-…"; the topic ("events-<tag>") is the only mention of the tag.
+    assert f"{tag}-" not in text
+    assert ADMIN_TOKEN not in text and WEBHOOK_SECRET not in text
+
+
 def test_lag_was_seen_and_fell_to_zero(run: Run) -> None:
     assert run.lag_seen > 0
     assert lag(run.metrics_text, run.config.services.events_topic) == {0: 0, 1: 0, 2: 0, 3: 0}
 
 
-def test_batch_spans_link_the_requests_and_hold_the_stages(run: Run, receiver: SpanReceiver) -> None:
+def test_batch_spans_link_the_requests_and_hold_the_stages(run: Run, receiver: Receiver) -> None:
     topic = run.config.services.events_topic
     batches = receiver.named(f"process {topic}")
     assert batches, [span.name for span in receiver.spans]
