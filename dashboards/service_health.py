@@ -24,7 +24,7 @@ def rate(series: str, by: str) -> str:
 def quantiles(histogram: str, *, selector: str = "", by: str = "") -> tuple[PromQuery, ...]:
     """p50 and p99 of a histogram, over all instances (per ``by`` label when given)."""
     group = f"{by}, le" if by else "le"
-    legend = f"{{{{{by}}}}} " if by else ""
+    legend = f"{by} {{{{{by}}}}} " if by else ""  # "streamed true p99"
     return tuple(
         PromQuery(f"histogram_quantile({q}, sum by ({group}) (rate({histogram}_bucket{selector}[{RATE}])))",
                   f"{legend}p{int(q * 100)}")
