@@ -156,6 +156,21 @@ def traffic(stack: Stack) -> Served:
     return served
 
 
+def test_the_alert_rules_load_and_none_fires(stack: Stack) -> None:
+    # First in the module: the stack is healthy, no fault injected yet.
+    def evaluated() -> list[dict[str, Any]]:  # every group evaluated once at least (every second here)
+        found = stack.prometheus.api("rules")["groups"]
+        return found if found and all(not g["lastEvaluation"].startswith("0001") for g in found) else []
+
+    groups = wait_for(evaluated, 10, "the rules' first evaluation")
+    shipped = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    loaded = {r["name"]: r for g in groups for r in g["rules"]}
+    assert sorted(loaded) == sorted(r["alert"] for g in shipped for r in g["rules"])
+    for name, rule in loaded.items():
+        assert (rule["type"], rule["health"]) == ("alerting", "ok"), (name, rule.get("lastError"))
+        assert rule["state"] == "inactive", f"{name} is {rule['state']} on a healthy stack: {rule['alerts']}"
+
+
 def test_request_and_token_counters_equal_what_was_served(stack: Stack, traffic: Served) -> None:
     p = stack.prometheus
     settle(p, 'sum by (outcome) (quotameter_shim_requests_total{job="quotameter-shim", route="chat"})', "outcome",
@@ -171,20 +186,6 @@ def test_request_and_token_counters_equal_what_was_served(stack: Stack, traffic:
     # Every event the worker consumed, once.
     settle(p, 'sum by (outcome) (quotameter_worker_events_total{outcome="consumed"})', "outcome",
            {"consumed": float(sum(traffic.outcomes.values()))}, "worker events")
-
-
-def test_the_alert_rules_load_and_none_fires(stack: Stack) -> None:
-    def evaluated() -> list[dict[str, Any]]:  # every group evaluated once at least (every second here)
-        found = stack.prometheus.api("rules")["groups"]
-        return found if found and all(not g["lastEvaluation"].startswith("0001") for g in found) else []
-
-    groups = wait_for(evaluated, 10, "the rules' first evaluation")
-    shipped = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
-    loaded = {r["name"]: r for g in groups for r in g["rules"]}
-    assert sorted(loaded) == sorted(r["alert"] for g in shipped for r in g["rules"])
-    for name, rule in loaded.items():
-        assert (rule["type"], rule["health"]) == ("alerting", "ok"), (name, rule.get("lastError"))
-        assert rule["state"] == "inactive", f"{name} is {rule['state']} on a healthy stack: {rule['alerts']}"
 
 
 def test_every_dashboard_expression_evaluates(stack: Stack, traffic: Served) -> None:
