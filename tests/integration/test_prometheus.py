@@ -3,7 +3,7 @@ deploy/prometheus/prometheus.yml (scrape every second) and its alert rules,
 scraping a real shim and a real worker. Known traffic goes through the shim
 with the official openai client: admitted answers (JSON and streamed), one
 the model fails, and refusals. Through Prometheus's HTTP API the request
-counters by outcome and the token counters equal what the client was served,
+counters by outcome, the token counters and the cost (integer micro-USD) equal what the client was served,
 and what the ledger holds; the rules load; every PromQL expression of the
 service-health dashboard evaluates; and the built-in dashboard's live figures
 are the ones Prometheus scraped."""
@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 import openai
@@ -42,6 +43,7 @@ JSON_MAX_TOKENS = (7, 9, 11)
 STREAM_MAX_TOKENS = (5, 13)
 TIERS = {"watched": {"requests_per_minute": RPM, "tokens_per_minute": 1_000_000, "default_max_tokens": 50}}
 PRICES = [{"model": "mock-small", "input_per_million_usd": "1.00", "output_per_million_usd": "2.00"}]
+PRICE_MICRO_USD = {"input": 1, "output": 2}  # per token: the prices above
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for at a 15 s scrape
 
 
@@ -183,6 +185,14 @@ def test_request_and_token_counters_equal_what_was_served(stack: Stack, traffic:
     assert scraped(p, 'sum by (reason) (quotameter_shim_requests_total{outcome="refused"})', "reason") == {
         "rate_limit_requests": 2.0}
     assert scraped(p, "sum by (kind) (quotameter_shim_upstream_errors_total)", "kind") == {"status_5xx": 1.0}
+    # The shim's cost in integer micro-USD is the ledger's exact Decimal (the same prices).
+    status, body = http_json(f"{stack.config.services.worker_url}/query",
+                             f"SELECT toString(sum(cost_usd)) AS usd FROM quotameter.events WHERE customer = '{CUSTOMER}'")
+    assert status == 200, body
+    ledger_micro_usd = Decimal(body["rows"][0]["usd"]) * 1_000_000
+    expected_micro_usd = (traffic.input_tokens * PRICE_MICRO_USD["input"] + traffic.output_tokens * PRICE_MICRO_USD["output"])
+    assert ledger_micro_usd == expected_micro_usd
+    assert scraped(p, "sum(quotameter_shim_cost_total)", "") == {"": float(expected_micro_usd)}
     # Every event the worker consumed, once.
     settle(p, 'sum by (outcome) (quotameter_worker_events_total{outcome="consumed"})', "outcome",
            {"consumed": float(sum(traffic.outcomes.values()))}, "worker events")
