@@ -3,10 +3,10 @@ deploy/prometheus/prometheus.yml (scrape every second) and its alert rules,
 scraping a real shim and a real worker. Known traffic goes through the shim
 with the official openai client: admitted answers (JSON and streamed), one
 the model fails, and refusals. Through Prometheus's HTTP API the request
-counters by outcome, the token counters and the cost (integer micro-USD) equal what the client was served,
-and what the ledger holds; the rules load; every PromQL expression of the
-service-health dashboard evaluates; and the built-in dashboard's live figures
-are the ones Prometheus scraped."""
+counters by outcome, the token counters and the cost (integer micro-USD)
+equal what the client was served, and what the ledger holds; the rules load;
+every PromQL expression of the service-health dashboard evaluates; and the
+built-in dashboard's live figures are the ones Prometheus scraped."""
 
 from __future__ import annotations
 
