@@ -217,7 +217,7 @@ class Run:
     sent: Sent
     lag_seen: int  # the largest total lag a scrape showed while the batch was in flight
     stats_without_token: int = 0
-    ledger_rows: int = 0
+    ledger: dict[str, int] = field(default_factory=dict)
     metrics_text: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
@@ -322,7 +322,7 @@ async def run(
         wait_for(lambda: ended_deliveries(scrape(config)) == ALERTS, 5, "every delivery counted")
         current = Run(config, worker, stdout, stderr, sent, int(lag_seen))
         current.metrics_text = scrape(config)
-        current.ledger_rows = ledger_rows(config)
+        current.ledger = ledger(config)
         current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
         current.stats_without_token = http_json(f"{config.services.worker_url}/stats")[0]
         wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
@@ -340,13 +340,18 @@ def ended_deliveries(text: str) -> float:
 
 
 def ledger_rows(config: Config) -> int:
+    return ledger(config)["rows"]
+
+
+def ledger(config: Config) -> dict[str, int]:
+    """Rows (no FINAL: a row written twice would show) and their tokens."""
     status, body = http_json(
         f"{config.services.worker_url}/query",
-        "SELECT count() AS n FROM quotameter.events",
+        "SELECT count() AS rows, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens FROM quotameter.events",
         config=config,
     )
     assert status == 200, body
-    return int(body["rows"][0]["n"])
+    return {name: int(value) for name, value in body["rows"][0].items()}
 
 
 # ---------------------------------------------------------------- the tests
@@ -362,7 +367,11 @@ def test_metrics_count_every_record_under_its_outcome(run: Run) -> None:
                        "dead_lettered": sent.dead_lettered}
     assert sum(counted.values()) == len(sent.records)
     # The same as the ledger (every unique event, each once) and the worker's own counters.
-    assert run.ledger_rows == len(sent.unique) == counted["consumed"] + counted["late"]
+    assert run.ledger == {
+        "rows": counted["consumed"] + counted["late"],
+        "input_tokens": sum(event.data.input_tokens for event in sent.unique),
+        "output_tokens": sum(event.data.output_tokens for event in sent.unique),
+    }
     assert run.stats["applied"] == sent.on_time + sent.late and run.stats["malformed"] == sent.dead_lettered
     # One batch-size observation per batch, summing to every record read.
     assert value(text, "quotameter_worker_batch_size_count") == run.stats["batches"]
