@@ -27,6 +27,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -67,6 +71,8 @@ class Receiver:
 
     def __init__(self, rejected_customer: str) -> None:
         self.spans: list[Span] = []
+        self.events: dict[str, int] = {}  # quotameter.worker.events by outcome, as last exported (cumulative)
+        self.lag: dict[int, int] = {}  # quotameter.worker.consumer.lag by partition, last export that had any
         self.hooks: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         receiver = self
@@ -85,12 +91,16 @@ class Receiver:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                request = ExportTraceServiceRequest.FromString(body)
-                with receiver.lock:
-                    receiver.spans.extend(
-                        span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
-                    )
-                reply = ExportTraceServiceResponse().SerializeToString()
+                if self.path == "/v1/metrics":
+                    receiver.take_metrics(ExportMetricsServiceRequest.FromString(body))
+                    reply = ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    request = ExportTraceServiceRequest.FromString(body)
+                    with receiver.lock:
+                        receiver.spans.extend(
+                            span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
+                        )
+                    reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))
@@ -101,9 +111,24 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.hook_url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def take_metrics(self, request: ExportMetricsServiceRequest) -> None:
+        lag: dict[int, int] = {}
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "quotameter.worker.events":
+                        for point in metric.sum.data_points:
+                            outcome = {a.key: a.value.string_value for a in point.attributes}["outcome"]
+                            self.events[outcome] = point.as_int
+                    elif metric.name == "quotameter.worker.consumer.lag":
+                        for point in metric.gauge.data_points:
+                            lag[{a.key: a.value.int_value for a in point.attributes}["partition"]] = point.as_int
+        if lag:
+            self.lag = lag
 
     def named(self, name: str) -> list[Span]:
         with self.lock:
@@ -285,8 +310,10 @@ async def run(
     env = {
         **os.environ,
         "QUOTAMETER_CONFIG": str(path),
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
+        # Spans and metrics over OTLP/HTTP to the receiver, besides /metrics.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the receiver soon
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",  # ms
         # Faust's own INFO lines too (assignment tables span many lines): each must still be one JSON line.
         "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL": "INFO",
     }
@@ -326,6 +353,7 @@ async def run(
         current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
         current.stats_without_token = http_json(f"{config.services.worker_url}/stats")[0]
         wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
+        wait_for(lambda: receiver.lag == {0: 0, 1: 0, 2: 0, 3: 0}, 5, "an OTLP export of the lag at 0")
         current.exit_code = stop(worker)
         print(f"module ready in {time.monotonic() - began:.1f}s")
         yield current
@@ -376,6 +404,15 @@ def test_metrics_count_every_record_under_its_outcome(run: Run) -> None:
     # One batch-size observation per batch, summing to every record read.
     assert value(text, "quotameter_worker_batch_size_count") == run.stats["batches"]
     assert value(text, "quotameter_worker_batch_size_sum") == len(sent.records)
+
+
+def test_otlp_export_carries_the_same_counts(run: Run, receiver: Receiver) -> None:
+    """The periodic OTLP reader (its last export at shutdown) sees what /metrics showed."""
+    text = run.metrics_text
+    assert receiver.events == {
+        outcome: int(value(text, "quotameter_worker_events_total", outcome=outcome))
+        for outcome in ("consumed", "late", "duplicate", "dead_lettered")
+    }
 
 
 def test_freshness_is_one_observation_per_write_and_the_late_event_shows(run: Run) -> None:
