@@ -28,17 +28,24 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import redis.exceptions
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from gateway_shim.attribution import header_value
 from gateway_shim.check_tickets import CheckTickets
+from gateway_shim.dialects import Dialect
 from gateway_shim.errors import Answer, ShimError, error_answer
+from gateway_shim.lifecycle import Exchange, Lifecycle
 from gateway_shim.proxy import Proxy
 from gateway_shim.routes import Route, dialect_for
 from quotameter.events import Decision
+from telemetry import logs
+from telemetry.context import TRACEPARENT_HEADER
 
 log = logging.getLogger("gateway_shim.check")
 
@@ -55,7 +62,19 @@ class Check:
         self.tickets = tickets
 
     async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
         lifecycle = self._proxy.lifecycle
+        telemetry = lifecycle.telemetry
+        span = telemetry.server_span(request.method, "/v1/check", request.path, request.headers.get(TRACEPARENT_HEADER))
+        token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
+        try:
+            return await self._handle(request, lifecycle, started, span)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def _handle(self, request: web.Request, lifecycle: Lifecycle, started: float, span: object | None
+                      ) -> web.Response:
         uri = _route(request)
         dialect = dialect_for(uri)  # the API the proxy forwards to: its body fields, its error bodies
         route = Route(uri, has_body=True, streams=True, dialect=dialect)
@@ -64,7 +83,15 @@ class Check:
                 route, dialect.credentials(request.headers), None, self._proxy.auth.client_of(request)
             )
         except ShimError as exc:
+            lifecycle.telemetry.unopened(request.method, request.path, "check", exc.code, exc.status, started, span)
             return _refused(error_answer(exc, dialect=dialect))
+        exchange.route_label, exchange.method, exchange.path = "check", request.method, request.path
+        exchange.started, exchange.span = started, span
+        with logs.request_context(exchange.meter.event_id, exchange.key.customer, exchange.key.key_id):
+            return await self._admit(request, lifecycle, exchange, dialect)
+
+    async def _admit(self, request: web.Request, lifecycle: Lifecycle, exchange: Exchange, dialect: Dialect
+                     ) -> web.Response:
         body = await _body(request) or {"messages": []}  # the prompt unseen: reserve the output's worst case
         model = request.headers.get(MODEL_HEADER) or (body.get("model") if isinstance(body.get("model"), str) else None)
         if model is not None:

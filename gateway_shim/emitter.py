@@ -73,7 +73,8 @@ from gateway_shim.errors import MeteringUnavailable
 from gateway_shim.spool import Spool, SpoolRecord
 from quotameter.config import Config
 from quotameter.delivery import AckMode, delivery_headers
-from quotameter.events import EncodedEvent, UsageEvent, encode_event
+from quotameter.events import EncodedEvent, UsageEvent, encode_event, traceparent_of
+from telemetry.context import TRACEPARENT_HEADER
 from quotameter.redis_keys import RedisKeys
 
 log = logging.getLogger("gateway_shim.emitter")
@@ -176,6 +177,10 @@ class EventEmitter:
         if self.spool.full:
             return MeteringUnavailable("Usage cannot be recorded right now (spool full). Please retry later.")
         return None
+
+    def oldest_undelivered_ms(self) -> int | None:
+        """When the oldest event still waiting for delivery happened (Unix ms), or None."""
+        return self.spool.oldest_ms()
 
     def status(self) -> dict[str, object]:
         return {
@@ -335,7 +340,7 @@ class EventEmitter:
                 try:
                     delivery = await producer.send(
                         self.topic, record.value, key=record.key, partition=partition, timestamp_ms=record.timestamp_ms,
-                        headers=delivery_headers(self.spool.spool_id, record.seq),
+                        headers=self._headers(record),
                     )
                 except (KafkaError, OSError) as exc:
                     self._failed(generation, exc)
@@ -347,7 +352,7 @@ class EventEmitter:
             pending = open_batches.get(partition)
             if pending is None:
                 pending = open_batches[partition] = (producer.create_batch(), [])
-            headers = delivery_headers(self.spool.spool_id, record.seq)
+            headers = self._headers(record)
             if pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms, headers=headers) is None:
                 # Full: send it, and start the next one with this event (a first event always fits).
                 if not await self._submit(producer, partition, open_batches.pop(partition), generation):
@@ -359,6 +364,16 @@ class EventEmitter:
         for partition in list(open_batches):
             if not await self._submit(producer, partition, open_batches.pop(partition), generation):
                 return
+
+    def _headers(self, record: SpoolRecord) -> list[tuple[str, bytes]]:
+        """The record's delivery headers, and its trace context when its request was
+        sampled: read off the event's end (no parse), so a spool written before
+        trace contexts existed, or replayed after a restart, is sent the same way."""
+        headers = delivery_headers(self.spool.spool_id, record.seq)
+        traceparent = traceparent_of(record.value)
+        if traceparent is not None:
+            headers.append((TRACEPARENT_HEADER, traceparent))
+        return headers
 
     async def _submit(
         self, producer: AIOKafkaProducer, partition: int, pending: tuple[BatchBuilder, list[int]] | None, generation: int

@@ -286,6 +286,7 @@ class Enforcer:
             usage = meter.usage
             used = (usage.input_tokens, usage.output_tokens)
             cost = self.estimator.cost_micro_usd(meter.model_served or ticket.model, meter.started_at.date(), usage)
+            meter.cost_micro_usd = cost  # the shim's cost metric takes it from here
             try:
                 await self.admitter.settle(
                     key, policy, ticket.period, ticket.event_id, int(time.time() * 1000),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as service
@@ -41,6 +42,7 @@ from gateway_shim import ext_proc_messages as messages
 from gateway_shim.auth_failures import AuthFailures
 from gateway_shim.errors import RouteNotFound, ShimError, error_answer
 from gateway_shim.lifecycle import Exchange, Forward, Lifecycle, StreamObserver
+from gateway_shim.telemetry import route_label
 
 log = logging.getLogger("gateway_shim.ext_proc")
 
@@ -96,6 +98,7 @@ class _Phases:
             answer = error_answer(refusing)
             answer.headers["Retry-After"] = "5"
             return messages.immediate(answer, refusing.code)
+        started = time.perf_counter()
         path = headers.get(":path", "/").partition("?")[0]
         method = headers.get(":method", "GET")
         route = None
@@ -109,7 +112,10 @@ class _Phases:
                 route, route.dialect.credentials(headers), None, client
             )
         except ShimError as exc:  # no customer to tie it to: answered, no event
+            self._life.telemetry.unopened(method, path, route_label(route.name) if route else "unknown", exc.code,
+                                          exc.status, started)
             return messages.immediate(error_answer(exc, dialect=route.dialect if route else None), exc.code)
+        exchange.started, exchange.method, exchange.path = started, method, path
         if not request.end_of_stream:
             return messages.CONTINUE_HEADERS  # admitted on the body
         try:
@@ -123,6 +129,7 @@ class _Phases:
         the body it gets instead of the client's (None: the client's)."""
         assert self.exchange is not None
         self._forward = forward = await self.exchange.admit(raw, self._headers)
+        self.exchange.calling_upstream()  # Envoy sends it on as this answer reaches it
         # The quotameter key never reaches the model: the upstream's own key, if any, replaces it.
         # Nor does the client's accept-encoding: the shim reads the answer, so it comes uncompressed
         # (Envoy's compressor, if any, still encodes it for the client).
@@ -145,6 +152,7 @@ class _Phases:
         exchange, forward = self.exchange, self._forward
         assert exchange is not None and forward is not None
         self._status = status = int(headers.get(":status") or 0)
+        exchange.upstream_answered(status)
         if exchange.is_stream(status, headers.get("content-type")):
             self._observer = exchange.stream(forward, status)
         return messages.response_headers(messages.mutation(exchange.headers))
@@ -155,6 +163,7 @@ class _Phases:
         if observer is None:  # a JSON answer: passed on as it comes, read whole at its end
             self._body += chunk
             if end_of_stream:
+                exchange.upstream_done()
                 exchange.body(self._status, bytes(self._body))
                 await self._finish(exchange)  # billed before the answer's last bytes leave
             return messages.response_body(None)
@@ -163,6 +172,7 @@ class _Phases:
         out = observer.feed(chunk)
         if observer.cut or end_of_stream:
             self._ended = True
+            exchange.upstream_done()
             closing = observer.end()  # the held terminal event ([DONE]), or the cut's ending
             await self._finish(exchange)  # billed before they leave
             out += closing

@@ -14,6 +14,7 @@ from collections import Counter
 
 import redis.exceptions
 
+from gateway_shim import telemetry
 from gateway_shim.admission import Admission, Estimate
 from gateway_shim.errors import BackendBusy, BackendUnavailable
 from gateway_shim.keystore import KeyRecord
@@ -54,6 +55,7 @@ class FailModes:
         """The decision without Redis: BackendUnavailable if a limit fails closed."""
         closed = policy.fail_closed_kinds()
         if closed:
+            telemetry.fail_mode("closed", ",".join(sorted(k.value for k in closed)))
             self._count("closed_refused", key, policy)
             meter.decision, meter.reason = Decision.REFUSED, "redis_unavailable"
             raise BackendUnavailable(
@@ -61,6 +63,7 @@ class FailModes:
                 f"{', '.join(k.value for k in closed)} limits fail closed. Please retry shortly."
             )
         admission = self.local.admit(key, policy, event_id, now_ms, estimate, user)
+        telemetry.fail_mode("open", "" if admission.admitted else admission.reason.kind.value)
         self._count("open_admitted" if admission.admitted else "open_refused", key, policy)
         if admission.admitted:
             meter.reason = "fail_open"

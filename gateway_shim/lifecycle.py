@@ -22,6 +22,12 @@ the stream's events, and writes the cut's ending and the error bodies.
 and emits nothing. Past ``open``, every request emits exactly one event,
 whatever its outcome, once ``finish`` runs (adapters call it in a
 ``finally``), after its reservation is settled.
+
+``finish`` also tells telemetry.py what the request did (its metrics, span
+ends and access line); an adapter that knows more sets it on the exchange:
+its method, path and start, its SERVER span, and the upstream call
+(``calling_upstream``, ``upstream_answered``, ``upstream_done``). A sampled
+request's event carries its trace context.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import redis.exceptions
 
-from gateway_shim import refusal_text
+from gateway_shim import refusal_text, telemetry
 from gateway_shim.attribution import NO_ATTRIBUTION, Attribution, attribution_of
 from gateway_shim.auth import Authenticator
 from gateway_shim.emitter import EventEmitter
@@ -83,6 +89,8 @@ class Lifecycle:
         self.auth = auth
         self.enforcer = enforcer
         self.emitter = emitter
+        self.telemetry = telemetry.ShimTelemetry(config)
+        telemetry.register_emitter(emitter)
 
     async def open(
         self, method: str, path: str, authorization: str | None, upstream: str | None, client: str | None = None
@@ -113,7 +121,8 @@ class Exchange:
     """One request past authentication."""
 
     __slots__ = ("_life", "route", "key", "meter", "headers", "ticket", "proxied", "policy", "attribution",
-                 "_billable", "_finished")
+                 "_billable", "_finished", "route_label", "method", "path", "span", "started", "admission_s",
+                 "upstream_s", "upstream_status", "_upstream_t0", "client_span", "upstream_end_ns")
 
     def __init__(self, life: Lifecycle, route: Route, key: KeyRecord, meter: RequestMeter) -> None:
         self._life = life
@@ -129,6 +138,18 @@ class Exchange:
         self.attribution: Attribution = NO_ATTRIBUTION
         self._billable = True
         self._finished = False
+        # What telemetry reports (telemetry.py); the adapter sets what it knows better.
+        self.route_label = telemetry.route_label(route.name)
+        self.method, self.path = "POST", route.name
+        self.span: object | None = None  # the request's SERVER span, when traced
+        self.started = time.perf_counter()  # the adapter's own start, when it has one
+        self.admission_s: float | None = None
+        self.upstream_s: float | None = None  # set by the adapter that called the upstream
+        self.upstream_status: int | None = None  # the upstream's status (None: no answer)
+        self._upstream_t0: float | None = None
+        self.client_span: object | None = None  # the upstream call's GenAI CLIENT span, when traced
+        self.upstream_end_ns = 0
+        life.telemetry.opened()
 
     async def admit(self, raw: bytes, headers: Mapping[str, str] | None = None) -> Forward:
         """Admit the request whose body is ``raw``, or raise its refusal (a ShimError:
@@ -152,6 +173,8 @@ class Exchange:
         self.policy = policy = enforcer.policy(self.key, proxied.model)
         estimate, _ = enforcer.estimate(policy, proxied, self.route.streams)
         decision = meter.decision
+        span = life.telemetry.child(self, "quotameter.admit")
+        began = time.perf_counter()
         try:
             ticket = await enforcer.admit(self.key, policy, proxied, estimate, meter, self.headers,
                                           self.attribution.end_user)
@@ -166,6 +189,11 @@ class Exchange:
             meter.decision, meter.reason = decision, None
             raise malformed from None
         finally:
+            self.admission_s = time.perf_counter() - began
+            if span is not None:
+                span.set_attribute("quotameter.decision", meter.decision.value)
+                span.set_attribute("quotameter.reason", meter.reason or "")
+                span.end()
             # The API's own names (and token kinds: what the tier's tokens/min rules count).
             self.headers = self.route.dialect.limit_headers(self.headers, policy.tier.tokens_per_minute_counts)
         self.ticket = ticket
@@ -185,6 +213,30 @@ class Exchange:
             cut_at = ticket.admission.output_tokens  # a stream never carries past its reservation
         message = "" if cut_at is None else refusal_text.stream_cut(policy, cut_at)
         return Forward(body, rewritten, proxied.stream, cut_at, message)
+
+    # -- the upstream call, as the adapter sees it (for its duration and span) ----
+
+    def calling_upstream(self) -> None:
+        """The admitted request is being sent upstream now."""
+        self._upstream_t0 = time.perf_counter()
+        self.client_span = self._life.telemetry.client_span(self)
+
+    def upstream_answered(self, status: int) -> None:
+        self.upstream_status = status
+
+    def upstream_done(self) -> None:
+        """The upstream's part is over (its last byte, or its failure); ``finish`` calls it too."""
+        if self._upstream_t0 is not None and self.upstream_s is None:
+            self.upstream_s = time.perf_counter() - self._upstream_t0
+            if self.client_span is not None:
+                self.upstream_end_ns = time.time_ns()
+
+    def max_output_tokens(self) -> int | None:
+        proxied = self.proxied
+        if proxied is None or proxied.body is None:
+            return None
+        value = proxied.dialect.max_output(proxied.body)
+        return value if isinstance(value, int) else None
 
     def refuse(self, exc: BaseException) -> Answer:
         """The answer for a request that ends with ``exc`` (a refusal, an upstream
@@ -248,6 +300,7 @@ class Exchange:
         assert self.ticket is not None
         self._finished = True
         self._life.enforcer.hand_off(self.ticket)
+        self._life.telemetry.finished(self)
 
     async def finish(self) -> None:
         """Settle the reservation, then emit the request's event; once, whatever
@@ -255,10 +308,37 @@ class Exchange:
         if self._finished:
             return
         self._finished = True
+        self.upstream_done()
+        life = self._life
         if self.ticket is not None:
-            await self._life.enforcer.settle(self.ticket, self.meter)
+            span = life.telemetry.child(self, "quotameter.settle")
+            await life.enforcer.settle(self.ticket, self.meter)
+            if span is not None:
+                span.end()
         if self._billable:
-            self._life.emitter.emit(self.meter.encoded_event(self._life.config.shim.instance, self.key))
+            life.emitter.emit(self.meter.encoded_event(life.config.shim.instance, self.key, self.traceparent()))
+        life.telemetry.finished(self)
+
+    def traceparent(self) -> str | None:
+        """The request's W3C trace context when it is sampled (it travels with its event)."""
+        span = self.span
+        if span is None:
+            return None
+        context = span.get_span_context()  # type: ignore[attr-defined]
+        if not context.trace_flags.sampled:
+            return None
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+    def cost_micro_usd(self) -> int:
+        """What the request cost at the shim's prices (0 when it used nothing, or is unpriced)."""
+        meter = self.meter
+        if meter.cost_micro_usd is not None:  # the settle priced it already
+            return meter.cost_micro_usd
+        usage = meter.usage
+        if not (usage.input_tokens or usage.output_tokens):
+            return 0
+        model = meter.model_served or (self.ticket.model if self.ticket is not None else meter.model_requested)
+        return self._life.enforcer.estimator.cost_micro_usd(model, meter.started_at.date(), usage)
 
 
 class StreamObserver:

@@ -28,6 +28,7 @@ class RequestMeter:
     request_bytes: int = 0
     response_bytes: int = 0
     queued_ms: float | None = None
+    cost_micro_usd: int | None = None  # at the shim's prices, once the settle priced it
     attribution: Attribution = NO_ATTRIBUTION
     event_id: str = field(default_factory=new_event_id)  # also the reservation's id
     _t0: float = field(default_factory=time.perf_counter)
@@ -45,7 +46,7 @@ class RequestMeter:
         if self._first_byte_s is None:
             self._first_byte_s = time.perf_counter() - self._t0
 
-    def encoded_event(self, source: str, key: KeyRecord) -> EncodedEvent:
+    def encoded_event(self, source: str, key: KeyRecord, traceparent: str | None = None) -> EncodedEvent:
         """This request's usage event, encoded directly (the bytes ``encode_event`` would give; no model built)."""
         latency_ms = (time.perf_counter() - self._t0) * 1000
         usage, attribution = self.usage, self.attribution
@@ -78,4 +79,5 @@ class RequestMeter:
             end_user=attribution.end_user,
             project=key.project or attribution.project,  # a key's own project wins over a header
             tags=attribution.tags,
+            traceparent=traceparent,  # a sampled request's trace context, for the worker's spans
         )

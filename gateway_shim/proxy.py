@@ -18,9 +18,12 @@ other success goes to ``Exchange.body``, which refuses it with a 502.
 from __future__ import annotations
 
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from gateway_shim.admission import Admitter
 from gateway_shim.auth import Authenticator
@@ -37,8 +40,11 @@ from gateway_shim.errors import (
 from gateway_shim.lifecycle import Exchange, Forward, Lifecycle
 from gateway_shim.request_body import read_body
 from gateway_shim.sse import looks_like_events
+from gateway_shim.telemetry import route_label
 from gateway_shim.upstream import Upstream, client_headers
 from quotameter.config import Config
+from telemetry import logs
+from telemetry.context import TRACEPARENT_HEADER
 
 log = logging.getLogger("gateway_shim.proxy")
 
@@ -56,19 +62,40 @@ class Proxy:
         self.lifecycle = Lifecycle(config, auth, self.enforcer, emitter)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
         path = "/" + request.match_info.get("tail", "")
-        route = None
+        telemetry = self.lifecycle.telemetry
         try:
             route = self.lifecycle.route(request.method, path)
-            exchange = await self.lifecycle.open_route(
-                route, route.dialect.credentials(request.headers), self.upstream.base_url,
-                self.auth.client_of(request),
-            )
         except ShimError as exc:
-            return error_response(exc, dialect=route.dialect if route is not None else None)
+            span = telemetry.server_span(request.method, None, request.path, request.headers.get(TRACEPARENT_HEADER))
+            telemetry.unopened(request.method, request.path, "unknown", exc.code, exc.status, started, span)
+            return error_response(exc)
+        span = telemetry.server_span(request.method, route.name, request.path, request.headers.get(TRACEPARENT_HEADER))
+        token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
+        try:
+            try:
+                exchange = await self.lifecycle.open_route(
+                    route, route.dialect.credentials(request.headers), self.upstream.base_url,
+                    self.auth.client_of(request),
+                )
+            except ShimError as exc:
+                telemetry.unopened(request.method, request.path, route_label(route.name), exc.code, exc.status,
+                                   started, span)
+                return error_response(exc, dialect=route.dialect)
+            exchange.started, exchange.method, exchange.path, exchange.span = started, request.method, request.path, span
+            with logs.request_context(exchange.meter.event_id, exchange.key.customer, exchange.key.key_id):
+                return await self._exchange(request, path, exchange)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def _exchange(self, request: web.Request, path: str, exchange: Exchange) -> web.StreamResponse:
         try:
             forward = await exchange.admit(await read_body(request, exchange.route.name, self.config.shim), request.headers)
+            exchange.calling_upstream()
             async with self.upstream.open(request, path, forward.body) as upstream:
+                exchange.upstream_answered(upstream.status)
                 if exchange.is_stream(upstream.status, upstream.headers.get("Content-Type")):
                     return await _relay_stream(request, upstream, exchange, forward)
                 head = b""
@@ -117,6 +144,7 @@ async def _relay_body(
             parts.append(data)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise _read_failed(exc) from None
+    exchange.upstream_done()
     raw = b"".join(parts)
     exchange.body(upstream.status, raw)
     return web.Response(status=upstream.status, body=raw, headers=client_headers(upstream, exchange.headers))
@@ -159,6 +187,7 @@ async def _relay_stream(
         except aiohttp.ClientError:
             observer.upstream_cut()
             break
+    exchange.upstream_done()
     closing = observer.end()
     await exchange.finish()
     if not gone:

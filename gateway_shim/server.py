@@ -31,8 +31,10 @@ from gateway_shim.usage_api import register as register_usage_api
 from quotameter.config import Config
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
+from telemetry import logs, prometheus, setup
 
 log = logging.getLogger("gateway_shim.server")
+SERVICE = "quotameter-shim"
 SHUTDOWN_TIMEOUT_S = 30.0  # how long in-flight requests (long streams) get to finish
 _PROXY = web.AppKey("proxy", Proxy)
 _CHECK = web.AppKey("check", Check)
@@ -111,6 +113,10 @@ def build_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
+    if config.telemetry.metrics:
+        # Behind nothing, as /healthz: its series carry no key, end user or customer
+        # (unless telemetry.customer_labels), only counts by route, tier and model.
+        app.router.add_get("/metrics", prometheus.metrics_handler)
     register_openapi(app)  # GET /openapi.json: these endpoints' OpenAPI document (gateway_shim/openapi.yaml)
     register_usage_api(app, config, _spool_guard)  # GET /v1/usage (gateway_shim/usage_api.py), before the catch-all
     # POST /v1/events (gateway_shim/ingest.py); a report of a check's admission settles it.
@@ -139,12 +145,14 @@ async def _serve(config: Config) -> None:
     await stop.wait()
     log.info("stopping: finishing in-flight requests, then flushing events")
     await runner.cleanup()
+    setup.shutdown()  # the last spans and metrics out to the collector
     log.info("stopped")
 
 
 def serve(config: Config) -> None:
     """Run the proxy until SIGINT or SIGTERM (blocking); exits 0 after a clean stop."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.telemetry, SERVICE)
+    setup.start(SERVICE, config.telemetry)  # before the lifecycle asks whether spans are collected
     _raise_open_files_limit(config)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(config))

@@ -42,6 +42,7 @@ What a crash at each step causes:
 from __future__ import annotations
 
 import bisect
+from collections import deque
 import fcntl
 import logging
 import os
@@ -128,6 +129,11 @@ class Spool:
         self.next_seq = 0
         self.watermark = 0
         self.spool_id = b""  # ASCII hex, read or made by open()
+        # (seq, timestamp_ms) of the records appended since open and not yet delivered,
+        # for the age of the oldest (a gauge); what open replayed has its first time apart.
+        self._times: deque[tuple[int, int]] = deque()
+        self._opened_at_seq = 0
+        self._replayed_oldest_ms: int | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -150,7 +156,10 @@ class Spool:
             self.next_seq = self.watermark
         self._cursor_written = self.watermark
         self._open_segment(self._segments[-1] if self._segments else self.next_seq)
+        self._opened_at_seq = self.next_seq
         if self.depth:
+            first = self.read(self.watermark, 1)
+            self._replayed_oldest_ms = first[0].timestamp_ms if first else None
             log.warning("spool %s holds %d unacknowledged events (seq %d..%d): replaying them",
                         self.directory, self.depth, self.watermark, self.next_seq - 1)
         return self
@@ -180,6 +189,7 @@ class Spool:
         self._sizes[first] += written
         self._dirty = True
         self.next_seq += 1
+        self._times.append((record.seq, timestamp_ms))
         return record
 
     def ack(self, seq: int) -> None:
@@ -189,6 +199,21 @@ class Spool:
         while self.watermark in self._acked:
             self._acked.discard(self.watermark)
             self.watermark += 1
+        times = self._times
+        while times and times[0][0] < self.watermark:
+            times.popleft()
+
+    def oldest_ms(self) -> int | None:
+        """The time (Unix ms) of the oldest undelivered record, None when all are delivered.
+        Read from another thread (a metrics collection): a stale answer is harmless."""
+        if self.watermark >= self.next_seq:
+            return None
+        if self.watermark < self._opened_at_seq:
+            return self._replayed_oldest_ms
+        try:
+            return self._times[0][1]
+        except IndexError:
+            return None
 
     def is_acked(self, seq: int) -> bool:
         return seq < self.watermark or seq in self._acked

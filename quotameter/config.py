@@ -289,6 +289,10 @@ class Billing(_Strict):
 class Upstream(_Strict):
     url: str = "http://127.0.0.1:8081/v1"
     api_key: SecretStr | None = None
+    # Who serves the models, as OpenTelemetry's GenAI conventions name it
+    # (gen_ai.provider.name on the shim's spans and metrics): openai,
+    # anthropic, azure.ai.openai, aws.bedrock, … (vLLM speaks openai's API).
+    provider: str = Field(default="openai", min_length=1, max_length=64)
     # Silence: how long the upstream may send no bytes, or only keep-alive
     # comments in a stream, before the shim gives up on it.
     timeout_s: float = Field(default=600.0, gt=0)

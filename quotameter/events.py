@@ -21,6 +21,11 @@ from quotameter.errors import EventError
 from quotameter.labels import MAX_ID_CHARS, MAX_TAGS, id_problem, tag_problem
 
 EVENT_TYPE_V1 = "quotameter.request.v1"
+# W3C trace context, version 00: 00-<trace id>-<parent span id>-<flags>
+TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+_TRACEPARENT_RE = re.compile(TRACEPARENT_PATTERN)
+_TRACEPARENT_CHARS = 55
+_TRACEPARENT_KEY = b',"traceparent":"'
 _EVENT_TYPE_RE = re.compile(r"^quotameter\.request\.v[1-9][0-9]*$")
 
 
@@ -126,6 +131,16 @@ class UsageEvent(BaseModel):
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: RequestData
+    # CloudEvents' distributed-tracing extension: the W3C trace context of the
+    # request, only when its trace was sampled. Last, so that a reader finds
+    # it at the end of the encoded event without parsing it (traceparent_of).
+    traceparent: str | None = None
+
+    @field_validator("traceparent", mode="before")
+    @classmethod
+    def _trace_context(cls, value: object) -> str | None:
+        # A malformed one is dropped, never a reason to refuse usage (it is not billing data).
+        return value if isinstance(value, str) and _TRACEPARENT_RE.fullmatch(value) else None
 
     @field_validator("type")
     @classmethod
@@ -220,6 +235,7 @@ def encode_request_event(
     end_user: str | None = None,
     project: str | None = None,
     tags: tuple[tuple[str, str], ...] = (),
+    traceparent: str | None = None,
 ) -> EncodedEvent:
     """The event ``UsageEvent(..., data=RequestData(...))`` encoded: the same
     bytes as ``encode_event`` of that model, without building it (the shim's
@@ -240,6 +256,7 @@ def encode_request_event(
         and _plain_float(latency_ms) and (ttft_ms is None or _plain_float(ttft_ms))
         and (queued_ms is None or _plain_float(queued_ms)) and upstream_cost_usd is None
         and (end_user is None and project is None and tags == () or _valid_labels(end_user, project, tags))
+        and (traceparent is None or (type(traceparent) is str and _TRACEPARENT_RE.fullmatch(traceparent) is not None))
     ):
         stamp = time.isoformat()
         if stamp.endswith("+00:00"):
@@ -261,6 +278,7 @@ def encode_request_event(
             queued += ',"project":' + _json_str(project)
         if tags:
             queued += ',"tags":{' + ",".join(_json_str(k) + ":" + _json_str(v) for k, v in tags) + "}"
+        traced = "" if traceparent is None else ',"traceparent":"' + traceparent + '"'
         text = (
             f'{{"specversion":"1.0","id":{_json_str(id)},"source":{_json_str(source)},'
             f'"type":"{EVENT_TYPE_V1}","subject":{_json_str(subject)},"time":"{stamp}",'
@@ -271,7 +289,7 @@ def encode_request_event(
             f'"cache_write_tokens":{cache_write_tokens},"reasoning_tokens":{reasoning_tokens},'
             f'"usage_source":"{usage_source.value}","streamed":{"true" if streamed else "false"},'
             f'"latency_ms":{latency_ms!r}{ttft},"request_bytes":{request_bytes},'
-            f'"response_bytes":{response_bytes}{queued}}}}}'
+            f'"response_bytes":{response_bytes}{queued}}}{traced}}}'
         )
         try:
             value = text.encode()
@@ -290,8 +308,20 @@ def encode_request_event(
             response_bytes=response_bytes, upstream_cost_usd=upstream_cost_usd, queued_ms=queued_ms,
             end_user=end_user, project=project, tags=dict(tags) or None,
         ),
+        traceparent=traceparent,
     )
     return EncodedEvent(event.id, event.customer_id, event.time_ms, encode_event(event))
+
+
+def traceparent_of(value: bytes) -> bytes | None:
+    """The ``traceparent`` of an encoded event, read from its end (where both
+    encoders put it) without parsing it; None when it has none."""
+    if value[-2:] != b'"}':
+        return None  # an event without one ends with its data object: }}
+    start = len(value) - 2 - _TRACEPARENT_CHARS
+    if value[start - len(_TRACEPARENT_KEY):start] != _TRACEPARENT_KEY:
+        return None
+    return value[start:-2]
 
 
 def _valid_labels(end_user: object, project: object, tags: object) -> bool:
