@@ -161,7 +161,8 @@ def traceparent(sampled: bool = True) -> str:
 class Sent:
     """What the test produced, and what each outcome must count."""
 
-    records: list[tuple[str, bytes, int, str | None]] = field(default_factory=list)  # key, value, ts, traceparent
+    records: list[tuple[str, bytes, int, str | None]] = field(default_factory=list)  # key, value, ts, traceparent header
+    in_events: list[str] = field(default_factory=list)  # traceparents sent as the CloudEvent attribute only
     unique: list[UsageEvent] = field(default_factory=list)
     on_time: int = 0
     late: int = 0
@@ -185,7 +186,7 @@ class Sent:
     def linked(self) -> set[tuple[bytes, bytes]]:
         """(trace id, span id) of every sampled context sent."""
         out = set()
-        for *_, context in self.records:
+        for context in [*(record[-1] for record in self.records), *self.in_events]:
             if context and context.endswith("-01"):
                 _, trace_id, span_id, _ = context.split("-")
                 out.add((bytes.fromhex(trace_id), bytes.fromhex(span_id)))
@@ -202,7 +203,13 @@ def traffic(tag: str) -> Sent:
     first = [event(n, f"{tag}-a" if n % 2 else f"{tag}-b", now, input_tokens=100 + n, output_tokens=n) for n in range(40)]
     for n, item in enumerate(first):
         # Sampled contexts on some, one unsampled (the shim sends none; a linked one would be wrong).
-        sent.event(item, traceparent() if n % 5 == 0 else traceparent(sampled=False) if n == 7 else None)
+        header = traceparent() if n % 5 == 0 else traceparent(sampled=False) if n == 7 else None
+        if n in (11, 13):  # the context in the CloudEvent only (a producer that sets no header)
+            item = item.model_copy(update={"traceparent": traceparent()})
+            sent.in_events.append(item.traceparent)
+        elif n == 15:  # in both, as the shim sends it: one link
+            item = item.model_copy(update={"traceparent": header})
+        sent.event(item, header)
     sent.again(first[0])
     sent.again(first[3])
     # Older than its customer's newest event by more than the grace: late.
