@@ -493,5 +493,8 @@ def test_log_lines_are_json_one_per_line(run: Run) -> None:
     loggers = {record["logger"] for record in records}
     # The worker's lines, the libraries' (Faust at INFO here) and the shutdown's.
     assert "pipeline.worker" in loggers and any(name.startswith("faust") for name in loggers), loggers
-    assert any(record["message"].startswith("malformed event at") for record in records)
+    dead = [record for record in records if record["message"].startswith("malformed event at")]
+    assert len(dead) == run.sent.dead_lettered
+    assert {(r["topic"], r["dlq_topic"]) for r in dead} == {(run.config.services.events_topic, f"{run.config.services.events_topic}.dlq")}
+    assert all(isinstance(r["partition"], int) and isinstance(r["offset"], int) and r["reason"] for r in dead)
     assert any(record["message"] == "sinks flushed and closed" for record in records)
