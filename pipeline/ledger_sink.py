@@ -95,7 +95,8 @@ class LedgerSink:
             if rows:
                 with tracing.insert_span(batches):
                     await self._insert(rows)
-                telemetry.freshness("ledger", oldest_ms or 0, time.time_ns() // 1_000_000)
+                if oldest_ms is not None:  # set whenever rows were buffered
+                    telemetry.freshness("ledger", oldest_ms, time.time_ns() // 1_000_000)
             self.recent.confirm(p.event.id for p in rows)
             if self.on_inserted is not None:
                 self.on_inserted(rows)

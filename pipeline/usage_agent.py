@@ -174,7 +174,9 @@ class UsageSink:
 
     async def _dead_letter(self, event: EventT, reason: str) -> None:
         message = event.message
-        log.warning("malformed event at %s[%d]@%d sent to %s: %s", message.topic, message.partition, message.offset, self.dlq_topic, reason)
+        log.warning("malformed event at %s[%d]@%d sent to %s: %s", message.topic, message.partition, message.offset, self.dlq_topic, reason,
+                    extra={"fields": {"topic": message.topic, "partition": message.partition, "offset": message.offset,
+                                      "dlq_topic": self.dlq_topic, "reason": reason}})  # JSON keys (telemetry.logs)
         headers = [
             ("quotameter-dlq-reason", reason.encode()),
             ("quotameter-source", f"{message.topic}[{message.partition}]@{message.offset}".encode()),

@@ -8,12 +8,14 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.embedded.redis_server import redis_process
-from tests.integration.enforcement_helpers import MESSAGES, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
 
 TIERS = {
     "lenient": {"requests_per_minute": 4},  # every kind fails open by default
@@ -28,6 +30,13 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[ManagedProcess, int]]:
     proc.wait_port("127.0.0.1", port, timeout_s=20)
     yield proc, port
     proc.stop()
+
+
+async def fail_mode_metrics(shim: Shim) -> dict[tuple[str, str], float]:
+    async with aiohttp.ClientSession() as session, session.get(shim.base_url.removesuffix("/v1") + "/metrics") as got:
+        text = await got.text()
+    return {(s.labels["mode"], s.labels["limit_kind"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "quotameter_shim_fail_mode_decisions_total"}
 
 
 async def test_redis_stopped_mid_test_under_each_fail_mode(
@@ -54,6 +63,8 @@ async def test_redis_stopped_mid_test_under_each_fail_mode(
 
         decisions = (await shim.health())["admission"]["fail_mode_decisions"]
         assert decisions == {"open_admitted": 4, "open_refused": 1, "closed_refused": 1}
+        # The same decisions on /metrics, by mode and the kind of limit that decided.
+        assert await fail_mode_metrics(shim) == {("open", ""): 4, ("open", "rpm"): 1, ("closed", "budget"): 1}
         log = shim.process.log_tail(400)
         assert "fail-open admitted" in log and "fail-closed refused" in log
 

@@ -27,6 +27,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -67,6 +71,8 @@ class Receiver:
 
     def __init__(self, rejected_customer: str) -> None:
         self.spans: list[Span] = []
+        self.events: dict[str, int] = {}  # quotameter.worker.events by outcome, as last exported (cumulative)
+        self.lag: dict[int, int] = {}  # quotameter.worker.consumer.lag by partition, last export that had any
         self.hooks: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         receiver = self
@@ -85,12 +91,16 @@ class Receiver:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                request = ExportTraceServiceRequest.FromString(body)
-                with receiver.lock:
-                    receiver.spans.extend(
-                        span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
-                    )
-                reply = ExportTraceServiceResponse().SerializeToString()
+                if self.path == "/v1/metrics":
+                    receiver.take_metrics(ExportMetricsServiceRequest.FromString(body))
+                    reply = ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    request = ExportTraceServiceRequest.FromString(body)
+                    with receiver.lock:
+                        receiver.spans.extend(
+                            span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
+                        )
+                    reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))
@@ -101,9 +111,24 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.hook_url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def take_metrics(self, request: ExportMetricsServiceRequest) -> None:
+        lag: dict[int, int] = {}
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "quotameter.worker.events":
+                        for point in metric.sum.data_points:
+                            outcome = {a.key: a.value.string_value for a in point.attributes}["outcome"]
+                            self.events[outcome] = point.as_int
+                    elif metric.name == "quotameter.worker.consumer.lag":
+                        for point in metric.gauge.data_points:
+                            lag[{a.key: a.value.int_value for a in point.attributes}["partition"]] = point.as_int
+        if lag:
+            self.lag = lag
 
     def named(self, name: str) -> list[Span]:
         with self.lock:
@@ -136,7 +161,8 @@ def traceparent(sampled: bool = True) -> str:
 class Sent:
     """What the test produced, and what each outcome must count."""
 
-    records: list[tuple[str, bytes, int, str | None]] = field(default_factory=list)  # key, value, ts, traceparent
+    records: list[tuple[str, bytes, int, str | None]] = field(default_factory=list)  # key, value, ts, traceparent header
+    in_events: list[str] = field(default_factory=list)  # traceparents sent as the CloudEvent attribute only
     unique: list[UsageEvent] = field(default_factory=list)
     on_time: int = 0
     late: int = 0
@@ -160,7 +186,7 @@ class Sent:
     def linked(self) -> set[tuple[bytes, bytes]]:
         """(trace id, span id) of every sampled context sent."""
         out = set()
-        for *_, context in self.records:
+        for context in [*(record[-1] for record in self.records), *self.in_events]:
             if context and context.endswith("-01"):
                 _, trace_id, span_id, _ = context.split("-")
                 out.add((bytes.fromhex(trace_id), bytes.fromhex(span_id)))
@@ -177,7 +203,13 @@ def traffic(tag: str) -> Sent:
     first = [event(n, f"{tag}-a" if n % 2 else f"{tag}-b", now, input_tokens=100 + n, output_tokens=n) for n in range(40)]
     for n, item in enumerate(first):
         # Sampled contexts on some, one unsampled (the shim sends none; a linked one would be wrong).
-        sent.event(item, traceparent() if n % 5 == 0 else traceparent(sampled=False) if n == 7 else None)
+        header = traceparent() if n % 5 == 0 else traceparent(sampled=False) if n == 7 else None
+        if n in (11, 13):  # the context in the CloudEvent only (a producer that sets no header)
+            item = item.model_copy(update={"traceparent": traceparent()})
+            sent.in_events.append(item.traceparent)
+        elif n == 15:  # in both, as the shim sends it: one link
+            item = item.model_copy(update={"traceparent": header})
+        sent.event(item, header)
     sent.again(first[0])
     sent.again(first[3])
     # Older than its customer's newest event by more than the grace: late.
@@ -217,7 +249,7 @@ class Run:
     sent: Sent
     lag_seen: int  # the largest total lag a scrape showed while the batch was in flight
     stats_without_token: int = 0
-    ledger_rows: int = 0
+    ledger: dict[str, int] = field(default_factory=dict)
     metrics_text: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
@@ -285,8 +317,10 @@ async def run(
     env = {
         **os.environ,
         "QUOTAMETER_CONFIG": str(path),
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
+        # Spans and metrics over OTLP/HTTP to the receiver, besides /metrics.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the receiver soon
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",  # ms
         # Faust's own INFO lines too (assignment tables span many lines): each must still be one JSON line.
         "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL": "INFO",
     }
@@ -301,7 +335,7 @@ async def run(
             assert time.monotonic() < deadline, f"the worker was not ready in {WORKER_READY_TIMEOUT_S}s"
             time.sleep(0.1)
         topic = config.services.events_topic
-        assert lag(scrape(config), topic) == {}  # nothing fetched yet: no partition reported
+        assert not any(lag(scrape(config), topic).values())  # nothing produced yet
 
         sent = traffic(unique)
         await send(config, sent)
@@ -322,10 +356,11 @@ async def run(
         wait_for(lambda: ended_deliveries(scrape(config)) == ALERTS, 5, "every delivery counted")
         current = Run(config, worker, stdout, stderr, sent, int(lag_seen))
         current.metrics_text = scrape(config)
-        current.ledger_rows = ledger_rows(config)
+        current.ledger = ledger(config)
         current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
         current.stats_without_token = http_json(f"{config.services.worker_url}/stats")[0]
         wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
+        wait_for(lambda: receiver.lag == {0: 0, 1: 0, 2: 0, 3: 0}, 5, "an OTLP export of the lag at 0")
         current.exit_code = stop(worker)
         print(f"module ready in {time.monotonic() - began:.1f}s")
         yield current
@@ -340,13 +375,18 @@ def ended_deliveries(text: str) -> float:
 
 
 def ledger_rows(config: Config) -> int:
+    return ledger(config)["rows"]
+
+
+def ledger(config: Config) -> dict[str, int]:
+    """Rows (no FINAL: a row written twice would show) and their tokens."""
     status, body = http_json(
         f"{config.services.worker_url}/query",
-        "SELECT count() AS n FROM quotameter.events",
+        "SELECT count() AS rows, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens FROM quotameter.events",
         config=config,
     )
     assert status == 200, body
-    return int(body["rows"][0]["n"])
+    return {name: int(value) for name, value in body["rows"][0].items()}
 
 
 # ---------------------------------------------------------------- the tests
@@ -362,11 +402,24 @@ def test_metrics_count_every_record_under_its_outcome(run: Run) -> None:
                        "dead_lettered": sent.dead_lettered}
     assert sum(counted.values()) == len(sent.records)
     # The same as the ledger (every unique event, each once) and the worker's own counters.
-    assert run.ledger_rows == len(sent.unique) == counted["consumed"] + counted["late"]
+    assert run.ledger == {
+        "rows": counted["consumed"] + counted["late"],
+        "input_tokens": sum(event.data.input_tokens for event in sent.unique),
+        "output_tokens": sum(event.data.output_tokens for event in sent.unique),
+    }
     assert run.stats["applied"] == sent.on_time + sent.late and run.stats["malformed"] == sent.dead_lettered
     # One batch-size observation per batch, summing to every record read.
     assert value(text, "quotameter_worker_batch_size_count") == run.stats["batches"]
     assert value(text, "quotameter_worker_batch_size_sum") == len(sent.records)
+
+
+def test_otlp_export_carries_the_same_counts(run: Run, receiver: Receiver) -> None:
+    """The periodic OTLP reader (its last export at shutdown) sees what /metrics showed."""
+    text = run.metrics_text
+    assert receiver.events == {
+        outcome: int(value(text, "quotameter_worker_events_total", outcome=outcome))
+        for outcome in ("consumed", "late", "duplicate", "dead_lettered")
+    }
 
 
 def test_freshness_is_one_observation_per_write_and_the_late_event_shows(run: Run) -> None:
@@ -440,5 +493,8 @@ def test_log_lines_are_json_one_per_line(run: Run) -> None:
     loggers = {record["logger"] for record in records}
     # The worker's lines, the libraries' (Faust at INFO here) and the shutdown's.
     assert "pipeline.worker" in loggers and any(name.startswith("faust") for name in loggers), loggers
-    assert any(record["message"].startswith("malformed event at") for record in records)
+    dead = [record for record in records if record["message"].startswith("malformed event at")]
+    assert len(dead) == run.sent.dead_lettered
+    assert {(r["topic"], r["dlq_topic"]) for r in dead} == {(run.config.services.events_topic, f"{run.config.services.events_topic}.dlq")}
+    assert all(isinstance(r["partition"], int) and isinstance(r["offset"], int) and r["reason"] for r in dead)
     assert any(record["message"] == "sinks flushed and closed" for record in records)
