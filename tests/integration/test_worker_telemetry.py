@@ -3,8 +3,9 @@
 OTLP receiver linked to the requests' trace contexts, and every log line is
 one JSON object.
 
-One worker serves the whole module (JSON logs, traces exported to the
-receiver below); its stdout and stderr are kept apart to check each.
+One worker serves the whole module (JSON logs, spans and metrics exported to
+the receiver below, which is also the alerts' webhook); its stdout and stderr
+are kept apart to check each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +41,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
 from quotameter.config import Config
-from quotameter.embedded.procs import free_port
 from quotameter.events import UsageEvent, encode_event
 from tests.conftest import make_config
 from tests.integration.pipeline_helpers import (
@@ -256,8 +257,7 @@ class Run:
 
 
 def scrape(config: Config) -> str:
-    import urllib.request
-
+    """GET /metrics as a Prometheus server does: no token."""
     with urllib.request.urlopen(f"{config.services.worker_url}/metrics", timeout=5) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
