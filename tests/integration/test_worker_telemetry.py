@@ -550,10 +550,12 @@ def test_batch_spans_link_the_requests_and_hold_the_stages(run: Run, receiver: R
         assert spans and all(span.parent_span_id in ids for span in spans), stage
 
 
-def test_log_lines_are_json_one_per_line(run: Run) -> None:
+def test_log_lines_are_json_one_per_line(run: Run, receiver: Receiver) -> None:
     assert run.exit_code == 0
     assert run.stdout.read_text().splitlines() == [READY_LINE]
-    lines = run.stderr.read_text().splitlines()
+    text = run.stderr.read_text()
+    assert ADMIN_TOKEN not in text and WEBHOOK_SECRET not in text
+    lines = text.splitlines()
     records = [json.loads(line) for line in lines]  # each line is one object
     assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
     loggers = {record["logger"] for record in records}
@@ -563,4 +565,7 @@ def test_log_lines_are_json_one_per_line(run: Run) -> None:
     assert len(dead) == run.sent.dead_lettered
     assert {(r["topic"], r["dlq_topic"]) for r in dead} == {(run.config.services.events_topic, f"{run.config.services.events_topic}.dlq")}
     assert all(isinstance(r["partition"], int) and isinstance(r["offset"], int) and r["reason"] for r in dead)
+    # Logged inside its batch's span: the line names that span, so the trace leads to it.
+    batches = {(span.trace_id.hex(), span.span_id.hex()) for span in receiver.named(f"process {run.config.services.events_topic}")}
+    assert {(r["trace_id"], r["span_id"]) for r in dead} <= batches
     assert any(record["message"] == "sinks flushed and closed" for record in records)
