@@ -3,8 +3,13 @@
 OTLP receiver linked to the requests' trace contexts, and every log line is
 one JSON object.
 
-One worker serves the whole module (JSON logs, traces exported to the
-receiver below); its stdout and stderr are kept apart to check each.
+Besides the records the test produces itself, the official openai client
+sends requests through the real shim to the mock model: their events reach
+the worker with the shim's trace context, which the batch spans link to.
+
+One worker serves the whole module (JSON logs, spans and metrics exported to
+the receiver below, which is also the alerts' webhook); its stdout and stderr
+are kept apart to check each.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +31,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
+import redis
 from aiokafka import AIOKafkaProducer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -38,16 +46,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway_shim.keystore import create_key
 from quotameter.config import Config
-from quotameter.embedded.procs import free_port
+from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import UsageEvent, encode_event
+from quotameter.redis_keys import RedisKeys
 from tests.conftest import make_config
+from tests.integration.enforcement_helpers import MESSAGES
 from tests.integration.pipeline_helpers import (
     READY_LINE,
     WORKER_READY_TIMEOUT_S,
     health_status,
     http_json,
     make_event,
+    read_topic,
     wait_for,
 )
 
@@ -58,6 +70,7 @@ LEDGER_FLUSH_MS = 3000
 ADMIN_TOKEN = "telemetry-admin-token"
 WEBHOOK_SECRET = "whsec_telemetry"
 MONTHLY_TOKENS = 1000
+SHIM_REQUESTS = 3  # through the shim, in a tier without monthly limits (no alert)
 ALERTS = 2 * 4  # two customers past 50, 80, 90 and 100 % of MONTHLY_TOKENS (no budget alert: pro's is $500)
 
 
@@ -71,6 +84,7 @@ class Receiver:
 
     def __init__(self, rejected_customer: str) -> None:
         self.spans: list[Span] = []
+        self.services: dict[bytes, str] = {}  # span id → service.name of the process that sent it
         self.events: dict[str, int] = {}  # quotameter.worker.events by outcome, as last exported (cumulative)
         self.lag: dict[int, int] = {}  # quotameter.worker.consumer.lag by partition, last export that had any
         self.hooks: list[dict[str, Any]] = []
@@ -97,9 +111,11 @@ class Receiver:
                 else:
                     request = ExportTraceServiceRequest.FromString(body)
                     with receiver.lock:
-                        receiver.spans.extend(
-                            span for resource in request.resource_spans for scope in resource.scope_spans for span in scope.spans
-                        )
+                        for resource in request.resource_spans:
+                            service = {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"]
+                            for scope in resource.scope_spans:
+                                receiver.spans.extend(scope.spans)
+                                receiver.services.update((span.span_id, service) for span in scope.spans)
                     reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -248,6 +264,8 @@ class Run:
     stderr: Path
     sent: Sent
     lag_seen: int  # the largest total lag a scrape showed while the batch was in flight
+    served: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens of each shim answer
+    shim_contexts: set[tuple[bytes, bytes]] = field(default_factory=set)  # the traceparent headers of the shim's events
     stats_without_token: int = 0
     ledger: dict[str, int] = field(default_factory=dict)
     metrics_text: str = ""
@@ -256,8 +274,7 @@ class Run:
 
 
 def scrape(config: Config) -> str:
-    import urllib.request
-
+    """GET /metrics as a Prometheus server does: no token."""
     with urllib.request.urlopen(f"{config.services.worker_url}/metrics", timeout=5) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -304,11 +321,15 @@ async def run(
     began = time.monotonic()
     directory = tmp_path_factory.mktemp("worker-telemetry")
     unique = tag
+    mock_port = free_port()
     config, path = make_config(directory, redis_url, kafka_bootstrap, unique, {
         "pipeline": {"late_grace_s": LATE_GRACE_S, "ledger_flush_ms": LEDGER_FLUSH_MS},
         "telemetry": {"log_format": "json"},
         # Both customers pass every token threshold: ALERTS alerts, each posted to the receiver.
-        "tiers": {"pro": {"monthly_tokens": MONTHLY_TOKENS}},
+        "tiers": {"pro": {"monthly_tokens": MONTHLY_TOKENS},
+                  "metered": {"requests_per_minute": 100, "tokens_per_minute": 1_000_000}},
+        "upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"},
+        "shim": {"delivery": "broker"},
         # /metrics stays open for a scraper without it; the other views do not.
         "services": {"admin_token": ADMIN_TOKEN},
         "alerts": {"webhook_url": receiver.hook_url, "webhook_secret": WEBHOOK_SECRET, "webhook_max_attempts": 3,
@@ -328,6 +349,11 @@ async def run(
     with stdout.open("wb") as out, stderr.open("wb") as err:
         worker = subprocess.Popen([sys.executable, "-m", "quotameter", "worker"], stdout=out, stderr=err, env=env,
                                   start_new_session=True)
+    mock = ManagedProcess("mock", [sys.executable, "-m", "quotameter", "mock-llm", "--port", str(mock_port)],
+                          directory / "mock.log").start()
+    shim = ManagedProcess("shim", [sys.executable, "-m", "quotameter", "proxy"], directory / "shim.log", env={
+        "QUOTAMETER_CONFIG": str(path), "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.endpoint}/v1/traces",
+        "OTEL_BSP_SCHEDULE_DELAY": "200"}).start()
     try:
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         while health_status(config) != 200:
@@ -339,6 +365,8 @@ async def run(
 
         sent = traffic(unique)
         await send(config, sent)
+        served, shim_contexts = await through_the_shim(config, mock, shim, f"{tag}-shim")
+        wait_for(lambda: all(span_id in receiver.services for _, span_id in shim_contexts), 10, "the shim's spans")
         # The rows wait LEDGER_FLUSH_MS for the ledger, the commit waits for the rows.
         lag_seen = 0.0
 
@@ -348,24 +376,56 @@ async def run(
             return lag_seen > 0
 
         wait_for(in_flight, 10, "a scrape to show the lag of the batch in flight")
-        wait_for(lambda: ledger_rows(config) == len(sent.unique), 30, "every unique event in the ledger")
+        wait_for(lambda: ledger_rows(config) == len(sent.unique) + SHIM_REQUESTS, 30, "every unique event in the ledger")
         wait_for(lambda: (p := lag(scrape(config), topic)) and len(p) == 4 and not any(p.values()), 15,
                  "the lag of all 4 partitions to fall to 0")
         # Every alert posted twice (500, then 200 or 400), each counted once its last answer was read.
         wait_for(lambda: len(receiver.hooks) == 2 * ALERTS, 15, f"{2 * ALERTS} webhook requests")
         wait_for(lambda: ended_deliveries(scrape(config)) == ALERTS, 5, "every delivery counted")
-        current = Run(config, worker, stdout, stderr, sent, int(lag_seen))
+        current = Run(config, worker, stdout, stderr, sent, int(lag_seen), served, shim_contexts)
         current.metrics_text = scrape(config)
         current.ledger = ledger(config)
         current.stats = http_json(f"{config.services.worker_url}/stats", config=config)[1]
         current.stats_without_token = http_json(f"{config.services.worker_url}/stats")[0]
         wait_for(lambda: receiver.named("quotameter.ledger_insert"), 10, "the ledger insert's span")
         wait_for(lambda: receiver.lag == {0: 0, 1: 0, 2: 0, 3: 0}, 5, "an OTLP export of the lag at 0")
+        shim.stop()
         current.exit_code = stop(worker)
         print(f"module ready in {time.monotonic() - began:.1f}s")
         yield current
     finally:
+        shim.stop()
+        mock.stop()
         stop(worker)
+
+
+async def through_the_shim(
+    config: Config, mock: ManagedProcess, shim: ManagedProcess, customer: str
+) -> tuple[list[tuple[int, int]], set[tuple[bytes, bytes]]]:
+    """SHIM_REQUESTS chat completions: the usage served, and the trace contexts their events carry."""
+    mock.wait_port("127.0.0.1", int(config.upstream.url.rsplit(":", 1)[1].split("/")[0]))
+    shim.wait_port(config.shim.host, config.shim.port)
+    client = redis.Redis.from_url(config.services.redis_url)
+    try:
+        key = create_key(client, RedisKeys(config.services.redis_prefix), customer, "metered").plaintext
+    finally:
+        client.close()
+    openai_client = openai.AsyncOpenAI(base_url=f"http://{config.shim.host}:{config.shim.port}/v1", api_key=key,
+                                       max_retries=0, timeout=20)
+    served = []
+    for _ in range(SHIM_REQUESTS):
+        answer = await openai_client.chat.completions.create(model="mock-small", messages=MESSAGES)
+        served.append((answer.usage.prompt_tokens, answer.usage.completion_tokens))
+    await openai_client.close()
+    records = await read_topic(config.services.kafka_bootstrap, config.services.events_topic, SHIM_REQUESTS,
+                               keys={customer.encode()})
+    assert len(records) == SHIM_REQUESTS
+    contexts = set()
+    for record in records:
+        _, trace_id, span_id, flags = dict(record.headers)["traceparent"].decode().split("-")
+        assert int(flags, 16) & 1  # sampled: the shim's default sampler keeps every trace
+        contexts.add((bytes.fromhex(trace_id), bytes.fromhex(span_id)))
+    return served, contexts
 
 
 def ended_deliveries(text: str) -> float:
@@ -398,19 +458,20 @@ def test_metrics_count_every_record_under_its_outcome(run: Run) -> None:
         outcome: value(text, "quotameter_worker_events_total", outcome=outcome)
         for outcome in ("consumed", "late", "duplicate", "dead_lettered")
     }
-    assert counted == {"consumed": sent.on_time, "late": sent.late, "duplicate": sent.duplicates,
+    assert counted == {"consumed": sent.on_time + SHIM_REQUESTS, "late": sent.late, "duplicate": sent.duplicates,
                        "dead_lettered": sent.dead_lettered}
-    assert sum(counted.values()) == len(sent.records)
+    assert sum(counted.values()) == len(sent.records) + SHIM_REQUESTS
     # The same as the ledger (every unique event, each once) and the worker's own counters.
     assert run.ledger == {
         "rows": counted["consumed"] + counted["late"],
-        "input_tokens": sum(event.data.input_tokens for event in sent.unique),
-        "output_tokens": sum(event.data.output_tokens for event in sent.unique),
+        # What was produced, and what the shim's client was served, to the token.
+        "input_tokens": sum(event.data.input_tokens for event in sent.unique) + sum(p for p, _ in run.served),
+        "output_tokens": sum(event.data.output_tokens for event in sent.unique) + sum(c for _, c in run.served),
     }
-    assert run.stats["applied"] == sent.on_time + sent.late and run.stats["malformed"] == sent.dead_lettered
+    assert run.stats["applied"] == sent.on_time + sent.late + SHIM_REQUESTS and run.stats["malformed"] == sent.dead_lettered
     # One batch-size observation per batch, summing to every record read.
     assert value(text, "quotameter_worker_batch_size_count") == run.stats["batches"]
-    assert value(text, "quotameter_worker_batch_size_sum") == len(sent.records)
+    assert value(text, "quotameter_worker_batch_size_sum") == len(sent.records) + SHIM_REQUESTS
 
 
 def test_otlp_export_carries_the_same_counts(run: Run, receiver: Receiver) -> None:
@@ -475,19 +536,26 @@ def test_batch_spans_link_the_requests_and_hold_the_stages(run: Run, receiver: R
         assert attributes["messaging.batch.message_count"].int_value >= 1
     assert sum(
         {a.key: a.value for a in span.attributes}["messaging.batch.message_count"].int_value for span in batches
-    ) == len(run.sent.records)
+    ) == len(run.sent.records) + SHIM_REQUESTS
     links = {(link.trace_id, link.span_id) for span in batches for link in span.links}
-    assert links == run.sent.linked()  # every sampled context, the unsampled one not
+    # Every sampled context, the unsampled one not; the shim's are spans the shim exported.
+    assert links == run.sent.linked() | run.shim_contexts
+    assert len(run.shim_contexts) == SHIM_REQUESTS
+    assert {receiver.services[span_id] for _, span_id in run.shim_contexts} == {"quotameter-shim"}
+    assert run.shim_contexts <= {(span.trace_id, span.span_id) for span in receiver.spans}
+    assert {receiver.services[span.span_id] for span in batches} == {"quotameter-worker"}
     ids = {span.span_id for span in batches}
     for stage in ("quotameter.redis_write", "quotameter.ledger_insert"):
         spans = receiver.named(stage)
         assert spans and all(span.parent_span_id in ids for span in spans), stage
 
 
-def test_log_lines_are_json_one_per_line(run: Run) -> None:
+def test_log_lines_are_json_one_per_line(run: Run, receiver: Receiver) -> None:
     assert run.exit_code == 0
     assert run.stdout.read_text().splitlines() == [READY_LINE]
-    lines = run.stderr.read_text().splitlines()
+    text = run.stderr.read_text()
+    assert ADMIN_TOKEN not in text and WEBHOOK_SECRET not in text
+    lines = text.splitlines()
     records = [json.loads(line) for line in lines]  # each line is one object
     assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
     loggers = {record["logger"] for record in records}
@@ -497,4 +565,7 @@ def test_log_lines_are_json_one_per_line(run: Run) -> None:
     assert len(dead) == run.sent.dead_lettered
     assert {(r["topic"], r["dlq_topic"]) for r in dead} == {(run.config.services.events_topic, f"{run.config.services.events_topic}.dlq")}
     assert all(isinstance(r["partition"], int) and isinstance(r["offset"], int) and r["reason"] for r in dead)
+    # Logged inside its batch's span: the line names that span, so the trace leads to it.
+    batches = {(span.trace_id.hex(), span.span_id.hex()) for span in receiver.named(f"process {run.config.services.events_topic}")}
+    assert {(r["trace_id"], r["span_id"]) for r in dead} <= batches
     assert any(record["message"] == "sinks flushed and closed" for record in records)
