@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the integration tests drive for real: a headless browser for
 # the built-in dashboard, nginx (and its njs module) for the check endpoint
-# behind auth_request and the usage report.
+# behind auth_request and the usage report, Prometheus and promtool for the
+# scrape config, the alert rules and the service-health dashboard.
 # Installed once, only where missing (needs root).
-DEBIAN_PACKAGES := chromium nginx-light libnginx-mod-http-js
+DEBIAN_PACKAGES := chromium nginx-light libnginx-mod-http-js prometheus
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +21,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The tests start their own Prometheus on a free port: the service Debian's package enables is stopped.
 debian-deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		case " $$missing " in *" prometheus "*) \
+			command -v systemctl >/dev/null && systemctl disable --now prometheus >/dev/null 2>&1 || true;; \
+		esac; \
 	fi
 
 ## Start the embedded stack (broker, redis, worker, mock model, shim) in the foreground.

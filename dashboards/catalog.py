@@ -1,5 +1,7 @@
-"""The three dashboards, their template variables, and the constants the
-config feeds them (budgets, token quotas, the billing calendar).
+"""The three dashboards on the ledger, their template variables, and the
+constants the config feeds them (budgets, token quotas, the billing
+calendar); and the service-health dashboard on Prometheus (Grafana only: the
+built-in page shows the same metrics live on its Operations page).
 
 Where each panel reads from, and what it promises, is in ``dashboards.sources``:
 spend, requests, tokens and the month-to-date panels from the rollups (whole
@@ -20,6 +22,7 @@ from dashboards.macros import quote_literal
 from dashboards.model import Dashboard, QueryVariable
 from dashboards.operations import OPERATIONS
 from dashboards.quotas import QUOTAS
+from dashboards.service_health import SERVICE_HEALTH
 from dashboards.sources import usage
 from quotameter.config import Config
 
@@ -39,6 +42,7 @@ VARIABLES = tuple(QueryVariable(d.name, d.label, _options_sql(d)) for d in DIMEN
 DASHBOARDS: tuple[Dashboard, ...] = tuple(
     replace(d, variables=VARIABLES) for d in (BILLING, QUOTAS, OPERATIONS)
 )
+PROMETHEUS_DASHBOARDS: tuple[Dashboard, ...] = (SERVICE_HEALTH,)
 FOLDER_UID = "quotameter"
 FOLDER_TITLE = "quotameter"
 CONSTANT_NAMES = ("billing_tz", "billing_anchor_day", "tier_budget_usd", "customer_budget_usd", "tier_monthly_tokens",

@@ -5,6 +5,9 @@ small ``Dataquery`` whose JSON is the grafana-clickhouse-datasource (v4)
 query model: ``editorType: sql``, ``rawSql``, ``queryType`` and sqlds'
 ``format`` (0 time series, 1 table). Long-format time series (time, series,
 value) are turned wide by the plugin itself.
+
+A panel of PromQL is drawn with the SDK's Prometheus query builder, one target
+per expression, on the Prometheus datasource.
 """
 
 from __future__ import annotations
@@ -13,20 +16,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grafana_foundation_sdk.builders import barchart, stat, table, timeseries
+from grafana_foundation_sdk.builders import barchart, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.builders import dashboard as gdash
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as model
 
-from dashboards.catalog import DASHBOARDS, FOLDER_TITLE, FOLDER_UID
+from dashboards.catalog import DASHBOARDS, FOLDER_TITLE, FOLDER_UID, PROMETHEUS_DASHBOARDS
 from dashboards.macros import ALL
 from dashboards.model import Dashboard, Panel, QueryVariable, Unit, Viz
 
 PLUGIN_ID = "grafana-clickhouse-datasource"
 PLUGIN_VERSION = "4.0.0"
-DEFAULT_DATASOURCE_UID = "quotameter-clickhouse"  # the uid deploy/grafana provisions
+DEFAULT_DATASOURCE_UID = "quotameter-clickhouse"  # the uids deploy/grafana provisions
+DEFAULT_PROMETHEUS_UID = "quotameter-prometheus"
 FORMAT_TIMESERIES = 0
 FORMAT_TABLE = 1
 
@@ -102,7 +106,27 @@ def _axis(builder: Any, panel: Panel) -> Any:
     return builder
 
 
-def build_panel(panel: Panel, datasource_uid: str) -> Any:
+def build_prometheus_panel(panel: Panel, prometheus_uid: str) -> Any:
+    source = model.DataSourceRef(type_val="prometheus", uid=prometheus_uid)
+    builder = (
+        _panel_builder(panel)
+        .id(panel.id)
+        .title(panel.title)
+        .description(panel.description)
+        .datasource(source)
+        .unit(panel.unit)
+        .span(panel.width)
+        .height(panel.height)
+    )
+    for ref_id, query in zip("ABCDEFGH", panel.promql, strict=False):
+        target = prometheus.Dataquery().ref_id(ref_id).expr(query.expr).legend_format(query.legend).datasource(source)
+        builder = builder.with_target(target.instant() if panel.viz is Viz.STAT else target.range())
+    return _axis(builder, panel)
+
+
+def build_panel(panel: Panel, datasource_uid: str, prometheus_uid: str = DEFAULT_PROMETHEUS_UID) -> Any:
+    if panel.is_prometheus:
+        return build_prometheus_panel(panel, prometheus_uid)
     is_series = panel.viz is Viz.TIMESERIES
     query = ClickHouseQuery(
         "A", panel.sql, "timeseries" if is_series else "table", FORMAT_TIMESERIES if is_series else FORMAT_TABLE,
@@ -136,7 +160,8 @@ def build_variable(variable: QueryVariable, datasource_uid: str) -> Any:
     )
 
 
-def build_dashboard(dashboard: Dashboard, constants: dict[str, str], datasource_uid: str) -> dict[str, Any]:
+def build_dashboard(dashboard: Dashboard, constants: dict[str, str], datasource_uid: str,
+                    prometheus_uid: str = DEFAULT_PROMETHEUS_UID) -> dict[str, Any]:
     """The dashboard's JSON model (the ``dashboard`` object of Grafana's API)."""
     builder = (
         gdash.Dashboard(dashboard.title)
@@ -150,22 +175,27 @@ def build_dashboard(dashboard: Dashboard, constants: dict[str, str], datasource_
     )
     for variable in dashboard.variables:
         builder = builder.with_variable(build_variable(variable, datasource_uid))
-    for name, value in constants.items():
-        builder = builder.with_variable(gdash.ConstantVariable(name).value(value))
+    if not all(p.is_prometheus for p in dashboard.panels):  # SQL literals, for the ledger's panels only
+        for name, value in constants.items():
+            builder = builder.with_variable(gdash.ConstantVariable(name).value(value))
     for panel in dashboard.panels:
-        builder = builder.with_panel(build_panel(panel, datasource_uid))
+        builder = builder.with_panel(build_panel(panel, datasource_uid, prometheus_uid))
     return json.loads(json.dumps(builder.build(), cls=JSONEncoder))
 
 
-def build_all(constants: dict[str, str], datasource_uid: str = DEFAULT_DATASOURCE_UID) -> dict[str, dict[str, Any]]:
-    return {d.uid: build_dashboard(d, constants, datasource_uid) for d in DASHBOARDS}
+def build_all(constants: dict[str, str], datasource_uid: str = DEFAULT_DATASOURCE_UID,
+              prometheus_uid: str = DEFAULT_PROMETHEUS_UID) -> dict[str, dict[str, Any]]:
+    """The ledger's dashboards (ClickHouse), then the service's (Prometheus)."""
+    return {d.uid: build_dashboard(d, constants, datasource_uid, prometheus_uid)
+            for d in (*DASHBOARDS, *PROMETHEUS_DASHBOARDS)}
 
 
-def write_all(out_dir: Path, constants: dict[str, str], datasource_uid: str = DEFAULT_DATASOURCE_UID) -> list[Path]:
+def write_all(out_dir: Path, constants: dict[str, str], datasource_uid: str = DEFAULT_DATASOURCE_UID,
+              prometheus_uid: str = DEFAULT_PROMETHEUS_UID) -> list[Path]:
     """One ``<uid>.json`` per dashboard in ``out_dir`` (created), stable bytes for the same inputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for uid, document in build_all(constants, datasource_uid).items():
+    for uid, document in build_all(constants, datasource_uid, prometheus_uid).items():
         path = out_dir / f"{uid}.json"
         path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         written.append(path)

@@ -1,6 +1,7 @@
 """What a dashboard is, independent of how it is drawn: panels of SQL with
 the ClickHouse datasource's macros, a visualisation, and a ``Field`` (human
-label and unit) for every column the SQL returns.
+label and unit) for every column the SQL returns; or panels of PromQL on the
+Prometheus datasource, whose series are named by their queries' legends.
 
 Both renderers read these: ``dashboards.grafana`` (Grafana JSON) and
 ``dashboards.server`` (the built-in page). A panel's ``uid`` and ``id`` are
@@ -47,11 +48,20 @@ class Viz(StrEnum):
 
 
 @dataclass(frozen=True)
+class PromQuery:
+    """One PromQL expression of a Prometheus panel (Grafana's macros allowed: $__rate_interval)."""
+
+    expr: str
+    legend: str  # Grafana's legendFormat: "p99", "{{outcome}}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Panel:
     id: int  # stable within its dashboard (Grafana's panel id)
     key: str  # stable name, used in the built-in page and the tests
     title: str
-    sql: str  # one SELECT, with $__ macros and ${variables}; no FORMAT, no ';'
+    sql: str = ""  # one SELECT, with $__ macros and ${variables}; no FORMAT, no ';'
+    promql: tuple[PromQuery, ...] = ()  # instead of sql: a panel on the Prometheus datasource
     viz: Viz
     unit: str = "short"  # a Grafana unit id: currencyUSD, short, ms, s, reqps, percent
     description: str = ""
@@ -63,6 +73,10 @@ class Panel:
     fields: tuple[Field, ...] = ()  # every column the SQL returns, in order
 
     def __post_init__(self) -> None:
+        if bool(self.sql) == bool(self.promql):
+            raise ValueError(f"panel {self.key}: either sql or promql")
+        if self.promql:
+            return  # series come from the queries, named by their legends
         if ";" in self.sql:
             raise ValueError(f"panel {self.key}: SQL must be one statement without ';'")
         if self.viz in (Viz.TIMESERIES, Viz.BAR, Viz.STAT) and not self.values:
@@ -72,6 +86,10 @@ class Panel:
                  *((self.series,) if self.series else ()))
         if missing := [c for c in drawn if c not in named]:
             raise ValueError(f"panel {self.key}: no Field (label, unit) for {missing}")
+
+    @property
+    def is_prometheus(self) -> bool:
+        return bool(self.promql)
 
     def field(self, name: str) -> Field:
         for candidate in self.fields:

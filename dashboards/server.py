@@ -1,7 +1,8 @@
 """The built-in dashboard of the embedded stack: the same panels as the
 Grafana JSON, queried through the worker (or the chDB directory) and drawn
 in the browser with plotly.js, served from the installed ``plotly`` wheel
-(never a CDN).
+(never a CDN). The Operations page adds the service's live figures, read from
+the shim's and the worker's /metrics at each view (``live_metrics``).
 
     GET /                              → /dashboard/billing
     GET /dashboard/{billing|quotas|operations}?from=now-7d&to=now&customer=a&customer=b&tier=…&model=…&api_key=…
@@ -34,8 +35,10 @@ from aiohttp import web
 from dashboards.catalog import DASHBOARDS, config_constants, dashboard
 from dashboards.csv_export import panel_csv
 from dashboards.display import display
+from dashboards.live_metrics import live_panels
 from dashboards.macros import ALL, MacroError, TimeRange, Variables, expand, parse_time
 from dashboards.model import Dashboard, Panel
+from dashboards.operations import OPERATIONS
 from dashboards.query import QueryRunner, ledger_runner, run_panel
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
@@ -112,6 +115,8 @@ class DashboardApp:
                 entry["display"] = [[display(row.get(f.name), f) for f in panel.fields] for row in entry["rows"]]
                 panels.append(entry)
             source = getattr(runner, "source", "ledger")
+        if board.uid == OPERATIONS.uid:
+            panels += live_panels(self.config)
         return {
             "dashboard": {"uid": board.uid, "title": board.title, "description": board.description},
             "from": time_range.start.isoformat(), "to": time_range.end.isoformat(),

@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from pipeline import telemetry
 from pipeline.topics import ensure_topic
 from pipeline.webhook import Delivery, WebhookSender
 from quotameter.alert_rules import Alert, AlertKind, AlertLimits, build_alerts, crossed, limits_for, sort_listing
@@ -158,6 +159,7 @@ class AlertEngine:
             fired.add((alert.kind, alert.threshold_pct))
             if claimed:
                 self.claimed += 1
+                telemetry.alert_fired(alert.kind.value)
                 log.info("alert %s: %s %s %s reached %d%%", alert.id, customer, period, alert.kind, alert.threshold_pct)
                 task = asyncio.create_task(self._deliver(alert), name=f"alert-{alert.id}")
                 self._tasks.add(task)

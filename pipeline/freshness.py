@@ -18,8 +18,8 @@ class Freshness:
         self.clock_ms = clock_ms
         self.delays: dict[str, deque[int]] = {}
 
-    def observe(self, sink: str, event_times_ms: Iterable[int]) -> None:
-        now = self.clock_ms()
+    def observe(self, sink: str, event_times_ms: Iterable[int], now: int | None = None) -> None:
+        now = self.clock_ms() if now is None else now
         delays = self.delays.setdefault(sink, deque(maxlen=SAMPLES))
         delays.extend(now - t for t in event_times_ms)
 

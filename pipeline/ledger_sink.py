@@ -27,7 +27,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from faust.types import EventT
+from opentelemetry.trace import SpanContext
 
+from pipeline import telemetry, tracing
 from pipeline.dedupe import RecentIds
 from pipeline.history.store import AsyncHistory
 from pipeline.ledger_marks import LedgerMarks
@@ -45,6 +47,8 @@ class LedgerSink:
         self._rows: list[PricedEvent] = []
         self._events: list[EventT] = []
         self._since = 0.0
+        self._batches: list[SpanContext] = []  # the traced batches whose rows are buffered
+        self._oldest_ms: int | None = None  # the oldest buffered row's event time
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.inserted = 0
@@ -56,12 +60,18 @@ class LedgerSink:
     def buffered(self) -> int:
         return len(self._rows)
 
-    async def add(self, rows: Sequence[PricedEvent], events: Sequence[EventT]) -> None:
-        """Buffer a batch's new rows and every event of it (acked after the insert)."""
+    async def add(self, rows: Sequence[PricedEvent], events: Sequence[EventT], oldest_ms: int | None = None) -> None:
+        """Buffer a batch's new rows and every event of it (acked after the
+        insert); ``oldest_ms``: the rows' oldest event time, if the caller knows it."""
         if not self._events:
             self._since = time.monotonic()
         self._rows.extend(rows)
         self._events.extend(events)
+        if rows:
+            oldest_ms = min(p.event.time_ms for p in rows) if oldest_ms is None else oldest_ms
+            self._oldest_ms = oldest_ms if self._oldest_ms is None else min(self._oldest_ms, oldest_ms)
+            if (batch := tracing.current_context()) is not None:
+                self._batches.append(batch)
         if len(self._rows) >= 2 * self.batch_rows:
             await self.flush()  # back-pressure: never more than two batches behind
         elif len(self._rows) >= self.batch_rows:
@@ -78,12 +88,15 @@ class LedgerSink:
 
     async def flush(self) -> None:
         async with self._lock:
-            rows, events = self._rows, self._events
-            self._rows, self._events = [], []
+            rows, events, batches, oldest_ms = self._rows, self._events, self._batches, self._oldest_ms
+            self._rows, self._events, self._batches, self._oldest_ms = [], [], [], None
             if not events:
                 return
             if rows:
-                await self._insert(rows)
+                with tracing.insert_span(batches):
+                    await self._insert(rows)
+                if oldest_ms is not None:  # set whenever rows were buffered
+                    telemetry.freshness("ledger", oldest_ms, time.time_ns() // 1_000_000)
             self.recent.confirm(p.event.id for p in rows)
             if self.on_inserted is not None:
                 self.on_inserted(rows)
@@ -96,6 +109,15 @@ class LedgerSink:
     async def _insert(self, rows: list[PricedEvent]) -> None:
         # Acking without a ledger row would lose the events: after the retries
         # the process exits instead, nothing acked (pipeline.retry).
-        await retrying("ledger insert", lambda: self.history.insert_events(rows))
+        await retrying("ledger insert", lambda: self._timed_insert(rows))
         self.inserted += len(rows)
         self.inserts += 1
+
+    async def _timed_insert(self, rows: list[PricedEvent]) -> None:
+        began = time.perf_counter()
+        try:
+            await self.history.insert_events(rows)
+        except Exception:
+            telemetry.ledger_insert(time.perf_counter() - began, failed=True)
+            raise
+        telemetry.ledger_insert(time.perf_counter() - began, failed=False)

@@ -35,6 +35,7 @@ import faust
 from aiokafka.errors import KafkaError
 from faust.types import EventT
 
+from pipeline import telemetry, tracing
 from pipeline.app import FaustParts
 from pipeline.dedupe import Deduplicator
 from pipeline.freshness import Freshness
@@ -84,17 +85,21 @@ class UsageSink:
         self.guard = guard
         self.observer: PeriodObserver | None = None
         self.lock = asyncio.Lock()  # batches and rebuilds take turns
+        self._unwritten_ms: int | None = None  # oldest event of a failed Redis write, retried with the next
         self.counts = {"batches": 0, "events": 0, "applied": 0, "duplicates": 0, "malformed": 0, "late": 0, "seeded": 0}
 
     async def process(self, events: Sequence[EventT]) -> None:
         async with self.lock:
-            await self._process(events)
+            topic = self.parts.events_topic.get_topic_name()
+            with tracing.batch_span(topic, self.parts.app.conf.id) as span:
+                await self._process(events, span)
 
-    async def _process(self, events: Sequence[EventT]) -> None:
+    async def _process(self, events: Sequence[EventT], span: tracing.Span) -> None:
         # 0. Read only. A crash here: nothing acked, all redelivered.
         events = await retrying("reading skipped offsets", lambda: self.guard.complete(events), (KafkaError, OSError, HistoryError))
         # 1. Pure, plus DLQ sends. A crash here: nothing acked, all redelivered.
         delivered, dead = self._decode(events)
+        tracing.link_requests(span, events, (d.priced.event for d in delivered))  # step 0 may have added records
         for event, reason in dead:
             await self._dead_letter(event, reason)
         # 2. Read only. A crash here: as in 1.
@@ -118,8 +123,10 @@ class UsageSink:
         #    the replay writes the same totals again (or an older state,
         #    which the version refuses). A failed write is retried with the
         #    next batch.
-        await self.writer.write(result.periods, result.ids)
-        self.freshness.observe("redis", (d.priced.event.time_ms for d in fresh))
+        with tracing.stage_span("quotameter.redis_write"):
+            written = await self.writer.write(result.periods, result.ids)
+        oldest_ms = min(d.time_ms for d in fresh) if fresh else None  # the freshness of this batch's writes
+        self._redis_freshness(oldest_ms, fresh, written)
         # 6. Alerts fire once per threshold (the engine claims each in Redis).
         if self.observer is not None:
             # ALERTS-HOOK: the one call site of the alert engine (pipeline.alerts).
@@ -130,8 +137,18 @@ class UsageSink:
                 )
         # 7. Ledger rows of the new ids; every event of the batch is acked
         #    after they are written.
-        await self.ledger.add(result.rows, events)
+        await self.ledger.add(result.rows, events, oldest_ms)
         self._count(events, delivered, fresh, dead, result.late, result.seeded)
+
+    def _redis_freshness(self, oldest_ms: int | None, fresh: list[Delivered], written: bool) -> None:
+        if oldest_ms is not None:
+            self._unwritten_ms = oldest_ms if self._unwritten_ms is None else min(self._unwritten_ms, oldest_ms)
+        if not written or self._unwritten_ms is None:
+            return  # kept by the writer for the next batch: fresh only once that one is written
+        written_ms = self.freshness.clock_ms()
+        self.freshness.observe("redis", (d.time_ms for d in fresh), written_ms)
+        telemetry.freshness("redis", self._unwritten_ms, written_ms)
+        self._unwritten_ms = None
 
     def _decode(self, events: Sequence[EventT]) -> tuple[list[Delivered], list[tuple[EventT, str]]]:
         delivered: list[Delivered] = []
@@ -157,7 +174,9 @@ class UsageSink:
 
     async def _dead_letter(self, event: EventT, reason: str) -> None:
         message = event.message
-        log.warning("malformed event at %s[%d]@%d sent to %s: %s", message.topic, message.partition, message.offset, self.dlq_topic, reason)
+        log.warning("malformed event at %s[%d]@%d sent to %s: %s", message.topic, message.partition, message.offset, self.dlq_topic, reason,
+                    extra={"fields": {"topic": message.topic, "partition": message.partition, "offset": message.offset,
+                                      "dlq_topic": self.dlq_topic, "reason": reason}})  # JSON keys (telemetry.logs)
         headers = [
             ("quotameter-dlq-reason", reason.encode()),
             ("quotameter-source", f"{message.topic}[{message.partition}]@{message.offset}".encode()),
@@ -176,6 +195,8 @@ class UsageSink:
         counts["malformed"] += len(dead)
         counts["late"] += late
         counts["seeded"] += seeded
+        # ``late`` may count a redelivered event too (``again``): only fresh ones are late here.
+        telemetry.batch(len(events), len(fresh), min(late, len(fresh)), len(events) - len(dead) - len(fresh), len(dead))
 
 
 def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: int, batch_max_wait_ms: int) -> None:

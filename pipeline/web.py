@@ -14,11 +14,13 @@
     GET  /stats                       counters and freshness p50/p99 per sink
     GET  /windows?customer=C          this worker's window tables for C (404 when
                                       another worker owns C's partition)
+    GET  /metrics                     OpenTelemetry metrics as Prometheus text
+                                      (pipeline.telemetry; with telemetry.metrics)
 
 Other processes cannot open the worker's chDB directory, so they read the
 ledger here (``pipeline.history.reader``).
 
-With ``services.admin_token`` set, every view but /healthz answers 401
+With ``services.admin_token`` set, every view but /healthz and /metrics answers 401
 unless the request presents it (``quotameter.service_auth``); without one
 the worker listens on loopback only (``pipeline.worker.serve`` refuses
 otherwise). /query runs its SQL past ``pipeline.history.sql_guard``.
@@ -40,6 +42,7 @@ from pipeline.history.store import AsyncHistory, HistoryError, QueryRejected
 from pipeline.history.usage_buckets import MAX_ROWS, BucketQuery
 from quotameter.periods import BillingCalendar
 from quotameter.service_auth import TokenGate
+from telemetry.prometheus import metrics_handler
 
 _UNAUTHORIZED = {"error": "this endpoint needs services.admin_token: send Authorization: Bearer <token>"}
 
@@ -51,7 +54,7 @@ class Readiness:
 
 def register_views(
     parts: FaustParts, history: AsyncHistory, readiness: Readiness, sink: UsageSink, calendar: BillingCalendar,
-    gate: TokenGate,
+    gate: TokenGate, *, metrics: bool = False,
 ) -> None:
     app = parts.app
 
@@ -116,6 +119,15 @@ def register_views(
             if not readiness.ready:
                 return self.json({"status": "starting"}, status=503)
             return self.json({"status": "ready", "app_id": app.conf.id})
+
+    if metrics:
+        # Open like /healthz, for a scraper that holds no admin token: the
+        # worker's metrics name no customer, key or event (pipeline.telemetry;
+        # telemetry.customer_labels adds customers to the shim's only).
+        @app.page("/metrics")
+        class Metrics(View):
+            async def get(self, request: Request) -> Response:
+                return await metrics_handler(request)  # Faust's aiohttp driver hands over aiohttp's request
 
     @app.page("/usage")
     class Usage(View):

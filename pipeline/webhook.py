@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from pipeline import telemetry
+
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Quotameter-Signature"
@@ -122,17 +124,21 @@ class WebhookSender:
                 status, error = None, f"{type(exc).__name__}: {exc}".rstrip(": ")
             else:
                 if 200 <= status < 300:
+                    telemetry.webhook_delivery("delivered")
                     return Delivery(True, attempt, status)
                 error = f"HTTP {status}"
                 if status < 500 and status not in RETRY_STATUSES:
                     log.warning("webhook %s rejected %s with %s; not retrying", self.url, idempotency_key, error)
+                    telemetry.webhook_delivery("failed")
                     return Delivery(False, attempt, status, error)
             if attempt < self.max_attempts:
+                telemetry.webhook_delivery("retried")
                 wait_s = backoff_s(attempt, self.backoff_initial_s, self.backoff_max_s)
                 log.info("webhook %s attempt %d for %s failed (%s); retrying in %.2fs",
                          self.url, attempt, idempotency_key, error, wait_s)
                 await self._sleep(wait_s)
         log.error("webhook %s gave up on %s after %d attempts: %s", self.url, idempotency_key, self.max_attempts, error)
+        telemetry.webhook_delivery("failed")
         return Delivery(False, self.max_attempts, status, error)
 
     async def close(self) -> None:

@@ -6,6 +6,11 @@ ledger's totals of the current period where it has none or older ones
 (``pipeline.rebuild``), then run Faust until SIGINT/SIGTERM. Once the worker
 has joined its group and recovered its tables it prints
 ``quotameter worker ready`` on stdout and ``GET /healthz`` answers 200.
+
+Everything else it says goes to stderr as log lines in ``telemetry.log_format``
+(json: one object per line, Faust's and the libraries' lines included); its
+metrics are on ``GET /metrics`` (pipeline.telemetry) and its spans go to the
+OTLP endpoint of the ``OTEL_*`` variables, if any (pipeline.tracing).
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from mode import Service
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+import telemetry.logs
+import telemetry.setup
+from pipeline import telemetry as worker_telemetry
 from pipeline.alerts import AlertEngine
 from pipeline.app import TOPIC_PARTITIONS, FaustParts, build_app, worker_address
+from pipeline.consumer_lag import lag_of
 from pipeline.dedupe import Deduplicator, RecentIds
 from pipeline.freshness import Freshness
 from pipeline.history import schema
@@ -47,6 +56,7 @@ from quotameter.redis_pool import redis_client as waiting_redis_client
 from quotameter.service_auth import TokenGate, require_token_off_loopback
 
 READY_LINE = "quotameter worker ready"
+SERVICE = "quotameter-worker"
 LIBRARY_LOG_LEVEL_ENV = "QUOTAMETER_WORKER_LIBRARY_LOG_LEVEL"
 log = logging.getLogger(__name__)
 
@@ -124,6 +134,11 @@ def serve(config: Config) -> None:
     """Run the worker until SIGINT/SIGTERM; exit 0 after a clean stop."""
     started = time.monotonic()
     services, billing = config.services, config.billing
+    # Before the first line is logged. Faust is told below to leave logging
+    # alone, so its lines (and the libraries') come out in this format too.
+    telemetry.logs.configure(config.telemetry, SERVICE)
+    logging.captureWarnings(True)  # a warning is one log line, not raw text on stderr
+    telemetry.setup.start(SERVICE, config.telemetry)
     gate = TokenGate.from_services(services)
     try:  # before anything listens
         require_token_off_loopback(worker_address(config)[0], gate, f"the worker's HTTP endpoints ({services.worker_url})")
@@ -169,7 +184,8 @@ def serve(config: Config) -> None:
     register_usage_agent(parts, sink, config.pipeline.batch_max_events, config.pipeline.batch_max_wait_ms)
 
     parts.app.timer(CHECK_EVERY_S)(restarts.check)
-    register_views(parts, history, readiness, sink, billing.calendar, gate)
+    register_views(parts, history, readiness, sink, billing.calendar, gate, metrics=config.telemetry.metrics)
+    worker_telemetry.watch_lag(lambda: lag_of(parts.app.consumer, services.events_topic))
     _announce_ready(parts, readiness, started)
 
     # Faust, mode and aiokafka log every step at INFO; set
@@ -184,5 +200,14 @@ def serve(config: Config) -> None:
         loglevel="INFO",
         quiet=True,
         redirect_stdouts=False,
+        # mode would replace the root handlers with its colored console
+        # handler on stdout: telemetry.logs.configure set them above.
+        override_logging=False,
     )
-    worker.execute_from_commandline()
+    # Without mode's logging setup the startup spinner stays on, and it would
+    # write terminal control characters to stdout.
+    worker.spinner = None
+    try:
+        worker.execute_from_commandline()
+    finally:
+        telemetry.setup.shutdown()  # the last spans and metric interval

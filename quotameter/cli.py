@@ -305,20 +305,24 @@ app.add_typer(dashboards_app, name="dashboards")
 DatasourceUidOption = Annotated[
     str, typer.Option("--datasource-uid", help="uid of the grafana-clickhouse-datasource in Grafana.")
 ]
+PrometheusUidOption = Annotated[
+    str, typer.Option("--prometheus-uid", help="uid of the Prometheus datasource (the service-health dashboard).")
+]
 
 
 @dashboards_app.command("build")
 def dashboards_build(
     out: Annotated[Path, typer.Option("--out", help="Directory for the dashboard JSON files.")],
     datasource_uid: DatasourceUidOption = "quotameter-clickhouse",
+    prometheus_uid: PrometheusUidOption = "quotameter-prometheus",
     config_path: ConfigOption = None,
 ) -> None:
-    """Write one Grafana dashboard JSON per dashboard (Billing, Quotas, Operations) into OUT."""
+    """Write one Grafana dashboard JSON per dashboard (Billing, Quotas, Operations, Service health) into OUT."""
     from dashboards.catalog import config_constants
     from dashboards.grafana import write_all
 
     config = _config(config_path)
-    for path in write_all(out, config_constants(config), datasource_uid):
+    for path in write_all(out, config_constants(config), datasource_uid, prometheus_uid):
         typer.echo(str(path))
 
 
@@ -329,6 +333,7 @@ def dashboards_push(
         str, typer.Option("--token", envvar="GRAFANA_TOKEN", help="A service-account token with the Editor role.")
     ],
     datasource_uid: DatasourceUidOption = "quotameter-clickhouse",
+    prometheus_uid: PrometheusUidOption = "quotameter-prometheus",
     config_path: ConfigOption = None,
 ) -> None:
     """Push the dashboards into Grafana's 'quotameter' folder (stable uids, overwriting earlier pushes)."""
@@ -338,7 +343,7 @@ def dashboards_push(
 
     config = _config(config_path)
     try:
-        pushed = push_dashboards(url, token, build_all(config_constants(config), datasource_uid))
+        pushed = push_dashboards(url, token, build_all(config_constants(config), datasource_uid, prometheus_uid))
     except QuotameterError as exc:
         raise _fail(str(exc)) from None
     for line in pushed:

@@ -1,9 +1,11 @@
 """The built-in dashboard, served by `quotameter dashboard` over a seeded chDB
 directory (no worker running: it opens the directory read-only), rendered in
-headless Chromium; the charts must carry the seeded numbers."""
+headless Chromium; the charts must carry the seeded numbers. Its Operations
+page also shows a real shim's live figures, read from the shim's /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -16,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import yaml
 
@@ -23,8 +26,10 @@ from quotameter.config import DEFAULT_CONFIG
 from quotameter.embedded.procs import free_port
 from tests.conftest import ARTIFACTS
 from tests.integration.dashboard_seed import CONFIG_OVERRIDES, seed
+from tests.integration.enforcement_helpers import MESSAGES, ShimFactory, shim_factory  # noqa: F401
 
 RANGE = "from=2025-03-01T00:00:00Z&to=2025-03-11T00:00:00Z"
+LIVE_SHIM_PORT = free_port()  # the shim whose /metrics the Operations page reads (started by one test)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw"]
@@ -155,6 +160,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     document.update(CONFIG_OVERRIDES)
     document["services"] = {**document["services"], "history_dir": str(tmp / "history"),
                             "worker_url": f"http://127.0.0.1:{free_port()}"}  # nobody listens: read the directory
+    document["shim"] = {**document["shim"], "port": LIVE_SHIM_PORT}
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(document))
     port = free_port()
@@ -341,6 +347,30 @@ def test_operations_page_shows_traffic(served: str) -> None:
     plotted, series, drawn = dom.chart("ttft")
     assert plotted["Median"] == [("2025-03-02T10:00:00Z", 40), ("2025-03-05T12:00:00Z", 60), ("2025-03-07T15:00:00Z", 80)]
     assert (series, drawn) == ("2", [3, 3])
+
+
+async def test_operations_page_shows_the_service_now(served: str, shim_factory: ShimFactory) -> None:
+    shim = await shim_factory({"tight": {"requests_per_minute": 1}}, shim={"port": LIVE_SHIM_PORT})
+    client = shim.client(shim.new_key("live", "tight"))
+    try:
+        await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=4)
+        for _ in range(2):
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=4)
+    finally:
+        await client.close()
+    dom = await asyncio.to_thread(render, served, "operations", RANGE, "operations-live")
+    assert "The service now" in dom.visible_text
+    assert dom.rows("live_refusals") == table("reason limit_kind refused", ("rate_limit_requests", "rpm", 2))
+    assert dom.shown("live_refusals") == [["Reason", "Limit", "Requests refused"], ["rate_limit_requests", "rpm", "2"]]
+    now = dom.stats_shown("live_shim")
+    assert now["inflight"] == ("Requests in flight", "0", "")
+    assert set(now) == {"inflight", "spool_depth", "spool_age_s"}
+    assert dom.panels["live_fail_modes"]["data-rows"] == "0"  # Redis never went away
+    # No worker runs here: its panel says where it looked, once.
+    assert dom.panels["live_worker"].get("data-error") == "true"
+    assert "did not answer" in dom.visible_text and "live_lag" not in dom.panels
+    assert all(dom.panels[k]["csv"] is None for k in ("live_shim", "live_refusals"))  # live: nothing to download
 
 
 def test_plotly_is_served_from_the_installed_wheel(served: str) -> None:

@@ -84,12 +84,12 @@ async def test_push_creates_the_folder_and_overwrites_by_uid(grafana: tuple[Fake
     urls = await _push(url)
     assert fake.folders == {"quotameter": "quotameter"}
     assert [s["dashboard"]["uid"] for s in fake.saved] == ["quotameter-billing", "quotameter-quotas",
-                                                           "quotameter-operations"]
+                                                           "quotameter-operations", "quotameter-service-health"]
     assert all(s["overwrite"] is True and s["folderUid"] == "quotameter" for s in fake.saved)
     assert fake.auth[0] == "Bearer tok-123"
     assert urls[0] == f"{url}/d/quotameter-billing/x"
     await _push(url)  # again: the folder is found, not created twice
-    assert len(fake.saved) == 6
+    assert len(fake.saved) == 8
 
 
 @pytest.mark.parametrize("grafana", [401], indirect=True)

@@ -1,4 +1,5 @@
-"""The Grafana JSON: the ClickHouse plugin's query model, stable uids, variables."""
+"""The Grafana JSON: the ClickHouse plugin's query model, stable uids, variables;
+the service-health dashboard's PromQL on the Prometheus datasource."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from dashboards.catalog import DASHBOARDS, FOLDER_UID, config_constants
+from dashboards.catalog import DASHBOARDS, FOLDER_UID, PROMETHEUS_DASHBOARDS, config_constants
 from dashboards.grafana import PLUGIN_ID, build_all, write_all
+from dashboards.model import Panel, PromQuery, Viz
 from quotameter.config import DEFAULT_CONFIG, load_config, parse_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
@@ -18,9 +20,14 @@ def _built() -> dict[str, dict]:
     return build_all(config_constants(load_config(DEFAULT_CONFIG)))
 
 
-def test_three_dashboards_with_stable_uids() -> None:
+def _ledger_dashboards() -> dict[str, dict]:
+    return {uid: d for uid, d in _built().items() if uid in {b.uid for b in DASHBOARDS}}
+
+
+def test_four_dashboards_with_stable_uids() -> None:
     built = _built()
-    assert list(built) == ["quotameter-billing", "quotameter-quotas", "quotameter-operations"]
+    assert list(built) == ["quotameter-billing", "quotameter-quotas", "quotameter-operations",
+                           "quotameter-service-health"]
     for uid, document in built.items():
         assert document["uid"] == uid
         ids = [p["id"] for p in document["panels"]]
@@ -29,7 +36,7 @@ def test_three_dashboards_with_stable_uids() -> None:
 
 
 def test_every_target_uses_the_clickhouse_query_model() -> None:
-    for document in _built().values():
+    for document in _ledger_dashboards().values():
         for panel in document["panels"]:
             assert panel["datasource"] == {"type": PLUGIN_ID, "uid": "quotameter-clickhouse"}
             (target,) = panel["targets"]
@@ -92,7 +99,7 @@ def test_customer_overrides_reach_the_constants() -> None:
 
 def test_write_all_writes_one_file_per_dashboard(tmp_path: Path) -> None:
     paths = write_all(tmp_path / "out", config_constants(load_config(DEFAULT_CONFIG)))
-    assert sorted(p.name for p in paths) == sorted(f"{d.uid}.json" for d in DASHBOARDS)
+    assert sorted(p.name for p in paths) == sorted(f"{d.uid}.json" for d in (*DASHBOARDS, *PROMETHEUS_DASHBOARDS))
     assert json.loads(paths[0].read_text())["uid"] == DASHBOARDS[0].uid
 
 
@@ -100,9 +107,52 @@ def test_provisioning_matches_the_dashboards() -> None:
     datasource = yaml.safe_load((DEPLOY / "provisioning" / "datasources" / "clickhouse.yaml").read_text())
     (source,) = datasource["datasources"]
     assert (source["type"], source["uid"]) == (PLUGIN_ID, "quotameter-clickhouse")
+    prometheus = yaml.safe_load((DEPLOY / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    (source,) = prometheus["datasources"]
+    assert (source["type"], source["uid"]) == ("prometheus", "quotameter-prometheus")
     provider = yaml.safe_load((DEPLOY / "provisioning" / "dashboards" / "quotameter.yaml").read_text())
     assert provider["providers"][0]["folderUid"] == FOLDER_UID
     # The checked-in JSON is what `quotameter dashboards build` writes for the example config.
     for uid, document in _built().items():
         stored = json.loads((DEPLOY / "dashboards" / f"{uid}.json").read_text())
         assert stored == document, f"deploy/grafana/dashboards/{uid}.json is stale: rebuild it"
+
+
+def test_service_health_is_promql_on_the_prometheus_datasource() -> None:
+    (board,) = PROMETHEUS_DASHBOARDS
+    document = _built()[board.uid]
+    source = {"type": "prometheus", "uid": "quotameter-prometheus"}
+    assert [v["name"] for v in document["templating"].get("list", [])] == []  # no ClickHouse constants
+    drawn = {p["id"]: p for p in document["panels"]}
+    assert sorted(drawn) == sorted(p.id for p in board.panels)
+    for panel in board.panels:
+        json_panel = drawn[panel.id]
+        assert json_panel["datasource"] == source, panel.key
+        targets = json_panel["targets"]
+        assert [(t["refId"], t["expr"], t["legendFormat"]) for t in targets] == [
+            (ref, q.expr, q.legend) for ref, q in zip("ABCDEFGH", panel.promql, strict=False)], panel.key
+        for target in targets:
+            assert target["datasource"] == source
+            assert "rawSql" not in target
+            # a stat shows the value now; a time series the range
+            assert (target["instant"], target["range"]) == ((True, False) if panel.viz is Viz.STAT else (False, True))
+            assert ("$__rate_interval" in target["expr"]) == ("rate(" in target["expr"]), target["expr"]
+    exprs = " ".join(q.expr for p in board.panels for q in p.promql)
+    for series in ("quotameter_shim_requests_total", "quotameter_shim_admission_duration_seconds_bucket",
+                   "quotameter_shim_added_duration_seconds_bucket", "quotameter_shim_upstream_duration_seconds_bucket",
+                   "quotameter_shim_upstream_errors_total", "quotameter_shim_tokens_total", "quotameter_shim_spool_depth",
+                   "quotameter_shim_spool_age_seconds", "quotameter_worker_consumer_lag",
+                   "quotameter_worker_freshness_seconds_bucket", "quotameter_worker_ledger_insert_duration_seconds_bucket",
+                   "quotameter_worker_ledger_insert_failures_total", "quotameter_shim_fail_mode_decisions_total",
+                   "quotameter_shim_inflight"):
+        assert series in exprs, f"no panel reads {series}"
+
+
+def test_a_panel_is_sql_or_promql() -> None:
+    for sql, promql in (("", ()), ("SELECT 1 AS n", (PromQuery("up", "{{job}}"),))):
+        try:
+            Panel(id=1, key="k", title="t", sql=sql, promql=promql, viz=Viz.TABLE)
+        except ValueError as exc:
+            assert "either sql or promql" in str(exc)
+        else:
+            raise AssertionError(f"accepted sql={sql!r} promql={promql!r}")
