@@ -1,4 +1,4 @@
-"""Pipeline throughput and freshness (issue 4): one quotameter worker beside
+"""Pipeline throughput and freshness: one quotameter worker beside
 raw aiokafka consumption (the ceiling) and a naive Faust agent, in one run.
 
     .venv/bin/python bench/pipeline_bench.py             # 200k events, ~4 minutes
@@ -25,7 +25,7 @@ directory (chDB history, Faust data, logs) that it removes, and:
    ledger has them all, and reads the worker's freshness p50 / p99 (event
    time -> Redis written, -> ClickHouse inserted) from ``GET /stats``.
 
-Targets (issue 4): >= 10k events/s per worker, >= 4x the naive agent,
+Targets: >= 10k events/s per worker, >= 4x the naive agent,
 freshness p99 <= 1 s to Redis and <= 5 s to ClickHouse.
 
 ``--py-spy FILE`` also samples the worker of step 4 with py-spy (pip install
@@ -634,7 +634,7 @@ def report(r: dict[str, Any], n: int, rate: int, duration_s: float) -> None:
         (f"freshness p99 <= {TARGET_CH_P99_MS / 1000:.0f} s to ClickHouse", f"{ch_p99} ms",
          ch_p99 is not None and ch_p99 <= TARGET_CH_P99_MS and r["fresh"]["complete"]),
     ]
-    print(f"{'target (issue 4)':<40}{'measured':>16}   verdict")
+    print(f"{'target':<40}{'measured':>16}   verdict")
     print("-" * 68)
     for name, measured, ok in checks:
         print(f"{name:<40}{measured:>16}   {mark(ok)}")
