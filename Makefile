@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@# xds-protos (Envoy's API) carries an old copy of opentelemetry-proto's modules, and
+	@# whichever wheel pip installs last owns the files; the OTLP exporter needs the real ones.
+	$(BIN)/pip install --quiet --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -58,6 +58,25 @@ def resource(service: str) -> Resource:
     return ours.merge(Resource({k: v for k, v in theirs.attributes.items() if k != "service.name"})).merge(Resource(named))
 
 
+# xds-protos (Envoy's API, for the shim's ext_proc) carries an old copy of
+# opentelemetry-proto's modules under the same names; installed after
+# opentelemetry-proto, it breaks the OTLP exporters' imports.
+_PROTOS_OVERWRITTEN = (
+    "OTLP export is configured (OTEL_EXPORTER_OTLP_*), but the installed opentelemetry/proto modules are "
+    "xds-protos's older copies, which the OTLP exporter cannot use: reinstall opentelemetry-proto after it "
+    "(pip install --force-reinstall --no-deps opentelemetry-proto==<its version>; `make` does this)"
+)
+
+
+def _otlp_exporters() -> tuple[type, type]:
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise RuntimeError(_PROTOS_OVERWRITTEN) from exc
+    return OTLPMetricExporter, OTLPSpanExporter
+
+
 def start(service: str, config: Telemetry) -> None:
     """Set the global meter and tracer providers; once per process (a second
     call, e.g. a second shim in one test process, keeps the first's)."""
@@ -72,18 +91,15 @@ def start(service: str, config: Telemetry) -> None:
         # Our metric names say which part they come from: no otel_scope_* labels.
         readers.append(PrometheusMetricReader(scope_info_enabled=False))
     if _exports("metrics"):
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        readers.append(PeriodicExportingMetricReader(_otlp_exporters()[0]()))
     _meter_provider = MeterProvider(resource=who, metric_readers=readers)
     metrics.set_meter_provider(_meter_provider)
     if _exports("traces"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+        exporter = _otlp_exporters()[1]()
         # The sampler is the SDK's reading of OTEL_TRACES_SAMPLER[_ARG]
         # (unset: parentbased_always_on).
         _tracer_provider = TracerProvider(resource=who)
-        _tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(_tracer_provider)
     log.debug("telemetry: metrics %s, OTLP metrics %s, OTLP traces %s", config.metrics, _exports("metrics"),
               _tracer_provider is not None)
