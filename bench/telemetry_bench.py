@@ -56,7 +56,7 @@ def _order(turn: int) -> tuple[str, str]:
     return ("off", "on") if turn % 2 == 0 else ("on", "off")
 
 
-def _start(work: Path, access_log: str) -> tuple[Stack, dict[str, int], int]:
+def _start(work: Path, access_log: str, otlp_on: bool = True) -> tuple[Stack, dict[str, int], int]:
     """The product with a shim "off" and a shim "on": (stack, shim ports, the OTLP sink's port)."""
     redis_port, broker_port, mock_port, worker_port, sink_port = (free_port() for _ in range(5))
     ports = {"off": free_port(), "on": free_port()}
@@ -79,7 +79,7 @@ def _start(work: Path, access_log: str) -> tuple[Stack, dict[str, int], int]:
     stack.start(ManagedProcess("worker", _python("-m", "quotameter", "worker"), work / "worker.log",
                                env={**env, "QUOTAMETER_CONFIG": str(worker_config)}), worker_port, timeout_s=90)
     otlp = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", **SAMPLED}
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", **SAMPLED} if otlp_on else {}
     on = {"metrics": True, "access_log": access_log != "off", "log_format": "json" if access_log == "json" else "console"}
     for name, telemetry, extra in (("off", {"metrics": False, "access_log": False}, {}), ("on", on, otlp)):
         shim = {**document.get("shim", {}), "port": ports[name], "spool_dir": str(work / f"spool-{name}"),
@@ -117,6 +117,7 @@ class _Scraper(threading.Thread):
 def main() -> None:
     parser = argparse.ArgumentParser(description="Latency and throughput of the shim with telemetry off and on.")
     parser.add_argument("--quick", action="store_true", help="one rate, JSON only, 2 s cells: under a minute")
+    parser.add_argument("--no-otlp", action="store_true", help="'on' serves /metrics only: no OTLP, no traces")
     parser.add_argument("--rates", default="200,500", help="open-loop arrival rates (requests/s)")
     parser.add_argument("--access-log", choices=["off", "console", "json"], default="off",
                         help="the access line in 'on' too (one per request, to its log file)")
@@ -131,7 +132,7 @@ def main() -> None:
           f"connections {closed_s:.0f} s; 16-token answers; access line in 'on': {args.access_log}\n", flush=True)
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qm-telemetry-bench-") as tmp:
-        stack, ports, sink_port = _start(Path(tmp), args.access_log)
+        stack, ports, sink_port = _start(Path(tmp), args.access_log, not args.no_otlp)
         scraper = _Scraper(ports["on"])
         scraper.start()
         try:
