@@ -299,6 +299,7 @@ def migrate(
     (Replicated tables ON CLUSTER services.history_cluster when set). Safe to run again.
 
     Exit codes: 1 the server failed or refused, 2 bad configuration or arguments."""
+    import logging
     import os
     import time
 
@@ -324,6 +325,8 @@ def migrate(
             raise _fail(f"--readonly-password-file: {exc.strerror}: {readonly_password_file}", 2) from None
         if not password:
             raise _fail("the read-only user needs a password: QUOTAMETER_READONLY_PASSWORD or --readonly-password-file", 2)
+    # clickhouse-connect logs a failed request before raising it; the error below says it once.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     out = Console(highlight=False, soft_wrap=True)
     layout = migrations.Layout(config.services.history_cluster)
     try:

@@ -150,7 +150,9 @@ def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_recei
             autogenerate_session_id=False,
         )
     except Exception as exc:  # clickhouse_connect raises its own tree plus OSError
-        raise HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
+        # get_client asks the server its version: credentials are checked here.
+        known = _known(address.display, exc)
+        raise known or HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -166,18 +168,22 @@ def call(where: str, method: Any, *args: Any, **kwargs: Any) -> Any:
     except HistoryError:
         raise
     except Exception as exc:  # DatabaseError, OperationalError, OSError…
-        code, first = _error_code(exc), _first_line(exc)
-        if code == READONLY_ERROR_CODE:
-            raise QueryRejected(f"the ClickHouse ledger at {where} refused a write: {first}") from None
-        if code in SCHEMA_ERROR_CODES:
-            raise SchemaNotReady(f"ClickHouse ledger at {where}: {first}; {MIGRATE_HINT}") from None
-        if code in AUTH_ERROR_CODES:
-            raise HistoryError(
-                f"the ClickHouse ledger at {where} refused the user and password of services.history_url: {first}"
-            ) from None
-        if "timed out" in str(exc).lower():
-            raise HistoryError(f"the ClickHouse ledger at {where} did not answer in time: {first}") from None
-        raise HistoryError(f"ClickHouse ledger at {where}: {first}") from None
+        raise _known(where, exc) or HistoryError(f"ClickHouse ledger at {where}: {_first_line(exc)}") from None
+
+
+def _known(where: str, exc: BaseException) -> HistoryError | None:
+    """The errors that say what to do: a refused write, a missing schema,
+    refused credentials, a server that does not answer."""
+    code, first = _error_code(exc), _first_line(exc)
+    if code == READONLY_ERROR_CODE:
+        return QueryRejected(f"the ClickHouse ledger at {where} refused a write: {first}")
+    if code in SCHEMA_ERROR_CODES:
+        return SchemaNotReady(f"ClickHouse ledger at {where}: {first}; {MIGRATE_HINT}")
+    if code in AUTH_ERROR_CODES:
+        return HistoryError(f"the ClickHouse ledger at {where} refused the user and password of services.history_url: {first}")
+    if "timed out" in str(exc).lower():
+        return HistoryError(f"the ClickHouse ledger at {where} did not answer in time: {first}")
+    return None
 
 
 def _error_code(exc: BaseException) -> int | None:
