@@ -14,11 +14,12 @@ from pathlib import Path
 
 import chdb
 import pytest
+import yaml
 from chdb.session import Session
 
 from pipeline.history import migrations, schema
 from pipeline.history.chdb_store import ChdbHistory
-from pipeline.history.server_schema import readonly_user_sql
+from pipeline.history.server_schema import ServerSchema, readonly_user_sql
 from pipeline.history.store import HistoryError
 from quotameter.config import parse_config
 from quotameter.errors import ConfigError
@@ -199,3 +200,36 @@ def test_the_readonly_user_statements_exactly() -> None:
             readonly_user_sql(bad, "pw")
     with pytest.raises(HistoryError, match="password is empty"):
         readonly_user_sql("grafana", "")
+
+
+def test_server_ddl_waits_for_every_replica_and_mutation() -> None:
+    """Each statement returns once applied everywhere: a step is recorded only then."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+
+        def command(self, cmd: str, parameters: object = None, data: object = None, settings: object = None) -> str:
+            self.calls.append((cmd, settings))
+            return ""
+
+    client = Recorder()
+    ServerSchema(client, "clickhouse://qm@db:8123", CLUSTER).run(migrations.MIGRATIONS[2].statements(CLUSTER)[0])
+    assert client.calls == [(migrations.MIGRATIONS[2].statements(CLUSTER)[0], {"alter_sync": 2, "mutations_sync": 2})]
+
+
+def test_grafana_reads_as_the_readonly_user_only_what_it_is_granted() -> None:
+    """The provisioned datasource takes the read-only user from the
+    environment, and every ledger panel reads only the database it may read."""
+    grafana = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
+    (source,) = yaml.safe_load((grafana / "provisioning" / "datasources" / "clickhouse.yaml").read_text())["datasources"]
+    assert (source["jsonData"]["username"], source["secureJsonData"]["password"]) == (
+        "${CLICKHOUSE_USER}", "${CLICKHOUSE_PASSWORD}")
+    assert source["jsonData"]["defaultDatabase"] == schema.DATABASE
+    grant = readonly_user_sql("grafana", "pw")[-1]
+    assert grant == f"GRANT SELECT ON {schema.DATABASE}.* TO grafana"
+    tables: set[str] = set()
+    for board in grafana.glob("dashboards/*.json"):
+        for sql in re.findall(r'"rawSql": "((?:[^"\\]|\\.)*)"', board.read_text()):
+            tables |= set(re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][\w.]*)", json.loads(f'"{sql}"'), re.IGNORECASE))
+    assert tables and {t.split(".")[0] for t in tables} == {schema.DATABASE}, tables
