@@ -3,13 +3,14 @@
 NOT YET RUN AGAINST A REAL clickhouse-server (Debian's 18.16 is too old for
 clickhouse-connect). What the tests cover: the store's own logic against a
 recorded fake of the client (parameter binding, batching, deduplication
-tokens, error mapping); the same calls through clickhouse-connect's
+tokens, settings, error mapping); the same calls through clickhouse-connect's
 in-process chDB backend; and the whole HTTP path, through clickhouse-connect's
 HTTP client, against ``quotameter ledger-server`` (``chdb_server``), which
 answers ClickHouse's HTTP interface from ClickHouse's own engine: ``param_*``
-bound by the server, settings, readonly refusals, error codes, concurrent
-clients (``tests/integration/test_ledger_server.py``). Still untested:
-authentication, TLS, server-side users and profiles, and replication (the
+bound by the server, settings, readonly refusals, error codes, a wrong
+password, a server in another time zone, concurrent clients
+(``tests/integration/test_ledger_server.py``, ``test_migrate.py``). Still
+untested: TLS, server-side users and profiles, and replication (the
 deduplication tokens act only on Replicated tables or with
 non_replicated_deduplication_window). Try it on a real server before relying
 on it in production.
