@@ -285,6 +285,10 @@ def ledger_server(
 @app.command("migrate")
 def migrate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the SQL that would run; change nothing.")] = False,
+    from_version: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="With --dry-run: print the SQL from this schema version, without connecting."),
+    ] = None,
     create_readonly_user: Annotated[
         Optional[str],
         typer.Option(help="Also create (or update) this user, able only to read the ledger: for Grafana and dashboards."),
@@ -311,7 +315,9 @@ def migrate(
 
     config = _config(config_path)
     url = config.services.history_url.get_secret_value().strip()
-    if not url:
+    if from_version is not None and not dry_run:
+        raise _fail("--from-version only goes with --dry-run: a migration reads the version from the server", 2)
+    if not url and from_version is None:
         raise _fail(
             "services.history_url is empty: the embedded chDB ledger migrates itself when the worker "
             "or ledger-server opens it; migrate applies the schema to a ClickHouse server", 2
@@ -329,21 +335,29 @@ def migrate(
     logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     out = Console(highlight=False, soft_wrap=True)
     layout = migrations.Layout(config.services.history_cluster)
+    cluster = f" (cluster {layout.cluster})" if layout.cluster else ""
+
+    def print_sql(header: str, applied: int | None) -> None:
+        out.print(f"-- {header}: schema version {applied or 0}, this quotameter has {migrations.LATEST}", markup=False)
+        statements: list[str] = []
+        migrations.apply(statements.append, applied, layout, on_step=lambda m: statements.append(f"-- {m.version}: {m.name}"))
+        for statement in statements + user_sql:
+            out.print(statement if statement.startswith("--") else statement + ";\n", markup=False)
+
     try:
         user_sql = readonly_user_sql(create_readonly_user, password, layout) if create_readonly_user else []
+        if from_version is not None:
+            # Version 0: a server without the migrations table (its bootstrap included).
+            print_sql(f"not connected{cluster}", from_version or None)
+            return
         target = ServerSchema.from_url(url, config.services.history_cluster)
     except QuotameterError as exc:
         raise _fail(escape(str(exc))) from None
-    where = target.where + (f" (cluster {layout.cluster})" if layout.cluster else "")
+    where = target.where + cluster
     try:
         applied = target.applied()
         if dry_run:
-            out.print(f"-- {where}: schema version {applied or 0}, this quotameter has {migrations.LATEST}", markup=False)
-            statements: list[str] = []
-            migrations.apply(statements.append, applied, layout,
-                             on_step=lambda m: statements.append(f"-- {m.version}: {m.name}"))
-            for statement in statements + user_sql:
-                out.print(statement if statement.startswith("--") else statement + ";\n", markup=False)
+            print_sql(where, applied)
             return
         started: list[float] = []
 

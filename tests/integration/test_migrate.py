@@ -197,6 +197,14 @@ def test_dry_run_prints_the_sql_and_changes_nothing(ledger: Ledger, client: Clie
     assert _tables(client) == before
     assert migrate(ledger.url).returncode == 0  # and for real afterwards
 
+    # Without a server: a cluster's whole script, from nothing, for review.
+    offline = migrate("", "--dry-run", "--from-version", "0", env={"QUOTAMETER_SERVICES__HISTORY_CLUSTER": "prod"})
+    assert offline.returncode == 0, offline.stderr
+    lines = [line for line in offline.stdout.split(";\n") if line.strip()]
+    assert lines[0].startswith(f"-- not connected (cluster prod): schema version 0, this quotameter has {migrations.LATEST}\n")
+    statements = [re.sub(r"^(-- .*\n)+", "", block.strip()) for block in lines]
+    assert statements == list(migrations.script(None, migrations.Layout("prod")))
+
 
 def test_refusals_name_the_server_never_the_password(ledger: Ledger) -> None:
     wrong = f"clickhouse://quotameter:not-the-{TOKEN}@127.0.0.1:{ledger.port}"
