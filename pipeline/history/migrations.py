@@ -9,7 +9,7 @@ step at the end, never an edit of a step already released.
 
 The embedded chDB store applies the steps itself when it opens its
 directory; a ClickHouse server gets them only from ``quotameter migrate``
-(``server_migrate``), and its store refuses to start behind them.
+(``server_schema``), and its store refuses to start behind them.
 
 With ``services.history_cluster`` the same steps run ``ON CLUSTER`` on
 Replicated engines (one ZooKeeper / Keeper path per table and shard).
@@ -17,7 +17,7 @@ Replicated engines (one ZooKeeper / Keeper path per table and shard).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.history.schema import DATABASE, EVENTS, ROLLUPS, rollup_select, sql_string
@@ -213,7 +213,7 @@ def apply(
     return steps
 
 
-def script(applied: int | None, layout: Layout = SINGLE) -> Iterable[str]:
+def script(applied: int | None, layout: Layout = SINGLE) -> list[str]:
     """What ``apply`` would run from ``applied``, for ``--dry-run``."""
     statements: list[str] = []
     apply(statements.append, applied, layout)

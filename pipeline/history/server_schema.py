@@ -23,7 +23,7 @@ from pipeline.history.store import HistoryError
 # next one runs, so a step is recorded only once it is applied everywhere.
 DDL_SETTINGS = {"alter_sync": 2, "mutations_sync": 2}
 USER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-ACCESS_DENIED_CODES = (497, 36)  # ACCESS_DENIED; BAD_ARGUMENTS: no writable access storage
+ACCESS_DENIED_CODES = (497,)  # ACCESS_DENIED (chDB: no writable user storage; a server: no grant)
 
 
 class ServerSchema:
