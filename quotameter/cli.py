@@ -371,6 +371,8 @@ def migrate(
         steps = migrations.apply(target.run, applied, layout, step, done)
         if steps:
             out.print(f"{escape(where)}: migrated from version {applied or 0} to {migrations.LATEST}")
+        elif missing := target.repair():
+            out.print(f"{escape(where)}: schema version {applied}, but {', '.join(missing)} missing: created again")
         else:
             out.print(f"{escape(where)}: schema version {applied}, up to date")
         if user_sql:

@@ -174,6 +174,28 @@ HAS_TABLE = (
 APPLIED = f"SELECT toUInt32(max(version)) AS version FROM {TABLE}"
 
 
+# What the steps create: a ledger recorded as migrated but missing one of
+# these (dropped by hand, a partial restore) gets the steps again.
+TABLES = ("events", *(f"{name}{suffix}" for name, *_ in ROLLUPS for suffix in ("_store", "")))
+PRESENT = (
+    f"SELECT name FROM system.tables WHERE database = {sql_string(DATABASE)}"
+    f" AND name IN ({', '.join(map(sql_string, TABLES))})"
+)
+
+
+def missing_tables(select: Callable[[str], list[dict]]) -> list[str]:
+    present = {row["name"] for row in select(PRESENT)}
+    return [name for name in TABLES if name not in present]
+
+
+def reapply(run: Callable[[str], object], layout: Layout = SINGLE) -> None:
+    """Every step's statements again (each IF NOT EXISTS): what is missing is
+    created, the rest is left as it is."""
+    for migration in MIGRATIONS:
+        for statement in migration.statements(layout):
+            run(statement)
+
+
 def record(migration: Migration) -> str:
     return f"INSERT INTO {TABLE} (version, name) VALUES ({int(migration.version)}, {sql_string(migration.name)})"
 

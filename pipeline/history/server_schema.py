@@ -57,6 +57,13 @@ class ServerSchema:
     ) -> list[migrations.Migration]:
         return migrations.apply(self.run, self.applied(), self.layout, on_step, on_done)
 
+    def repair(self) -> list[str]:
+        """The ledger's tables that were missing, now created again."""
+        missing = migrations.missing_tables(self._rows)
+        if missing:
+            migrations.reapply(self.run, self.layout)
+        return missing
+
     def close(self) -> None:
         try:
             self.client.close()

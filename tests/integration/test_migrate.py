@@ -339,3 +339,29 @@ def test_types_and_time_zones_through_the_http_interface(ledger: Ledger, client:
     quoted = client.raw_query(f"SELECT sum(input_tokens) AS n FROM {schema.EVENTS} WHERE customer = '{customer}'",
                               fmt="JSONEachRow", settings={"output_format_json_quote_64bit_integers": 1})
     assert quoted.strip() == b'{"n":"%d"}' % (huge + 4)
+
+
+def test_a_table_gone_under_a_running_store_says_to_migrate(ledger: Ledger, client: Client) -> None:
+    reset(client, "empty server")
+    target = ServerSchema.from_url(ledger.url)
+    try:
+        target.migrate()
+    finally:
+        target.close()
+    store = ClickHouseHistory.from_url(ledger.url)
+    try:
+        client.command(f"DROP TABLE {schema.EVENTS}")  # an operator's mistake, a restore gone wrong…
+        with pytest.raises(SchemaNotReady) as info:
+            store.usage("acme", "2025-03", UTC_MONTHS)
+    finally:
+        store.close()
+    message = str(info.value)
+    assert message.startswith(f"ClickHouse ledger at {ledger.display}: ") and "Code: 60." in message
+    assert message.endswith("; run `quotameter migrate` (it applies the schema to services.history_url)")
+    # Recorded as migrated, yet a table is missing: the steps run again.
+    run = migrate(ledger.url)
+    assert run.returncode == 0, run.stderr
+    assert one_line(run.stdout) == (
+        f"{ledger.display}: schema version {migrations.LATEST}, but events missing: created again")
+    assert _tables(client) == ledger.reference
+    assert one_line(migrate(ledger.url).stdout).endswith("up to date")
