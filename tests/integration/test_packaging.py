@@ -131,17 +131,18 @@ def test_the_wheel_has_the_console_script_and_the_package_data(install: Install)
     _, entry_points = wheel_metadata(install.wheel)
     assert re.search(r"^\[console_scripts\]\s*\nquotameter = quotameter\.cli:app$", entry_points, re.M), entry_points
     assert install.script.is_file()
-    # Lua scripts, SQL, the example config, the dashboard page: every one the packages hold.
+    # Every module, and the Lua scripts, SQL, example config and dashboard page.
     packages = ["quotameter", "gateway_shim", "pipeline", "dashboards", "telemetry"]
-    data = {
+    files = {
         p.relative_to(REPO).as_posix()
         for package in packages
         for p in (REPO / package).rglob("*")
-        if p.suffix in {".lua", ".sql", ".yaml", ".html"} and "__pycache__" not in p.parts
+        if p.suffix in {".py", ".lua", ".sql", ".yaml", ".html"} and "__pycache__" not in p.parts
     }
-    assert data, "no package data found in the repository"
+    assert {f.rsplit(".", 1)[1] for f in files} >= {"py", "lua", "yaml", "html"}
     with zipfile.ZipFile(install.wheel) as archive:
-        assert data <= set(archive.namelist())
+        missing = files - set(archive.namelist())
+    assert not missing, f"not in the wheel: {sorted(missing)[:10]}"
 
 
 # ---------------------------------------------------------------- the Dockerfile
