@@ -206,6 +206,18 @@ def test_help_and_check_config_import_nothing_of_the_embedded_stack(install: Ins
     assert install.blocked() == []
 
 
+def test_an_embedded_command_names_the_install_line(install: Install, tmp_path: Path) -> None:
+    attempts = tmp_path / "blocked-imports.log"
+    served = install.run(
+        "ledger-server", "--history-dir", str(tmp_path / "ledger"), "--port", str(free_port()),
+        env={"QUOTAMETER_BLOCKED_IMPORTS_LOG": str(attempts)},
+    )
+    assert served.returncode == 1, served.stdout + served.stderr
+    assert "pip install 'quotameter[embedded]'" in " ".join(served.stderr.split())
+    assert "Traceback" not in served.stderr
+    assert attempts.read_text().split() == ["chdb"]
+
+
 @dataclass
 class Production:
     config: Config
@@ -238,12 +250,13 @@ def production(
             "upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"},
             "services": {"history_url": f"http://127.0.0.1:{ledger_port}"},
         })
+        # The shim starts beside the ledger; the worker needs the ledger up.
+        env = install.env(QUOTAMETER_CONFIG=str(path))
+        shim = start("shim", [str(install.script), "proxy"], env)
         ready = LEDGER_READY_LINE.format(host="127.0.0.1", port=ledger_port)
         ledger.wait_until(lambda: ready in ledger.log_path.read_text(), START_TIMEOUT_S, "the ready line")
-        mock.wait_port("127.0.0.1", mock_port)
-        env = install.env(QUOTAMETER_CONFIG=str(path))
         worker = start("worker", [str(install.script), "worker"], env)
-        shim = start("shim", [str(install.script), "proxy"], env)
+        mock.wait_port("127.0.0.1", mock_port)
         worker.wait_until(lambda: health_status(config) == 200, START_TIMEOUT_S, "/healthz 200")
         shim.wait_until(lambda: port_open(config.shim.host, config.shim.port), START_TIMEOUT_S, "the shim's port")
         yield Production(config, path, ledger_port, mock_port)
