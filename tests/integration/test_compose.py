@@ -25,6 +25,7 @@ import pytest
 import yaml
 from dotenv import dotenv_values
 
+from pipeline.history.clickhouse_store import parse_history_url
 from quotameter.cli import app
 from quotameter.config import ENV_PREFIX, Config, load_config
 from tests.integration.packaging_helpers import REPO, stages
@@ -169,8 +170,10 @@ def test_every_quotameter_service_is_a_valid_config_pointing_at_the_compose_serv
         assert {h for h, _ in brokers} == KAFKA_SERVICES and {p for _, p in brokers} == {19092}, where
         history = urlsplit(config.services.history_url.get_secret_value())
         clickhouse = environment(all_services["clickhouse"])
-        assert (history.scheme, history.hostname, history.port, history.path) == ("clickhouse", "clickhouse", 8123, "/quotameter"), where
-        assert (history.username, history.password) == (clickhouse["CLICKHOUSE_USER"], clickhouse["CLICKHOUSE_PASSWORD"]), where
+        # As the store reads it (its own parser), and the password as the server has it.
+        server = parse_history_url(config.services.history_url.get_secret_value())
+        assert (server.host, server.port, server.username, server.secure) == ("clickhouse", 8123, clickhouse["CLICKHOUSE_USER"], False), where
+        assert (history.password, history.path) == (clickhouse["CLICKHOUSE_PASSWORD"], f"/{clickhouse['CLICKHOUSE_DB']}"), where
         assert config.services.admin_token is not None and config.services.admin_token.get_secret_value(), where
         assert urlsplit(config.upstream.url).hostname in all_services, where
         command = service["command"][0]

@@ -145,6 +145,17 @@ def test_the_wheel_has_the_console_script_and_the_package_data(install: Install)
     assert not missing, f"not in the wheel: {sorted(missing)[:10]}"
 
 
+def test_make_run_and_make_test_install_the_embedded_and_test_extras() -> None:
+    # -W: as if pyproject.toml had changed, so the venv's recipe is printed, not run.
+    for target in ("run", "test"):
+        planned = subprocess.run(
+            ["make", "-n", "-W", "pyproject.toml", target], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert planned.returncode == 0, planned.stderr
+        installs = [line for line in planned.stdout.splitlines() if "pip install" in line and " -e " in line]
+        assert installs == [".venv/bin/pip install --quiet -e '.[embedded,test]'"], (target, installs)
+
+
 # ---------------------------------------------------------------- the Dockerfile
 
 
