@@ -200,6 +200,21 @@ def test_every_command_is_one_the_image_runs(compose: dict[str, Any]) -> None:
             assert service.get("build") == "../..", f"{name} builds the image from the repository root"
 
 
+def test_no_secret_is_written_in_the_compose_file() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    secret_name = re.compile(r"PASSWORD|TOKEN|SECRET|_KEY$")
+    for name, service in raw["services"].items():
+        env = service.get("environment", {})
+        for variable, value in (env.items() if isinstance(env, dict) else ()):
+            value = str(value)
+            if secret_name.search(variable) or urlsplit(value).password:
+                assert re.search(r"\$\{\w+:\?", value), f"{name}: {variable} holds a secret that does not come from .env"
+    # The shared settings of the quotameter containers (a merge key) too.
+    for variable, value in raw["x-quotameter-env"].items():
+        if secret_name.search(variable) or urlsplit(str(value)).password:
+            assert re.search(r"\$\{\w+:\?", str(value)), f"{variable} holds a secret that does not come from .env"
+
+
 # ---------------------------------------------------------------- what points at what
 
 
