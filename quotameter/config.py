@@ -440,6 +440,9 @@ class Services(_SecretFiles):
     # The ledger: empty = embedded chDB in history_dir; else a ClickHouse
     # server, clickhouse://user:password@host:8123/quotameter (clickhouses:// = TLS).
     history_url: SecretStr = SecretStr("")
+    # A ClickHouse cluster name (remote_servers): `quotameter migrate` then
+    # creates Replicated tables ON CLUSTER it. Empty: one server.
+    history_cluster: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,128}$")
     # Bearer token of the internal endpoints that read or change data: the
     # worker's (all but /healthz), the built-in dashboard's (all but /healthz;
     # a browser sends it as the password of HTTP Basic auth) and
