@@ -421,7 +421,7 @@ class Shim(_SecretFiles):
 
 
 class Services(_SecretFiles):
-    _secret_files: ClassVar[tuple[str, ...]] = ("admin_token",)
+    _secret_files: ClassVar[tuple[str, ...]] = ("admin_token", "kafka_sasl_password")
 
     redis_url: str = "redis://127.0.0.1:6390/0"
     redis_prefix: str = "qm"
@@ -430,6 +430,19 @@ class Services(_SecretFiles):
     redis_max_connections: PositiveInt = 100
     redis_pool_timeout_ms: PositiveInt = 2000
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # A secured Kafka cluster; the defaults are the embedded broker's plain listener.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_topic_partitions: PositiveInt = 4
+    kafka_replication_factor: PositiveInt = 1
+    # false: topics are managed outside (e.g. Strimzi KafkaTopic resources).
+    kafka_create_topics: bool = True
     events_topic: str = "quotameter.events"
     # The worker owns the history store; the CLI reads through it here.
     history_dir: Path = Path("var/history")
