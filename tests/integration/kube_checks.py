@@ -13,7 +13,7 @@ import kubernetes_validate
 
 from gateway_shim.server import SHUTDOWN_TIMEOUT_S
 from pipeline.alerts import ALERT_TOPIC_PARTITIONS, alert_topic
-from pipeline.app import TOPIC_PARTITIONS, worker_data_dir
+from pipeline.app import worker_data_dir
 from pipeline.retry import RETRY_S
 from pipeline.worker import dlq_topic
 from quotameter.config import Config
@@ -448,8 +448,9 @@ def strimzi_topics(resources: list[Resource], root: Path) -> list[str]:
         problems.append("KafkaTopic resources exist but services.kafka_create_topics is true (both would create them)")
     partitions = services.kafka_topic_partitions
     expected = {services.events_topic: partitions, dlq_topic(config): 1, alert_topic(config): ALERT_TOPIC_PARTITIONS}
-    # Faust's changelog of each worker table: "<app id>-<table>-changelog", as many partitions as the table.
-    expected |= {f"{services.worker_app_id}-usage-{g.value}-changelog": TOPIC_PARTITIONS for g in Granularity}
+    # Faust's changelog of each worker table, "<app id>-<table>-changelog": the
+    # tables are partitioned like the events topic.
+    expected |= {f"{services.worker_app_id}-usage-{g.value}-changelog": partitions for g in Granularity}
     declared = {t["spec"].get("topicName", t["metadata"]["name"]): t for t in topics}
     for topic, count in expected.items():
         if topic not in declared:
