@@ -128,6 +128,8 @@ BREAKS = [
      "      app.kubernetes.io/component: shim\n  policyTypes", "not exactly one NetworkPolicy"),
     ("strimzi_topics", "production", "components/strimzi-topics/topics.yaml", "topicName: quotameter.events.dlq", "topicName: quotameter.dlq", "quotameter.events.dlq"),
     ("strimzi_topics", "production", "base/config.yaml", "kafka_topic_partitions: 4", "kafka_topic_partitions: 8", "partitions"),
+    ("strimzi_topics", "production", "components/strimzi-topics/topics.yaml", "topicName: quotameter-usage-day-changelog\n  partitions: 4",
+     "topicName: quotameter-usage-day-changelog\n  partitions: 2", "usage-day-changelog: 2 partitions"),
     ("strimzi_topics", "production", "base/config.yaml", "kafka_create_topics: false", "kafka_create_topics: true", "kafka_create_topics"),
     ("strimzi_topics", "production", "overlays/production/kustomization.yaml", "name: quotameter-worker, count: 2",
      "name: quotameter-worker, count: 6", "idle"),
