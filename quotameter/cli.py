@@ -48,7 +48,9 @@ def _redis(config: Config):  # noqa: ANN202 - redis.Redis
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
+    from rich.markup import escape  # a message may hold brackets: pip install 'quotameter[embedded]'
+
+    err.print(f"[red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 

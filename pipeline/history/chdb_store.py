@@ -31,7 +31,14 @@ CLEAN_MARKER = "quotameter-closed-cleanly"
 
 
 def _session(target: str):  # noqa: ANN202 - chdb.session.Session
-    from chdb.session import Session
+    # Imported here: a production install has no chDB (services.history_url).
+    try:
+        from chdb.session import Session
+    except ImportError:
+        raise HistoryError(
+            "the embedded ledger needs chDB: pip install 'quotameter[embedded]', "
+            "or point services.history_url at a ClickHouse server"
+        ) from None
 
     try:
         return Session(target)
