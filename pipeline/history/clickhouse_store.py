@@ -69,7 +69,7 @@ MIGRATE_HINT = "run `quotameter migrate` (it applies the schema to services.hist
 class SchemaNotReady(HistoryError):
     """The server's ledger lacks tables or migration steps this version needs.
     Run ``quotameter migrate`` against it, then start the worker again."""
-INSTALL_HINT = "pip install 'quotameter[server]'  (or: pip install clickhouse-connect)"
+INSTALL_HINT = "pip install quotameter  (clickhouse-connect is in its base install)"
 SCHEMES = {"clickhouse": False, "http": False, "clickhouses": True, "https": True}
 
 
