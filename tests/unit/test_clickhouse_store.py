@@ -4,7 +4,8 @@ No usable ClickHouse server installs here (see the module's docstring), so:
 a recorded fake of the clickhouse-connect client checks the store's own
 logic (SQL shared with schema, parameter binding, batching, dedup tokens,
 error mapping), and clickhouse-connect's in-process chDB backend runs the
-same calls on the real ClickHouse engine. The HTTP transport stays untested.
+same calls on the real ClickHouse engine. The HTTP transport is tested against
+`quotameter ledger-server` (tests/integration/test_ledger_server.py, test_migrate.py).
 """
 
 from __future__ import annotations
