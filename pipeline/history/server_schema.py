@@ -80,7 +80,9 @@ def readonly_user_sql(name: str, password: str, layout: migrations.Layout = migr
     neither the statements, a dry run nor the server's query log hold it.
     ``readonly = 1`` forbids writes and setting changes, except
     ``max_execution_time``, which Grafana's ClickHouse plugin sets on every
-    query. Run again, it sets the new password and keeps other grants.
+    query (the server honours CHANGEABLE_IN_READONLY only with
+    ``access_control_improvements.settings_constraints_replace_previous``).
+    Run again, it sets the new password and keeps other grants.
     """
     if not USER_NAME.fullmatch(name):
         raise HistoryError(f"user name {name!r}: letters, digits and _, starting with a letter or _")
