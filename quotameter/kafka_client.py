@@ -106,8 +106,11 @@ def explain(exc: BaseException, services: Services) -> str:
                 f"with services.kafka_sasl_mechanism {services.kafka_sasl_mechanism}: check the username, "
                 "services.kafka_sasl_password and the mechanism the brokers enable")
     if isinstance(exc, KafkaConnectionError):
-        hint = ("its credentials (services.kafka_sasl_username, kafka_sasl_password, kafka_sasl_mechanism)"
-                if protocol in _SASL else
-                "whether the brokers want TLS or SASL (services.kafka_security_protocol)")
-        return f"{where} closed the connection or is unreachable ({exc}); check the address, and {hint}, now {protocol}"
+        hints = [f"services.kafka_security_protocol (now {protocol}: does the listener want TLS, SASL?)"]
+        if protocol in _TLS:
+            hints.append("services.kafka_ssl_cafile (the CA of the brokers' certificates) and "
+                         "kafka_ssl_certfile / kafka_ssl_keyfile (a listener that wants a client certificate)")
+        if protocol in _SASL:
+            hints.append("services.kafka_sasl_username, kafka_sasl_password and kafka_sasl_mechanism")
+        return f"{where} closed the connection or is unreachable ({exc}); check the address, {'; '.join(hints)}"
     return f"{where}: {type(exc).__name__}: {exc}"

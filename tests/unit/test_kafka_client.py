@@ -91,20 +91,24 @@ def test_the_faust_app_gets_credentials_partitions_and_replication(tls: TlsFiles
         "kafka_sasl_username": "u", "kafka_sasl_password": "p", "kafka_topic_partitions": 6,
         "kafka_replication_factor": 3, "kafka_create_topics": False, "history_dir": str(tmp_path / "h"),
     })
-    loop = asyncio.new_event_loop()  # Faust's app takes the current loop, as in the worker
+    loop = asyncio.new_event_loop()  # Faust's app and tables take the current loop, as in the worker
     asyncio.set_event_loop(loop)
+    parts = None
     try:
         parts = build_app(config)
+        conf = parts.app.conf
+        assert isinstance(conf.broker_credentials, faust.SASLCredentials)
+        assert conf.broker_credentials.mechanism.value == "SCRAM-SHA-256"
+        assert (conf.topic_partitions, conf.topic_replication_factor, conf.topic_allow_declare) == (6, 3, False)
+        assert {t.partitions for t in parts.tables.values()} == {6}
+        # The names the worker requires when it may not create them are Faust's own.
+        names = sorted(t.changelog_topic.get_topic_name() for t in parts.tables.values())
+        assert names == sorted(changelog_topics(config))
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    conf = parts.app.conf
-    assert isinstance(conf.broker_credentials, faust.SASLCredentials)
-    assert conf.broker_credentials.mechanism.value == "SCRAM-SHA-256"
-    assert (conf.topic_partitions, conf.topic_replication_factor, conf.topic_allow_declare) == (6, 3, False)
-    assert {t.partitions for t in parts.tables.values()} == {6}
-    # The names the worker requires when it may not create them are Faust's own.
-    assert sorted(t.changelog_topic.get_topic_name() for t in parts.tables.values()) == sorted(changelog_topics(config))
+        if parts is not None:
+            parts.app.consumer._thread.thread_loop.close()  # the consumer thread's own loop, never started
 
 
 def test_the_password_can_come_from_a_file(tmp_path: Path) -> None:
