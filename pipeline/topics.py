@@ -35,7 +35,7 @@ async def ensure_topics(services: Services, names: list[str], partitions: int | 
         await admin.start()
     except Exception as exc:
         await admin.close()
-        raise ServiceError(f"cannot reach {explain(exc, services)}") from None
+        raise ServiceError(explain(exc, services)) from None
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in names if name not in existing]
@@ -60,7 +60,7 @@ async def topic_partitions(services: Services, name: str) -> int | None:
         await admin.start()
     except Exception as exc:
         await admin.close()
-        raise ServiceError(f"cannot reach {explain(exc, services)}") from None
+        raise ServiceError(explain(exc, services)) from None
     try:
         if name not in await admin.list_topics():
             return None
