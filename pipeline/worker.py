@@ -48,9 +48,9 @@ from pipeline.topics import ensure_topics, topic_partitions
 from pipeline.usage_agent import UsageSink, register_usage_agent
 from pipeline.web import Readiness, register_views
 from pipeline.window_tables import WindowTables
-from quotameter.config import Config
+from quotameter.config import Config, Services
 from quotameter.errors import ConfigError, QuotameterError, ServiceError
-from quotameter.kafka_client import client_options, producer_options
+from quotameter.kafka_client import client_options, explain, producer_options
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
@@ -153,6 +153,20 @@ async def prepare_topics(config: Config) -> None:
         )
 
 
+async def check_producer(services: Services) -> None:
+    """Start and stop a producer as the alerts producer is started: settings
+    it cannot start with (credentials, idempotence) stop the worker here,
+    named, rather than deep inside Faust's start. (Dead letters go through
+    Faust's own producer: acks=all, Faust's default, and the same credentials.)"""
+    producer = AIOKafkaProducer(**producer_options(services))
+    try:
+        await producer.start()
+    except Exception as exc:  # KafkaError, OSError, what aiokafka's SASL clients raise on a refusal
+        raise ServiceError(explain(exc, services)) from None
+    finally:
+        await producer.stop()
+
+
 def serve(config: Config) -> None:
     """Run the worker until SIGINT/SIGTERM; exit 0 after a clean stop."""
     started = time.monotonic()
@@ -171,6 +185,7 @@ def serve(config: Config) -> None:
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(prepare_topics(config))
+        loop.run_until_complete(check_producer(services))
         store = open_store(config)
     except QuotameterError as exc:
         loop.close()

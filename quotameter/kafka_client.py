@@ -13,6 +13,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.errors import (
+    BrokerResponseError,
     KafkaConnectionError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
@@ -113,4 +114,9 @@ def explain(exc: BaseException, services: Services) -> str:
         if protocol in _SASL:
             hints.append("services.kafka_sasl_username, kafka_sasl_password and kafka_sasl_mechanism")
         return f"{where} closed the connection or is unreachable ({exc}); check the address, {'; '.join(hints)}"
+    if services.kafka_idempotence and isinstance(exc, BrokerResponseError):
+        # An idempotent producer starts with InitProducerId, which some
+        # brokers refuse (Tansu 0.6 answers UnknownError).
+        return (f"{where} refused to start an idempotent producer ({type(exc).__name__}: {exc}); "
+                "if the brokers do not support it, set services.kafka_idempotence to false")
     return f"{where}: {type(exc).__name__}: {exc}"

@@ -52,3 +52,15 @@ async def test_an_events_topic_partitioned_otherwise_stops_the_worker(config_fac
     said = await asyncio.to_thread(worker_failure, cli_process, path, "worker-other-partitions")
     assert (f"error: topic {services.events_topic} has 2 partitions but services.kafka_topic_partitions is 4: "
             "the tables are partitioned like the events topic, set it to 2") in said, said
+
+
+async def test_idempotence_a_broker_refuses_is_named(shim_factory: ShimFactory, cli_process, kafka_bootstrap: str) -> None:
+    # Tansu 0.6 refuses InitProducerId: what an operator sees who turns it on there.
+    shim = await shim_factory(TIERS, services={"kafka_idempotence": True})
+    said = await asyncio.to_thread(worker_failure, cli_process, shim.config_path, "worker-idempotent")
+    named = (f"Kafka at {kafka_bootstrap} (services.kafka_bootstrap) refused to start an idempotent producer "
+             "(UnknownError")
+    assert f"error: {named}" in said and "set services.kafka_idempotence to false" in said, said
+    assert len(await serve(shim, "idempotent-customer", 1)) == 1  # served, its event spooled
+    shim_log = shim.process.log_path
+    await asyncio.to_thread(wait_for, lambda: named in shim_log.read_text(), 10.0, "the shim to name idempotence")
