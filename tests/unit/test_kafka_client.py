@@ -11,7 +11,7 @@ from typing import Any
 import faust
 import pytest
 import yaml
-from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
+from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnknownError
 
 from pipeline.app import build_app, changelog_topics
 from quotameter.config import DEFAULT_CONFIG, Services, load_config, parse_config
@@ -120,6 +120,15 @@ def test_the_password_can_come_from_a_file(tmp_path: Path) -> None:
     assert "from-a-file" not in repr(config.services)
 
 
+def test_the_password_file_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "mounted"
+    secret.write_text("mounted-secret")
+    monkeypatch.setenv("QUOTAMETER_SERVICES__KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("QUOTAMETER_SERVICES__KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("QUOTAMETER_SERVICES__KAFKA_SASL_PASSWORD_FILE", str(secret))
+    assert client_options(load_config(DEFAULT_CONFIG).services)["sasl_plain_password"] == "mounted-secret"
+
+
 def test_environment_variables_set_the_security(monkeypatch: pytest.MonkeyPatch, tls: TlsFiles) -> None:
     monkeypatch.setenv("QUOTAMETER_SERVICES__KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("QUOTAMETER_SERVICES__KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
@@ -166,4 +175,7 @@ def test_failures_are_explained_by_the_settings_and_never_show_the_password() ->
     assert "services.kafka_security_protocol" in closed and "PLAINTEXT" in closed
     tls = explain(ssl.SSLCertVerificationError("certificate verify failed"), Services())
     assert "services.kafka_ssl_cafile" in tls
+    idempotent = explain(UnknownError(), Services(kafka_idempotence=True))
+    assert "set services.kafka_idempotence to false" in idempotent
+    assert "kafka_idempotence" not in explain(UnknownError(), Services())
     assert all("hunter2" not in text for text in (refused, closed, tls))
