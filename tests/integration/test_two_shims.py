@@ -54,6 +54,7 @@ class Replicas:
     redis_port: int
     worker: ManagedProcess
     directory: Path
+    started: list[ManagedProcess]  # every process of the module, stopped last-first
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ async def replicas(module_dir: Path, kafka_bootstrap: str) -> AsyncIterator[Repl
             start_worker, lambda name, *args, config_path: _started(started, _cli(name, module_dir, list(args), config_path)),
             shims[0].config, shims[0].config_path, "worker",
         )
-        yield Replicas(shims[0], shims[1], [redis_proc], redis_port, worker, module_dir)
+        yield Replicas(shims[0], shims[1], [redis_proc], redis_port, worker, module_dir, started)
     finally:
         for proc in reversed(started):
             proc.stop()
@@ -188,6 +189,7 @@ async def test_outage_each_shim_admits_from_its_last_view_then_bills_exactly(rep
         restarted = redis_process(replicas.redis_port, replicas.directory / "redis",
                                   replicas.directory / "redis-2.log", persist=True).start()
         replicas.redis.append(restarted)
+        replicas.started.insert(0, restarted)  # stopped after the shims and the worker
         await asyncio.to_thread(restarted.wait_port, "127.0.0.1", replicas.redis_port, 20)
         # The worker folds the outage's events into the totals: exact, to the token.
         await asyncio.to_thread(wait_for, lambda: _used(a, "frugal-co") == sum(served), 20, "the outage in the totals")
