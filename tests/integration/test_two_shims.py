@@ -140,6 +140,7 @@ async def test_batch_on_one_shim_waits_for_a_request_running_on_the_other(replic
     # Served on B once the request on A settled; the one behind it in line waited
     # its turn, then for the first to settle, and is refused as the quota once
     # nothing running can free it.
+    assert isinstance(completion, openai.types.chat.ChatCompletion), f"the first in line was refused: {completion}"
     assert completion.usage is not None and completion.usage.completion_tokens == ANSWERED_OUT
     assert first_done - streaming_from >= ANSWERED_OUT * TOKEN_DELAY_MS / 1000
     assert isinstance(refused, openai.RateLimitError) and refused.code == "insufficient_quota", refused
