@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import openai
@@ -39,9 +40,14 @@ BATCH_QUOTA = 2 * PROMPT + RESERVED_OUT + ANSWERED_OUT + 10  # a second request 
 EACH = PROMPT + 1
 SEEN_A, SEEN_B = 2 * EACH, 3 * EACH  # the usage each shim last saw before the outage
 OUTAGE_QUOTA = SEEN_B + 5 * EACH  # five more requests fit in truth
+# mock-small at $0.10 / $0.40 per 1M tokens: a request reserves its input's
+# cost rounded up (2 micro-USD) + 1 output token's (1), and costs 1.5 (2 rounded up).
+RESERVE_MICRO, COST_MICRO, COST_USD = 3, 2, Decimal("0.0000015")
+BUDGET_MICRO = 20
 TIERS = {
     "batchquota": {"monthly_tokens": BATCH_QUOTA, "default_max_tokens": RESERVED_OUT, "queue": {"max_wait_s": 10}},
     "frugal": {"monthly_tokens": OUTAGE_QUOTA, "requests_per_minute": 1000},  # fails open (the default)
+    "thrifty": {"monthly_budget_usd": str(Decimal(BUDGET_MICRO) / 1_000_000), "requests_per_minute": 1000},
 }
 TOKEN_DELAY_MS = 100  # a 16-token answer streams for ~1.6 s
 
@@ -154,7 +160,7 @@ async def test_batch_on_one_shim_waits_for_a_request_running_on_the_other(replic
 
 async def test_outage_each_shim_admits_from_its_last_view_then_bills_exactly(replicas: Replicas) -> None:
     a, b = replicas.a, replicas.b
-    key = a.new_key("frugal-co", "frugal")
+    key, thrifty = a.new_key("frugal-co", "frugal"), a.new_key("thrifty-co", "thrifty")
     served: list[int] = []
 
     async def ask(client: openai.AsyncOpenAI) -> openai.types.chat.ChatCompletion:
@@ -163,10 +169,11 @@ async def test_outage_each_shim_admits_from_its_last_view_then_bills_exactly(rep
         served.append(completion.usage.total_tokens)
         return completion
 
-    async with a.client(key) as on_a, b.client(key) as on_b:
+    async with a.client(key) as on_a, b.client(key) as on_b, a.client(thrifty) as thrifty_on_a:
         for client in (on_a, on_a, on_b):  # A last sees 2 requests' usage, B 3
             await ask(client)
         assert _used(a, "frugal-co") == SEEN_B
+        await thrifty_on_a.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
 
         await asyncio.to_thread(replicas.redis[-1].stop)  # SIGTERM by PID: it saves, keys survive
         outage: dict[str, int] = {}
@@ -185,7 +192,20 @@ async def test_outage_each_shim_admits_from_its_last_view_then_bills_exactly(rep
         # they overshoot by what the stalest view believed was left beyond the truth.
         assert outage == {"a": (OUTAGE_QUOTA - SEEN_A) // EACH, "b": (OUTAGE_QUOTA - SEEN_B) // EACH}
         assert sum(served) - OUTAGE_QUOTA == (OUTAGE_QUOTA - SEEN_A) + (OUTAGE_QUOTA - SEEN_B) - (OUTAGE_QUOTA - SEEN_B)
-        assert (await a.health())["admission"]["fail_mode_decisions"] == {"open_admitted": outage["a"], "open_refused": 1}
+        # The budget likewise, each request counted at its true cost once it ended: A
+        # last saw its first request's reservation, then admits while it fits.
+        spent = 0
+        while True:
+            try:
+                await thrifty_on_a.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
+            except openai.RateLimitError as exc:
+                assert exc.code == "insufficient_quota" and "budget" in exc.message, exc
+                break
+            spent += 1
+            assert spent < 20, "the local budget never refused"
+        assert spent == (BUDGET_MICRO - RESERVE_MICRO - RESERVE_MICRO) // COST_MICRO + 1
+        decisions = (await a.health())["admission"]["fail_mode_decisions"]
+        assert decisions == {"open_admitted": outage["a"] + spent, "open_refused": 2}
 
         restarted = redis_process(replicas.redis_port, replicas.directory / "redis",
                                   replicas.directory / "redis-2.log", persist=True).start()
@@ -199,12 +219,22 @@ async def test_outage_each_shim_admits_from_its_last_view_then_bills_exactly(rep
                                        and r, 20, "the outage's events in the ledger")
         assert (rows["ids"], rows["input_tokens"] + rows["output_tokens"]) == (admitted + 2, sum(served))
         assert rows["input_tokens"] == admitted * PROMPT
+        await asyncio.to_thread(wait_for, lambda: _cost(a, "thrifty-co") == (1 + spent) * COST_USD, 20,
+                                "the outage's cost in the totals")
         await asyncio.sleep(1.1)  # each shim asks Redis again a second after its last failure
         for client in (on_a, on_b):  # Redis decides again, from totals that hold the outage
             with pytest.raises(openai.RateLimitError) as refused:
                 await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
             assert refused.value.code == "insufficient_quota"
         assert (await b.health())["admission"]["redis"] == "up"
+
+
+def _cost(shim: Shim, customer: str) -> Decimal:
+    client = shim.redis()
+    try:
+        return Decimal(client.hget(shim.names.usage(customer, shim.period()), "cost_usd") or 0)
+    finally:
+        client.close()
 
 
 async def _drain(stream: openai.AsyncStream) -> None:
