@@ -70,7 +70,7 @@ class InProcess:
         auth = Authenticator(redis_client, names, failures=AuthFailures.from_config(config.shim))
         enforcer = Enforcer(config, admitter)
         # The batch queue's waits and order across the processes sharing this Redis.
-        replicas = enforcer.replicas = SharedQueue(redis_client, names, config.shim.instance)
+        replicas = enforcer.replicas = SharedQueue(redis_client, names, config.shim.instance, pipe)
         replicas.start(enforcer.queue)
         self._closers = [lambda: emitter.close(config.shim.drain_timeout_s), replicas.close]
         if pipe is not None:

@@ -74,7 +74,7 @@ def build_app(config: Config) -> web.Application:
         auth = Authenticator(redis_client, names, failures=auth_failures.shared(app, config.shim))
         app[_PROXY] = Proxy(config, auth, admitter, upstream, emitter)
         # The batch queue's waits and order across the shims sharing this Redis.
-        replicas = app[_PROXY].enforcer.replicas = SharedQueue(redis_client, names, config.shim.instance)
+        replicas = app[_PROXY].enforcer.replicas = SharedQueue(redis_client, names, config.shim.instance, pipe)
         replicas.start(app[_PROXY].enforcer.queue)
         # /v1/check admits for another proxy; the usage reports of its admissions settle them.
         app[_CHECK] = Check(app[_PROXY], CheckTickets(config, redis_client, names, admitter))

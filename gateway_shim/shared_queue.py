@@ -29,8 +29,10 @@ import logging
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.commands.core import AsyncScript
 
 from gateway_shim.batch_queue import BatchQueue
+from gateway_shim.resp import Script, ScriptPipe, encode_args
 from quotameter.redis_keys import RedisKeys
 
 log = logging.getLogger("gateway_shim.shared_queue")
@@ -39,6 +41,18 @@ _FAILED = (redis.exceptions.RedisError, OSError)
 PLACE_SLACK_MS = 2_000  # a place outlives its waiter's deadline by this much
 RESUBSCRIBE_S = 1.0
 
+# On the hot path of tiers with a queue, over the admission's pipelined connection
+# when there is one: a request starts running, or it ended (wake the waiters).
+_MARK = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+return 1
+"""
+_UNMARK = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
 # A place in the line: "deadline ms:shim:n", its deadline taken from Redis's clock.
 _JOIN = """
 local t = redis.call('TIME')
@@ -66,25 +80,28 @@ return 0
 
 
 class SharedQueue:
-    def __init__(self, client: aioredis.Redis, names: RedisKeys, instance: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, names: RedisKeys, instance: str, pipe: ScriptPipe | None = None
+    ) -> None:
         self._client = client
+        self._pipe = pipe
         self._names = names
         self._instance = instance
         self._numbers = itertools.count(1)
         self._join = client.register_script(_JOIN)
         self._head = client.register_script(_HEAD)
+        self._mark = client.register_script(_MARK)
+        self._unmark = client.register_script(_UNMARK)
+        self._mark_script, self._unmark_script = Script(_MARK), Script(_UNMARK)
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
     # -- requests running anywhere ------------------------------------------
 
     async def mark_running(self, customer: str, event_id: str, expiry_ms: int) -> bool:
-        key = self._names.running(customer)
+        # A tier's reservations share one TTL: the latest to start expires last.
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.zadd(key, {event_id: expiry_ms})
-                pipe.pexpireat(key, expiry_ms)  # a tier's reservations share one TTL: the latest expires last
-                await pipe.execute()
+            await self._run(self._mark, self._mark_script, self._names.running(customer), [expiry_ms, event_id])
             return True
         except _FAILED as exc:
             log.warning("cannot mark %s running (%s): batch waiters elsewhere will not wait for it", event_id, exc)
@@ -104,12 +121,16 @@ class SharedQueue:
     async def settled(self, customer: str, event_id: str) -> None:
         """The request ended (its reservation settled): wake the customer's waiters everywhere."""
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.zrem(self._names.running(customer), event_id)
-                pipe.publish(self._names.batch_wake(), customer)
-                await pipe.execute()
+            await self._run(self._unmark, self._unmark_script, self._names.running(customer),
+                            [event_id, self._names.batch_wake(), customer])
         except _FAILED as exc:
             log.warning("cannot unmark %s (%s): it stops counting as running when it expires", event_id, exc)
+
+    async def _run(self, script: AsyncScript, piped: Script, key: str, args: list[object]) -> None:
+        if self._pipe is None:
+            await script(keys=[key], args=args)
+        else:
+            await self._pipe.evalsha(piped, 1, encode_args([key]), encode_args(args), 1 + len(args))
 
     def settled_later(self, customer: str, event_id: str) -> None:
         """``settled`` from synchronous code (the check endpoint's hand-off)."""
