@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from gateway_shim.batch_queue import BatchQueue
+from gateway_shim.batch_queue import POLL_CAP_S, BatchQueue
 from gateway_shim.resp import Script, ScriptPipe, encode_args
 from quotameter.redis_keys import RedisKeys
 
@@ -181,6 +181,9 @@ class SharedQueue:
 
     async def _listen(self, queue: BatchQueue) -> None:
         channel = self._names.batch_wake()
+        if not hasattr(self._client, "pubsub"):  # a client without pub/sub: the heads poll
+            log.warning("no pub/sub on this Redis client: batch waiters ask again every %gs", POLL_CAP_S)
+            return
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
