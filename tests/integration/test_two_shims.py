@@ -2,7 +2,8 @@
 
 - A batch request over its quota on shim B waits for a reservation held by a
   request running on shim A, and is served once it settles; the customer's
-  batch line keeps its arrival order across the shims.
+  batch line keeps its arrival order across the shims, and the place of a
+  shim that died waiting lapses at its deadline.
 - Redis stopped by PID: each shim holds the period quota from the last usage
   Redis reported to it plus what it admitted since, refuses past it, and the
   overshoot is exactly the bound the README states; after the restart the
@@ -131,6 +132,11 @@ async def test_batch_on_one_shim_waits_for_a_request_running_on_the_other(replic
     a, b = replicas.a, replicas.b
     interactive = a.new_key("nightly", "batchquota")
     batch = a.new_key("nightly", "batchquota", priority="batch")
+    client = a.redis()
+    try:  # the place of a shim that died waiting, long past its deadline: it blocks no one
+        client.zadd(a.names.batch_line("nightly"), {"1000:shim-gone:1": 0})
+    finally:
+        client.close()
     async with a.client(interactive) as on_a, b.client(batch) as batch_on_b, a.client(batch) as batch_on_a:
         stream = await on_a.chat.completions.create(model="mock-small", messages=MESSAGES, stream=True)
         streaming_from = time.monotonic()  # the mock sleeps TOKEN_DELAY_MS before each of its 16 tokens
