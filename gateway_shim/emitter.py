@@ -71,9 +71,10 @@ from aiokafka.errors import KafkaError
 from gateway_shim.confirmations import LedgerConfirmations
 from gateway_shim.errors import MeteringUnavailable
 from gateway_shim.spool import Spool, SpoolRecord
-from quotameter.config import Config
+from quotameter.config import Config, Services
 from quotameter.delivery import AckMode, delivery_headers
 from quotameter.events import EncodedEvent, UsageEvent, encode_event, traceparent_of
+from quotameter.kafka_client import explain, producer_options
 from quotameter.redis_keys import RedisKeys
 from telemetry.context import TRACEPARENT_HEADER
 
@@ -111,8 +112,12 @@ class EventEmitter:
         delivery: AckMode = AckMode.BROKER,
         confirmations: Callable[[str], LedgerConfirmations] | None = None,
         redeliver_after_s: float = 15.0,
+        kafka: Services | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        # Security, idempotence, and whether the topic must exist already
+        # (None: a plaintext broker at ``bootstrap``).
+        self.kafka = kafka or Services(kafka_bootstrap=bootstrap)
         self.topic = topic
         self.spool = spool
         self.fsync_interval_s = fsync_interval_ms / 1000
@@ -163,6 +168,7 @@ class EventEmitter:
             delivery=shim.delivery,
             confirmations=confirmations,
             redeliver_after_s=shim.redeliver_after_ms / 1000,
+            kafka=config.services,
         )
 
     # -- what the server asks -------------------------------------------------
@@ -456,12 +462,21 @@ class EventEmitter:
             self._progress.set()
 
     async def _connect(self) -> AIOKafkaProducer | None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **_PRODUCER_OPTIONS)
+        producer = AIOKafkaProducer(**producer_options(self.kafka, **_PRODUCER_OPTIONS))
         try:
             await producer.start()
-        except (KafkaError, OSError) as exc:
-            log.warning("Kafka at %s unreachable (%s); events are spooled (%d waiting), retrying every %.0fs",
-                        self.bootstrap, exc, self.spool.depth, self.retry_s)
+            if not self.kafka.kafka_create_topics:
+                # All topics' metadata: asking for this one would make a broker
+                # that auto-creates topics create it.
+                if self.topic not in (await producer.client.fetch_all_metadata()).topics():
+                    log.error("Kafka topic %s does not exist and services.kafka_create_topics is false: create it "
+                              "(e.g. a Strimzi KafkaTopic); events are spooled (%d waiting), retrying every %.0fs",
+                              self.topic, self.spool.depth, self.retry_s)
+                    await producer.stop()
+                    return None
+        except Exception as exc:  # KafkaError, OSError, and what aiokafka's SASL clients raise on a refusal
+            log.warning("%s; events are spooled (%d waiting), retrying every %.0fs",
+                        explain(exc, self.kafka), self.spool.depth, self.retry_s)
             await producer.stop()
             return None
         log.info("connected to Kafka at %s; events go to topic %s (%d spooled events to send)",

@@ -38,10 +38,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from pipeline import telemetry
-from pipeline.topics import ensure_topic
+from pipeline.topics import ensure_topics
 from pipeline.webhook import Delivery, WebhookSender
 from quotameter.alert_rules import Alert, AlertKind, AlertLimits, build_alerts, crossed, limits_for, sort_listing
-from quotameter.config import Config
+from quotameter.config import Config, Services
 from quotameter.errors import QuotameterError
 from quotameter.redis_keys import RedisKeys
 
@@ -76,7 +76,7 @@ class AlertEngine:
         *,
         producer: AIOKafkaProducer | None = None,
         topic: str = "",
-        bootstrap: str = "",
+        kafka: Services | None = None,
         webhook: WebhookSender | None = None,
         retention_s: int = 400 * 86_400,
         clock_s: Callable[[], float] = time.time,
@@ -86,7 +86,7 @@ class AlertEngine:
         self._limits_of = limits_of
         self.producer = producer
         self.topic = topic
-        self.bootstrap = bootstrap
+        self.kafka = kafka  # creates the topic if missing (None: never)
         self.webhook = webhook
         self.retention_s = retention_s
         self._clock_s = clock_s
@@ -124,7 +124,7 @@ class AlertEngine:
             limits_of,
             producer=producer,
             topic=alert_topic(config),
-            bootstrap=config.services.kafka_bootstrap,
+            kafka=config.services,
             webhook=webhook,
             retention_s=settings.retention_days * 86_400,
         )
@@ -197,14 +197,14 @@ class AlertEngine:
         return "sent"
 
     async def _ensure_topic(self) -> None:
-        if not self.bootstrap:
+        if self.kafka is None:
             return
         if self._topic_ready is None or (self._topic_ready.done() and self._topic_ready.exception() is not None):
-            self._topic_ready = asyncio.ensure_future(ensure_topic(self.bootstrap, self.topic, ALERT_TOPIC_PARTITIONS))
+            self._topic_ready = asyncio.ensure_future(ensure_topics(self.kafka, [self.topic], ALERT_TOPIC_PARTITIONS))
         try:
             await asyncio.shield(self._topic_ready)
         except QuotameterError as exc:
-            log.warning("could not create %s (%s); sending anyway", self.topic, exc)
+            log.warning("topic %s not ready (%s); sending anyway", self.topic, exc)
 
     async def _post(self, alert: Alert, body: bytes) -> Delivery | None:
         if self.webhook is None:

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 
 import faust
 
-from quotameter.config import Config
+from quotameter.config import Config, Services
+from quotameter.kafka_client import faust_credentials
 from quotameter.windows import Granularity
 
-TOPIC_PARTITIONS = 4
+# The default of services.kafka_topic_partitions.
+TOPIC_PARTITIONS: int = Services.model_fields["kafka_topic_partitions"].default
 COMMIT_INTERVAL_S = 1.0
 # Faust asks the broker to hold each fetch up to 1.5 s. Tansu holds an empty
 # fetch that long even when records arrive meanwhile (p50 421 ms from send to
@@ -43,6 +45,15 @@ def worker_data_dir(config: Config) -> Path:
     return history.parent / f"worker-{config.services.worker_app_id}"
 
 
+def table_name(granularity: Granularity) -> str:
+    return f"usage-{granularity.value}"
+
+
+def changelog_topics(config: Config) -> list[str]:
+    """The tables' changelog topics, named as Faust names them."""
+    return [f"{config.services.worker_app_id}-{table_name(g)}-changelog" for g in Granularity]
+
+
 @dataclass
 class FaustParts:
     app: faust.App
@@ -56,9 +67,15 @@ def build_app(config: Config) -> FaustParts:
     app = faust.App(
         services.worker_app_id,
         broker=f"kafka://{services.kafka_bootstrap}",
+        broker_credentials=faust_credentials(services),
         store="memory://",  # rocksdb fails its offset check on Tansu (see DESIGN.md)
         datadir=str(worker_data_dir(config)),
-        topic_partitions=TOPIC_PARTITIONS,
+        # The tables' changelogs: partitioned like the events topic, replicated
+        # like every topic the product creates, or made outside with
+        # kafka_create_topics false (pipeline.worker checks they exist).
+        topic_partitions=services.kafka_topic_partitions,
+        topic_replication_factor=services.kafka_replication_factor,
+        topic_allow_declare=services.kafka_create_topics,
         broker_session_timeout=config.pipeline.session_timeout_s,
         broker_heartbeat_interval=1.0,
         broker_commit_interval=COMMIT_INTERVAL_S,
@@ -94,9 +111,9 @@ def build_app(config: Config) -> FaustParts:
     events_topic = app.topic(services.events_topic, key_type=bytes, value_type=bytes)
     tables = {
         granularity: app.Table(
-            f"usage-{granularity.value}",
+            table_name(granularity),
             key_type=bytes,  # value_type stays None: plain JSON (a dict type breaks recovery)
-            partitions=TOPIC_PARTITIONS,
+            partitions=services.kafka_topic_partitions,
             use_partitioner=True,
             help=f"customer → usage per {granularity.value}, all models and per model",
         )

@@ -77,9 +77,12 @@ def find_holes(expected: dict[int, int], offsets: Sequence[tuple[int, int]]) -> 
 
 class OffsetGuard:
     def __init__(
-        self, bootstrap: str, topic: str, group_id: str, ledger_offsets: Callable[[list[int]], Awaitable[dict[int, int]]]
+        self, bootstrap: str, topic: str, group_id: str, ledger_offsets: Callable[[list[int]], Awaitable[dict[int, int]]],
+        kafka_options: dict[str, Any] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        # Connection options of its own clients (quotameter.kafka_client.client_options).
+        self.kafka_options = kafka_options or {"bootstrap_servers": bootstrap}
         self.ledger_offsets = ledger_offsets
         self.topic = topic
         self.group_id = group_id
@@ -142,7 +145,7 @@ class OffsetGuard:
     async def _committed(self, partitions: list[int]) -> dict[int, int]:
         """Where each partition resumes (see ``expected`` above)."""
         tps = [TopicPartition(self.topic, p) for p in partitions]
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        admin = AIOKafkaAdminClient(**self.kafka_options, request_timeout_ms=10_000)
         await admin.start()
         try:
             committed = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
@@ -153,7 +156,7 @@ class OffsetGuard:
             out[partition] = max(out.get(partition, -1), offset + 1)
         missing = [tp for tp in tps if tp.partition not in out]
         if missing:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+            consumer = AIOKafkaConsumer(**self.kafka_options, group_id=None, enable_auto_commit=False)
             await consumer.start()
             try:
                 starts = await consumer.beginning_offsets(missing)
@@ -172,7 +175,7 @@ class OffsetGuard:
         missing = {(h.partition, o) for h in holes for o in range(h.start, h.end)}
         tps = {p: TopicPartition(self.topic, p) for p in spans}
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="none"
+            **self.kafka_options, group_id=None, enable_auto_commit=False, auto_offset_reset="none"
         )
         await consumer.start()
         out: list[FilledEvent] = []

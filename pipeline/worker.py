@@ -30,8 +30,8 @@ from redis.exceptions import RedisError
 import telemetry.logs
 import telemetry.setup
 from pipeline import telemetry as worker_telemetry
-from pipeline.alerts import AlertEngine
-from pipeline.app import TOPIC_PARTITIONS, FaustParts, build_app, worker_address
+from pipeline.alerts import AlertEngine, alert_topic
+from pipeline.app import FaustParts, build_app, changelog_topics, worker_address
 from pipeline.consumer_lag import lag_of
 from pipeline.dedupe import Deduplicator, RecentIds
 from pipeline.freshness import Freshness
@@ -44,12 +44,13 @@ from pipeline.offset_guard import OffsetGuard
 from pipeline.rebuild import rebuild_state
 from pipeline.redis_restarts import CHECK_EVERY_S, RedisRestarts
 from pipeline.redis_writer import UsageWriter
-from pipeline.topics import ensure_topic
+from pipeline.topics import ensure_topics, topic_partitions
 from pipeline.usage_agent import UsageSink, register_usage_agent
 from pipeline.web import Readiness, register_views
 from pipeline.window_tables import WindowTables
-from quotameter.config import Config
-from quotameter.errors import ConfigError, QuotameterError
+from quotameter.config import Config, Services
+from quotameter.errors import ConfigError, QuotameterError, ServiceError
+from quotameter.kafka_client import client_options, explain, producer_options
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
@@ -79,7 +80,7 @@ class SinkService(Service):
 
     async def on_start(self) -> None:
         if self.config.alerts.enabled:
-            self.producer = AIOKafkaProducer(bootstrap_servers=self.config.services.kafka_bootstrap, linger_ms=5)
+            self.producer = AIOKafkaProducer(**producer_options(self.config.services, linger_ms=5))
             await self.producer.start()
             self.sink.observer = AlertEngine.from_config(self.config, self.redis_client, self.producer)
 
@@ -125,9 +126,45 @@ def build_sink(config: Config, parts: FaustParts, history: AsyncHistory, writer:
         return {int(row["p"]): int(row["o"]) for row in rows if int(row["o"]) >= 0}
 
     guard = OffsetGuard(
-        config.services.kafka_bootstrap, config.services.events_topic, config.services.worker_app_id, ledger_offsets
+        config.services.kafka_bootstrap, config.services.events_topic, config.services.worker_app_id, ledger_offsets,
+        kafka_options=client_options(config.services),
     )
     return UsageSink(parts, windows, Deduplicator(recent, history), ledger, writer, prices, dlq_topic(config), freshness, guard)
+
+
+async def prepare_topics(config: Config) -> None:
+    """The events and dead-letter topics, created if missing; with
+    kafka_create_topics false, every topic the worker uses must exist (the
+    tables' changelogs too, which Faust would otherwise declare, and the
+    alerts topic), and a failure names all the missing ones. The events
+    topic must have the tables' partition count."""
+    services = config.services
+    if services.kafka_create_topics:
+        await ensure_topics(services, [services.events_topic])
+        await ensure_topics(services, [dlq_topic(config)], partitions=1)  # rare, read by people: one, in order
+    else:
+        alerts = [alert_topic(config)] if config.alerts.enabled else []
+        await ensure_topics(services, [services.events_topic, dlq_topic(config), *changelog_topics(config), *alerts])
+    count = await topic_partitions(services, services.events_topic)
+    if count != services.kafka_topic_partitions:
+        raise ServiceError(
+            f"topic {services.events_topic} has {count} partitions but services.kafka_topic_partitions is "
+            f"{services.kafka_topic_partitions}: the tables are partitioned like the events topic, set it to {count}"
+        )
+
+
+async def check_producer(services: Services) -> None:
+    """Start and stop a producer as the alerts producer is started: settings
+    it cannot start with (credentials, idempotence) stop the worker here,
+    named, rather than deep inside Faust's start. (Dead letters go through
+    Faust's own producer: acks=all, Faust's default, and the same credentials.)"""
+    producer = AIOKafkaProducer(**producer_options(services))
+    try:
+        await producer.start()
+    except Exception as exc:  # KafkaError, OSError, what aiokafka's SASL clients raise on a refusal
+        raise ServiceError(explain(exc, services)) from None
+    finally:
+        await producer.stop()
 
 
 def serve(config: Config) -> None:
@@ -147,8 +184,8 @@ def serve(config: Config) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(ensure_topic(services.kafka_bootstrap, services.events_topic, TOPIC_PARTITIONS))
-        loop.run_until_complete(ensure_topic(services.kafka_bootstrap, dlq_topic(config), 1))
+        loop.run_until_complete(prepare_topics(config))
+        loop.run_until_complete(check_producer(services))
         store = open_store(config)
     except QuotameterError as exc:
         loop.close()

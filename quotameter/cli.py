@@ -48,7 +48,9 @@ def _redis(config: Config):  # noqa: ANN202 - redis.Redis
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
+    from rich.markup import escape  # a message may hold brackets: pip install 'quotameter[embedded]'
+
+    err.print(f"[red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -280,6 +282,117 @@ def ledger_server(
         serve(directory, host=host, port=port, gate=TokenGate.from_services(config.services))
     except QuotameterError as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command("migrate")
+def migrate(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the SQL that would run; change nothing.")] = False,
+    from_version: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="With --dry-run: print the SQL from this schema version, without connecting."),
+    ] = None,
+    create_readonly_user: Annotated[
+        Optional[str],
+        typer.Option(help="Also create (or update) this user, able only to read the ledger: for Grafana and dashboards."),
+    ] = None,
+    readonly_password_file: Annotated[
+        Optional[Path],
+        typer.Option(help="File holding that user's password (else the QUOTAMETER_READONLY_PASSWORD variable)."),
+    ] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Apply the ledger's schema migrations to the ClickHouse server in services.history_url
+    (Replicated tables ON CLUSTER services.history_cluster when set). Safe to run again.
+
+    Exit codes: 1 the server failed or refused, 2 bad configuration or arguments."""
+    import logging
+    import os
+    import time
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from pipeline.history import migrations
+    from pipeline.history.server_schema import ServerSchema, is_access_refusal, readonly_user_sql
+
+    config = _config(config_path)
+    url = config.services.history_url.get_secret_value().strip()
+    if from_version is not None and not dry_run:
+        raise _fail("--from-version only goes with --dry-run: a migration reads the version from the server", 2)
+    if not url and from_version is None:
+        raise _fail(
+            "services.history_url is empty: the embedded chDB ledger migrates itself when the worker "
+            "or ledger-server opens it; migrate applies the schema to a ClickHouse server", 2
+        )
+    password = ""
+    if create_readonly_user is not None:
+        try:
+            password = (readonly_password_file.read_text().strip() if readonly_password_file
+                        else os.environ.get("QUOTAMETER_READONLY_PASSWORD", ""))
+        except OSError as exc:
+            raise _fail(f"--readonly-password-file: {exc.strerror}: {readonly_password_file}", 2) from None
+        if not password:
+            raise _fail("the read-only user needs a password: QUOTAMETER_READONLY_PASSWORD or --readonly-password-file", 2)
+    # clickhouse-connect logs a failed request before raising it; the error below says it once.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
+    out = Console(highlight=False, soft_wrap=True)
+    layout = migrations.Layout(config.services.history_cluster)
+    cluster = f" (cluster {layout.cluster})" if layout.cluster else ""
+
+    def print_sql(header: str, applied: int | None) -> None:
+        out.print(f"-- {header}: schema version {applied or 0}, this quotameter has {migrations.LATEST}", markup=False)
+        statements: list[str] = []
+        migrations.apply(statements.append, applied, layout, on_step=lambda m: statements.append(f"-- {m.version}: {m.name}"))
+        for statement in statements + user_sql:
+            out.print(statement if statement.startswith("--") else statement + ";\n", markup=False)
+
+    try:
+        user_sql = readonly_user_sql(create_readonly_user, password, layout) if create_readonly_user else []
+        if from_version is not None:
+            # Version 0: a server without the migrations table (its bootstrap included).
+            print_sql(f"not connected{cluster}", from_version or None)
+            return
+        target = ServerSchema.from_url(url, config.services.history_cluster)
+    except QuotameterError as exc:
+        raise _fail(escape(str(exc))) from None
+    where = target.where + cluster
+    try:
+        applied = target.applied()
+        if dry_run:
+            print_sql(where, applied)
+            return
+        started: list[float] = []
+
+        def step(migration: migrations.Migration) -> None:
+            started.append(time.monotonic())
+            out.print(f"applying {migration.version}/{migrations.LATEST}: {escape(migration.name)} …")
+
+        def done(migration: migrations.Migration) -> None:
+            out.print(f"  [green]done[/] {migration.version} in {time.monotonic() - started[-1]:.2f} s")
+
+        steps = migrations.apply(target.run, applied, layout, step, done)
+        if steps:
+            out.print(f"{escape(where)}: migrated from version {applied or 0} to {migrations.LATEST}")
+        elif missing := target.repair():
+            out.print(f"{escape(where)}: schema version {applied}, but {', '.join(missing)} missing: created again")
+        else:
+            out.print(f"{escape(where)}: schema version {applied}, up to date")
+        if user_sql:
+            try:
+                for statement in user_sql:
+                    target.run(statement)
+            except QuotameterError as exc:
+                if not is_access_refusal(exc):
+                    raise
+                err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+                err.print("this connection cannot manage users: run these as a user that can (e.g. in clickhouse-client):")
+                out.print("\n".join(s + ";" for s in user_sql), markup=False)
+                raise typer.Exit(1) from None
+            out.print(f"read-only user {create_readonly_user}: SELECT on the ledger, readonly = 1")
+    except QuotameterError as exc:
+        raise _fail(escape(str(exc))) from None
+    finally:
+        target.close()
 
 
 @app.command("up")

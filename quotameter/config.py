@@ -420,8 +420,21 @@ class Shim(_SecretFiles):
         return value
 
 
+class KafkaSecurityProtocol(StrEnum):
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class KafkaSaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
 class Services(_SecretFiles):
-    _secret_files: ClassVar[tuple[str, ...]] = ("admin_token",)
+    _secret_files: ClassVar[tuple[str, ...]] = ("admin_token", "kafka_sasl_password")
 
     redis_url: str = "redis://127.0.0.1:6390/0"
     redis_prefix: str = "qm"
@@ -431,6 +444,33 @@ class Services(_SecretFiles):
     redis_pool_timeout_ms: PositiveInt = 2000
     kafka_bootstrap: str = "127.0.0.1:9092"
     events_topic: str = "quotameter.events"
+    # How every Kafka client of the product (the shim's producer, the worker's
+    # consumers, producers and admin client) reaches the brokers
+    # (quotameter/kafka_client.py). SASL_* needs kafka_sasl_username and a
+    # password; SSL / SASL_SSL verify the brokers against kafka_ssl_cafile
+    # (empty: the system's CAs), and present kafka_ssl_certfile + keyfile
+    # when the brokers ask for a client certificate (mTLS).
+    kafka_security_protocol: KafkaSecurityProtocol = KafkaSecurityProtocol.PLAINTEXT
+    kafka_sasl_mechanism: KafkaSaslMechanism = KafkaSaslMechanism.PLAIN
+    kafka_sasl_username: str = ""
+    # Prefer QUOTAMETER_SERVICES__KAFKA_SASL_PASSWORD or kafka_sasl_password_file.
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    # Topics the product creates when missing (the events, dead-letter and
+    # alerts topics, the worker's table changelogs). The tables are
+    # partitioned like the events topic, so an events topic with another
+    # partition count stops the worker. false: topics are managed outside
+    # (e.g. Strimzi KafkaTopic); a missing one is then an error naming it.
+    kafka_topic_partitions: PositiveInt = 4
+    kafka_replication_factor: PositiveInt = 1
+    kafka_create_topics: bool = True
+    # Idempotent producers (no duplicates from the producer's own retries).
+    # Off by default: the embedded broker (Tansu 0.6) refuses InitProducerId.
+    # Turn it on for Apache Kafka, MSK, Confluent, Redpanda.
+    kafka_idempotence: bool = False
     # The worker owns the history store; the CLI reads through it here.
     history_dir: Path = Path("var/history")
     worker_url: str = "http://127.0.0.1:6066"
@@ -440,6 +480,9 @@ class Services(_SecretFiles):
     # The ledger: empty = embedded chDB in history_dir; else a ClickHouse
     # server, clickhouse://user:password@host:8123/quotameter (clickhouses:// = TLS).
     history_url: SecretStr = SecretStr("")
+    # A ClickHouse cluster name (remote_servers): `quotameter migrate` then
+    # creates Replicated tables ON CLUSTER it. Empty: one server.
+    history_cluster: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,128}$")
     # Bearer token of the internal endpoints that read or change data: the
     # worker's (all but /healthz), the built-in dashboard's (all but /healthz;
     # a browser sends it as the password of HTTP Basic auth) and
@@ -450,6 +493,38 @@ class Services(_SecretFiles):
     # Prefer QUOTAMETER_SERVICES__ADMIN_TOKEN or admin_token_file.
     admin_token: SecretStr | None = None
     admin_token_file: Path | None = None
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Services:
+        protocol = self.kafka_security_protocol
+        sasl = protocol in (KafkaSecurityProtocol.SASL_PLAINTEXT, KafkaSecurityProtocol.SASL_SSL)
+        tls = protocol in (KafkaSecurityProtocol.SSL, KafkaSecurityProtocol.SASL_SSL)
+        password = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        if sasl and not (self.kafka_sasl_username and password):
+            raise ValueError(
+                f"services.kafka_security_protocol {protocol} needs services.kafka_sasl_username "
+                "and services.kafka_sasl_password (or kafka_sasl_password_file)"
+            )
+        if not sasl and (self.kafka_sasl_username or password):
+            raise ValueError(
+                "services.kafka_sasl_username / kafka_sasl_password are set but "
+                f"services.kafka_security_protocol is {protocol}: use SASL_SSL or SASL_PLAINTEXT"
+            )
+        tls_files = [name for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile") if getattr(self, name)]
+        if tls_files and not tls:
+            raise ValueError(
+                f"services.{tls_files[0]} is set but services.kafka_security_protocol is {protocol}: use SSL or SASL_SSL"
+            )
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("services.kafka_ssl_certfile and services.kafka_ssl_keyfile go together (a client certificate and its key)")
+        return self
 
 
 class Alerts(_Strict):

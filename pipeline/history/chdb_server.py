@@ -318,11 +318,12 @@ class LedgerEngine:
     the server calls it from one thread only."""
 
     def __init__(self, path: Path) -> None:
-        from chdb.session import Session
-
         # ChdbHistory creates the schema and repairs rollups after a crash, as
         # a worker owning the directory would; its close marks a clean stop.
+        # It is also what says how to install chDB when it is missing.
         self.history = ChdbHistory(path)
+        from chdb.session import Session
+
         self.path = self.history.path
         try:
             self._rw = Session(str(self.path))

@@ -4,6 +4,9 @@ A chDB data directory can be opened by one process at a time (a second one
 fails with "Error initializing EmbeddedServer"): the worker owns it while it
 runs, and other processes read through the worker's web server.
 
+Opening it for writing applies the schema's migrations it lacks (the same
+steps ``quotameter migrate`` applies to a server).
+
 A clean close leaves a marker file in the directory. Opening it for writing
 without the marker means the last writer was killed, perhaps between an
 insert's table part and its rollups' parts: the rollups of the months
@@ -18,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.history import schema
+from pipeline.history import migrations, schema
 from pipeline.history.store import HistoryError, QueryRejected, UsageRow
 from quotameter.aggregate import PricedEvent
 from quotameter.periods import BillingCalendar
@@ -28,7 +31,14 @@ CLEAN_MARKER = "quotameter-closed-cleanly"
 
 
 def _session(target: str):  # noqa: ANN202 - chdb.session.Session
-    from chdb.session import Session
+    # Imported here: a production install has no chDB (services.history_url).
+    try:
+        from chdb.session import Session
+    except ImportError:
+        raise HistoryError(
+            "the embedded ledger needs chDB: pip install 'quotameter[embedded]', "
+            "or point services.history_url at a ClickHouse server"
+        ) from None
 
     try:
         return Session(target)
@@ -61,8 +71,7 @@ class ChdbHistory:
             existed = (self.path / "metadata").is_dir()
             self.path.mkdir(parents=True, exist_ok=True)
             self._rw = _session(str(self.path))
-            for statement in schema.DDL:
-                self._run(self._rw, statement)
+            self.migrated = self.migrate()
             marker = self.path / CLEAN_MARKER
             if existed and not marker.exists():
                 self.repaired_months = self.repair_rollups()
@@ -72,6 +81,14 @@ class ChdbHistory:
         self._ro = _session(f"{self.path}?mode=ro&readonly=1")
 
     repaired_months: list[int] = []
+    migrated: list[migrations.Migration] = []
+
+    def migrate(self) -> list[migrations.Migration]:
+        """Bring the directory's schema forward (the embedded store owns it)."""
+        applied = migrations.applied_version(
+            lambda sql: self._json_rows(self._run(self._rw, sql, fmt="JSONEachRow"))
+        )
+        return migrations.apply(lambda sql: self._run(self._rw, sql), applied)
 
     def repair_rollups(self) -> list[int]:
         """Recompute the rollups of the months written last (see the module doc)."""

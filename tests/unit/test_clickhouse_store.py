@@ -4,7 +4,8 @@ No usable ClickHouse server installs here (see the module's docstring), so:
 a recorded fake of the clickhouse-connect client checks the store's own
 logic (SQL shared with schema, parameter binding, batching, dedup tokens,
 error mapping), and clickhouse-connect's in-process chDB backend runs the
-same calls on the real ClickHouse engine. The HTTP transport stays untested.
+same calls on the real ClickHouse engine. The HTTP transport is tested against
+`quotameter ledger-server` (tests/integration/test_ledger_server.py, test_migrate.py).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import pytest
 from clickhouse_connect.driver.binding import bind_query
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from pipeline.history import open_store, schema
+from pipeline.history import migrations, open_store, schema
 from pipeline.history import clickhouse_store as store_module
 from pipeline.history.chdb_store import ChdbHistory
+from pipeline.history.server_schema import ServerSchema
 from pipeline.history.clickhouse_store import (
     INSERT_CHUNK_ROWS,
     MAX_QUERY_ROWS,
+    MIGRATE_HINT,
+    READ_ONLY,
     ClickHouseHistory,
+    SchemaNotReady,
     ServerAddress,
     dedup_token,
     parse_history_url,
@@ -56,13 +61,18 @@ def priced(count: int, customer: str = "acme", start: int = 0) -> list[PricedEve
 
 
 class RecordedClient:
-    """Records every call; answers raw_query from ``rows``; raises ``fail`` once set."""
+    """Records every call; answers raw_query from ``rows``; raises ``fail`` once set.
 
-    def __init__(self, rows: list[dict[str, Any]] | None = None) -> None:
+    The schema-version queries made on opening are answered from ``version``
+    (None: no migrations table) and kept apart, in ``schema_checks``."""
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None, version: int | None = migrations.LATEST) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.rows = rows or []
         self.fail: Exception | None = None
         self.closed = False
+        self.version = version
+        self.schema_checks: list[tuple[str, Any]] = []
 
     def _record(self, name: str, *args: Any, **kwargs: Any) -> None:
         self.calls.append((name, args, kwargs))
@@ -74,6 +84,10 @@ class RecordedClient:
         return ""
 
     def raw_query(self, query: str, parameters: Any = None, settings: Any = None, fmt: str | None = None) -> bytes:
+        if query in (migrations.HAS_TABLE, migrations.APPLIED) and self.fail is None:
+            self.schema_checks.append((query, settings))
+            answer = {"n": int(self.version is not None)} if query == migrations.HAS_TABLE else {"version": self.version}
+            return (json.dumps(answer) + "\n").encode()
         self._record("raw_query", query, parameters=parameters, settings=settings, fmt=fmt)
         return "".join(json.dumps(row) + "\n" for row in self.rows).encode()
 
@@ -84,10 +98,30 @@ class RecordedClient:
         return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
 
 
-def test_opening_runs_the_shared_ddl_in_order() -> None:
+def test_opening_creates_nothing_and_checks_the_schema_version() -> None:
     client = RecordedClient()
-    ClickHouseHistory(client)
-    assert [args[0] for args, _ in client.named("command")] == list(schema.DDL)
+    store = ClickHouseHistory(client)
+    assert client.calls == [] and store.schema_version == migrations.LATEST
+    assert [query for query, _ in client.schema_checks] == [migrations.HAS_TABLE, migrations.APPLIED]
+    assert all(settings == READ_ONLY for _, settings in client.schema_checks)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_ledger_behind_or_without_schema_is_refused_with_the_migrate_hint(read_only: bool) -> None:
+    where = "clickhouse://qm@db:8123"
+    with pytest.raises(SchemaNotReady) as info:
+        ClickHouseHistory(RecordedClient(version=None), where=where, read_only=read_only)
+    assert str(info.value) == f"the ClickHouse ledger at {where} has no quotameter schema yet: {MIGRATE_HINT}"
+    with pytest.raises(SchemaNotReady) as info:
+        ClickHouseHistory(RecordedClient(version=migrations.LATEST - 1), where=where, read_only=read_only)
+    assert str(info.value) == (
+        f"the ClickHouse ledger at {where} is at schema version {migrations.LATEST - 1}, this quotameter needs "
+        f"{migrations.LATEST}: run `quotameter migrate` (it applies the schema to services.history_url)"
+    )
+    with pytest.raises(SchemaNotReady, match="schema version 0,"):  # the table, no step recorded
+        ClickHouseHistory(RecordedClient(version=0), where=where, read_only=read_only)
+    # A newer release migrated it (its steps only add): used as it is.
+    assert ClickHouseHistory(RecordedClient(version=migrations.LATEST + 1)).schema_version == migrations.LATEST + 1
 
 
 def test_read_only_runs_no_ddl_and_refuses_inserts() -> None:
@@ -115,6 +149,11 @@ def test_inserts_use_the_shared_statement_in_chunks_with_stable_dedup_tokens() -
     assert dict(zip(schema.LEDGER_COLUMNS, json.loads(bodies[2][0]))) == schema.ledger_row(batch[-1])
     tokens = [kwargs["settings"]["insert_deduplication_token"] for _, kwargs in inserts]
     assert len(set(tokens)) == 3
+    # Whatever the server's profile says: synchronous (acknowledged once
+    # written) and deduplicated by the token.
+    assert all(kwargs["settings"] == {"insert_deduplicate": 1, "async_insert": 0,
+                                      "insert_deduplication_token": token}
+               for (_, kwargs), token in zip(inserts, tokens))
 
     client.calls.clear()
     store.insert_events(batch)  # the batch retried: the same tokens, so the server drops it
@@ -159,19 +198,36 @@ def test_query_allows_one_select_read_only_and_bounded() -> None:
     assert len(rows) == MAX_QUERY_ROWS
     [(args, kwargs)] = client.named("raw_query")
     assert args == ("SELECT number AS n FROM system.numbers",)
-    assert kwargs["settings"] == {"readonly": 2, "max_result_rows": MAX_QUERY_ROWS, "result_overflow_mode": "break"}
+    assert kwargs["settings"] == {"readonly": 2, "max_result_rows": MAX_QUERY_ROWS, "result_overflow_mode": "break",
+                                  # what a server profile may have changed, pinned to what the readers parse
+                                  "output_format_json_quote_64bit_integers": 0, "output_format_json_quote_decimals": 0,
+                                  "date_time_output_format": "simple"}
 
 
 def test_errors_become_history_errors_with_the_first_line_and_no_password() -> None:
     client = RecordedClient()
     store = ClickHouseHistory(client, where="clickhouse://qm@db:8123", read_only=True)
     client.fail = DatabaseError("Code: 60. DB::Exception: Table quotameter.events does not exist\nStack trace: …")
-    with pytest.raises(HistoryError) as info:
+    with pytest.raises(SchemaNotReady) as info:
         store.usage("acme", "2025-03", UTC_MONTHS)
     assert str(info.value) == (
-        "ClickHouse ledger at clickhouse://qm@db:8123: Code: 60. DB::Exception: Table quotameter.events does not exist"
+        "ClickHouse ledger at clickhouse://qm@db:8123: Code: 60. DB::Exception: Table quotameter.events does not exist; "
+        + MIGRATE_HINT
     )
-    assert not isinstance(info.value, QueryRejected)
+    client.fail = DatabaseError("Code: 81. DB::Exception: Database quotameter does not exist. (UNKNOWN_DATABASE)")
+    with pytest.raises(SchemaNotReady, match="Code: 81.*run `quotameter migrate`"):
+        store.query("SELECT 1")
+
+    client.fail = DatabaseError("Code: 516. DB::Exception: qm: Authentication failed: password is incorrect, or there "
+                                "is no user with such name. (AUTHENTICATION_FAILED)")
+    with pytest.raises(HistoryError) as info:
+        store.query("SELECT 1")
+    assert str(info.value).startswith(
+        "the ClickHouse ledger at clickhouse://qm@db:8123 refused the user and password of services.history_url: "
+        "Code: 516. DB::Exception: qm: Authentication failed")
+    client.fail = OperationalError("HTTPConnectionPool(host='db', port=8123): Read timed out. (read timeout=300)")
+    with pytest.raises(HistoryError, match="^the ClickHouse ledger at clickhouse://qm@db:8123 did not answer in time: "):
+        store.query("SELECT 1")
 
     client.fail = OperationalError("Error HTTPConnectionPool(host='db', port=8123): Max retries exceeded")
     with pytest.raises(HistoryError, match="Max retries exceeded"):
@@ -222,16 +278,30 @@ def test_open_store_picks_the_store_from_history_url(tmp_path: Path, monkeypatch
     assert "pw" not in repr(server.services)
     store = open_store(server)
     assert isinstance(store, ClickHouseHistory) and store.where == "clickhouse://qm@db:8123"
-    assert [args[0] for args, _ in client.named("command")] == list(schema.DDL)
+    assert client.named("command") == [] and len(client.schema_checks) == 2  # checked, created nothing
     store.close()
     assert client.closed
+
+
+def engine_store(path: Path) -> ClickHouseHistory:
+    """A store on clickhouse-connect's chDB backend, migrated as `quotameter migrate` does.
+
+    That backend applies per-call settings with SET and restores them after;
+    restoring ``readonly`` after a read-only call is itself refused (silently),
+    so the opening check's readonly=2 would stay on its client: the check runs
+    on a client of its own."""
+    checker = clickhouse_connect.get_client(interface="chdb", path=str(path))
+    assert [m.version for m in ServerSchema(checker, "chdb").migrate()] == [m.version for m in migrations.MIGRATIONS]
+    store = ClickHouseHistory(checker, where="chdb")
+    store.client = clickhouse_connect.get_client(interface="chdb", path=str(path))
+    return store
 
 
 def test_the_same_calls_on_the_real_engine_through_clickhouse_connect(tmp_path: Path) -> None:
     """clickhouse-connect's chDB backend: the real engine behind the real
     client API (command with data, raw_query with server-side binds, settings)."""
-    client = clickhouse_connect.get_client(interface="chdb", path=str(tmp_path / "engine"))
-    store = ClickHouseHistory(client, where="chdb")
+    store = engine_store(tmp_path / "engine")
+    client = store.client
     try:
         batch = priced(3) + priced(2, customer="other")
         store.insert_events(batch)
@@ -260,8 +330,7 @@ def test_both_stores_answer_usage_alike(tmp_path: Path) -> None:
         expected = chdb_store.usage("acme", "2025-03", UTC_MONTHS)
     finally:
         chdb_store.close()
-    client = clickhouse_connect.get_client(interface="chdb", path=str(tmp_path / "engine"))
-    server_store = ClickHouseHistory(client, where="chdb")
+    server_store = engine_store(tmp_path / "engine")
     try:
         server_store.insert_events(batch)
         assert server_store.usage("acme", "2025-03", UTC_MONTHS) == expected
