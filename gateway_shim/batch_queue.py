@@ -4,7 +4,9 @@ Only batch requests ever enter it; interactive requests go straight to
 admission and never wait behind one (and a tier can keep concurrency slots
 that batch traffic may not take at all). Each customer waits in its own FIFO
 line: only the head of a line asks Redis again, when its limit says it could
-pass, or sooner when one of the customer's requests ends in this process.
+pass, or sooner when one of the customer's requests ends (in this process, or
+on another shim: shared_queue.py, which also keeps the line's order across
+shims).
 Limits are per customer, so one customer's backlog never delays another's;
 the depth is shared, and no customer may hold more than an equal share of it
 while others are waiting.

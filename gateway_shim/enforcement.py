@@ -34,6 +34,7 @@ from gateway_shim.metering import RequestMeter
 from gateway_shim.ratelimit_headers import ratelimit_headers
 from gateway_shim.refusals import RefusalMemory, request_scopes
 from gateway_shim.routes import ProxiedRequest
+from gateway_shim.shared_queue import SharedQueue
 from quotameter.config import Config
 from quotameter.events import Decision
 from quotameter.policy import EndUser, Policy, resolve
@@ -42,8 +43,9 @@ from quotameter.redis_pool import RedisPoolExhausted
 log = logging.getLogger("gateway_shim.enforcement")
 
 # Refusals a batch request may wait out: rate and concurrency limits free up with
-# time; a period quota or budget only while this shim has requests of the customer
-# in flight, whose worst-case reservations settle to the true usage, usually lower.
+# time; a period quota or budget only while requests of the customer are in flight
+# (on this shim, or on any shim sharing its Redis: shared_queue.py), whose worst-case
+# reservations settle to the true usage, usually lower.
 _TRANSIENT = (Reason.REQUESTS, Reason.TOKENS, Reason.CONCURRENCY, Reason.USER_REQUESTS, Reason.USER_TOKENS)
 _QUOTA = (Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET, Reason.USER_QUOTA_TOKENS)
 
@@ -65,6 +67,7 @@ class Ticket:
     model: str | None  # the model sent upstream (the fallback's, when degraded)
     user: EndUser | None = None  # the end user held to per-user limits
     day: str = ""  # the day the end user's day quota counted it in
+    running: bool = False  # marked running in Redis, for batch waiters on other shims
 
 
 class Enforcer:
@@ -79,6 +82,7 @@ class Enforcer:
         self._period: tuple[str, int, int, int] = ("", 0, 0, 0)  # name, start, end ms, length s
         self._day: tuple[str, int, int] = ("", 0, 0)  # name, start, end ms
         self._in_flight: Counter[str] = Counter()  # admitted, not yet settled, per customer
+        self.replicas: SharedQueue | None = None  # the queue's state shared with other shims
 
     def status(self) -> dict[str, object]:
         return {
@@ -153,7 +157,7 @@ class Enforcer:
         admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued, user=user)
         if admission.revoked:
             raise KeyRevoked("revoked")
-        if not admission.admitted and queued and self._may_free(key, admission):
+        if not admission.admitted and queued and await self._may_free(key, admission):
             admission = await self._wait_in_queue(key, policy, estimate, meter, admission, user)
         headers.update(self._headers(admission, int(time.time() * 1000)))
         if not admission.admitted:
@@ -169,39 +173,58 @@ class Enforcer:
         self._in_flight[key.customer] += 1
         now_ms = int(time.time() * 1000)
         return Ticket(key, policy, self.period(now_ms)[0], meter.event_id, admission,
-                      (estimate.input_tokens, admission.output_tokens), model, user, self.day(now_ms)[0])
+                      (estimate.input_tokens, admission.output_tokens), model, user, self.day(now_ms)[0],
+                      self._marks_running(policy, admission))
 
-    def _may_free(self, key: KeyRecord, admission: Admission) -> bool:
+    def _marks_running(self, policy: Policy, admission: Admission) -> bool:
+        return self.replicas is not None and policy.queue is not None and policy.reserves and not admission.local
+
+    async def _may_free(self, key: KeyRecord, admission: Admission) -> bool:
         """Whether waiting can help: a rate or concurrency limit, or a quota held by
-        requests of the customer still running here (see _QUOTA)."""
+        requests of the customer still running here or on another shim (see _QUOTA)."""
         if admission.retry_after_ms < 0:  # larger than a limit could ever admit
             return False
-        return admission.reason in _TRANSIENT or (admission.reason in _QUOTA and self._in_flight[key.customer] > 0)
+        if admission.reason in _TRANSIENT:
+            return True
+        if admission.reason not in _QUOTA:
+            return False
+        if self._in_flight[key.customer] > 0:
+            return True
+        if self.replicas is None or admission.local:
+            return False
+        return bool(await self.replicas.running(key.customer, int(time.time() * 1000)))
 
     async def _decide(
         self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate, meter: RequestMeter, batch: bool,
         user: EndUser | None = None,
     ) -> Admission:
         now_ms = int(time.time() * 1000)
+        period, _, end_ms, _ = self.period(now_ms)
         if not self.fail_modes.redis_down:
-            period, _, end_ms, _ = self.period(now_ms)
             limits = None
             if batch and policy.concurrency and policy.queue and policy.queue.interactive_reserved_concurrency:
                 keep = policy.queue.interactive_reserved_concurrency
                 limits = [max(rule.limit - keep, 1) if not rule.scope else rule.limit for rule in policy.concurrency]
             try:
                 day, _, day_end_ms = self.day(now_ms)
-                return await self.admitter.admit(
+                admission = await self.admitter.admit(
                     key, policy, period, end_ms, event_id, now_ms, estimate,
                     int(policy.tier.reservation_ttl_s * 1000), limits, user, (day, day_end_ms),
                 )
+                self.fail_modes.saw(key.customer, period, admission)  # where a local count would start
+                if admission.admitted and self._marks_running(policy, admission):
+                    # Before it leaves the queue's line: the next in line then sees it running.
+                    assert self.replicas is not None
+                    ttl_ms = int(policy.tier.reservation_ttl_s * 1000)
+                    await self.replicas.mark_running(key.customer, event_id, now_ms + ttl_ms)
+                return admission
             except RedisPoolExhausted as exc:
                 meter.decision, meter.reason = Decision.REFUSED, "redis_busy"
                 raise self.busy(exc) from None
             except REDIS_DOWN as exc:
                 self.fail_modes.redis_failed()
                 log.error("Redis unreachable during admission (%s): following each tier's fail modes", exc)
-        return self.fail_modes.admit(key, policy, event_id, now_ms, estimate, meter, user)
+        return self.fail_modes.admit(key, policy, event_id, now_ms, estimate, meter, user, (period, end_ms))
 
     def busy(self, exc: RedisPoolExhausted) -> BackendBusy:
         """The answer while Redis is up but no pooled connection freed up in time."""
@@ -220,9 +243,12 @@ class Enforcer:
             meter.decision, meter.reason = Decision.REFUSED, "queue_full"
             raise
         deadline = time.monotonic() + policy.queue.max_wait_s
+        # The customer's line across shims: an earlier batch request waiting elsewhere goes first.
+        replicas = self.replicas
+        place = None if replicas is None else await replicas.join(key.customer, policy.queue.max_wait_s)
         try:
             while not admission.admitted:
-                if not self._may_free(key, admission):
+                if not await self._may_free(key, admission):
                     meter.queued_ms = ticket.waited_ms
                     return admission  # the quota is spent, nothing here can free it: refuse as such
                 if not await ticket.next_try(admission.retry_after_ms, deadline):
@@ -239,9 +265,13 @@ class Enforcer:
                         f"({refusal_text.describe(admission, estimate)}). Please retry later.",
                         max(admission.retry_after_ms, 1) / 1000,
                     )
+                if replicas is not None and place is not None and not await replicas.is_head(key.customer, place):
+                    continue  # woken when the one ahead leaves the line, or asks again at the poll cap
                 admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=True, user=user)
         finally:
             ticket.leave(admission.admitted)
+            if replicas is not None and place is not None:
+                await replicas.leave(key.customer, place)
         meter.queued_ms = ticket.waited_ms
         meter.reason = "queued"
         return admission
@@ -270,7 +300,9 @@ class Enforcer:
         if not self._in_flight[key.customer]:
             del self._in_flight[key.customer]
         self.queue.released(key.customer)
-
+        if ticket.running:  # runs elsewhere now, unseen: stop holding other shims' waiters
+            assert self.replicas is not None
+            self.replicas.settled_later(key.customer, ticket.event_id)
 
     async def settle(self, ticket: Ticket, meter: RequestMeter) -> None:
         """Replace the reservation with the true usage. Runs before the event is emitted."""
@@ -278,6 +310,11 @@ class Enforcer:
         try:
             if ticket.admission.local:
                 self.fail_modes.local.release(key, policy, ticket.event_id)
+                if policy.reserves:  # the local quota count takes the true usage
+                    usage = meter.usage
+                    cost = self.estimator.cost_micro_usd(meter.model_served or ticket.model,
+                                                         meter.started_at.date(), usage)
+                    self.fail_modes.local.settle(ticket.event_id, usage.input_tokens + usage.output_tokens, cost)
                 return
             if self.fail_modes.redis_down:
                 return  # the reservation expires after its TTL instead
@@ -302,6 +339,9 @@ class Enforcer:
             if not self._in_flight[key.customer]:
                 del self._in_flight[key.customer]
             self.queue.released(key.customer)
+            if ticket.running:  # after the settle: wakes the customer's waiters on every shim
+                assert self.replicas is not None
+                await self.replicas.settled(key.customer, ticket.event_id)
 
 
 def _request_rule_scopes(policy: Policy) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 After a failed call, Redis is skipped for ``REDIS_RETRY_S`` (no request waits
 on a dead connection); meanwhile a tier whose limits fail closed refuses, and
-one that fails open is held to the in-process limiter (local_limiter.py).
+one that fails open is held to the in-process limiter (local_limiter.py),
+whose period quotas start from the last usage Redis reported here (``saw``).
 Decisions are counted for /healthz and logged at most once a second.
 """
 
@@ -38,6 +39,7 @@ class FailModes:
         self.decisions: Counter[str] = Counter()
         self.busy_refusals = 0
         self._down_until = 0.0
+        self._outage = False  # Redis failed since it last answered
         self._last_log = 0.0
         self._last_busy_log = 0.0
 
@@ -47,12 +49,23 @@ class FailModes:
 
     def redis_failed(self) -> None:
         self._down_until = time.monotonic() + REDIS_RETRY_S
+        self._outage = True
+
+    def saw(self, customer: str, period: str, admission: Admission) -> None:
+        """Redis answered an admission: keep the usage it reported, the start of
+        the local count should Redis go away."""
+        if self._outage:
+            self._outage = False
+            self.local.recovered()
+        if admission.policy.reserves and not admission.revoked:
+            self.local.saw(customer, period, admission.tokens_used, admission.micro_usd_used)
 
     def admit(
         self, key: KeyRecord, policy: Policy, event_id: str, now_ms: int, estimate: Estimate, meter: RequestMeter,
-        user: EndUser | None = None,
+        user: EndUser | None = None, period: tuple[str, int] = ("", 0),
     ) -> Admission:
-        """The decision without Redis: BackendUnavailable if a limit fails closed."""
+        """The decision without Redis: BackendUnavailable if a limit fails closed.
+        ``period``: the billing period's name and end (ms)."""
         closed = policy.fail_closed_kinds()
         if closed:
             telemetry.fail_mode("closed", ",".join(sorted(k.value for k in closed)))
@@ -62,7 +75,7 @@ class FailModes:
                 f"The quota service is unreachable and the {policy.tier_name.capitalize()} tier's "
                 f"{', '.join(k.value for k in closed)} limits fail closed. Please retry shortly."
             )
-        admission = self.local.admit(key, policy, event_id, now_ms, estimate, user)
+        admission = self.local.admit(key, policy, event_id, now_ms, estimate, user, period)
         telemetry.fail_mode("open", "" if admission.admitted else admission.reason.kind.value)
         self._count("open_admitted" if admission.admitted else "open_refused", key, policy)
         if admission.admitted:

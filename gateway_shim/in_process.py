@@ -26,6 +26,7 @@ from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer
 from gateway_shim.lifecycle import Lifecycle
 from gateway_shim.resp import ScriptPipe
+from gateway_shim.shared_queue import SharedQueue
 from quotameter.config import Config, load_config
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
@@ -67,12 +68,16 @@ class InProcess:
         names = RedisKeys(config.services.redis_prefix)
         admitter = Admitter(redis_client, names, pipe)
         auth = Authenticator(redis_client, names, failures=AuthFailures.from_config(config.shim))
-        self._closers = [lambda: emitter.close(config.shim.drain_timeout_s)]
+        enforcer = Enforcer(config, admitter)
+        # The batch queue's waits and order across the processes sharing this Redis.
+        replicas = enforcer.replicas = SharedQueue(redis_client, names, config.shim.instance, pipe)
+        replicas.start(enforcer.queue)
+        self._closers = [lambda: emitter.close(config.shim.drain_timeout_s), replicas.close]
         if pipe is not None:
             self._closers.append(pipe.close)
         self._closers.append(redis_client.aclose)
         log.info("quotameter in process as %s, events to %s", config.shim.instance, config.services.events_topic)
-        return Lifecycle(config, auth, Enforcer(config, admitter), emitter)
+        return Lifecycle(config, auth, enforcer, emitter)
 
     async def close(self) -> None:
         """Flush the events (within ``shim.drain_timeout_s``), then close Redis."""

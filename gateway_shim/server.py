@@ -26,6 +26,7 @@ from gateway_shim.ingest import register as register_ingest
 from gateway_shim.openapi import register as register_openapi
 from gateway_shim.proxy import Proxy
 from gateway_shim.resp import ScriptPipe
+from gateway_shim.shared_queue import SharedQueue
 from gateway_shim.upstream import Upstream
 from gateway_shim.usage_api import register as register_usage_api
 from quotameter.config import Config
@@ -72,6 +73,9 @@ def build_app(config: Config) -> web.Application:
         admitter = Admitter(redis_client, names, pipe)
         auth = Authenticator(redis_client, names, failures=auth_failures.shared(app, config.shim))
         app[_PROXY] = Proxy(config, auth, admitter, upstream, emitter)
+        # The batch queue's waits and order across the shims sharing this Redis.
+        replicas = app[_PROXY].enforcer.replicas = SharedQueue(redis_client, names, config.shim.instance, pipe)
+        replicas.start(app[_PROXY].enforcer.queue)
         # /v1/check admits for another proxy; the usage reports of its admissions settle them.
         app[_CHECK] = Check(app[_PROXY], CheckTickets(config, redis_client, names, admitter))
         ext_proc = None
@@ -85,6 +89,7 @@ def build_app(config: Config) -> web.Application:
             await ext_proc.stop(SHUTDOWN_TIMEOUT_S)
         # In-flight requests are done by now (the runner waited for them).
         await emitter.close(config.shim.drain_timeout_s)
+        await replicas.close()
         await upstream.close()
         if pipe is not None:
             await pipe.close()

@@ -29,6 +29,15 @@
                                         claims the firing, so it happens once
                                         across workers and restarts
 
+    {p}:running:{customer}        zset  event id -> reservation expiry ms: requests of a
+                                        tier with a batch queue still running on any
+                                        shim (their reservations may settle lower)
+    {p}:batchq:{customer}         zset  the customer's batch requests waiting on every
+                                        shim, in arrival order ("deadline ms:shim:n"
+                                        scored by {p}:batchq_seq:{customer})
+    {p}:batchq_wake               channel  a customer id, published when one of its
+                                        requests settles or leaves the batch queue
+
 Reservations cover the lag between the shim's admission and the pipeline's
 totals. Per customer and period:
 
@@ -122,6 +131,18 @@ class RedisKeys:
         """A SCAN pattern of the alert keys of one customer and/or period (None = any)."""
         who = "*" if customer is None else "{" + _glob_escape(customer) + "}"
         return f"{self.prefix}:alert:{who}:{'*' if period is None else _glob_escape(period)}:*"
+
+    def running(self, customer: str) -> str:
+        return f"{self.prefix}:running:{{{customer}}}"
+
+    def batch_line(self, customer: str) -> str:
+        return f"{self.prefix}:batchq:{{{customer}}}"
+
+    def batch_seq(self, customer: str) -> str:
+        return f"{self.prefix}:batchq_seq:{{{customer}}}"
+
+    def batch_wake(self) -> str:
+        return f"{self.prefix}:batchq_wake"
 
 
 def _glob_escape(text: str) -> str:
