@@ -1,4 +1,21 @@
-"""The asyncio Redis clients of the shim and the worker: a pool that waits.
+"""The Redis clients of every process, built from ``services.redis_url``.
+
+The URL's scheme picks the topology (nothing else calls ``from_url``):
+
+    redis://  rediss://                        one Redis or Valkey (TLS with rediss)
+    redis+cluster://[user:pass@]h:p[,h:p…][/]   Redis Cluster: startup nodes, the
+    rediss+cluster://                          client discovers the rest
+    redis+sentinel://[user:pass@]h:p[,h:p…]/<master>[/db]   Sentinel: the master is
+    rediss+sentinel://                         discovered, and again after a failover
+
+Credentials are the data nodes' (cluster nodes, the Sentinel master and its
+replicas); sentinels themselves are asked without them.
+
+On one Redis, the asyncio client waits for a free connection (below). On a
+cluster, redis-py keeps a pool per node that raises at its cap instead of
+waiting, so that cap is left far above any burst.
+
+One Redis:
 
 redis-py's asyncio ``ConnectionPool`` raises ``MaxConnectionsError`` (a
 ``ConnectionError``) the moment every connection is busy, so a burst of
@@ -18,10 +35,18 @@ raises its own errors. tests/integration/test_redis_pool.py guards both.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.cluster import ClusterNode, RedisCluster
+from redis.sentinel import Sentinel
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 
 from quotameter.config import Services
@@ -47,10 +72,76 @@ class WaitingPool(BlockingConnectionPool):
             raise
 
 
+_CLUSTER_CONNECTIONS_PER_NODE = 1 << 20  # see the module doc: a cap here raises, never waits
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTopology:
+    """``services.redis_url`` taken apart: ``kind`` "single", "cluster" or "sentinel"."""
+
+    kind: str
+    tls: bool
+    nodes: tuple[tuple[str, int], ...] = ()  # cluster startup nodes, or the sentinels
+    username: str | None = None
+    password: str | None = None
+    master: str = ""  # Sentinel: the monitored master's name
+    db: int = 0
+
+
+def topology(url: str) -> RedisTopology:
+    """Parse ``url``; ValueError with what is wrong for a malformed cluster or sentinel URL."""
+    scheme, sep, rest = url.partition("://")
+    base, _, kind = scheme.partition("+")
+    if not sep or base not in ("redis", "rediss", "unix") or kind not in ("", "cluster", "sentinel"):
+        raise ValueError(f"unknown Redis URL scheme {scheme!r}: use redis, rediss, redis+cluster or redis+sentinel")
+    if not kind:
+        return RedisTopology("single", base == "rediss")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(secret) if colon else None)
+    nodes = tuple(_host_port(part, 26379 if kind == "sentinel" else 6379) for part in hosts.split(",") if part)
+    if not nodes:
+        raise ValueError(f"a {scheme}:// URL names no host")
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    if kind == "cluster":
+        if parts:
+            raise ValueError("a Redis Cluster has no databases: end the redis+cluster:// URL after its hosts")
+        return RedisTopology("cluster", base == "rediss", nodes, username, password)
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError("a redis+sentinel:// URL ends with /<master name>[/<db>]")
+    return RedisTopology("sentinel", base == "rediss", nodes, username, password, unquote(parts[0]),
+                         int(parts[1]) if len(parts) == 2 else 0)
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    if text.startswith("["):  # [IPv6]:port
+        host, _, port = text[1:].partition("]")
+        return host, int(port.lstrip(":") or default_port)
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    return host, int(port or default_port)
+
+
 def redis_client(
     services: Services, *, connect_timeout_s: float | None = 3.0, timeout_s: float | None = 5.0, **options: Any
-) -> aioredis.Redis:
-    """A client of ``services.redis_url`` over a waiting pool of its own (closed with the client)."""
+) -> aioredis.Redis | AsyncRedisCluster:
+    """An asyncio client of ``services.redis_url`` (closed with ``aclose``): on one
+    Redis over a waiting pool of its own; a cluster or Sentinel client otherwise."""
+    where = topology(services.redis_url)
+    common = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": timeout_s, **options}
+    if where.kind == "cluster":
+        return AsyncRedisCluster(
+            startup_nodes=[AsyncClusterNode(host, port) for host, port in where.nodes],
+            username=where.username, password=where.password, ssl=where.tls,
+            max_connections=_CLUSTER_CONNECTIONS_PER_NODE, **common,
+        )
+    if where.kind == "sentinel":
+        sentinel = AsyncSentinel(list(where.nodes), sentinel_kwargs=_sentinel_kwargs(where, common))
+        return sentinel.master_for(
+            where.master, db=where.db, username=where.username, password=where.password, ssl=where.tls, **common,
+        )
     pool = WaitingPool.from_url(
         services.redis_url,
         max_connections=services.redis_max_connections,
@@ -60,3 +151,29 @@ def redis_client(
         **options,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def sync_redis(services: Services, **options: Any) -> redis.Redis | RedisCluster:
+    """A synchronous client of ``services.redis_url`` (the CLI, export, reports)."""
+    where = topology(services.redis_url)
+    common = {"socket_connect_timeout": 3, **options}
+    if where.kind == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in where.nodes],
+            username=where.username, password=where.password, ssl=where.tls, **common,
+        )
+    if where.kind == "sentinel":
+        sentinel = Sentinel(list(where.nodes), sentinel_kwargs=_sentinel_kwargs(where, common))
+        return sentinel.master_for(
+            where.master, db=where.db, username=where.username, password=where.password, ssl=where.tls, **common,
+        )
+    return redis.Redis.from_url(services.redis_url, **common)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def _sentinel_kwargs(where: RedisTopology, common: dict[str, Any]) -> dict[str, Any]:
+    keep = ("socket_connect_timeout", "socket_timeout")
+    return {"ssl": where.tls, **{k: common[k] for k in keep if k in common}}

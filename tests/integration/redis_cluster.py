@@ -1,0 +1,180 @@
+"""Real Redis topologies for the tests: a three-primary Redis Cluster and a
+Sentinel in front of one master, each made of real server processes on free
+loopback ports, stopped by PID.
+
+The cluster is put together by hand, as ``redis-cli --cluster create`` would:
+each node gets a third of the 16384 slots (CLUSTER ADDSLOTSRANGE), the nodes
+meet (CLUSTER MEET), and the fixture waits until every node says
+``cluster_state:ok``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from quotameter.embedded.procs import ManagedProcess, free_port
+from quotameter.embedded.redis_server import redis_server_binary
+
+SLOTS = 16384
+
+
+@dataclass
+class RedisCluster:
+    ports: list[int]
+    processes: list[ManagedProcess]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:2])
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+    def primary_of(self, key: str) -> int:
+        """The port of the primary that owns ``key``'s slot (asked of the cluster)."""
+        client = self.node(self.ports[0])
+        try:
+            slot = client.execute_command("CLUSTER KEYSLOT", key)
+            for start, end, owner, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(owner[1])
+        finally:
+            client.close()
+        raise AssertionError(f"no primary owns the slot of {key!r}")
+
+    def keys_per_node(self, pattern: str) -> dict[int, int]:
+        counts = {}
+        for port in self.ports:
+            client = self.node(port)
+            try:
+                counts[port] = sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+            finally:
+                client.close()
+        return counts
+
+
+def _server(directory: Path, name: str, port: int, *extra: str) -> ManagedProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+        "--daemonize", "no", "--save", "", "--appendonly", "no", *extra,
+    ]
+    return ManagedProcess(name, argv, directory / f"{name}.log").start()
+
+
+def _wait(what: str, ready, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def start_cluster(directory: Path, primaries: int = 3) -> RedisCluster:
+    ports = [free_port() for _ in range(primaries)]
+    bus_ports = [free_port() for _ in range(primaries)]
+    processes = []
+    try:
+        for port, bus_port in zip(ports, bus_ports, strict=True):
+            processes.append(_server(
+                directory / f"node-{port}", f"redis-cluster-{port}", port,
+                "--cluster-enabled", "yes", "--cluster-config-file", str(directory / f"node-{port}" / "nodes.conf"),
+                "--cluster-node-timeout", "5000",
+                # The bus defaults to port + 10000, out of range for a high free port.
+                "--cluster-port", str(bus_port),
+            ))
+        for proc, port in zip(processes, ports, strict=True):
+            proc.wait_port("127.0.0.1", port, timeout_s=20)
+        cluster = RedisCluster(ports, processes)
+        share = SLOTS // primaries
+        for i, port in enumerate(ports):
+            client = cluster.node(port)
+            last = SLOTS - 1 if i == primaries - 1 else (i + 1) * share - 1
+            client.execute_command("CLUSTER ADDSLOTSRANGE", i * share, last)
+            if i:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", ports[0], bus_ports[0])
+            client.close()
+
+        def ok() -> bool:
+            for port in ports:
+                client = cluster.node(port)
+                try:
+                    state = client.execute_command("CLUSTER INFO").get("cluster_state")  # parsed by redis-py
+                    known = len(client.execute_command("CLUSTER NODES"))  # address -> node
+                finally:
+                    client.close()
+                if state != "ok" or known != primaries:
+                    return False
+            return True
+
+        _wait("cluster_state:ok on every node", ok)
+        return cluster
+    except BaseException:
+        for proc in processes:
+            proc.stop()
+        raise
+
+
+@dataclass
+class RedisSentinel:
+    master_port: int
+    sentinel_port: int
+    processes: list[ManagedProcess]
+    master_name: str = "qm-master"
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.master_name}/0"
+
+
+def start_sentinel(directory: Path) -> RedisSentinel:
+    master_port, sentinel_port = free_port(), free_port()
+    processes = [_server(directory / "master", "redis-master", master_port)]
+    try:
+        processes[0].wait_port("127.0.0.1", master_port, timeout_s=20)
+        conf = directory / "sentinel" / "sentinel.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        # A sentinel rewrites its config file: it must be its own, writable.
+        conf.write_text(
+            f"sentinel monitor qm-master 127.0.0.1 {master_port} 1\n"
+            "sentinel down-after-milliseconds qm-master 5000\n"
+        )
+        processes.append(ManagedProcess(
+            "redis-sentinel",
+            [redis_server_binary(), str(conf), "--sentinel", "--bind", "127.0.0.1", "--port", str(sentinel_port),
+             "--dir", str(conf.parent), "--daemonize", "no"],
+            conf.parent / "sentinel.log",
+        ).start())
+        processes[1].wait_port("127.0.0.1", sentinel_port, timeout_s=20)
+        sentinel = redis.Redis(port=sentinel_port, decode_responses=True, socket_timeout=5)
+        try:
+            _wait("the sentinel to know its master",
+                  lambda: sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "qm-master") is not None)
+        finally:
+            sentinel.close()
+        return RedisSentinel(master_port, sentinel_port, processes)
+    except BaseException:
+        for proc in reversed(processes):
+            proc.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    for proc in cluster.processes:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinel]:
+    sentinel = start_sentinel(tmp_path_factory.mktemp("redis-sentinel"))
+    yield sentinel
+    for proc in reversed(sentinel.processes):
+        proc.stop()
