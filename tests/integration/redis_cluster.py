@@ -1,6 +1,7 @@
 """Real Redis topologies for the tests: a three-primary Redis Cluster and a
 Sentinel in front of one master, each made of real server processes on free
-loopback ports, stopped by PID.
+loopback ports, stopped by PID; and a quotameter stack (mock model, shim,
+worker, the embedded broker) on either.
 
 The cluster is put together by hand, as ``redis-cli --cluster create`` would:
 each node gets a third of the 16384 slots (CLUSTER ADDSLOTSRANGE), the nodes
@@ -10,16 +11,24 @@ meet (CLUSTER MEET), and the fixture waits until every node says
 
 from __future__ import annotations
 
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from gateway_shim.keystore import create_key
+from quotameter.config import Config, KeyOverrides
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.embedded.redis_server import redis_server_binary
+from tests.conftest import make_config, merge
+from tests.integration.enforcement_helpers import Shim
+from tests.integration.pipeline_helpers import WORKER_READY_TIMEOUT_S, health_status
 
 SLOTS = 16384
 
@@ -178,3 +187,66 @@ def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSe
     yield sentinel
     for proc in reversed(sentinel.processes):
         proc.stop()
+
+
+@dataclass
+class SharedClientShim(Shim):
+    """A cluster client learns the slot map when it starts (~30 ms): the 100-client
+    race creates 200 keys, so keys are created through one shared client."""
+
+    shared: Any = None
+
+    def new_key(self, customer: str, tier: str, priority: str = "interactive", **limits: Any) -> str:
+        if self.shared is None:
+            self.shared = self.redis()
+        overrides = KeyOverrides(**limits) if limits else None
+        return create_key(self.shared, self.names, customer, tier, priority=priority, limits=overrides).plaintext
+
+
+@dataclass
+class Stack:
+    """A shim, a worker and the mock model on one Redis topology (module-scoped)."""
+
+    shim: SharedClientShim
+    worker: ManagedProcess
+    processes: list[ManagedProcess]
+
+    @property
+    def config(self) -> Config:
+        return self.shim.config
+
+    def stop(self) -> None:
+        if self.shim.shared is not None:
+            self.shim.shared.close()
+        for proc in reversed(self.processes):
+            proc.stop()
+
+
+def start_stack(
+    directory: Path, redis_url: str, kafka_bootstrap: str, overrides: dict[str, Any], token_delay_ms: float = 0,
+) -> Stack:
+    """The real processes, as ``quotameter mock-llm``, ``proxy`` and ``worker`` run them."""
+    unique = uuid.uuid4().hex[:10]
+    mock_port = free_port()
+    document = merge({"upstream": {"url": f"http://127.0.0.1:{mock_port}/v1"}}, overrides)
+    config, path = make_config(directory, redis_url, kafka_bootstrap, unique, document)
+    processes: list[ManagedProcess] = []
+
+    def run(name: str, *args: str) -> ManagedProcess:
+        proc = ManagedProcess(name, [sys.executable, "-m", "quotameter", *args], directory / f"{name}.log",
+                              env={"QUOTAMETER_CONFIG": str(path)}).start()
+        processes.append(proc)
+        return proc
+
+    try:
+        mock = run("mock", "mock-llm", "--port", str(mock_port), "--token-delay-ms", str(token_delay_ms))
+        worker = run("worker", "worker")
+        shim = run("shim", "proxy")
+        mock.wait_port("127.0.0.1", mock_port)
+        shim.wait_port(config.shim.host, config.shim.port)
+        worker.wait_until(lambda: health_status(config) == 200, WORKER_READY_TIMEOUT_S, "/healthz 200")
+        return Stack(SharedClientShim(config, shim, path), worker, processes)
+    except BaseException:
+        for proc in reversed(processes):
+            proc.stop()
+        raise
