@@ -132,6 +132,7 @@ def start_cluster(directory: Path, primaries: int = 3) -> RedisCluster:
 @dataclass
 class RedisSentinel:
     master_port: int
+    replica_port: int
     sentinel_port: int
     processes: list[ManagedProcess]
     master_name: str = "qm-master"
@@ -140,12 +141,37 @@ class RedisSentinel:
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.master_name}/0"
 
+    def sentinel(self) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_port, decode_responses=True, socket_timeout=5)
+
+    def current_master_port(self) -> int:
+        client = self.sentinel()
+        try:
+            return int(client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1])
+        finally:
+            client.close()
+
+    def fail_over(self) -> int:
+        """Promote the replica (SENTINEL FAILOVER, no quorum needed); its port once done."""
+        old = self.current_master_port()
+        client = self.sentinel()
+        try:
+            client.execute_command("SENTINEL", "FAILOVER", self.master_name)
+        finally:
+            client.close()
+        _wait("the sentinel to promote the replica", lambda: self.current_master_port() != old, timeout_s=30)
+        return self.current_master_port()
+
 
 def start_sentinel(directory: Path) -> RedisSentinel:
-    master_port, sentinel_port = free_port(), free_port()
+    """One master, one replica of it, one sentinel watching them (quorum 1)."""
+    master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
     processes = [_server(directory / "master", "redis-master", master_port)]
     try:
         processes[0].wait_port("127.0.0.1", master_port, timeout_s=20)
+        processes.append(_server(directory / "replica", "redis-replica", replica_port,
+                                 "--replicaof", "127.0.0.1", str(master_port)))
+        processes[1].wait_port("127.0.0.1", replica_port, timeout_s=20)
         conf = directory / "sentinel" / "sentinel.conf"
         conf.parent.mkdir(parents=True, exist_ok=True)
         # A sentinel rewrites its config file: it must be its own, writable.
@@ -159,14 +185,19 @@ def start_sentinel(directory: Path) -> RedisSentinel:
              "--dir", str(conf.parent), "--daemonize", "no"],
             conf.parent / "sentinel.log",
         ).start())
-        processes[1].wait_port("127.0.0.1", sentinel_port, timeout_s=20)
+        processes[2].wait_port("127.0.0.1", sentinel_port, timeout_s=20)
         sentinel = redis.Redis(port=sentinel_port, decode_responses=True, socket_timeout=5)
+
+        def replica_known() -> bool:  # learnt from the master's INFO, in sync
+            replicas = sentinel.execute_command("SENTINEL", "REPLICAS", "qm-master")
+            return any(str(r.get("port")) == str(replica_port) and "disconnected" not in str(r.get("flags"))
+                       and str(r.get("master-link-status")) == "ok" for r in replicas)
+
         try:
-            _wait("the sentinel to know its master",
-                  lambda: sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "qm-master") is not None)
+            _wait("the sentinel to know the master and its replica", replica_known, timeout_s=30)
         finally:
             sentinel.close()
-        return RedisSentinel(master_port, sentinel_port, processes)
+        return RedisSentinel(master_port, replica_port, sentinel_port, processes)
     except BaseException:
         for proc in reversed(processes):
             proc.stop()
