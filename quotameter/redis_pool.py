@@ -11,11 +11,9 @@ The URL's scheme picks the topology (nothing else calls ``from_url``):
 Credentials are the data nodes' (cluster nodes, the Sentinel master and its
 replicas); sentinels themselves are asked without them.
 
-On one Redis, the asyncio client waits for a free connection (below). On a
-cluster, redis-py keeps a pool per node that raises at its cap instead of
-waiting, so that cap is left far above any burst.
-
-One Redis:
+On a cluster, redis-py keeps a pool per node that raises at its cap instead
+of waiting, so that cap is left far above any burst. On one Redis, the
+asyncio client waits for a free connection:
 
 redis-py's asyncio ``ConnectionPool`` raises ``MaxConnectionsError`` (a
 ``ConnectionError``) the moment every connection is busy, so a burst of
@@ -44,10 +42,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 
 from quotameter.config import Services
 from quotameter.errors import QuotameterError

@@ -68,6 +68,17 @@ class RedisCluster:
         return counts
 
 
+def spread(cluster: RedisCluster, shim: Shim, stem: str) -> list[str]:
+    """One customer per primary: names whose slot each primary owns."""
+    found: dict[int, str] = {}
+    for i in range(200):
+        customer = f"{stem}{i}"
+        found.setdefault(cluster.primary_of(shim.names.usage(customer, "x")), customer)
+        if len(found) == len(cluster.ports):
+            return list(found.values())
+    raise AssertionError("no customer names found for every primary")
+
+
 def _server(directory: Path, name: str, port: int, *extra: str) -> ManagedProcess:
     directory.mkdir(parents=True, exist_ok=True)
     argv = [

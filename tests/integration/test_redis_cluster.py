@@ -21,9 +21,9 @@ from gateway_shim.cluster_pipe import ClusterScriptPipe
 from gateway_shim.resp import Script, encode_args
 from quotameter.export import redis_totals, run_export
 from quotameter.pricing import PriceTable
-from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim
+from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS
 from tests.integration.pipeline_helpers import http_json, wait_for
-from tests.integration.redis_cluster import RedisCluster, Stack, redis_cluster, start_stack  # noqa: F401
+from tests.integration.redis_cluster import RedisCluster, Stack, redis_cluster, spread, start_stack  # noqa: F401
 from tests.integration.test_enforcement_race import BUDGET_USD, PRICES, QUOTA_TOKENS, _events, _race
 
 TIERS = {
@@ -43,17 +43,6 @@ def stack(redis_cluster: RedisCluster, kafka_bootstrap: str, tmp_path_factory: p
                           {"tiers": TIERS, "prices": PRICES}, token_delay_ms=5)
     yield started
     started.stop()
-
-
-def spread(cluster: RedisCluster, shim: Shim, stem: str) -> list[str]:
-    """One customer per primary: names whose slot each primary owns."""
-    found: dict[int, str] = {}
-    for i in range(200):
-        customer = f"{stem}{i}"
-        found.setdefault(cluster.primary_of(shim.names.usage(customer, "x")), customer)
-        if len(found) == len(cluster.ports):
-            return list(found.values())
-    raise AssertionError("no customer names found for every primary")
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
