@@ -31,6 +31,7 @@ from gateway_shim.usage_api import register as register_usage_api
 from quotameter.config import Config
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
+from quotameter.redis_pool import warm
 from telemetry import logs, prometheus, setup
 
 log = logging.getLogger("gateway_shim.server")
@@ -60,6 +61,7 @@ def build_app(config: Config) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # Authentication (and the scripts, where the pipe below cannot go) use this pool.
         redis_client = waiting_redis_client(config.services, health_check_interval=30)
+        await warm(redis_client)
         # The admission and settle scripts go over one auto-pipelined connection (one per
         # primary on a cluster; None: TLS, a unix socket or Sentinel, where they stay on redis-py's pool).
         pipe = script_pipe(config.services.redis_url, connect_timeout_s=3, timeout_s=5)

@@ -168,6 +168,17 @@ def sync_redis(services: Services, **options: Any) -> redis.Redis | RedisCluster
     return redis.Redis.from_url(services.redis_url, **common)
 
 
+async def warm(client: object) -> None:
+    """Learn a cluster's slot map before the first request: a burst of first
+    commands otherwise meets redis-py's lazy start (and its reconnects) all at
+    once. Redis away at start is not an error here: the fail modes meet it."""
+    if isinstance(client, AsyncRedisCluster):
+        try:
+            await client.initialize()
+        except (redis.exceptions.RedisError, OSError):
+            pass
+
+
 def is_cluster(client: object) -> bool:
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
 

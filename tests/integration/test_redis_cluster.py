@@ -198,6 +198,11 @@ async def test_served_usage_reaches_ledger_redis_and_export_exactly(stack: Stack
         what="the worker's totals in Redis")
     for customer in customers:  # read back from all three primaries by a scan of each
         assert int(in_redis[customer]["input_tokens"]) + int(in_redis[customer]["output_tokens"]) == served[customer]
+    # `quotameter usage`: the ledger beside Redis, for a customer on another primary than the first node.
+    report = cli(stack, "usage", "--customer", customers[2], "--json")
+    assert report.returncode == 0, report.stderr
+    shown = json.loads(report.stdout)
+    assert shown["in_sync"] and int(shown["redis"]["input_tokens"]) + int(shown["redis"]["output_tokens"]) == served[customers[2]]
     # The export reconciles the ledger with Redis (it raises when they differ).
     document = run_export(stack.config, period, "json", datetime.now(UTC), draft=True)
     lines = {c["customer"]: c for c in json.loads(document.text)["customers"]}
