@@ -29,7 +29,7 @@ import redis.exceptions
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from gateway_shim.resp import Script, ScriptPipe
-from quotameter.redis_pool import topology
+from quotameter.redis_url import topology
 
 log = logging.getLogger(__name__)
 

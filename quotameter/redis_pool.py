@@ -33,9 +33,7 @@ raises its own errors. tests/integration/test_redis_pool.py guards both.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import redis
 import redis.asyncio as aioredis
@@ -49,6 +47,7 @@ from redis.sentinel import Sentinel
 
 from quotameter.config import Services
 from quotameter.errors import QuotameterError
+from quotameter.redis_url import topology
 
 
 class RedisPoolExhausted(QuotameterError, redis.exceptions.RedisError):
@@ -71,55 +70,6 @@ class WaitingPool(BlockingConnectionPool):
 
 
 _CLUSTER_CONNECTIONS_PER_NODE = 1 << 20  # see the module doc: a cap here raises, never waits
-
-
-@dataclass(frozen=True, slots=True)
-class RedisTopology:
-    """``services.redis_url`` taken apart: ``kind`` "single", "cluster" or "sentinel"."""
-
-    kind: str
-    tls: bool
-    nodes: tuple[tuple[str, int], ...] = ()  # cluster startup nodes, or the sentinels
-    username: str | None = None
-    password: str | None = None
-    master: str = ""  # Sentinel: the monitored master's name
-    db: int = 0
-
-
-def topology(url: str) -> RedisTopology:
-    """Parse ``url``; ValueError with what is wrong for a malformed cluster or sentinel URL."""
-    scheme, sep, rest = url.partition("://")
-    base, _, kind = scheme.partition("+")
-    if not sep or base not in ("redis", "rediss", "unix") or kind not in ("", "cluster", "sentinel"):
-        raise ValueError(f"unknown Redis URL scheme {scheme!r}: use redis, rediss, redis+cluster or redis+sentinel")
-    if not kind:
-        return RedisTopology("single", base == "rediss")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username, password = (unquote(user) or None), (unquote(secret) if colon else None)
-    nodes = tuple(_host_port(part, 26379 if kind == "sentinel" else 6379) for part in hosts.split(",") if part)
-    if not nodes:
-        raise ValueError(f"a {scheme}:// URL names no host")
-    parts = [p for p in path.split("?")[0].split("/") if p]
-    if kind == "cluster":
-        if parts:
-            raise ValueError("a Redis Cluster has no databases: end the redis+cluster:// URL after its hosts")
-        return RedisTopology("cluster", base == "rediss", nodes, username, password)
-    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-        raise ValueError("a redis+sentinel:// URL ends with /<master name>[/<db>]")
-    return RedisTopology("sentinel", base == "rediss", nodes, username, password, unquote(parts[0]),
-                         int(parts[1]) if len(parts) == 2 else 0)
-
-
-def _host_port(text: str, default_port: int) -> tuple[str, int]:
-    if text.startswith("["):  # [IPv6]:port
-        host, _, port = text[1:].partition("]")
-        return host, int(port.lstrip(":") or default_port)
-    host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-    return host, int(port or default_port)
 
 
 def redis_client(

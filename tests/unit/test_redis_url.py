@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quotameter.redis_pool import RedisTopology, topology
+from quotameter.redis_url import RedisTopology, topology
 
 
 def test_schemes_and_their_parts() -> None:
@@ -27,3 +27,13 @@ def test_schemes_and_their_parts() -> None:
 def test_malformed_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         topology(url)
+
+
+def test_the_config_refuses_a_malformed_url() -> None:
+    from pydantic import ValidationError
+
+    from quotameter.config import Services
+
+    assert Services(redis_url="redis+cluster://10.0.0.1:7000").redis_url.startswith("redis+cluster")
+    with pytest.raises(ValidationError, match="master name"):
+        Services(redis_url="redis+sentinel://10.0.0.1:26379")
