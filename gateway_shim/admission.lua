@@ -2,7 +2,7 @@
 -- one Redis round trip. Nothing is written unless every check passes, so a
 -- refusal never pushes the customer's next admission further out.
 --
--- KEYS[1]  the API key's hash (revocation; another hash slot: see admission.py)
+-- KEYS[1]  the customer's keys' revoked flags {p}:revoked:{c} (key id -> 1/0)
 -- KEYS[2]  usage totals      {p}:usage:{c}:{period}   (the pipeline's, absolute)
 -- KEYS[3]  pending           {p}:pending:{c}:{period} event id -> "tokens:micro_usd"
 -- KEYS[4]  pending expiry    {p}:pending_exp:{c}:{period}
@@ -23,12 +23,14 @@
 --       then NR, then per rule: algorithm (0 GCRA, 1 sliding), limit, window ms,
 --            counts (0 requests, 1 input, 2 output, 3 total tokens)
 --       then NU (how many of the rules are the end user's: the last ones),
---            the end user's day token quota (-1: none), the day's end ms
+--            the end user's day token quota (-1: none), the day's end ms,
+--       and last the API key's id
 --
 -- Returns {status, reason, retry_after_ms, served, output_tokens, rule,
 --          tokens_used, micro_used, in_flight..., (remaining, reset_ms) per rule,
 --          the end user's tokens of the day (this one too, if admitted)}
---   status 1 admitted, 0 refused, -1 key revoked or gone
+--   status 1 admitted, 0 refused, -1 key revoked, -2 the key has no flag here
+--          yet (created before the flags were kept per customer: see admission.py)
 --   reason 0 none, 1 requests/min, 2 tokens/min, 3 concurrency, 4 period tokens,
 --          5 budget, 6 a request larger than a rate limit could ever admit,
 --          7 the end user's day tokens, 8 its requests/min, 9 its tokens/min
@@ -36,8 +38,9 @@
 --   served 0 the requested model, 1 the fallback model
 --   rule   the index (1-based) of the refusing rate rule or concurrency set
 
-if redis.call('HGET', KEYS[1], 'revoked') ~= '0' then
-  return {-1, 0, 0, 0, 0, 0, 0, 0, 0}
+local revoked = redis.call('HGET', KEYS[1], ARGV[#ARGV])
+if revoked ~= '0' then
+  return {revoked and -1 or -2, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 
 local now = tonumber(ARGV[1])

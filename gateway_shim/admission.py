@@ -1,10 +1,13 @@
 """Admission: every check and the reservation in one Lua script, one Redis
 round trip per request; settlement in one more, after the response.
 
-Redis Cluster: all the customer's keys carry the ``{customer}`` hash tag and
-share a slot; the API key's hash (read for revocation) does not, so on a
-cluster the key's ``revoked`` flag must be mirrored under the customer's tag
-(not needed on a single Redis or a primary with replicas, as deployed today).
+Redis Cluster: every key a script touches carries the ``{customer}`` hash
+tag, so each script runs on the primary owning that customer's slot. The key's
+revoked flag is read from its mirror in the customer's slot
+(``{p}:revoked:{customer}``), not from the key's own hash (another slot).
+A key created before that mirror existed has no entry in it: the script says
+so (status -2), the admitter copies the flag of the key's record over (HSETNX:
+a revocation written meanwhile wins) and asks again, once per such key.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
@@ -20,6 +24,9 @@ from gateway_shim.resp import Script, ScriptPipe, encode_args
 from quotameter.config import RateAlgorithm, TokenCount
 from quotameter.policy import EndUser, LimitKind, Policy, RateRule, Unit
 from quotameter.redis_keys import RedisKeys
+
+if TYPE_CHECKING:
+    from gateway_shim.cluster_pipe import ClusterScriptPipe
 
 WINDOW_MS = 60_000
 _ADMIT = (Path(__file__).parent / "admission.lua").read_text()
@@ -161,8 +168,9 @@ class Admitter:
     (gateway_shim/resp.py) instead of redis-py's pool; same scripts, same
     replies, same exceptions."""
 
-    def __init__(self, client: aioredis.Redis, names: RedisKeys, pipe: ScriptPipe | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, names: RedisKeys, pipe: ScriptPipe | ClusterScriptPipe | None = None) -> None:
         self._names = names
+        self._client = client
         # register_script: EVALSHA, loading the script again after a Redis restart.
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
@@ -195,7 +203,7 @@ class Admitter:
         token_rules = [(0 if r.algorithm is RateAlgorithm.GCRA else 1, r) for r in policy.rates if r.unit is Unit.TOKENS]
         token_keys = [n.rate(c, r.unit.value, r.scope, a == 1) for a, r in token_rules]
         layout = _Layout(
-            keys=[n.api_key(key.key_id), *head, *flights, *rates],
+            keys=[n.revoked(c), *head, *flights, *rates],
             limits_argv=argv,
             settle_keys=[head[1], head[2], head[3], *flights, *token_keys],
             settle_rules=token_rules,
@@ -254,6 +262,32 @@ class Admitter:
     ) -> Admission:
         """``user``: the request's end user, held to the policy's per-user limits;
         ``day``: the name and end (ms) of the day its day quota counts."""
+        reply = await self._admit_once(
+            key, policy, period, period_end_ms, event_id, now_ms, estimate, reservation_ttl_ms,
+            concurrency_limits, user, day,
+        )
+        if int(reply[0]) == -2:  # a key from before the per-customer flags: copy its flag, ask again
+            await self._client.hsetnx(self._names.revoked(key.customer), key.key_id, 1 if key.revoked else 0)
+            reply = await self._admit_once(
+                key, policy, period, period_end_ms, event_id, now_ms, estimate, reservation_ttl_ms,
+                concurrency_limits, user, day,
+            )
+        return self._admission(reply, policy, user)
+
+    async def _admit_once(
+        self,
+        key: KeyRecord,
+        policy: Policy,
+        period: str,
+        period_end_ms: int,
+        event_id: str,
+        now_ms: int,
+        estimate: Estimate,
+        reservation_ttl_ms: int,
+        concurrency_limits: list[int] | None,
+        user: EndUser | None,
+        day: tuple[str, int],
+    ) -> list:
         layout = self._layout(key, policy, period, user is not None)
         keys, keys_resp = layout.keys, layout.keys_resp
         if user is not None:
@@ -281,18 +315,21 @@ class Admitter:
         ]
         if self._pipe is not None:
             limits = layout.limits_resp if concurrency_limits is None else encode_args(argv)
-            reply = await self._pipe.evalsha(
-                self._admit_script, len(keys), keys_resp, encode_args(args) + limits + encode_args([day[1]]),
-                len(keys) + len(args) + len(argv) + 1,
+            return await self._pipe.evalsha(
+                self._admit_script, len(keys), keys_resp,
+                encode_args(args) + limits + encode_args([day[1], key.key_id]),
+                len(keys) + len(args) + len(argv) + 2, slot_key=keys[0],
             )
-        else:
-            reply = await self._admit(keys=keys, args=[*args, *argv, day[1]])
+        return await self._admit(keys=keys, args=[*args, *argv, day[1], key.key_id])
+
+    @staticmethod
+    def _admission(reply: list, policy: Policy, user: EndUser | None) -> Admission:
         status = int(reply[0])
         nc = len(policy.concurrency)
         rest = list(map(int, reply[8 + nc:-1]))
         return Admission(
             admitted=status == 1,
-            revoked=status == -1,
+            revoked=status < 0,
             reason=Reason(int(reply[1])),
             retry_after_ms=int(reply[2]),
             fallback=int(reply[3]) == 1,
@@ -376,7 +413,7 @@ class Admitter:
     async def _run_settle(self, keys: list[str], keys_resp: bytes, argv: list[int | str]) -> None:
         if self._pipe is not None:
             await self._pipe.evalsha(
-                self._settle_script, len(keys), keys_resp, encode_args(argv), len(keys) + len(argv),
+                self._settle_script, len(keys), keys_resp, encode_args(argv), len(keys) + len(argv), slot_key=keys[0],
             )
         else:
             await self._settle(keys=keys, args=argv)

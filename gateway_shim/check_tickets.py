@@ -81,18 +81,18 @@ class CheckTickets:
         if not events:
             return events
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            # GETDEL: a ticket is taken once, even by two reports racing; a cluster
+            # pipeline sends each to its customer's primary.
+            async with self._client.pipeline(transaction=False) as pipe:
                 for event in events:
-                    key = self._names.check_ticket(event.customer_id, event.id)
-                    pipe.get(key)
-                    pipe.delete(key)
+                    pipe.getdel(self._names.check_ticket(event.customer_id, event.id))
                 replies = await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             # The reports are still ingested; the reservations expire after their TTL.
             log.error("cannot read check tickets (%s): %d reported events settle nothing", exc, len(events))
             return events
         spooled = list(events)
-        for n, raw in enumerate(replies[::2]):
+        for n, raw in enumerate(replies):
             if raw is None:
                 continue
             stored = json.loads(raw)

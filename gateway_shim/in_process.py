@@ -25,11 +25,12 @@ from gateway_shim.auth_failures import AuthFailures
 from gateway_shim.emitter import EventEmitter
 from gateway_shim.enforcement import Enforcer
 from gateway_shim.lifecycle import Lifecycle
-from gateway_shim.resp import ScriptPipe
+from gateway_shim.cluster_pipe import script_pipe
 from gateway_shim.shared_queue import SharedQueue
 from quotameter.config import Config, load_config
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
+from quotameter.redis_pool import warm
 
 log = logging.getLogger("gateway_shim.in_process")
 
@@ -62,7 +63,8 @@ class InProcess:
     async def _start(self) -> Lifecycle:
         config = self.config
         redis_client = waiting_redis_client(config.services, health_check_interval=30)
-        pipe = ScriptPipe.from_url(config.services.redis_url, connect_timeout_s=3, timeout_s=5)
+        await warm(redis_client)
+        pipe = script_pipe(config.services.redis_url, connect_timeout_s=3, timeout_s=5)
         emitter = EventEmitter.from_config(config, redis_client)
         await emitter.start()
         names = RedisKeys(config.services.redis_prefix)

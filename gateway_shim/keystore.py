@@ -2,6 +2,11 @@
 
 The CLI creates and revokes keys with the synchronous client; the shim looks
 them up with the asyncio client. Only the salted hash is ever stored.
+
+The key's hash and its customer's keys live in different Redis Cluster slots,
+so no transaction spans them there: the revoked flag's mirror in the
+customer's slot (what admission reads) is written first on revoke, so a
+revocation holds at once even if the second write is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from quotameter.keys import NewKey, generate_key, split_key, verify_secret
 
 PRIORITIES = ("interactive", "batch")
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import is_cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,9 @@ def create_key(
         extra["limits"] = limits.model_dump_json(exclude_none=True)
     if project is not None:
         extra["project"] = project
-    with client.pipeline(transaction=True) as pipe:
+    # A cluster pipeline splits the writes per slot; one Redis keeps them one transaction.
+    with client.pipeline(transaction=not is_cluster(client)) as pipe:
+        pipe.hset(names.revoked(customer), new.key_id, 0)
         pipe.hset(
             names.api_key(new.key_id),
             mapping={
@@ -79,8 +87,10 @@ def create_key(
 def revoke_key(client: redis.Redis, names: RedisKeys, key_id: str) -> bool:
     """Mark a key revoked. False when no such key exists."""
     name = names.api_key(key_id)
-    if not client.exists(name):
+    customer = client.hget(name, "customer")
+    if customer is None:
         return False
+    client.hset(names.revoked(customer.decode() if isinstance(customer, bytes) else customer), key_id, 1)
     client.hset(name, mapping={"revoked": 1, "revoked_ms": int(time.time() * 1000)})
     return True
 

@@ -17,7 +17,8 @@ is a ``BusyLoadingError``). The next call after a failure reconnects.
 
 Only plain TCP URLs (``redis://[user:password@]host[:port][/db]``) take this
 path; ``from_url`` returns None for TLS or unix sockets, and the caller keeps
-redis-py.
+redis-py. On a Redis Cluster, gateway_shim/cluster_pipe.py keeps one such pipe
+per primary and routes each script to the primary that owns its slot.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import redis.exceptions
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import parse_url
 
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 _CHECK_EVERY_S = 0.25  # how often a connection with replies outstanding checks for a stuck one
 
 
@@ -218,16 +220,37 @@ class ScriptPipe:
             timeout_s=timeout_s,
         )
 
-    async def evalsha(self, script: Script, numkeys: int, keys: bytes, args: bytes, count: int) -> Any:
-        """Run ``script`` (``keys`` and ``args`` RESP-encoded, ``count`` bulk strings in all)."""
+    async def evalsha(
+        self, script: Script, numkeys: int, keys: bytes, args: bytes, count: int, *, slot_key: str = "",
+        asking: bool = False,
+    ) -> Any:
+        """Run ``script`` (``keys`` and ``args`` RESP-encoded, ``count`` bulk strings in all).
+        ``slot_key`` routes on a cluster (gateway_shim/cluster_pipe.py); ``asking``
+        sends ASKING first, on the same connection, as a cluster's ASK redirection asks."""
         conn = self._conn
         if conn is None:
             conn = await self._connect()
         try:
-            return await conn.call(script.command(numkeys, keys, args, count))
+            return await self._call(conn, script.command(numkeys, keys, args, count), asking)
         except redis.exceptions.NoScriptError:
             conn = self._conn or await self._connect()
-            return await conn.call(script.command(numkeys, keys, args, count, load=True))
+            return await self._call(conn, script.command(numkeys, keys, args, count, load=True), asking)
+
+    async def command(self, *args: object) -> Any:
+        """One plain command (e.g. CLUSTER SLOTS), its reply as hiredis reads it."""
+        conn = self._conn or await self._connect()
+        return await conn.call(b"*%d\r\n" % len(args) + encode_args(args))
+
+    @staticmethod
+    async def _call(conn: _Connection, command: bytes, asking: bool) -> Any:
+        if not asking:
+            return await conn.call(command)
+        # Written together, in order: ASKING applies to the very next command.
+        asked, reply = await asyncio.gather(conn.call(_ASKING), conn.call(command), return_exceptions=True)
+        for outcome in (asked, reply):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return reply
 
     async def close(self) -> None:
         if self._conn is not None:

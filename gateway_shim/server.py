@@ -25,13 +25,14 @@ from gateway_shim.errors import RouteNotFound, error_response
 from gateway_shim.ingest import register as register_ingest
 from gateway_shim.openapi import register as register_openapi
 from gateway_shim.proxy import Proxy
-from gateway_shim.resp import ScriptPipe
+from gateway_shim.cluster_pipe import script_pipe
 from gateway_shim.shared_queue import SharedQueue
 from gateway_shim.upstream import Upstream
 from gateway_shim.usage_api import register as register_usage_api
 from quotameter.config import Config
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import redis_client as waiting_redis_client
+from quotameter.redis_pool import warm
 from telemetry import logs, prometheus, setup
 
 log = logging.getLogger("gateway_shim.server")
@@ -61,9 +62,10 @@ def build_app(config: Config) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # Authentication (and the scripts, where the pipe below cannot go) use this pool.
         redis_client = waiting_redis_client(config.services, health_check_interval=30)
-        # The admission and settle scripts go over one auto-pipelined connection (None: TLS
-        # or a unix socket, where they stay on redis-py's pool).
-        pipe = ScriptPipe.from_url(config.services.redis_url, connect_timeout_s=3, timeout_s=5)
+        await warm(redis_client)
+        # The admission and settle scripts go over one auto-pipelined connection (one per
+        # primary on a cluster; None: TLS, a unix socket or Sentinel, where they stay on redis-py's pool).
+        pipe = script_pipe(config.services.redis_url, connect_timeout_s=3, timeout_s=5)
         names = RedisKeys(config.services.redis_prefix)
         upstream = Upstream(config.upstream)
         # Opens the spool and replays what it holds; redis_client reads the ledger's confirmations.

@@ -53,6 +53,9 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
+# Leaving the line is the same step on the line's key (a script: a cluster
+# client refuses PUBLISH inside a pipeline).
+_LEAVE = _UNMARK
 # A place in the line: "deadline ms:shim:n", its deadline taken from Redis's clock.
 _JOIN = """
 local t = redis.call('TIME')
@@ -92,7 +95,8 @@ class SharedQueue:
         self._head = client.register_script(_HEAD)
         self._mark = client.register_script(_MARK)
         self._unmark = client.register_script(_UNMARK)
-        self._mark_script, self._unmark_script = Script(_MARK), Script(_UNMARK)
+        self._leave = client.register_script(_LEAVE)
+        self._mark_script, self._unmark_script, self._leave_script = Script(_MARK), Script(_UNMARK), Script(_LEAVE)
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -130,7 +134,7 @@ class SharedQueue:
         if self._pipe is None:
             await script(keys=[key], args=args)
         else:
-            await self._pipe.evalsha(piped, 1, encode_args([key]), encode_args(args), 1 + len(args))
+            await self._pipe.evalsha(piped, 1, encode_args([key]), encode_args(args), 1 + len(args), slot_key=key)
 
     def settled_later(self, customer: str, event_id: str) -> None:
         """``settled`` from synchronous code (the check endpoint's hand-off)."""
@@ -159,10 +163,8 @@ class SharedQueue:
 
     async def leave(self, customer: str, place: str) -> None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.zrem(self._names.batch_line(customer), place)
-                pipe.publish(self._names.batch_wake(), customer)
-                await pipe.execute()
+            await self._run(self._leave, self._leave_script, self._names.batch_line(customer),
+                            [place, self._names.batch_wake(), customer])
         except _FAILED:
             pass  # the place lapses at its deadline
 
@@ -195,6 +197,8 @@ class SharedQueue:
                         queue.released(data.decode() if isinstance(data, bytes) else str(data))
             except _FAILED as exc:
                 log.debug("wake-up channel lost (%s): resubscribing", exc)
+            except Exception:  # a client bug must not end the wake-ups for good: heads poll meanwhile
+                log.exception("wake-up channel failed: resubscribing in %gs", RESUBSCRIBE_S)
             finally:
                 with contextlib.suppress(*_FAILED):
                     await pubsub.aclose()

@@ -44,6 +44,7 @@ from quotameter.alert_rules import Alert, AlertKind, AlertLimits, build_alerts, 
 from quotameter.config import Config, Services
 from quotameter.errors import QuotameterError
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def list_alerts(client: redis.Redis, keys: RedisKeys, customer: str | None = Non
     names = list(client.scan_iter(match=keys.alert_pattern(customer, period), count=1000))
     records = []
     for start in range(0, len(names), 500):
-        for raw in client.mget(names[start : start + 500]):
+        for raw in _mget(client, names[start : start + 500]):
             if raw is None:  # expired since the scan
                 continue
             record = json.loads(raw)
@@ -239,3 +240,8 @@ def list_alerts(client: redis.Redis, keys: RedisKeys, customer: str | None = Non
             if (customer is None or data["customer"] == customer) and (period is None or data["period"] == period):
                 records.append(record)
     return sort_listing(records)
+
+
+def _mget(client: redis.Redis, names: list) -> list:
+    # On a cluster the names span slots: redis-py splits the read per slot there.
+    return client.mget_nonatomic(names) if is_cluster(client) else client.mget(names)

@@ -11,8 +11,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from redis.asyncio import Redis
-
 from pipeline.history.factory import open_store
 from pipeline.history.store import AsyncHistory, HistoryError
 from pipeline.rebuild import rebuild_state
@@ -21,6 +19,7 @@ from quotameter.config import Config
 from quotameter.errors import QuotameterError
 from quotameter.service_auth import TokenGate
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import redis_client
 
 WORKER_TIMEOUT_S = 120.0
 
@@ -41,7 +40,7 @@ def _through_worker(config: Config, customer: str | None, month: str | None, for
 
 async def _directly(config: Config, customer: str | None, month: str | None, force: bool) -> dict[str, int]:
     history = AsyncHistory(open_store(config, read_only=True))
-    client = Redis.from_url(config.services.redis_url, socket_connect_timeout=3)
+    client = redis_client(config.services, timeout_s=None)
     writer = UsageWriter(client, RedisKeys(config.services.redis_prefix), lambda: time.time_ns() // 1_000_000)
     try:
         return await rebuild_state(history, writer, config.billing.calendar, customer, month, force)

@@ -5,7 +5,7 @@ from its last snapshot or append-only file, which can lack the last second of
 writes: some customers' period totals roll back. The worker writes absolute
 totals, so the next batch of a customer repairs it, but a customer with no
 more traffic would keep the older totals. So the worker notes Redis's
-``run_id`` (new on every start) and, when it changes, writes the ledger's
+``run_id`` (new on every start; on a cluster, every node's) and, when it changes, writes the ledger's
 totals of the current period again, after writing its own buffered rows to
 the ledger. Nothing is added to anything (see pipeline.rebuild), so a
 rewrite that races a batch never double counts.
@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from quotameter.redis_pool import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,11 @@ class RedisRestarts:
 
     async def check(self) -> None:
         try:
-            run_id = str((await self.client.info("server"))["run_id"])
+            if is_cluster(self.client):  # any primary restarting counts
+                info = await self.client.info("server", target_nodes="primaries")
+                run_id = ",".join(sorted(str(node["run_id"]) for node in info.values()))
+            else:
+                run_id = str((await self.client.info("server"))["run_id"])
         except (RedisError, OSError, KeyError):
             return  # down, or not answering yet: the next check sees it
         if self.run_id is not None and run_id != self.run_id:

@@ -7,6 +7,13 @@ atomic step releases the shim's reservations of the event ids those totals
 now include (see ``quotameter.redis_keys``). Writing the same batch twice, a
 retry or a replay leaves the same hash; an older state never overwrites a
 newer one.
+
+On a Redis Cluster the batch's pipeline is split by redis-py per primary
+(each script's keys share its customer's slot). A cluster pipeline neither takes
+``evalsha`` nor loads scripts first as a plain one does: the raw EVALSHA goes
+in, and a NOSCRIPT answer loads the script on
+every primary and sends the batch again (harmless: the writes are absolute and
+versioned, see above).
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from quotameter.aggregate import Totals
 from quotameter.redis_keys import USAGE_FIELDS, RedisKeys
+from quotameter.redis_pool import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -82,33 +90,49 @@ class UsageWriter:
         if not self._pending:
             return True
         batch, self._pending = self._pending, {}
+        try:
+            await self._send(batch)
+        except NoScriptError as exc:
+            if not is_cluster(self.client):
+                return self._keep(batch, exc)
+            try:
+                await self.client.script_load(SCRIPT)  # on every primary
+                await self._send(batch)
+            except (RedisError, OSError) as exc:
+                return self._keep(batch, exc)
+        except (RedisError, OSError) as exc:
+            return self._keep(batch, exc)
+        return True
+
+    async def _send(self, batch: dict[PeriodKey, _Pending]) -> None:
         now_ms = self.clock_ms()
+        cluster = is_cluster(self.client)
         pipe = self.client.pipeline(transaction=False)
         for (customer, period), entry in batch.items():
             keys = self.keys
             fields = [part for pair in usage_hash(entry.totals, now_ms).items() for part in pair]
-            await self._script(
-                keys=[
-                    keys.usage(customer, period),
-                    keys.pending(customer, period),
-                    keys.pending_expiry(customer, period),
-                    keys.reserved(customer, period),
-                ],
-                args=[entry.totals.events, int(entry.force), len(fields), *fields, *sorted(entry.ids)],
-                client=pipe,
-            )
-        try:
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning("quota state not written to Redis (%d keys kept for the next batch): %s", len(batch), exc)
-            for key, entry in batch.items():
-                newer = self._pending.get(key)
-                if newer is None:
-                    self._pending[key] = entry
-                else:
-                    newer.ids |= entry.ids
-            return False
-        return True
+            names = [
+                keys.usage(customer, period),
+                keys.pending(customer, period),
+                keys.pending_expiry(customer, period),
+                keys.reserved(customer, period),
+            ]
+            args = [entry.totals.events, int(entry.force), len(fields), *fields, *sorted(entry.ids)]
+            if cluster:  # its pipeline refuses evalsha(): the raw command routes by the keys
+                pipe.execute_command("EVALSHA", self._script.sha, len(names), *names, *args)
+            else:
+                await self._script(keys=names, args=args, client=pipe)
+        await pipe.execute()
+
+    def _keep(self, batch: dict[PeriodKey, _Pending], exc: Exception) -> bool:
+        log.warning("quota state not written to Redis (%d keys kept for the next batch): %s", len(batch), exc)
+        for key, entry in batch.items():
+            newer = self._pending.get(key)
+            if newer is None:
+                self._pending[key] = entry
+            else:
+                newer.ids |= entry.ids
+        return False
 
     async def close(self) -> None:
         await self.flush()

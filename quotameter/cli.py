@@ -41,10 +41,10 @@ def _config(path: Path | None) -> Config:
         raise typer.Exit(2) from None
 
 
-def _redis(config: Config):  # noqa: ANN202 - redis.Redis
-    import redis
+def _redis(config: Config):  # noqa: ANN202 - redis.Redis or RedisCluster
+    from quotameter.redis_pool import sync_redis
 
-    return redis.Redis.from_url(config.services.redis_url, socket_connect_timeout=3)
+    return sync_redis(config.services)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

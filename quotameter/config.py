@@ -36,6 +36,7 @@ from quotameter.delivery import AckMode
 from quotameter.errors import ConfigError
 from quotameter.labels import MAX_TAGS
 from quotameter.periods import BillingCalendar
+from quotameter.redis_url import topology
 
 ENV_PREFIX = "QUOTAMETER_"
 DEFAULT_CONFIG = Path(__file__).parent / "example.yaml"
@@ -442,6 +443,13 @@ class Services(_SecretFiles):
     # busy waits up to redis_pool_timeout_ms for one (a burst is not an outage).
     redis_max_connections: PositiveInt = 100
     redis_pool_timeout_ms: PositiveInt = 2000
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_topology(cls, value: str) -> str:
+        topology(value)  # one server, a cluster or Sentinel (README: Redis); raises what is wrong
+        return value
+
     kafka_bootstrap: str = "127.0.0.1:9092"
     events_topic: str = "quotameter.events"
     # How every Kafka client of the product (the shim's producer, the worker's

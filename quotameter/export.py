@@ -91,9 +91,11 @@ def redis_totals(config: Config, month: str) -> dict[str, dict[str, str]]:
     that has a usage hash for ``month``."""
     import redis
 
+    from quotameter.redis_pool import sync_redis
+
     names = RedisKeys(config.services.redis_prefix)
     head, tail = f"{names.prefix}:usage:{{", f"}}:{month}"
-    client = redis.Redis.from_url(config.services.redis_url, socket_connect_timeout=3, decode_responses=True)
+    client = sync_redis(config.services, decode_responses=True)
     try:
         keys = sorted(k for k in client.scan_iter(match=names.usage_pattern(month), count=1000) if k.startswith(head) and k.endswith(tail))
         with client.pipeline(transaction=False) as pipe:

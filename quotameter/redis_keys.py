@@ -2,6 +2,9 @@
 
     {p}:key:{key_id}              hash  customer, tier, salt, hash, created_at, revoked
     {p}:customer:{customer}       hash  tier
+    {p}:revoked:{customer}        hash  key id -> "1" revoked, "0" live: the keys' revoked
+                                        flags again, in the customer's slot, where the
+                                        admission script reads them (see below)
     {p}:rl:rpm:{customer}         str   GCRA theoretical arrival time (ms) for requests/min
     {p}:rl:{rpm|tpm}[:sw]:{customer}[:{scope}]  rate state of one rule: GCRA TAT (str), or a
                                         sliding-window hash (s window start ms,
@@ -68,7 +71,15 @@ characters, quotameter.policy.end_user_digest), so a customer-supplied string
 cannot shape a key, and every per-user key expires by itself.
 
 Customer ids are wrapped in braces ({…}) so one customer's keys share a
-Redis Cluster hash slot and a Lua script may touch them together.
+Redis Cluster hash slot and a Lua script may touch them together. The API
+key's own hash is found by key id alone (the presented key names no
+customer), so it lives in a slot of its own; its revoked flag is mirrored
+into ``{p}:revoked:{customer}`` by ``keys create`` and ``keys revoke``.
+A key created before the mirror existed has no entry there: the first
+admission of it copies the flag over (gateway_shim/admission.py).
+
+Redis Cluster spreads customers over its primaries, so listings (``keys
+list``, exports, alerts) scan every primary (redis-py's cluster SCAN).
 """
 
 from __future__ import annotations
@@ -82,6 +93,9 @@ class RedisKeys:
 
     def api_key(self, key_id: str) -> str:
         return f"{self.prefix}:key:{key_id}"
+
+    def revoked(self, customer: str) -> str:
+        return f"{self.prefix}:revoked:{{{customer}}}"
 
     def customer(self, customer: str) -> str:
         return f"{self.prefix}:customer:{{{customer}}}"

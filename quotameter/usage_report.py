@@ -16,6 +16,7 @@ from rich.table import Table
 from quotameter.config import Config
 from quotameter.errors import QuotameterError
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import sync_redis
 
 _COMPARED = ("requests", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cost_usd")
 
@@ -27,7 +28,7 @@ def _number(value: Any) -> str:
 
 def quota_state(config: Config, customer: str, period: str) -> dict[str, str]:
     names = RedisKeys(config.services.redis_prefix)
-    client = redis.Redis.from_url(config.services.redis_url, socket_connect_timeout=3, decode_responses=True)
+    client = sync_redis(config.services, decode_responses=True)
     try:
         state = client.hgetall(names.usage(customer, period))
         tier = client.hget(names.customer(customer), "tier")

@@ -26,6 +26,7 @@ from quotameter.aggregate import Totals
 from quotameter.config import Config, KeyOverrides
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import sync_redis
 from tests.conftest import merge
 
 MESSAGES = [{"role": "user", "content": "Say some words."}]
@@ -49,7 +50,7 @@ class Shim:
         return RedisKeys(self.config.services.redis_prefix)
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.config.services.redis_url, decode_responses=True)
+        return sync_redis(self.config.services, decode_responses=True)  # one Redis, a cluster or Sentinel
 
     def new_key(self, customer: str, tier: str, priority: str = "interactive", **limits: Any) -> str:
         client = self.redis()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.history.chdb_store import ChdbHistory
@@ -31,6 +30,7 @@ from quotameter.errors import QuotameterError
 from quotameter.events import RequestData, UsageEvent, encode_event
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import sync_redis
 from quotameter.service_auth import TokenGate
 
 AT = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
@@ -154,7 +154,7 @@ def subset(usage: dict[str, Any]) -> dict[str, Any]:
 
 
 def redis_usage(config: Config, customer: str, period: str = PERIOD) -> dict[str, str]:
-    client = redis.Redis.from_url(config.services.redis_url, decode_responses=True)
+    client = sync_redis(config.services, decode_responses=True)
     try:
         return client.hgetall(RedisKeys(config.services.redis_prefix).usage(customer, period))
     finally:
