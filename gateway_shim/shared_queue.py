@@ -28,12 +28,15 @@ import itertools
 import logging
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from gateway_shim.batch_queue import POLL_CAP_S, BatchQueue
 from gateway_shim.resp import Script, ScriptPipe, encode_args
 from quotameter.redis_keys import RedisKeys
+from quotameter.redis_pool import is_cluster
 
 log = logging.getLogger("gateway_shim.shared_queue")
 
@@ -99,6 +102,7 @@ class SharedQueue:
         self._mark_script, self._unmark_script, self._leave_script = Script(_MARK), Script(_UNMARK), Script(_LEAVE)
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._node_clients: list[aioredis.Redis] = []
 
     # -- requests running anywhere ------------------------------------------
 
@@ -180,14 +184,31 @@ class SharedQueue:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, *_FAILED):
                 await task
+        for client in self._node_clients:
+            with contextlib.suppress(*_FAILED):
+                await client.aclose()
 
     async def _listen(self, queue: BatchQueue) -> None:
+        if not is_cluster(self._client):
+            await self._listen_on(self._client, queue)
+            return
+        # A cluster carries a PUBLISH to its other nodes over its bus; one
+        # subscription on one node saw wake-ups arrive out of order, late or
+        # not at all while commands flowed (Valkey 9.1, redis-py 8.1). Listen
+        # on every primary instead, which delivers what its own scripts
+        # publish at once. A duplicate wake-up only makes a head ask again. A
+        # primary promoted later is not listened to: its customers' heads poll.
+        clients = [_node_client(node) for node in self._client.get_primaries()]
+        self._node_clients.extend(clients)
+        await asyncio.gather(*(self._listen_on(client, queue) for client in clients))
+
+    async def _listen_on(self, client: aioredis.Redis, queue: BatchQueue) -> None:
         channel = self._names.batch_wake()
-        if not hasattr(self._client, "pubsub"):  # a client without pub/sub: the heads poll
+        if not hasattr(client, "pubsub"):  # a client without pub/sub: the heads poll
             log.warning("no pub/sub on this Redis client: batch waiters ask again every %gs", POLL_CAP_S)
             return
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
                 while True:
@@ -203,3 +224,10 @@ class SharedQueue:
                 with contextlib.suppress(*_FAILED):
                     await pubsub.aclose()
             await asyncio.sleep(RESUBSCRIBE_S)
+
+
+def _node_client(node: ClusterNode) -> aioredis.Redis:
+    """A plain client of one cluster node, with the cluster client's credentials and TLS."""
+    options = {k: v for k, v in node.connection_kwargs.items() if k in ("username", "password") or k.startswith("ssl_")}
+    return aioredis.Redis(host=node.host, port=node.port, ssl=issubclass(node.connection_class, SSLConnection),
+                          socket_connect_timeout=3, **options)

@@ -282,20 +282,27 @@ async def test_the_batch_line_and_its_wake_ups_span_the_cluster(stack: Stack, re
         await asyncio.sleep(0.5)  # both subscribed
         customers = spread(redis_cluster, stack.shim, "liner")
         now_ms = int(time.time() * 1000)
+
+        async def wakes_both(customer: str, step) -> None:  # noqa: ANN001
+            before = [seen.customers.count(customer) for seen in woken]
+            await step
+            for _ in range(40):  # a publish reaches both shims at once, not by their 0.25 s polling
+                if all(seen.customers.count(customer) > n for seen, n in zip(woken, before, strict=True)):
+                    return
+                await asyncio.sleep(0.025)
+            raise AssertionError(f"no wake-up for {customer} on both shims within 1 s")
+
         for customer in customers:
             first, second = await a.join(customer, 5), await b.join(customer, 5)
             assert first and second
             assert await a.is_head(customer, first) and not await b.is_head(customer, second)
-            await a.leave(customer, first)
+            await wakes_both(customer, a.leave(customer, first))
             assert await b.is_head(customer, second)
-            await b.leave(customer, second)
+            await wakes_both(customer, b.leave(customer, second))
             assert await a.mark_running(customer, f"{customer}-e1", now_ms + 60_000)
             assert await b.running(customer, now_ms) == 1  # running on shim a, seen from shim b
-            await a.settled(customer, f"{customer}-e1")
+            await wakes_both(customer, a.settled(customer, f"{customer}-e1"))
             assert await b.running(customer, now_ms) == 0
-        # Each customer (one per primary) woke shim b three times: two departures and a settle.
-        wait_for(lambda: all(seen.customers.count(c) == 3 for c in customers for seen in woken),
-                 timeout_s=5, what="every wake-up on both shims")
     finally:
         for queue, client, pipe in closers:
             await queue.close()
