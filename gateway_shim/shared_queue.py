@@ -28,9 +28,9 @@ import itertools
 import logging
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import SSLConnection
-import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from gateway_shim.batch_queue import POLL_CAP_S, BatchQueue

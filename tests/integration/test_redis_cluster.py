@@ -26,8 +26,20 @@ from quotameter.pricing import PriceTable
 from quotameter.redis_pool import redis_client, warm
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS
 from tests.integration.pipeline_helpers import http_json, wait_for
-from tests.integration.redis_cluster import RedisCluster, Stack, redis_cluster, spread, start_stack  # noqa: F401
-from tests.integration.test_enforcement_race import BUDGET_USD, PRICES, QUOTA_TOKENS, _events, _race
+from tests.integration.redis_cluster import (  # noqa: F401
+    RedisCluster,
+    Stack,
+    redis_cluster,
+    spread,
+    start_stack,
+)
+from tests.integration.test_enforcement_race import (
+    BUDGET_USD,
+    PRICES,
+    QUOTA_TOKENS,
+    _events,
+    _race,
+)
 
 TIERS = {
     "open": {},
@@ -283,7 +295,7 @@ async def test_the_batch_line_and_its_wake_ups_span_the_cluster(stack: Stack, re
         customers = spread(redis_cluster, stack.shim, "liner")
         now_ms = int(time.time() * 1000)
 
-        async def wakes_both(customer: str, step) -> None:  # noqa: ANN001
+        async def wakes_both(customer: str, step) -> None:
             before = [seen.customers.count(customer) for seen in woken]
             await step
             for _ in range(40):  # a publish reaches both shims at once, not by their 0.25 s polling
