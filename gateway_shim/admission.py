@@ -262,16 +262,12 @@ class Admitter:
     ) -> Admission:
         """``user``: the request's end user, held to the policy's per-user limits;
         ``day``: the name and end (ms) of the day its day quota counts."""
-        reply = await self._admit_once(
-            key, policy, period, period_end_ms, event_id, now_ms, estimate, reservation_ttl_ms,
-            concurrency_limits, user, day,
-        )
+        request = (key, policy, period, period_end_ms, event_id, now_ms, estimate, reservation_ttl_ms,
+                   concurrency_limits, user, day)
+        reply = await self._admit_once(*request)
         if int(reply[0]) == -2:  # a key from before the per-customer flags: copy its flag, ask again
             await self._client.hsetnx(self._names.revoked(key.customer), key.key_id, 1 if key.revoked else 0)
-            reply = await self._admit_once(
-                key, policy, period, period_end_ms, event_id, now_ms, estimate, reservation_ttl_ms,
-                concurrency_limits, user, day,
-            )
+            reply = await self._admit_once(*request)
         return self._admission(reply, policy, user)
 
     async def _admit_once(

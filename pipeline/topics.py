@@ -12,6 +12,8 @@ Kafka with auto.create.topics.enable) create it with its own defaults.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -30,13 +32,7 @@ async def ensure_topics(services: Services, names: list[str], partitions: int | 
     """Create the topics of ``names`` that are missing, or with
     ``kafka_create_topics: false`` fail naming them. An existing topic is
     left as it is; one created concurrently by someone else is fine too."""
-    admin = AIOKafkaAdminClient(**client_options(services), request_timeout_ms=ADMIN_TIMEOUT_MS)
-    try:
-        await admin.start()
-    except Exception as exc:
-        await admin.close()
-        raise ServiceError(explain(exc, services)) from None
-    try:
+    async with _admin(services) as admin:
         existing = set(await admin.list_topics())
         missing = [name for name in names if name not in existing]
         if not missing:
@@ -49,12 +45,20 @@ async def ensure_topics(services: Services, names: list[str], partitions: int | 
             )
         count = partitions or services.kafka_topic_partitions
         await _create(admin, missing, count, services.kafka_replication_factor, services.kafka_bootstrap)
-    finally:
-        await admin.close()
 
 
 async def topic_partitions(services: Services, name: str) -> int | None:
     """How many partitions ``name`` has (None: no such topic)."""
+    async with _admin(services) as admin:
+        if name not in await admin.list_topics():
+            return None
+        (described,) = await admin.describe_topics([name])
+        return len(described["partitions"])
+
+
+@asynccontextmanager
+async def _admin(services: Services) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client; failing to start is an error naming the settings to check."""
     admin = AIOKafkaAdminClient(**client_options(services), request_timeout_ms=ADMIN_TIMEOUT_MS)
     try:
         await admin.start()
@@ -62,10 +66,7 @@ async def topic_partitions(services: Services, name: str) -> int | None:
         await admin.close()
         raise ServiceError(explain(exc, services)) from None
     try:
-        if name not in await admin.list_topics():
-            return None
-        (described,) = await admin.describe_topics([name])
-        return len(described["partitions"])
+        yield admin
     finally:
         await admin.close()
 
