@@ -475,9 +475,14 @@ class EventEmitter:
                     await producer.stop()
                     return None
         except Exception as exc:  # KafkaError, OSError, and what aiokafka's SASL clients raise on a refusal
+            await producer.stop()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # aiokafka turns a cancelled connect into a connection error: stopping must
+                # not read as "the broker is away, retry" (the loop would never end).
+                raise asyncio.CancelledError from exc
             log.warning("%s; events are spooled (%d waiting), retrying every %.0fs",
                         explain(exc, self.kafka), self.spool.depth, self.retry_s)
-            await producer.stop()
             return None
         log.info("connected to Kafka at %s; events go to topic %s (%d spooled events to send)",
                  self.bootstrap, self.topic, self.spool.depth)

@@ -142,7 +142,11 @@ async def _serve(config: Config) -> None:
                            max_line_size=shim.max_header_bytes, max_field_size=shim.max_header_bytes,
                            max_headers=shim.max_headers)
     await runner.setup()
-    await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
+    try:
+        await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
+    except OSError:  # the port is taken: exit with the error, now
+        await _cancel_background_tasks(timeout_s=5.0)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,6 +158,17 @@ async def _serve(config: Config) -> None:
     await runner.cleanup()
     setup.shutdown()  # the last spans and metrics out to the collector
     log.info("stopped")
+
+
+async def _cancel_background_tasks(timeout_s: float) -> None:
+    """Cancel every other task and wait for them, up to ``timeout_s``. Left to
+    asyncio.Runner's close instead, a shim that could not listen while its
+    Kafka connect was in progress hung there rather than exiting."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=timeout_s)
 
 
 def serve(config: Config) -> None:

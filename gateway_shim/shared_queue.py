@@ -216,14 +216,23 @@ class SharedQueue:
                     if message is not None:
                         data = message["data"]
                         queue.released(data.decode() if isinstance(data, bytes) else str(data))
-            except _FAILED as exc:
-                log.debug("wake-up channel lost (%s): resubscribing", exc)
-            except Exception:  # a client bug must not end the wake-ups for good: heads poll meanwhile
-                log.exception("wake-up channel failed: resubscribing in %gs", RESUBSCRIBE_S)
+            except Exception as exc:
+                # redis-py may turn a cancellation into a connection error: stop when asked to.
+                if _cancelling():
+                    raise asyncio.CancelledError from exc
+                if isinstance(exc, _FAILED):
+                    log.debug("wake-up channel lost (%s): resubscribing", exc)
+                else:  # a client bug must not end the wake-ups for good: heads poll meanwhile
+                    log.exception("wake-up channel failed: resubscribing in %gs", RESUBSCRIBE_S)
             finally:
                 with contextlib.suppress(*_FAILED):
                     await pubsub.aclose()
             await asyncio.sleep(RESUBSCRIBE_S)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _node_client(node: ClusterNode) -> aioredis.Redis:
