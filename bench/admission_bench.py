@@ -7,10 +7,13 @@ bare Redis round trip (GET) measured in the same run, on the same client.
 ``--per-user``: the tier also limits each end user (requests/min, tokens/min,
 tokens/day), and every call names one of 1,000 end users.
 
-Latency is measured one call at a time (loopback, nothing else in flight);
-throughput with ``--concurrency`` calls in flight on one asyncio loop (one
-core for the client). Also reports how close to a token quota the last
-admitted request lands when 100 callers race for it. Prints figures; not a test.
+Latency is measured twice: one call at a time (loopback, nothing else in
+flight), and under load, each call of the throughput run timed while
+``--concurrency`` calls are in flight on one asyncio loop (one core for the
+client): the p99 at the rate reported beside it. The target is a p99 at
+>= 10,000 decisions/s; the line says whether this machine reached that rate.
+Also reports how close to a token quota 100 racing callers land
+(bench/admission_race.py; tests/integration/test_quota_race.py asserts it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +29,16 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-from gateway_shim.admission import Admitter, Estimate
-from gateway_shim.keystore import KeyRecord, create_key
-from quotameter.config import Tier
-from quotameter.embedded.procs import free_port
-from quotameter.embedded.redis_server import redis_process
-from quotameter.policy import end_user_digest, resolve
-from quotameter.redis_keys import RedisKeys
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.admission_race import quota_race  # noqa: E402
+from gateway_shim.admission import Admitter, Estimate  # noqa: E402
+from gateway_shim.keystore import KeyRecord, create_key  # noqa: E402
+from quotameter.config import Tier  # noqa: E402
+from quotameter.embedded.procs import free_port  # noqa: E402
+from quotameter.embedded.redis_server import redis_process  # noqa: E402
+from quotameter.policy import end_user_digest, resolve  # noqa: E402
+from quotameter.redis_keys import RedisKeys  # noqa: E402
 
 PERIOD_END_MS = 4_000_000_000_000
 TIER = Tier(
@@ -57,16 +64,20 @@ async def _latency(call, n: int) -> list[float]:  # noqa: ANN001
     return samples
 
 
-async def _throughput(call, n: int, concurrency: int) -> float:  # noqa: ANN001
+async def _throughput(call, n: int, concurrency: int) -> tuple[float, list[float]]:  # noqa: ANN001
+    """Calls/s with ``concurrency`` in flight, and each call's latency (µs) under that load."""
     counter = iter(range(n))
+    samples: list[float] = []
 
     async def worker() -> None:
         for i in counter:
+            began = time.perf_counter()
             await call(i)
+            samples.append((time.perf_counter() - began) * 1e6)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), samples
 
 
 PER_USER = {"requests_per_minute": 10_000_000, "tokens_per_minute": 10_000_000_000, "tokens_per_day": 10**15}
@@ -103,48 +114,32 @@ async def main(n: int, concurrency: int, per_user: bool) -> None:
             await _latency(bare, 500)
             bare_lat = await _latency(bare, n)
             admit_lat = await _latency(admit, n)
-            bare_tput = await _throughput(bare, n, concurrency)
-            admit_tput = await _throughput(admit, n, concurrency)
+            bare_tput, bare_loaded = await _throughput(bare, n, concurrency)
+            admit_tput, admit_loaded = await _throughput(admit, n, concurrency)
             stats = await client.info("commandstats")
             await client.aclose()
             race_client = aioredis.Redis.from_url(url, max_connections=128)
-            landing = await _quota_race(race_client, names, key)
+            landing = (await quota_race(race_client, names, key)).summary()
             await race_client.aclose()
         finally:
             proc.stop()
     print(f"admission bench: {n} calls each, loopback redis-server, redis-py {redis.__version__}"
           + (", per-user limits (1,000 end users)" if per_user else ""))
-    print(f"{'':28} {'p50 µs':>8} {'p99 µs':>8} {'mean µs':>8} {'calls/s (c=' + str(concurrency) + ')':>18}")
-    for name, lat, tput in (("bare round trip (GET)", bare_lat, bare_tput), ("admission (Lua, all checks)", admit_lat, admit_tput)):
-        print(f"{name:28} {_pct(lat, .5):8.0f} {_pct(lat, .99):8.0f} {statistics.fmean(lat):8.0f} {tput:18,.0f}")
+    print(f"{'':28} {'alone: p50 µs':>13} {'p99 µs':>7} | {'calls/s (c=' + str(concurrency) + ')':>17} "
+          f"{'p50 µs':>7} {'p99 µs':>7} under that load")
+    for name, lat, tput, loaded in (("bare round trip (GET)", bare_lat, bare_tput, bare_loaded),
+                                    ("admission (Lua, all checks)", admit_lat, admit_tput, admit_loaded)):
+        print(f"{name:28} {_pct(lat, .5):13.0f} {_pct(lat, .99):7.0f} | {tput:17,.0f} "
+              f"{_pct(loaded, .5):7.0f} {_pct(loaded, .99):7.0f}")
+    print(f"admission p99 under load: {_pct(admit_loaded, .99) / 1000:.2f} ms at {admit_tput:,.0f} decisions/s "
+          + ("(>= 10,000/s)" if admit_tput >= 10_000 else "(this machine's client and Redis reach no more: "
+             "below the 10,000/s the target is set at)"))
     print(f"admission overhead over a bare round trip: p50 +{_pct(admit_lat, .5) - _pct(bare_lat, .5):.0f} µs, "
           f"p99 +{_pct(admit_lat, .99) - _pct(bare_lat, .99):.0f} µs")
     server = {name: stats.get(f"cmdstat_{name}", {}).get("usec_per_call") for name in ("get", "evalsha")}
     print(f"server-side time per call (INFO commandstats): GET {server['get']} µs, admission script {server['evalsha']} µs"
           f" -> one Redis core could decide ~{1e6 / float(server['evalsha'] or 1):,.0f} admissions/s")
     print(landing)
-
-
-async def _quota_race(client: aioredis.Redis, names: RedisKeys, key: KeyRecord) -> str:
-    """100 callers racing for a 100k-token quota with varying worst cases."""
-    admitter = Admitter(client, names)
-    quota = 100_000
-    policy = resolve("race", Tier(monthly_tokens=quota), "mock-small")
-    admitted = 0
-
-    async def caller(c: int) -> None:
-        nonlocal admitted
-        for i in range(100):
-            estimate = Estimate(50 + c % 17, 100 + (i * 37) % 400, 0, "0")
-            result = await admitter.admit(key, policy, "2031-01", PERIOD_END_MS, f"race-{c}-{i}",
-                                          int(time.time() * 1000), estimate, 600_000)
-            if result.admitted:
-                admitted += 1
-
-    await asyncio.gather(*(caller(c) for c in range(100)))
-    used = int(await client.hget(names.reserved(key.customer, "2031-01"), "tokens"))
-    return (f"quota race: 100 callers, quota {quota:,} tokens: {admitted} admitted, reserved {used:,} "
-            f"({quota - used} short of the quota, {used - quota:+d} past it)")
 
 
 if __name__ == "__main__":

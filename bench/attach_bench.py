@@ -9,8 +9,8 @@ same proxy with quotameter, all in one run:
 The whole product runs: redis-server, the embedded broker, a worker (ledger
 and quota state), the shim, and the mock model (0 token delay), all real
 processes on loopback, stopped by PID at the end. The key's tier has real
-limits of every kind (requests and tokens per minute, a monthly token quota
-and a budget, set high enough that nothing is refused), so every request is
+limits of every kind (requests and tokens per minute, concurrency, a monthly
+token quota and a budget, set high enough that nothing is refused: bench/product.py), so every request is
 estimated with its prompt counted, reserved and, where the attachment sees
 the answer, settled and metered. Each proxy runs the files under deploy/ as
 shipped (placeholders filled in), its bare twin a minimal pass-through to
@@ -34,29 +34,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway_shim.keystore import create_key  # noqa: E402
-from quotameter.config import DEFAULT_CONFIG  # noqa: E402
-from quotameter.embedded.broker import broker_process  # noqa: E402
+from bench.product import INGEST_TOKEN, Stack, start_product  # noqa: E402
 from quotameter.embedded.procs import ManagedProcess, free_port  # noqa: E402
-from quotameter.embedded.redis_server import redis_process  # noqa: E402
-from quotameter.redis_keys import RedisKeys  # noqa: E402
 from tests.integration.proxy_binaries import render, wheel_binary  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
-# Every limit kind checked on every request, none ever reached by the bench.
-BENCH_TIER = {
-    "requests_per_minute": 10_000_000,
-    "tokens_per_minute": 10_000_000_000,
-    "monthly_tokens": 10_000_000_000_000,
-    "monthly_budget_usd": "10000000.00",
-}
-INGEST_TOKEN = "bench-ingest-token"
 
 
 @dataclass
@@ -66,56 +53,8 @@ class Setup:
     url: str  # the chat completions URL
 
 
-@dataclass
-class Stack:
-    work: Path
-    procs: list[ManagedProcess]
-    mock_port: int
-    shim_port: int
-    ext_proc_port: int | None
-    key: str
-
-    def start(self, proc: ManagedProcess, *ports: int, timeout_s: float = 30) -> ManagedProcess:
-        self.procs.append(proc.start())
-        for port in ports:
-            proc.wait_port("127.0.0.1", port, timeout_s=timeout_s)
-        return proc
-
-
 def _python(*args: str) -> list[str]:
     return [sys.executable, *args]
-
-
-def _start_product(work: Path, with_ext_proc: bool) -> Stack:
-    redis_port, broker_port, mock_port, shim_port, worker_port = (free_port() for _ in range(5))
-    ext_proc_port = free_port() if with_ext_proc else None
-    stack = Stack(work, [], mock_port, shim_port, ext_proc_port, "")
-    stack.start(redis_process(redis_port, work / "redis", work / "redis.log", persist=False), redis_port)
-    stack.start(broker_process(broker_port, work / "broker.log"), broker_port)
-    env = {"PYTHONPATH": str(ROOT)}
-    stack.start(ManagedProcess("mock", _python("-m", "quotameter", "mock-llm", "--port", str(mock_port)),
-                               work / "mock.log", env=env), mock_port)
-    document = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    document["tiers"]["bench"] = BENCH_TIER
-    document["upstream"] = {"url": f"http://127.0.0.1:{mock_port}/v1"}
-    shim = {"port": shim_port, "spool_dir": str(work / "spool"), "ingest_token": INGEST_TOKEN}
-    if ext_proc_port is not None:
-        shim["ext_proc_port"] = ext_proc_port
-    document["shim"] = {**document.get("shim", {}), **shim}
-    document["services"] = {**document["services"], "redis_url": f"redis://127.0.0.1:{redis_port}/0",
-                            "kafka_bootstrap": f"127.0.0.1:{broker_port}", "events_topic": "bench-events",
-                            "history_dir": str(work / "history"), "worker_url": f"http://127.0.0.1:{worker_port}"}
-    config_path = work / "config.yaml"
-    config_path.write_text(yaml.safe_dump(document, sort_keys=False))
-    config_env = {**env, "QUOTAMETER_CONFIG": str(config_path)}
-    stack.start(ManagedProcess("worker", _python("-m", "quotameter", "worker"), work / "worker.log", env=config_env),
-                worker_port, timeout_s=90)
-    ports = [shim_port] + ([ext_proc_port] if ext_proc_port is not None else [])
-    stack.start(ManagedProcess("shim", _python("-m", "quotameter", "proxy"), work / "shim.log", env=config_env), *ports)
-    client = redis.Redis(port=redis_port)
-    stack.key = create_key(client, RedisKeys(document["services"]["redis_prefix"]), "bench", "bench").plaintext
-    client.close()
-    return stack
 
 
 def _chat(port: int) -> str:
@@ -264,7 +203,7 @@ def main() -> None:
           f"16-token answers; tier with every limit kind\n", flush=True)
     results: list[tuple[Setup, bool, int, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="qm-attach-bench-") as tmp:
-        stack = _start_product(Path(tmp), with_ext_proc="envoy" in proxies)
+        stack = start_product(Path(tmp), with_ext_proc="envoy" in proxies)
         try:
             for proxy in proxies:
                 setups = PROXIES[proxy](stack)
@@ -276,12 +215,19 @@ def main() -> None:
                                          "--duration", str(duration_s), *flags)
                             results.append((setup, stream, rate, cell))
                             print(f"  {proxy:<8} {setup.name:<18} {'stream' if stream else 'json':<6} {rate:>4}/s  "
-                                  f"p50 {cell['p50_ms']:7.2f}  p99 {cell['p99_ms']:7.2f} ms  "
+                                  f"p50 {_ms(cell['p50_ms']):>7}  p99 {_ms(cell['p99_ms']):>7} ms  "
                                   f"errors {int(cell['errors'])}", flush=True)
         finally:
-            for proc in reversed(stack.procs):
-                proc.stop()
+            stack.stop()
     _report(results)
+
+
+def _ms(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.2f}"  # loadgen: a percentile reached by failures
+
+
+def _added(value: float | None, base: float | None) -> str:
+    return "failed" if value is None or base is None else f"{value - base:+.2f}"
 
 
 def _report(results: list[tuple[Setup, bool, int, dict[str, float]]]) -> None:
@@ -296,8 +242,8 @@ def _report(results: list[tuple[Setup, bool, int, dict[str, float]]]) -> None:
         base = alone[(setup.proxy, stream, rate)]
         errors = int(cell["errors"] + base["errors"])
         print(f"{setup.proxy:<8} {setup.name:<18} {'stream' if stream else 'json':<6} {rate:>6} | "
-              f"{base['p50_ms']:>9.2f} {base['p99_ms']:>7.2f} | {cell['p50_ms']:>8.2f} {cell['p99_ms']:>7.2f} | "
-              f"{cell['p50_ms'] - base['p50_ms']:>+9.2f} {cell['p99_ms'] - base['p99_ms']:>+7.2f} | {errors}")
+              f"{_ms(base['p50_ms']):>9} {_ms(base['p99_ms']):>7} | {_ms(cell['p50_ms']):>8} {_ms(cell['p99_ms']):>7} | "
+              f"{_added(cell['p50_ms'], base['p50_ms']):>9} {_added(cell['p99_ms'], base['p99_ms']):>7} | {errors}")
         if cell.get("failures"):
             print(f"    failures: {cell['failures']}")
     print("(ms; 'alone' = the same proxy straight to the mock, 'added' = with - alone)")

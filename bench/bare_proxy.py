@@ -1,6 +1,8 @@
 """A bare pass-through proxy on the shim's HTTP stack (aiohttp server + aiohttp
 client), streaming, with no auth, admission or metering: the baseline that
-bench/proxy_bench.py compares the shim with.
+bench/proxy_bench.py compares the shim with. It serves the way the shim does
+(uvloop's event loop when installed, an AppRunner site with the shim's listen
+backlog), so that the difference is the shim's work, not its loop.
 
     python bench/bare_proxy.py --port 8090 --upstream http://127.0.0.1:8081
 """
@@ -8,6 +10,8 @@ bench/proxy_bench.py compares the shim with.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +20,7 @@ from multidict import CIMultiDict
 _REQUEST_DROP = frozenset("host connection keep-alive transfer-encoding content-length accept-encoding".split())
 _RESPONSE_DROP = frozenset("connection keep-alive transfer-encoding content-length content-encoding server date".split())
 _SESSION = web.AppKey("session", aiohttp.ClientSession)
+BACKLOG = 1024  # the shim's default shim.listen_backlog
 
 
 def build_app(upstream: str) -> web.Application:
@@ -48,14 +53,34 @@ def build_app(upstream: str) -> web.Application:
     return app
 
 
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(f"bare proxy on http://{host}:{port} ({type(asyncio.get_running_loop()).__module__})", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def _loop_factory():  # noqa: ANN202 - as gateway_shim.server chooses its loop
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, without /v1")
     args = parser.parse_args()
-    print(f"bare proxy on http://{args.host}:{args.port} -> {args.upstream}", flush=True)
-    web.run_app(build_app(args.upstream.rstrip("/")), host=args.host, port=args.port, access_log=None, print=None)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(build_app(args.upstream.rstrip("/")), args.host, args.port))
 
 
 if __name__ == "__main__":

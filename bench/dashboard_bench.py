@@ -13,7 +13,11 @@ variables on All, with one customer selected, with one API key selected (the
 ledger alone, deduplicated), and over the month's last 6 hours (minute
 points: timeseries read the ledger), and prints the
 median of a few runs beside the 500 ms target. ``reads`` says where the
-panel's rows come from (see dashboards/sources.py). Timing starts once the
+panel's rows come from (see dashboards/sources.py). The baseline, in the
+same run: each usage panel with its rollup-stitched ``usage()`` replaced by
+the same rows straight from the deduplicated ledger (``FINAL``), timed over
+the whole month, and its answer compared with the panel's (they must be
+equal: the bench fails otherwise). Timing starts once the
 background merges of the seeded parts have settled. The directory is
 removed at the end.
 """
@@ -31,7 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashboards.catalog import DASHBOARDS, VARIABLES, config_constants  # noqa: E402
+from dashboards.filters import MODEL  # noqa: E402
 from dashboards.macros import TimeRange, Variables, expand  # noqa: E402
+from dashboards.sources import LEDGER_FILTERS, PERIOD_START, usage  # noqa: E402
 from pipeline.history import migrations, schema  # noqa: E402
 from quotameter.config import load_config  # noqa: E402
 
@@ -120,17 +126,52 @@ def reads(sql: str) -> str:
     return "+".join(sources)
 
 
+def straight_usage(start: str = "$__fromTime", end: str = "$__toTime", filters: bool = True) -> str:
+    """usage()'s rows straight from the deduplicated ledger: no rollups."""
+    where = f" AND {LEDGER_FILTERS}" if filters else ""
+    return f"""(
+    SELECT time, customer, tier, {MODEL} AS model,
+           toUInt64(decision = 'admitted') AS requests, toUInt64(decision != 'admitted') AS refused,
+           input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd, toUInt64(1) AS events
+    FROM {schema.EVENTS} FINAL
+    PREWHERE time >= {start} AND time <= {end}{where}
+)"""
+
+
+# Each usage() a panel can hold, beside its ledger-straight twin.
+STRAIGHT = (
+    (usage(step="$__interval_s"), straight_usage()),
+    (usage(PERIOD_START, "$__toTime"), straight_usage(PERIOD_START, "$__toTime")),
+    (usage(filters=False), straight_usage(filters=False)),
+    (usage(), straight_usage()),
+)
+
+
+def baseline_sql(sql: str) -> str | None:
+    """The panel read straight from the ledger, or None when it reads the ledger already."""
+    replaced = sql
+    for stitched, straight in STRAIGHT:
+        replaced = replaced.replace(stitched, straight)
+    return None if replaced == sql else replaced
+
+
 def time_query(session, sql: str, runs: int) -> tuple[float, int]:  # noqa: ANN001
-    rows = 0
+    elapsed, answer = timed_answer(session, sql, runs)
+    return elapsed, len(answer)
+
+
+def timed_answer(session, sql: str, runs: int) -> tuple[float, list[str]]:  # noqa: ANN001
+    """The median time of ``runs`` runs (after one warming run) and the answer's rows."""
+    answer: list[str] = []
     timings = []
     for attempt in range(runs + 1):
         started = time.perf_counter()
         result = session.query(sql, "JSONEachRow")
         elapsed_ms = (time.perf_counter() - started) * 1000
-        rows = sum(1 for line in result.bytes().decode().splitlines() if line.strip())
+        answer = [line for line in result.bytes().decode().splitlines() if line.strip()]
         if attempt:  # the first run warms the caches
             timings.append(elapsed_ms)
-    return statistics.median(timings), rows
+    return statistics.median(timings), answer
 
 
 def main() -> int:
@@ -163,20 +204,33 @@ def main() -> int:
                 options_ms, rows = time_query(session, expand(variable.sql, time_range, all_vars), args.runs)
                 worst = max(worst, options_ms)
                 print(f"options of {variable.name:<10} {options_ms:>7.1f} ms, {rows} values")
-            print(f"{'dashboard':<11} {'panel':<25} {'reads':<21} {'all ms':>7} {'rows':>5} {'1 cust ms':>9} "
-                  f"{'1 key ms':>8} {'6h ms':>7}  target {TARGET_MS:.0f} ms")
+            print(f"{'dashboard':<11} {'panel':<25} {'reads':<21} {'all ms':>7} {'rows':>5} {'ledger ms':>9} "
+                  f"{'same':>4} {'1 cust ms':>9} {'1 key ms':>8} {'6h ms':>7}  target {TARGET_MS:.0f} ms")
+            differ = []
             for dashboard in DASHBOARDS:
                 for panel in dashboard.panels:
-                    all_ms, rows = time_query(session, expand(panel.sql, time_range, all_vars), args.runs)
+                    all_ms, answer = timed_answer(session, expand(panel.sql, time_range, all_vars), args.runs)
+                    straight = baseline_sql(panel.sql)
+                    base_ms, same = float("nan"), "-"
+                    if straight is not None:
+                        base_ms, expected = timed_answer(session, expand(straight, time_range, all_vars), args.runs)
+                        same = "yes" if sorted(answer) == sorted(expected) else "NO"
+                        if same == "NO":
+                            differ.append(panel.key)
                     one_ms, _ = time_query(session, expand(panel.sql, time_range, one_customer), args.runs)
                     key_ms, _ = time_query(session, expand(panel.sql, time_range, one_key), args.runs)
                     short_ms, _ = time_query(session, expand(panel.sql, last_6h, all_vars), args.runs)
                     worst = max(worst, all_ms, one_ms, key_ms, short_ms)
                     verdict = "ok" if max(all_ms, one_ms, key_ms, short_ms) <= TARGET_MS else "SLOW"
                     name = dashboard.uid.removeprefix("quotameter-")
-                    print(f"{name:<11} {panel.key:<25} {reads(panel.sql):<21} {all_ms:>7.1f} {rows:>5} {one_ms:>9.1f} "
-                          f"{key_ms:>8.1f} {short_ms:>7.1f}  {verdict}")
+                    print(f"{name:<11} {panel.key:<25} {reads(panel.sql):<21} {all_ms:>7.1f} {len(answer):>5} "
+                          f"{base_ms:>9.1f} {same:>4} {one_ms:>9.1f} {key_ms:>8.1f} {short_ms:>7.1f}  {verdict}")
+            print("('ledger ms': the same panel over the month with usage() read straight from the ledger, FINAL; "
+                  "'same': both answers equal; '-': the panel reads the ledger already)")
             print(f"slowest panel: {worst:.1f} ms (target {TARGET_MS:.0f} ms)")
+            if differ:
+                print(f"DIFFERENT ANSWERS from the ledger: {', '.join(differ)}")
+                return 1
         finally:
             session.close()
     return 0

@@ -6,12 +6,22 @@
 Seeds March 2025 in a temporary chDB directory with INSERT … SELECT from
 numbers() (1000 customers, three priced models, ~2 % refusals, cached and
 reasoning tokens, 1 % of the events inserted twice as a retried sink batch
-would), costs priced exactly as the pipeline prices them; writes each
-customer's period totals to a real redis-server (started here, stopped by
-PID), then times ``quotameter.export.run_export`` for csv, json and stripe
-(daily windows) with no worker running (the store opened read-only, as the
-CLI does), reconciliation included. Prints each time beside the 10 s target,
-and removes everything at the end.
+would), costs priced exactly as the pipeline prices them. Each customer's
+period totals go to a real redis-server (started here, stopped by PID),
+computed from the generator itself, not read back from the ledger: Redis is
+an independent side, so reconciliation has something to find.
+
+Then, with no worker running (the store opened read-only, as the CLI does):
+
+- baseline: the same invoice lines read from the ledger, priced and rendered,
+  with no reconciliation (no ledger totals, no Redis);
+- ``quotameter.export.run_export`` for csv, json and stripe (daily windows),
+  reconciliation included; each time beside the baseline and the 10 s target;
+- a drift: three customers' Redis totals changed (one request more, seven
+  input tokens more, one hash gone): the export must refuse, naming exactly
+  those three. The bench fails if it does not.
+
+Everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,12 +42,12 @@ import yaml  # noqa: E402
 
 from pipeline.history.chdb_store import ChdbHistory  # noqa: E402
 from pipeline.redis_writer import usage_hash  # noqa: E402
-from quotameter import export_sql  # noqa: E402
+from quotameter import billing, export_sql, reconcile  # noqa: E402
 from quotameter.aggregate import Totals  # noqa: E402
 from quotameter.config import DEFAULT_CONFIG, parse_config  # noqa: E402
 from quotameter.embedded.procs import free_port  # noqa: E402
 from quotameter.embedded.redis_server import redis_process  # noqa: E402
-from quotameter.export import run_export  # noqa: E402
+from quotameter.export import ReconciliationFailed, ledger, run_export  # noqa: E402
 from quotameter.redis_keys import RedisKeys  # noqa: E402
 
 TARGET_S = 10.0
@@ -58,21 +69,13 @@ def _pick(values: list[str]) -> str:
     return "[" + ", ".join(values) + "][number % 3 + 1]"
 
 
-def seed_sql(first: int, count: int, total: int) -> str:
+def generated(first: int, count: int, total: int) -> str:
+    """The seeded events: the generator both the ledger and Redis are filled from."""
     def rate(index: int) -> str:
         return _pick([f"toDecimal128('{m[index]}', 12)" for m in MODELS])
 
     span_ms = 31 * 24 * 3600 * 1000
     return f"""
-INSERT INTO quotameter.events (id, time, customer, api_key_id, tier, route, status, decision, reason,
-    model_requested, model_served, upstream, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
-    cost_usd, price_version, usage_source, streamed, latency_ms, request_bytes, response_bytes, source)
-SELECT id, time, customer, api_key_id, 'pro', '/v1/chat/completions', if(ok, 200, 429),
-    if(ok, 'admitted', 'refused'), if(ok, NULL, 'rate_limit_requests'), model, if(ok, model, NULL), 'mock',
-    it, ot, ca, rt,
-    if(ok, ((it - ca) * r_in + ca * r_ca + ot * r_out) / 1000000, toDecimal128(0, 12)),
-    if(ok, version, 'unpriced'), if(ok, 'upstream', 'none'), number % 2 = 0, 12.5, 800, 1200, 'bench'
-FROM (
     SELECT number,
         concat('e', toString(number)) AS id,
         toDateTime64('2025-03-01 00:00:00', 3, 'UTC') + toIntervalMillisecond(intDiv(number * {span_ms}, {total})) AS time,
@@ -85,9 +88,30 @@ FROM (
         if(ok, toUInt64(10 + number % 300), 0) AS ot,
         if(ok AND number % 5 = 0, intDiv(it, 2), 0) AS ca,
         if(ok AND number % 7 = 0, intDiv(ot, 4), 0) AS rt,
-        {rate(2)} AS r_in, {rate(3)} AS r_ca, {rate(4)} AS r_out
-    FROM numbers({first}, {count})
-)"""
+        {rate(2)} AS r_in, {rate(3)} AS r_ca, {rate(4)} AS r_out,
+        if(ok, ((it - ca) * r_in + ca * r_ca + ot * r_out) / 1000000, toDecimal128(0, 12)) AS cost
+    FROM numbers({first}, {count})"""
+
+
+def seed_sql(first: int, count: int, total: int) -> str:
+    return f"""
+INSERT INTO quotameter.events (id, time, customer, api_key_id, tier, route, status, decision, reason,
+    model_requested, model_served, upstream, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
+    cost_usd, price_version, usage_source, streamed, latency_ms, request_bytes, response_bytes, source)
+SELECT id, time, customer, api_key_id, 'pro', '/v1/chat/completions', if(ok, 200, 429),
+    if(ok, 'admitted', 'refused'), if(ok, NULL, 'rate_limit_requests'), model, if(ok, model, NULL), 'mock',
+    it, ot, ca, rt, cost, if(ok, version, 'unpriced'), if(ok, 'upstream', 'none'), number % 2 = 0, 12.5, 800,
+    1200, 'bench'
+FROM ({generated(first, count, total)})"""
+
+
+def generated_totals(events: int) -> str:
+    """Each customer's totals straight from the generator (each event once, as
+    the pipeline counts it), never from the ledger's rows."""
+    return f"""SELECT customer, countIf(ok) AS requests, count() AS events, sum(it) AS input_tokens,
+    sum(ot) AS output_tokens, sum(ca) AS cached_tokens, sum(rt) AS reasoning_tokens, toString(sum(cost)) AS cost_usd
+FROM ({generated(0, events, events)})
+GROUP BY customer ORDER BY customer"""
 
 
 def seed(directory: Path, events: int) -> float:
@@ -104,12 +128,11 @@ def seed(directory: Path, events: int) -> float:
     return time.perf_counter() - began
 
 
-def seed_redis(config, directory: Path) -> None:
-    """Each customer's period totals, as the pipeline writes them."""
-    start, end = START, datetime(2025, 4, 1, tzinfo=UTC)
+def seed_redis(config, directory: Path, events: int) -> None:  # noqa: ANN001
+    """Each customer's period totals, as the pipeline writes them, from the generator."""
     store = ChdbHistory(directory, read_only=True)
     try:
-        rows = store.query(export_sql.customer_totals(start, end, export_sql.PAGE_ROWS, 0))
+        rows = store.query(generated_totals(events))  # reads numbers(), not the ledger
     finally:
         store.close()
     names = RedisKeys(config.services.redis_prefix)
@@ -120,11 +143,50 @@ def seed_redis(config, directory: Path) -> None:
                 requests=int(row["requests"]), refused=int(row["events"]) - int(row["requests"]),
                 input_tokens=int(row["input_tokens"]), output_tokens=int(row["output_tokens"]),
                 cached_tokens=int(row["cached_tokens"]), reasoning_tokens=int(row["reasoning_tokens"]),
-                cost_usd=__import__("decimal").Decimal(row["cost_usd"]), events=int(row["events"]),
+                cost_usd=Decimal(row["cost_usd"]), events=int(row["events"]),
             )
             pipe.hset(names.usage(row["customer"], MONTH), mapping=usage_hash(totals, 0))
         pipe.execute()
     client.close()
+
+
+DRIFTED = {"cust-0001": "requests", "cust-0002": "input_tokens", "cust-0003": None}  # None: the hash is gone
+
+
+def drift_redis(config) -> None:  # noqa: ANN001
+    """What a lost or doubled update would leave: three customers off in Redis."""
+    names = RedisKeys(config.services.redis_prefix)
+    client = redis.Redis.from_url(config.services.redis_url)
+    for customer, field in DRIFTED.items():
+        if field is None:
+            client.delete(names.usage(customer, MONTH))
+        else:
+            client.hincrby(names.usage(customer, MONTH), field, 1 if field == "requests" else 7)
+    client.close()
+
+
+def unreconciled(config, fmt: str) -> str:  # noqa: ANN001
+    """The baseline: the same lines from the ledger, priced and rendered, nothing reconciled."""
+    fin = reconcile.finality(config, MONTH, NOW)
+    rows: list = []
+    with ledger(config) as reader:
+        while True:
+            page = reader.rows(export_sql.lines(fin.start, fin.end, export_sql.PAGE_ROWS, len(rows), ()))
+            rows.extend(page)
+            if len(page) < export_sql.PAGE_ROWS:
+                break
+    invoice = billing.build_invoice(rows, billing.rate_table(config), month=MONTH, currency=config.billing.currency,
+                                    period_start=fin.start.isoformat(), period_end=fin.end.isoformat(), final=True, by=())
+    return billing.render_json(invoice) if fmt == "json" else billing.render_csv(invoice)
+
+
+def _best(runs: int, work) -> tuple[float, list[float], object]:  # noqa: ANN001
+    times, result = [], None
+    for _ in range(runs):
+        began = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - began)
+    return min(times), times, result
 
 
 def main() -> None:
@@ -148,20 +210,33 @@ def main() -> None:
         config = parse_config(document)
         print(f"seeding {args.events:,} events (+1 % duplicates) into {work / 'history'}", flush=True)
         seeded_s = seed(work / "history", args.events)
-        seed_redis(config, work / "history")
-        print(f"seeded in {seeded_s:.1f} s\n")
-        print(f"{'format':<8} {'best s':>8} {'runs s':>18} {'output':>12} {'lines':>8}  target <= {TARGET_S:.0f} s")
+        seed_redis(config, work / "history", args.events)
+        print(f"seeded in {seeded_s:.1f} s; Redis totals from the generator, not the ledger\n")
+        print(f"{'format':<8} {'baseline s':>10} {'export s':>9} {'runs s':>14} {'added s':>8} {'output':>12} "
+              f"{'lines':>8}  target <= {TARGET_S:.0f} s")
+        print("(baseline: the same lines read, priced and rendered, no reconciliation; stripe has none)")
         for fmt in ("csv", "json", "stripe"):
-            times = []
-            for _ in range(args.runs):
-                began = time.perf_counter()
-                result = run_export(config, MONTH, fmt, NOW)
-                times.append(time.perf_counter() - began)
-            best = min(times)
+            base = _best(args.runs, lambda: unreconciled(config, fmt))[0] if fmt != "stripe" else None  # noqa: B023
+            best, times, result = _best(args.runs, lambda: run_export(config, MONTH, fmt, NOW))  # noqa: B023
             verdict = "ok" if best <= TARGET_S else "OVER"
             runs = " ".join(f"{t:.2f}" for t in times)
-            print(f"{fmt:<8} {best:>8.2f} {runs:>18} {len(result.text):>11,}B {result.lines:>8,}  {verdict}")
-        print(f"\nreconciled: {result.customers} customers\n{result.summary}")
+            shown = ("-", "-") if base is None else (f"{base:.2f}", f"{best - base:+.2f}")
+            print(f"{fmt:<8} {shown[0]:>10} {best:>9.2f} {runs:>14} {shown[1]:>8} {len(result.text):>11,}B "
+                  f"{result.lines:>8,}  {verdict}")
+        print(f"\nreconciled: {result.customers} customers, ledger and Redis agree\n{result.summary}")
+        drift_redis(config)
+        try:
+            run_export(config, MONTH, "csv", NOW)
+        except ReconciliationFailed as refused:
+            named = {problem.split(":")[0] for problem in refused.problems}
+            print(f"\nafter drifting {len(DRIFTED)} customers in Redis: export refused, {len(refused.problems)} "
+                  f"differences in {', '.join(sorted(named))}")
+            for problem in refused.problems:
+                print(f"  - {problem}")
+            if named != set(DRIFTED):
+                raise SystemExit(f"reconciliation named {sorted(named)}, expected {sorted(DRIFTED)}") from None
+        else:
+            raise SystemExit("reconciliation found no difference after Redis drifted")
     finally:
         redis_proc.stop()
         shutil.rmtree(work, ignore_errors=True)
