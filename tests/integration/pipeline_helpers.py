@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +28,7 @@ from quotameter.aggregate import format_usd, price_batch
 from quotameter.config import Config
 from quotameter.embedded.procs import ManagedProcess
 from quotameter.errors import QuotameterError
+from quotameter.event_batch import is_batch
 from quotameter.events import RequestData, UsageEvent, encode_event
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
@@ -179,6 +181,27 @@ def as_strings(totals: dict[str, Any]) -> dict[str, str]:
     return {name: str(totals[name]) for name in ACME_TOTALS}
 
 
+def unpacked(records: Iterable[Any]) -> list[Any]:
+    """One record per event: a record carrying a batch (as the shim sends a
+    burst) becomes a copy per event, valued with that event's exact bytes and
+    keyed by its customer, as a record of its own would be."""
+    out: list[Any] = []
+    for record in records:
+        if not isinstance(record.value, bytes) or not is_batch(record.value):
+            out.append(record)
+            continue
+        text, decoder = record.value.decode(), json.JSONDecoder()
+        at = text.index("[") + 1
+        while True:
+            at += len(text[at:]) - len(text[at:].lstrip(" ,\n\t"))
+            if text[at] == "]":
+                break
+            event, end = decoder.raw_decode(text, at)
+            out.append(dataclasses.replace(record, value=text[at:end].encode(), key=event["subject"].encode()))
+            at = end
+    return out
+
+
 async def read_topic(
     bootstrap: str, topic: str, count: int, timeout_s: float = 20.0, keys: set[bytes] | None = None
 ) -> list[Any]:
@@ -192,7 +215,7 @@ async def read_topic(
         while len(records) < count and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for partition_records in batch.values():
-                records.extend(r for r in partition_records if keys is None or r.key in keys)
+                records.extend(r for r in unpacked(partition_records) if keys is None or r.key in keys)
     finally:
         await consumer.stop()
     return records
