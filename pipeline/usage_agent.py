@@ -4,14 +4,15 @@ Events are acked by hand, by the ledger sink, once their rows are written.
 
     0. offsets             records the consumer skipped are read directly and
                            join the batch (pipeline.offset_guard)
-    1. decode + price      pure; a record carries one event or a batch of
-                           them (quotameter.event_batch); a malformed event goes to the dead-letter
-                           topic with the reason (step 4 waits for it)
+    1. decode + price      pure; a record carries one event or a batch
+                           (quotameter.event_batch); a malformed event goes
+                           to the dead-letter topic with the reason (step 4
+                           waits for it)
     2. dedupe              ids already applied: the in-memory window, else
                            the ledger (exact; see pipeline.dedupe)
-    3. window tables       only positions (offset, index in a batch record)
-                           above each record's watermark are
-                           applied (pipeline.window_tables)
+    3. window tables       only positions (offset, index in the record)
+                           above each record's watermark are applied
+                           (pipeline.window_tables)
     4. changelog flush     the tables' changelog records and DLQ records are
                            acknowledged by the broker
     5. quota state         Redis: absolute totals with a version, releasing
@@ -168,6 +169,7 @@ class UsageSink:
         to the dead-letter topic: (record, reason, the bad element of a batch
         or None); and how many events the records carried."""
         carried = 0
+        partitions = self._partition_count()  # None: unknown, the producer's grouping is trusted
         delivered: list[Delivered] = []
         dead: list[tuple[EventT, str, bytes | None]] = []
         seen: set[str] = set()
@@ -177,6 +179,7 @@ class UsageSink:
                 decoded_all = decode_record(event.value)
             except EventError as exc:
                 dead.append((event, str(exc), None))
+                carried += 1
                 continue
             carried += len(decoded_all)
             batch = len(decoded_all) > 1 or is_batch(event.value)
@@ -184,7 +187,7 @@ class UsageSink:
                 if isinstance(decoded, BadEvent):
                     dead.append((event, decoded.reason, decoded.value))
                     continue
-                problem = self._misplaced(message, decoded.subject, batch)
+                problem = _misplaced(message, decoded.subject, batch, partitions)
                 if problem is not None:
                     # The watermark needs one partition per customer.
                     dead.append((event, problem, encode_event(decoded) if batch else None))
@@ -195,20 +198,6 @@ class UsageSink:
                 priced = price_event(decoded, self.prices, message.partition, message.offset, index)
                 delivered.append(Delivered(priced, message.partition, message.offset, index))
         return delivered, dead, carried
-
-    def _misplaced(self, message: Any, subject: str, batch: bool) -> str | None:
-        """Why an event is in the wrong partition, or None. A record of one
-        event is keyed by its subject; a batch groups the customers of one
-        partition under one key, so each subject must map to the record's
-        partition as the producer's default partitioner maps it."""
-        if not batch:
-            if message.key is not None and message.key != subject.encode():
-                return f"key {message.key!r} is not the event's subject {subject!r}"
-            return None
-        count = self._partition_count()  # unknown: the producer's grouping is trusted
-        if count and partition_of(subject.encode(), count) != message.partition:
-            return f"customer {subject!r} does not belong in partition {message.partition} of {count}"
-        return None
 
     def _partition_count(self) -> int | None:
         topic = self.parts.events_topic.get_topic_name()
@@ -245,6 +234,20 @@ class UsageSink:
         counts["seeded"] += seeded
         # ``late`` may count a redelivered event too (``again``): only fresh ones are late here.
         telemetry.batch(carried, len(fresh), min(late, len(fresh)), carried - len(dead) - len(fresh), len(dead))
+
+
+def _misplaced(message: Any, subject: str, batch: bool, partitions: int | None) -> str | None:
+    """Why an event is in the wrong partition, or None. A record of one
+    event is keyed by its subject; a batch groups the customers of one
+    partition under one key, so each subject must map to the record's
+    partition as the producer's default partitioner maps it."""
+    if not batch:
+        if message.key is not None and message.key != subject.encode():
+            return f"key {message.key!r} is not the event's subject {subject!r}"
+        return None
+    if partitions and partition_of(subject.encode(), partitions) != message.partition:
+        return f"customer {subject!r} does not belong in partition {message.partition} of {partitions}"
+    return None
 
 
 def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: int, batch_max_wait_ms: int) -> None:

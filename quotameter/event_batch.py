@@ -57,8 +57,8 @@ def decode_record(raw: bytes) -> list[UsageEvent | BadEvent]:
     """Every event a record carries, in order; an element that does not
     decode is a BadEvent in its place. Raises EventError when the record as a
     whole is unreadable (not JSON, not an envelope or a non-empty array)."""
-    if not is_batch(raw):
-        return [decode_event(raw)]
+    if not isinstance(raw, bytes | bytearray) or not is_batch(raw):
+        return [decode_event(raw)]  # also refuses what is no bytes (a tombstone), as ever
     try:
         events: list[UsageEvent | BadEvent] = list(_BATCH.validate_json(raw))
     except ValidationError:
