@@ -21,9 +21,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from gateway_shim.kafka_records import kafka_records
+from gateway_shim.spool import SpoolRecord
 from pipeline.history.chdb_store import ChdbHistory
 from pipeline.history.reader import ledger_usage
 from pipeline.history.store import QueryRejected
+from pipeline.usage_agent import partition_of
 from quotameter.aggregate import format_usd, price_batch
 from quotameter.config import Config
 from quotameter.embedded.procs import ManagedProcess
@@ -240,7 +243,9 @@ def random_event(rng: random.Random, n: int) -> UsageEvent:
 
 
 class Traffic:
-    """Produces events until stopped, re-sending some (as a shim retrying after a lost ack)."""
+    """Produces events until stopped, re-sending some (as a shim retrying after a
+    lost ack); every other tick's events go as the shim sends a burst (one batch
+    record per partition, gateway_shim.kafka_records), the others one per record."""
 
     def __init__(self, config: Config, rate_per_s: float = 150) -> None:
         self.config = config
@@ -254,14 +259,28 @@ class Traffic:
         await producer.start()
         try:
             n = 0
+            topic = self.config.services.events_topic
             while not self.stop.is_set():
+                tick: list[UsageEvent] = []
                 for _ in range(int(self.rate_per_s / 10)):
                     event = random_event(rng, n) if n % 40 or not self.sent else rng.choice(self.sent[-500:])
                     n += 1
                     self.sent.append(event)
-                    await producer.send(
-                        self.config.services.events_topic, encode_event(event), key=event.customer_id.encode(), timestamp_ms=event.time_ms
-                    )
+                    tick.append(event)
+                if n // len(tick) % 2:
+                    count = len(await producer.partitions_for(topic))
+                    by_partition: dict[int, list[SpoolRecord]] = {}
+                    for seq, event in enumerate(tick, start=n - len(tick)):
+                        key = event.customer_id.encode()
+                        by_partition.setdefault(partition_of(key, count), []).append(
+                            SpoolRecord(seq, key, event.time_ms, encode_event(event)))
+                    for partition, spooled in by_partition.items():
+                        for r in kafka_records(b"traffic", spooled):
+                            await producer.send(topic, r.value, key=r.key, partition=partition,
+                                                timestamp_ms=r.timestamp_ms, headers=r.headers)
+                else:
+                    for event in tick:
+                        await producer.send(topic, encode_event(event), key=event.customer_id.encode(), timestamp_ms=event.time_ms)
                 await asyncio.sleep(0.1)
             await producer.flush()
         finally:
