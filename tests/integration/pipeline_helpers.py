@@ -258,16 +258,17 @@ class Traffic:
         producer = AIOKafkaProducer(bootstrap_servers=self.config.services.kafka_bootstrap, linger_ms=5)
         await producer.start()
         try:
-            n = 0
+            n = ticks = 0
             topic = self.config.services.events_topic
             while not self.stop.is_set():
+                ticks += 1
                 tick: list[UsageEvent] = []
                 for _ in range(int(self.rate_per_s / 10)):
                     event = random_event(rng, n) if n % 40 or not self.sent else rng.choice(self.sent[-500:])
                     n += 1
                     self.sent.append(event)
                     tick.append(event)
-                if n // len(tick) % 2:
+                if ticks % 2:
                     count = len(await producer.partitions_for(topic))
                     by_partition: dict[int, list[SpoolRecord]] = {}
                     for seq, event in enumerate(tick, start=n - len(tick)):
