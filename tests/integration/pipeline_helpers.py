@@ -31,8 +31,9 @@ from quotameter.aggregate import format_usd, price_batch
 from quotameter.config import Config
 from quotameter.embedded.procs import ManagedProcess
 from quotameter.errors import QuotameterError
+from quotameter.delivery import delivery_headers, read_seqs
 from quotameter.event_batch import is_batch
-from quotameter.events import RequestData, UsageEvent, encode_event
+from quotameter.events import RequestData, UsageEvent, encode_event, traceparent_of
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import sync_redis
@@ -186,21 +187,28 @@ def as_strings(totals: dict[str, Any]) -> dict[str, str]:
 
 def unpacked(records: Iterable[Any]) -> list[Any]:
     """One record per event: a record carrying a batch (as the shim sends a
-    burst) becomes a copy per event, valued with that event's exact bytes and
-    keyed by its customer, as a record of its own would be."""
+    burst) becomes a copy per event, valued with that event's exact bytes,
+    keyed by its customer and with the headers (spool seq, trace context) a
+    record of its own would carry."""
     out: list[Any] = []
     for record in records:
         if not isinstance(record.value, bytes) or not is_batch(record.value):
             out.append(record)
             continue
+        spool = read_seqs(record.headers)
         text, decoder = record.value.decode(), json.JSONDecoder()
-        at = text.index("[") + 1
+        at, index = text.index("[") + 1, 0
         while True:
             at += len(text[at:]) - len(text[at:].lstrip(" ,\n\t"))
             if text[at] == "]":
                 break
             event, end = decoder.raw_decode(text, at)
-            out.append(dataclasses.replace(record, value=text[at:end].encode(), key=event["subject"].encode()))
+            value = text[at:end].encode()
+            headers = [] if spool is None else delivery_headers(spool[0].encode(), spool[1][index])
+            index += 1
+            if (traceparent := traceparent_of(value)) is not None:
+                headers.append(("traceparent", traceparent))
+            out.append(dataclasses.replace(record, value=value, key=event["subject"].encode(), headers=tuple(headers)))
             at = end
     return out
 
