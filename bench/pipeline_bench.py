@@ -20,16 +20,21 @@ directory (chDB history, Faust data, logs) that it removes, and:
 4. runs one ``quotameter worker`` (its own app id, history dir and port) over
    the same topic from the beginning, polling ``GET /stats`` until every event
    is in the ledger, then checks the ledger's count over ``POST /query``;
+   then a fresh one over a second topic holding the same events as the shim
+   sends them (``ShimRecords``: one record per partition and turn of the
+   shim's sender, a CloudEvents batch); each with its process CPU per event;
 5. stops it, starts a fresh worker on a fresh topic, produces at a fixed rate
-   for ``--duration`` seconds with event time = send time, waits until the
-   ledger has them all, and reads the worker's freshness p50 / p99 (event
-   time -> Redis written, -> ClickHouse inserted) from ``GET /stats``.
+   (default 5k events/s) for ``--duration`` seconds with event time = send
+   time, in the shim's records every 5 ms, waits until the ledger has them
+   all, and reads the worker's freshness p50 / p99 (event time -> Redis
+   written, -> ClickHouse inserted) from ``GET /stats``.
 
-Targets: >= 10k events/s per worker, >= 4x the naive agent,
+Targets: >= 20k events/s per worker (batched records), >= 4x the naive agent,
 freshness p99 <= 1 s to Redis and <= 5 s to ClickHouse.
 
-``--py-spy FILE`` also samples the worker of step 4 with py-spy (pip install
-py-spy) and prints the functions it spent its time in.
+``--py-spy FILE`` also samples the batched-records worker of step 4 with
+py-spy (pip install py-spy) and prints the functions it spent its time in,
+and CPU µs per event by area.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from quotameter.embedded.procs import ManagedProcess, free_port  # noqa: E402
 from quotameter.embedded.redis_server import redis_process  # noqa: E402
 from quotameter.events import RequestData, UsageEvent, decode_event, encode_event, new_event_id  # noqa: E402
 
-TARGET_EVENTS_S, TARGET_VS_NAIVE, TARGET_REDIS_P99_MS, TARGET_CH_P99_MS = 10_000, 4.0, 1_000, 5_000
+TARGET_EVENTS_S, TARGET_VS_NAIVE, TARGET_REDIS_P99_MS, TARGET_CH_P99_MS = 20_000, 4.0, 1_000, 5_000
 PARTITIONS = 4  # pipeline.app.TOPIC_PARTITIONS: the worker's tables are co-partitioned with it
 WORKER_READY_TIMEOUT_S = 120.0
 NAIVE_MAX_S = 150.0
@@ -139,6 +144,34 @@ def make_events(maker: EventMaker, n: int) -> list[tuple[bytes, bytes, int]]:
     return out
 
 
+class ShimRecords:
+    """Events as the shim's emitter sends them: each turn of its sender (up
+    to 500 spooled events) becomes one record per partition, a CloudEvents
+    batch naming each event's spool seq (gateway_shim.kafka_records)."""
+
+    TURN = 500  # gateway_shim.emitter._BATCH
+
+    def __init__(self) -> None:
+        self.spool_id = uuid.uuid4().hex[:16].encode()
+        self.seq = 0
+
+    def records(self, events: list[tuple[bytes, bytes, int]]) -> list[tuple[int, Any]]:
+        """(partition, gateway_shim.kafka_records.KafkaRecord) for ``events``, in order."""
+        from gateway_shim.kafka_records import kafka_records
+        from gateway_shim.spool import SpoolRecord
+        from pipeline.usage_agent import partition_of
+
+        out: list[tuple[int, Any]] = []
+        for start in range(0, len(events), self.TURN):
+            by_partition: dict[int, list[SpoolRecord]] = {}
+            for key, value, ts in events[start : start + self.TURN]:
+                by_partition.setdefault(partition_of(key, PARTITIONS), []).append(SpoolRecord(self.seq, key, ts, value))
+                self.seq += 1
+            for partition, spooled in by_partition.items():
+                out.extend((partition, record) for record in kafka_records(self.spool_id, spooled))
+        return out
+
+
 # ---------------------------------------------------------------- Kafka side
 
 
@@ -161,6 +194,22 @@ async def produce_all(bootstrap: str, topic: str, records: list[tuple[bytes, byt
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)
                 pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return len(records) / (time.perf_counter() - began)
+
+
+async def produce_batched(bootstrap: str, topic: str, records: list[tuple[int, Any]]) -> float:
+    """Records made by ShimRecords; returns records/s."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_OPTIONS)
+    await producer.start()
+    began = time.perf_counter()
+    try:
+        pending = [await producer.send(topic, r.value, key=r.key, partition=p, timestamp_ms=r.timestamp_ms,
+                                       headers=r.headers) for p, r in records]
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
@@ -190,22 +239,27 @@ async def consume_raw(bootstrap: str, topic: str, n: int, decode: bool, timeout_
 
 
 async def produce_at_rate(bootstrap: str, topic: str, maker: EventMaker, rate: int, duration_s: float) -> tuple[int, float]:
-    """Open loop: every 5 ms send what the schedule owes, each event timed at its send.
+    """Open loop: every 5 ms (the shim's linger) send what the schedule owes,
+    each event timed at its send, in records as the shim makes them.
     Returns (events sent, the rate actually achieved)."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")  # as the shim sends
     await producer.start()
+    shim = ShimRecords()
     sent = 0
     pending: list[asyncio.Future] = []
     try:
         began = time.perf_counter()
         while (elapsed := time.perf_counter() - began) < duration_s:
             owed = int(elapsed * rate) - sent
+            events = []
             for customer in maker.pick_customers(owed):
                 event = maker.event(customer, datetime.now(UTC))
-                pending.append(await producer.send(topic, encode_event(event), key=customer.encode(),
-                                                   timestamp_ms=event.time_ms))
+                events.append((customer.encode(), encode_event(event), event.time_ms))
+            for partition, r in shim.records(events):
+                pending.append(await producer.send(topic, r.value, key=r.key, partition=partition,
+                                                   timestamp_ms=r.timestamp_ms, headers=r.headers))
             sent += max(owed, 0)
             if len(pending) > 5000:
                 await asyncio.gather(*pending)
@@ -407,8 +461,9 @@ def py_spy_record(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def py_spy_summary(raw: Path, label: str, top: int = 16) -> None:
-    """Where the worker's CPU went, from py-spy's collapsed stacks (active samples only)."""
+def py_spy_summary(raw: Path, label: str, top: int = 16, cpu_us_per_event: float | None = None) -> None:
+    """Where the worker's CPU went, from py-spy's collapsed stacks (active
+    samples only); with the worker's CPU per event, each area's share of it."""
     inclusive: Counter[str] = Counter()
     areas: Counter[str] = Counter()
     total = 0
@@ -430,7 +485,8 @@ def py_spy_summary(raw: Path, label: str, top: int = 16) -> None:
     print(f"py-spy: {total} active samples at 100 Hz ({total / 100:.0f} s of CPU) in the {label} worker")
     print("  by area:")
     for area, count in areas.most_common():
-        print(f"    {count / total:6.1%}  {area}")
+        per_event = "" if cpu_us_per_event is None else f"{count / total * cpu_us_per_event:6.1f} µs/event  "
+        print(f"    {count / total:6.1%}  {per_event}{area}")
     print("  quotameter code, inclusive:")
     for frame, count in inclusive.most_common(top):
         print(f"    {count / total:6.1%}  {frame}")
@@ -459,16 +515,17 @@ def _area(stack: str) -> str:
 
 
 def run_throughput(work: Path, redis_url: str, bootstrap: str, topic: str, n: int, procs: list[ManagedProcess],
-                   profile: Path | None) -> dict[str, Any]:
-    path, url = worker_config(work, "worker-throughput", redis_url, bootstrap, topic)
+                   profile: Path | None, name: str = "worker-throughput") -> dict[str, Any]:
+    path, url = worker_config(work, name, redis_url, bootstrap, topic)
     began = time.monotonic()
-    proc, ready_s = start_worker(work, "worker-throughput", path, url, procs)
+    proc, ready_s = start_worker(work, name, path, url, procs)
     spy = py_spy_record(proc.pid, profile) if profile else None
     seen = wait_ledger(proc, url, n, timeout_s=max(120.0, n / 1000))
     if spy is not None:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         spy.wait(30)
     ledger = ledger_count(url)
+    cpu_s = process_cpu_s(proc.pid)
     proc.stop(timeout_s=30)
     procs.remove(proc)
     first_at, first_events = seen["first"] or (seen["done"], 0)
@@ -476,7 +533,13 @@ def run_throughput(work: Path, redis_url: str, bootstrap: str, topic: str, n: in
     if not seen["complete"]:
         steady = seen["stats"].get("ledger_rows", 0) / max(seen["done"] - first_at, 1e-3)
     return {"events_s": steady, "wall_s": seen["done"] - began, "ready_s": ready_s, "ledger": ledger,
-            "stats": seen["stats"], "complete": seen["complete"]}
+            "stats": seen["stats"], "complete": seen["complete"], "cpu_us_per_event": cpu_s * 1e6 / n}
+
+
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process and its threads (Linux /proc), start-up included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_freshness(work: Path, redis_url: str, bootstrap: str, maker: EventMaker, rate: int, duration_s: float,
@@ -527,7 +590,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="50k events, 10 s of sustained load")
     parser.add_argument("--events", type=int, help="events pre-produced (default 200000; --quick 50000)")
     parser.add_argument("--customers", type=int, default=500, help="distinct customers (default 500)")
-    parser.add_argument("--rate", type=int, default=1000, help="events/s of the sustained-load phase (default 1000)")
+    parser.add_argument("--rate", type=int, default=5000, help="events/s of the sustained-load phase (default 5000)")
     parser.add_argument("--duration", type=float, help="seconds of sustained load (default 20; --quick 10)")
     parser.add_argument("--py-spy", type=Path, metavar="FILE", help="profile the throughput worker into FILE (raw)")
     args = parser.parse_args()
@@ -564,7 +627,13 @@ def main() -> None:
             results["produce"] = asyncio.run(produce_all(bootstrap, topic, records))
             print(f"made {n} events in {made_s:.1f} s ({sum(len(v) for _, v, _ in records) / n:.0f} bytes each); "
                   f"produced at {results['produce']:,.0f} events/s")
-            del records
+            batched_topic = f"bench-batched-{uuid.uuid4().hex[:8]}"
+            asyncio.run(create_topic(bootstrap, batched_topic))
+            batched = ShimRecords().records(records)
+            asyncio.run(produce_batched(bootstrap, batched_topic, batched))
+            print(f"the same events as the shim sends them: {len(batched)} records "
+                  f"({n / len(batched):.0f} events each) to a second topic")
+            del records, batched
 
             results["raw"] = asyncio.run(consume_raw(bootstrap, topic, n, decode=False))
             print(f"raw aiokafka consumer: {results['raw']:,.0f} events/s")
@@ -578,12 +647,15 @@ def main() -> None:
             results["floor"] = run_naive(bootstrap, topic, n, work, procs, floor=True)
             print(f"Faust floor (take, no work): {results['floor']['events_s']:,.0f} events/s")
 
-            results["worker"] = run_throughput(work, redis_url, bootstrap, topic, n, procs, args.py_spy)
-            w = results["worker"]
-            print(f"quotameter worker: {w['events_s']:,.0f} events/s to the ledger (ready in {w['ready_s']:.1f} s, "
-                  f"all {n} in the ledger {w['wall_s']:.1f} s after start; ledger rows {w['ledger']['rows']}, "
-                  f"ids {w['ledger']['ids']}; batches {w['stats'].get('batches')}, "
-                  f"ledger inserts {w['stats'].get('ledger_inserts')}, lookups {w['stats'].get('ledger_lookups')})")
+            for key, label, on_topic, profile in (("worker_single", "one event per record", topic, None),
+                                                  ("worker", "batched records", batched_topic, args.py_spy)):
+                results[key] = run_throughput(work, redis_url, bootstrap, on_topic, n, procs, profile, f"worker-{key}")
+                w = results[key]
+                print(f"quotameter worker, {label}: {w['events_s']:,.0f} events/s to the ledger "
+                      f"({w['cpu_us_per_event']:.0f} CPU µs per event; ready in {w['ready_s']:.1f} s, "
+                      f"all {n} in the ledger {w['wall_s']:.1f} s after start; ledger rows {w['ledger']['rows']}, "
+                      f"ids {w['ledger']['ids']}; batches {w['stats'].get('batches')}, "
+                      f"ledger inserts {w['stats'].get('ledger_inserts')}, lookups {w['stats'].get('ledger_lookups')})")
 
             fresh_profile = args.py_spy.with_name(args.py_spy.name + ".fresh") if args.py_spy else None
             results["fresh"] = run_freshness(work, redis_url, bootstrap, maker, args.rate, duration_s, procs,
@@ -599,9 +671,10 @@ def main() -> None:
         finally:
             for proc in reversed(procs):
                 proc.stop()
-        for label, raw in (("throughput", args.py_spy), ("sustained-load", fresh_profile)):
+        for label, raw, cpu_us in (("throughput", args.py_spy, results.get("worker", {}).get("cpu_us_per_event")),
+                                   ("sustained-load", fresh_profile, None)):
             if raw is not None and raw.exists():
-                py_spy_summary(raw, label)
+                py_spy_summary(raw, label, cpu_us_per_event=cpu_us)
                 print()
 
     report(results, n, args.rate, duration_s)
@@ -609,17 +682,19 @@ def main() -> None:
 
 def report(r: dict[str, Any], n: int, rate: int, duration_s: float) -> None:
     raw, naive, worker = r["raw"], r["naive"]["events_s"], r["worker"]["events_s"]
+    single = r["worker_single"]
     fresh = r["fresh"]["freshness"]
     redis_p50, redis_p99 = (fresh.get("redis", {}).get(k) for k in ("p50_ms", "p99_ms"))
     ch_p50, ch_p99 = (fresh.get("clickhouse", {}).get(k) for k in ("p50_ms", "p99_ms"))
-    exact = r["worker"]["ledger"] == {"rows": n, "ids": n}
+    exact = r["worker"]["ledger"] == {"rows": n, "ids": n} and single["ledger"] == {"rows": n, "ids": n}
 
     print(f"{'consumer of the same ' + format(n, ',') + ' events':<46}{'events/s':>10}{'of ceiling':>12}")
     print("-" * 68)
     for name, value in (("raw aiokafka consumer (ceiling)", raw), ("raw consumer + decode_event", r["raw_decode"]),
                         ("naive Faust agent, 1 table update per event", naive),
                         ("Faust floor: empty agent taking batches", r["floor"]["events_s"]),
-                        ("quotameter worker, until all in the ledger", worker)):
+                        ("quotameter worker, one event per record", single["events_s"]),
+                        ("quotameter worker, batched records (shim)", worker)):
         print(f"{name:<46}{value:>10,.0f}{value / raw:>12.0%}")
     print(f"\nfreshness at {r['fresh']['rate']:,.0f} events/s for {duration_s:.0f} s "
           f"(event time -> written; {r['fresh']['sent']} events):")
@@ -639,6 +714,8 @@ def report(r: dict[str, Any], n: int, rate: int, duration_s: float) -> None:
     for name, measured, ok in checks:
         print(f"{name:<40}{measured:>16}   {mark(ok)}")
     print(f"{'ledger exact (rows = ids = events)':<40}{r['worker']['ledger']['rows']:>16}   {mark(exact)}")
+    print(f"\nworker CPU per event (process CPU / events, start-up included): "
+          f"{single['cpu_us_per_event']:.0f} µs one event per record, {r['worker']['cpu_us_per_event']:.0f} µs batched")
     met = sum(ok for *_, ok in checks)
     print(f"\n{met} of {len(checks)} targets met" + ("" if met == len(checks) else
           ": " + "; ".join(name for name, _, ok in checks if not ok) + " NOT met"))

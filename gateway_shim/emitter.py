@@ -2,9 +2,11 @@
 
 ``emit`` appends the event to the on-disk spool (gateway_shim/spool.py, one
 ``os.write``) and returns; one sender task hands spooled events to the
-producer in spool order, each with its spool id and sequence number as
-headers, and the spool forgets an event once it is delivered: in the ledger
-(the default; step 4 below) or in Kafka (step 3). Whether the broker is up or
+producer in spool order, each partition's events of a turn as few Kafka
+records (a CloudEvents batch each: gateway_shim/kafka_records.py) whose
+headers name the spool and every event's sequence number, and the spool
+forgets an event once it is delivered: in the ledger (the default; step 4
+below) or in Kafka (step 3). Whether the broker is up or
 down, the path is the same: while it is down events accumulate on disk (the
 spool's depth grows), and when it is back the sender resumes from the oldest
 undelivered event, in order.
@@ -70,13 +72,13 @@ from aiokafka.errors import KafkaError
 
 from gateway_shim.confirmations import LedgerConfirmations
 from gateway_shim.errors import MeteringUnavailable
+from gateway_shim.kafka_records import kafka_records
 from gateway_shim.spool import Spool, SpoolRecord
 from quotameter.config import Config, Services
-from quotameter.delivery import AckMode, delivery_headers
-from quotameter.events import EncodedEvent, UsageEvent, encode_event, traceparent_of
+from quotameter.delivery import AckMode
+from quotameter.events import EncodedEvent, UsageEvent, encode_event
 from quotameter.kafka_client import explain, producer_options
 from quotameter.redis_keys import RedisKeys
-from telemetry.context import TRACEPARENT_HEADER
 
 log = logging.getLogger("gateway_shim.emitter")
 
@@ -315,9 +317,10 @@ class EventEmitter:
         return await asyncio.to_thread(self.spool.read, self._next, limit)
 
     async def _send_batch(self, producer: AIOKafkaProducer, batch: list[SpoolRecord]) -> None:
-        """Hand ``batch`` (in spool order) to the producer as one record batch per
-        partition, each acknowledged as a whole: one future per batch, not per
-        event. A partition's events keep their spool order."""
+        """Hand ``batch`` (in spool order) to the producer: each partition's
+        events as few Kafka records (gateway_shim.kafka_records), in one record
+        batch per partition, each acknowledged as a whole: one future per
+        batch, not per event. A partition's events keep their spool order."""
         generation = self._generation
         try:
             partitions = await producer.partitions_for(self.topic)  # metadata, cached by the client
@@ -327,7 +330,7 @@ class EventEmitter:
         if partitions != self._partition_set:
             self._partition_set, self._partition_of = set(partitions), {}
         all_partitions = list(partitions)
-        open_batches: dict[int, tuple[BatchBuilder, list[int]]] = {}
+        by_partition: dict[int, list[SpoolRecord]] = {}
         for record in batch:
             if self._rewind or generation != self._generation:
                 return
@@ -341,12 +344,12 @@ class EventEmitter:
                 self._partition_of[record.key] = partition
             if len(record.value) > _LARGE_EVENT_BYTES:
                 # Rare: let send() size-check it as always, after what this partition holds.
-                if not await self._submit(producer, partition, open_batches.pop(partition, None), generation):
+                if not await self._send_partition(producer, partition, by_partition.pop(partition, []), generation):
                     return
                 try:
                     delivery = await producer.send(
                         self.topic, record.value, key=record.key, partition=partition, timestamp_ms=record.timestamp_ms,
-                        headers=self._headers(record),
+                        headers=next(kafka_records(self.spool.spool_id, [record])).headers,
                     )
                 except (KafkaError, OSError) as exc:
                     self._failed(generation, exc)
@@ -355,31 +358,25 @@ class EventEmitter:
                 delivery.add_done_callback(partial(self._delivered, (record.seq,), generation))
                 self._next = record.seq + 1
                 continue
-            pending = open_batches.get(partition)
-            if pending is None:
-                pending = open_batches[partition] = (producer.create_batch(), [])
-            headers = self._headers(record)
-            if pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms, headers=headers) is None:
-                # Full: send it, and start the next one with this event (a first event always fits).
-                if not await self._submit(producer, partition, open_batches.pop(partition), generation):
-                    return
-                pending = open_batches[partition] = (producer.create_batch(), [])
-                pending[0].append(key=record.key, value=record.value, timestamp=record.timestamp_ms, headers=headers)
-            pending[1].append(record.seq)
+            by_partition.setdefault(partition, []).append(record)
             self._next = record.seq + 1
-        for partition in list(open_batches):
-            if not await self._submit(producer, partition, open_batches.pop(partition), generation):
+        for partition, records in by_partition.items():
+            if not await self._send_partition(producer, partition, records, generation):
                 return
 
-    def _headers(self, record: SpoolRecord) -> list[tuple[str, bytes]]:
-        """The record's delivery headers, and its trace context when its request was
-        sampled: read off the event's end (no parse), so a spool written before
-        trace contexts existed, or replayed after a restart, is sent the same way."""
-        headers = delivery_headers(self.spool.spool_id, record.seq)
-        traceparent = traceparent_of(record.value)
-        if traceparent is not None:
-            headers.append((TRACEPARENT_HEADER, traceparent))
-        return headers
+    async def _send_partition(
+        self, producer: AIOKafkaProducer, partition: int, records: list[SpoolRecord], generation: int
+    ) -> bool:
+        pending: tuple[BatchBuilder, list[int]] = (producer.create_batch(), [])
+        for out in kafka_records(self.spool.spool_id, records):
+            if pending[0].append(key=out.key, value=out.value, timestamp=out.timestamp_ms, headers=out.headers) is None:
+                # Full: send it, and start the next one with this record (a first record always fits).
+                if not await self._submit(producer, partition, pending, generation):
+                    return False
+                pending = (producer.create_batch(), [])
+                pending[0].append(key=out.key, value=out.value, timestamp=out.timestamp_ms, headers=out.headers)
+            pending[1].extend(out.seqs)
+        return await self._submit(producer, partition, pending, generation)
 
     async def _submit(
         self, producer: AIOKafkaProducer, partition: int, pending: tuple[BatchBuilder, list[int]] | None, generation: int

@@ -2,8 +2,9 @@
 
 Called by the ledger sink after an insert succeeded, with every event of the
 flushed batches: the new rows, and the duplicates and redeliveries the
-ledger already had. Each event that came from a shim's spool carries its
-spool id and sequence number as headers; its bit is set in that spool's
+ledger already had. Each record that came from a shim's spool carries its
+spool id and the sequence number of each of its events as headers; each
+event's bit is set in that spool's
 bitmap (layout and reasons: quotameter/delivery.py), one BITFIELD per block.
 
 A crash or a Redis error before the bits are set loses nothing: the shim
@@ -21,7 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from quotameter.delivery import MARK_TTL_S, marks_by_block, read_headers
+from quotameter.delivery import MARK_TTL_S, marks_by_block, read_seqs
 from quotameter.redis_keys import RedisKeys
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ class LedgerMarks:
         """Set the bit of every event (Faust events, or filled records) that carries a spool's headers."""
         by_spool: dict[str, list[int]] = {}
         for event in events:
-            found = read_headers(getattr(event.message, "headers", None))
-            if found is not None:
-                by_spool.setdefault(found[0], []).append(found[1])
+            found = read_seqs(getattr(event.message, "headers", None))
+            if found is not None:  # one seq per event the record carries
+                by_spool.setdefault(found[0], []).extend(found[1])
         if not by_spool:
             return
         try:

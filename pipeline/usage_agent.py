@@ -4,12 +4,15 @@ Events are acked by hand, by the ledger sink, once their rows are written.
 
     0. offsets             records the consumer skipped are read directly and
                            join the batch (pipeline.offset_guard)
-    1. decode + price      pure; a malformed event goes to the dead-letter
-                           topic with the reason (step 4 waits for it)
+    1. decode + price      pure; a record carries one event or a batch
+                           (quotameter.event_batch); a malformed event goes
+                           to the dead-letter topic with the reason (step 4
+                           waits for it)
     2. dedupe              ids already applied: the in-memory window, else
                            the ledger (exact; see pipeline.dedupe)
-    3. window tables       only offsets above each record's watermark are
-                           applied (pipeline.window_tables)
+    3. window tables       only positions (offset, index in the record)
+                           above each record's watermark are applied
+                           (pipeline.window_tables)
     4. changelog flush     the tables' changelog records and DLQ records are
                            acknowledged by the broker
     5. quota state         Redis: absolute totals with a version, releasing
@@ -26,6 +29,7 @@ said beside the step; in every case the totals end exact.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from decimal import Decimal
@@ -33,6 +37,7 @@ from typing import Any, Protocol
 
 import faust
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from faust.types import EventT
 
 from pipeline import telemetry, tracing
@@ -47,11 +52,19 @@ from pipeline.retry import retrying
 from pipeline.window_tables import WindowTables
 from quotameter.aggregate import price_event
 from quotameter.errors import EventError
-from quotameter.events import decode_event
+from quotameter.event_batch import BadEvent, decode_record, is_batch
+from quotameter.events import encode_event
 from quotameter.pricing import PriceTable
 from quotameter.windows import Delivered
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=100_000)
+def partition_of(key: bytes, count: int) -> int:
+    """The partition the producers' default partitioner (Kafka's murmur2, as
+    aiokafka and the Java client compute it) gives ``key`` among ``count``."""
+    return (murmur2(key) & 0x7FFFFFFF) % count
 
 
 
@@ -98,10 +111,10 @@ class UsageSink:
         # 0. Read only. A crash here: nothing acked, all redelivered.
         events = await retrying("reading skipped offsets", lambda: self.guard.complete(events), (KafkaError, OSError, HistoryError))
         # 1. Pure, plus DLQ sends. A crash here: nothing acked, all redelivered.
-        delivered, dead = self._decode(events)
+        delivered, dead, carried = self._decode(events)
         tracing.link_requests(span, events, (d.priced.event for d in delivered))  # step 0 may have added records
-        for event, reason in dead:
-            await self._dead_letter(event, reason)
+        for event, reason, value in dead:
+            await self._dead_letter(event, reason, value)
         # 2. Read only. A crash here: as in 1.
         known = await retrying("ledger lookup", lambda: self.dedupe.known(delivered)) if delivered else {}
         fresh = [d for d in delivered if d.priced.event.id not in known]
@@ -109,7 +122,8 @@ class UsageSink:
         # and offset) reached the ledger, but maybe not the tables (a changelog
         # record lost in a crash or a rebalance): the tables apply it unless
         # their watermark (or their seed) already covers it. Any other known
-        # id is a re-sent duplicate: skipped.
+        # id is a re-sent duplicate: skipped. (Partition and offset name the
+        # record; an id has one place in it, so its index adds nothing.)
         again = [d for d in delivered if known.get(d.priced.event.id) == (d.partition, d.offset)]
         # 3. Tables (in memory until 4). A crash here: as in 1.
         result = await retrying("ledger seed", lambda: self.windows.apply(fresh, again))
@@ -138,7 +152,7 @@ class UsageSink:
         # 7. Ledger rows of the new ids; every event of the batch is acked
         #    after they are written.
         await self.ledger.add(result.rows, events, oldest_ms)
-        self._count(events, delivered, fresh, dead, result.late, result.seeded)
+        self._count(carried, delivered, fresh, dead, result.late, result.seeded)
 
     def _redis_freshness(self, oldest_ms: int | None, fresh: list[Delivered], written: bool) -> None:
         if oldest_ms is not None:
@@ -150,29 +164,51 @@ class UsageSink:
         telemetry.freshness("redis", self._unwritten_ms, written_ms)
         self._unwritten_ms = None
 
-    def _decode(self, events: Sequence[EventT]) -> tuple[list[Delivered], list[tuple[EventT, str]]]:
+    def _decode(self, events: Sequence[EventT]) -> tuple[list[Delivered], list[tuple[EventT, str, bytes | None]], int]:
+        """Every event of every record (one, or a batch), priced; what goes
+        to the dead-letter topic: (record, reason, the bad element of a batch
+        or None); and how many events the records carried."""
+        carried = 0
+        partitions = self._partition_count()  # None: unknown, the producer's grouping is trusted
         delivered: list[Delivered] = []
-        dead: list[tuple[EventT, str]] = []
+        dead: list[tuple[EventT, str, bytes | None]] = []
         seen: set[str] = set()
         for event in events:
             message = event.message
             try:
-                decoded = decode_event(event.value)
+                decoded_all = decode_record(event.value)
             except EventError as exc:
-                dead.append((event, str(exc)))
+                dead.append((event, str(exc), None))
+                carried += 1
                 continue
-            if message.key is not None and message.key != decoded.subject.encode():
-                # The watermark needs one partition per customer: keyed by subject.
-                dead.append((event, f"key {message.key!r} is not the event's subject {decoded.subject!r}"))
-                continue
-            if decoded.id in seen:
-                continue  # a duplicate within the batch: the first one (lowest offset) counts
-            seen.add(decoded.id)
-            priced = price_event(decoded, self.prices, message.partition, message.offset)
-            delivered.append(Delivered(priced, message.partition, message.offset))
-        return delivered, dead
+            carried += len(decoded_all)
+            batch = len(decoded_all) > 1 or is_batch(event.value)
+            for index, decoded in enumerate(decoded_all):
+                if isinstance(decoded, BadEvent):
+                    dead.append((event, decoded.reason, decoded.value))
+                    continue
+                problem = _misplaced(message, decoded.subject, batch, partitions)
+                if problem is not None:
+                    # The watermark needs one partition per customer.
+                    dead.append((event, problem, encode_event(decoded) if batch else None))
+                    continue
+                if decoded.id in seen:
+                    continue  # a duplicate within the batch: the first one (lowest position) counts
+                seen.add(decoded.id)
+                priced = price_event(decoded, self.prices, message.partition, message.offset, index)
+                delivered.append(Delivered(priced, message.partition, message.offset, index))
+        return delivered, dead, carried
 
-    async def _dead_letter(self, event: EventT, reason: str) -> None:
+    def _partition_count(self) -> int | None:
+        topic = self.parts.events_topic.get_topic_name()
+        try:
+            found = self.parts.app.consumer.topic_partitions(topic)
+        except (AttributeError, KeyError):  # no consumer yet
+            return None
+        return found if isinstance(found, int) and found > 0 else None  # 0 or None: no metadata yet
+
+    async def _dead_letter(self, event: EventT, reason: str, value: bytes | None = None) -> None:
+        """``value``: the one bad event of a batch record, else the whole record goes."""
         message = event.message
         log.warning("malformed event at %s[%d]@%d sent to %s: %s", message.topic, message.partition, message.offset, self.dlq_topic, reason,
                     extra={"fields": {"topic": message.topic, "partition": message.partition, "offset": message.offset,
@@ -182,21 +218,36 @@ class UsageSink:
             ("quotameter-source", f"{message.topic}[{message.partition}]@{message.offset}".encode()),
         ]
         await self.parts.app.producer.send(
-            self.dlq_topic, message.key, event.value if isinstance(event.value, bytes) else bytes(event.value or b""),
+            self.dlq_topic, message.key,
+            value if value is not None else event.value if isinstance(event.value, bytes) else bytes(event.value or b""),
             partition=None, timestamp=None, headers=headers,
         )
 
-    def _count(self, events: Any, delivered: list, fresh: list, dead: list, late: int, seeded: int) -> None:
+    def _count(self, carried: int, delivered: list, fresh: list, dead: list, late: int, seeded: int) -> None:
         counts = self.counts
         counts["batches"] += 1
-        counts["events"] += len(events)
+        counts["events"] += carried
         counts["applied"] += len(fresh)
-        counts["duplicates"] += len(events) - len(dead) - len(fresh)
+        counts["duplicates"] += carried - len(dead) - len(fresh)
         counts["malformed"] += len(dead)
         counts["late"] += late
         counts["seeded"] += seeded
         # ``late`` may count a redelivered event too (``again``): only fresh ones are late here.
-        telemetry.batch(len(events), len(fresh), min(late, len(fresh)), len(events) - len(dead) - len(fresh), len(dead))
+        telemetry.batch(carried, len(fresh), min(late, len(fresh)), carried - len(dead) - len(fresh), len(dead))
+
+
+def _misplaced(message: Any, subject: str, batch: bool, partitions: int | None) -> str | None:
+    """Why an event is in the wrong partition, or None. A record of one
+    event is keyed by its subject; a batch groups the customers of one
+    partition under one key, so each subject must map to the record's
+    partition as the producer's default partitioner maps it."""
+    if not batch:
+        if message.key is not None and message.key != subject.encode():
+            return f"key {message.key!r} is not the event's subject {subject!r}"
+        return None
+    if partitions and partition_of(subject.encode(), partitions) != message.partition:
+        return f"customer {subject!r} does not belong in partition {message.partition} of {partitions}"
+    return None
 
 
 def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: int, batch_max_wait_ms: int) -> None:

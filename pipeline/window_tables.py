@@ -122,7 +122,7 @@ class WindowTables:
         result = BatchResult()
         by_customer: dict[str, list[Delivered]] = {}
         repeat = {id(d) for d in again}
-        for delivered in sorted([*fresh, *again], key=lambda d: (d.partition, d.offset)):
+        for delivered in sorted([*fresh, *again], key=lambda d: (d.partition, d.position)):
             by_customer.setdefault(delivered.priced.event.customer_id, []).append(delivered)
         if not by_customer:
             return result
@@ -158,7 +158,7 @@ class WindowTables:
                 stream_ms = max(stream_ms, event_ms)
                 if late:
                     result.late += 1
-                    delivered = Delivered(dataclasses.replace(delivered.priced, late=True), delivered.partition, delivered.offset)
+                    delivered = Delivered(dataclasses.replace(delivered.priced, late=True), delivered.partition, delivered.offset, delivered.index)
                 priced = delivered.priced
                 flagged.append(delivered)
                 if not repeated:

@@ -111,6 +111,7 @@ class PricedEvent:
     late: bool = False  # older than its customer's newest event by more than the grace
     partition: int = -1  # where Kafka delivered it (kept in the ledger row)
     offset: int = -1
+    index: int = 0  # within its record, when the record carries a batch of events
 
     @property
     def totals(self) -> Totals:
@@ -128,7 +129,9 @@ class PricedEvent:
         )
 
 
-def price_event(event: UsageEvent, prices: PriceTable, partition: int = -1, offset: int = -1) -> PricedEvent:
+def price_event(
+    event: UsageEvent, prices: PriceTable, partition: int = -1, offset: int = -1, index: int = 0
+) -> PricedEvent:
     """Price by the model that served the request (else the one requested),
     at the price in force on the event's UTC day."""
     data = event.data
@@ -141,7 +144,7 @@ def price_event(event: UsageEvent, prices: PriceTable, partition: int = -1, offs
         cache_write_tokens=data.cache_write_tokens,
         reasoning_tokens=data.reasoning_tokens,
     )
-    return PricedEvent(event, cost, partition=partition, offset=offset)
+    return PricedEvent(event, cost, partition=partition, offset=offset, index=index)
 
 
 def unique_by_id(events: Iterable[UsageEvent]) -> list[UsageEvent]:

@@ -2,7 +2,9 @@
 
 Every shim numbers the events it spools (gateway_shim/spool.py: dense
 sequence numbers, one series per spool, named by the spool's random id) and
-sends both with each Kafka record as headers. Once a worker has an event's
+sends both with each Kafka record as headers: a record of one event names
+its seq; a record carrying a batch of events names the seq of each, in the
+batch's order, as ranges (``SEQS_HEADER``). Once a worker has an event's
 row in the ledger (or knows the ledger had it: a duplicate), it sets the
 event's bit in a Redis bitmap of that spool:
 
@@ -25,11 +27,15 @@ significant bit of byte 0, as SETBIT and BITFIELD do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from enum import StrEnum
 
 SPOOL_HEADER = "quotameter-spool"  # the spool's id (hex), ASCII
 SEQ_HEADER = "quotameter-seq"  # the event's sequence number in that spool, ASCII decimal
+# A batch record's sequence numbers, one per event in order, as ASCII runs:
+# "7-9,12,15-16" is 7, 8, 9, 12, 15, 16. A partition's events of one turn of
+# the sender are mostly consecutive, so the header stays a few bytes.
+SEQS_HEADER = "quotameter-seqs"
 
 BLOCK_BITS = 1 << 20  # one key per 2^20 events: 128 KiB at most
 MARK_TTL_S = 14 * 24 * 3600  # a spool gone for two weeks leaves nothing behind
@@ -70,6 +76,77 @@ def set_bits(data: bytes, first_bit: int) -> Iterator[int]:
 
 def delivery_headers(spool_id: bytes, seq: int) -> list[tuple[str, bytes]]:
     return [(SPOOL_HEADER, spool_id), (SEQ_HEADER, str(seq).encode())]
+
+
+def format_seqs(seqs: Sequence[int]) -> bytes:
+    """``seqs`` (increasing) as runs, see SEQS_HEADER."""
+    runs: list[str] = []
+    start = previous = None
+    for seq in seqs:
+        if previous is not None and seq == previous + 1:
+            previous = seq
+            continue
+        if start is not None:
+            runs.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = seq
+    if start is not None:
+        runs.append(str(start) if start == previous else f"{start}-{previous}")
+    return ",".join(runs).encode()
+
+
+def parse_seqs(raw: bytes | str) -> list[int] | None:
+    """The sequence numbers of a SEQS_HEADER, or None when it is malformed."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    out: list[int] = []
+    try:
+        for run in text.split(","):
+            first, dash, last = run.partition("-")
+            low = int(first)
+            high = int(last) if dash else low
+            if low < 0 or high < low or high - low > MAX_RUN:
+                return None
+            out.extend(range(low, high + 1))
+    except ValueError:
+        return None
+    return out
+
+
+MAX_RUN = 1 << 16  # no run longer than a record may hold events: a header cannot make a worker build huge lists
+
+
+def batch_delivery_headers(spool_id: bytes, seqs: Sequence[int]) -> list[tuple[str, bytes]]:
+    return [(SPOOL_HEADER, spool_id), (SEQS_HEADER, format_seqs(seqs))]
+
+
+def read_seqs(headers: object) -> tuple[str, list[int]] | None:
+    """(spool id, the seq of every event) from a record's headers, one event's
+    or a batch's; None for events that did not come from a shim's spool."""
+    if not headers:
+        return None
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    for name, value in pairs:  # type: ignore[union-attr]
+        if name == SEQS_HEADER:
+            break
+    else:
+        single = read_headers(headers)
+        return None if single is None else (single[0], [single[1]])
+    spool_id = _spool_id(headers)
+    seqs = parse_seqs(value) if value else None
+    if spool_id is None or seqs is None:
+        return None
+    return spool_id, seqs
+
+
+def _spool_id(headers: object) -> str | None:
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    for name, value in pairs:  # type: ignore[union-attr]
+        if name == SPOOL_HEADER and value:
+            try:
+                spool_id = value.decode("ascii") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError:
+                return None
+            return spool_id if spool_id.isalnum() else None
+    return None
 
 
 def read_headers(headers: object) -> tuple[str, int] | None:

@@ -4,9 +4,10 @@ under at-least-once delivery. Pure: no I/O, no clock.
 One ``WindowRecord`` per customer and granularity is what a pipeline table
 holds. Beside the buckets it carries what makes replays harmless:
 
-    wm    {partition: highest Kafka offset applied}. A customer lives in one
-          partition (events are keyed by customer id), so an event at or
-          below it was applied already: a redelivery after a crash or a
+    wm    {partition: highest position applied}: the Kafka offset and the
+          event's index in its record (quotameter.event_batch.position). A
+          customer lives in one partition (events are partitioned by
+          customer id), so an event at or below it was applied already: a redelivery after a crash or a
           rebalance is skipped. It is stored in the same table value as the
           totals, so the two are always written together.
     t     the newest event time seen (ms): stream time. Buckets are chosen
@@ -33,6 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from quotameter.aggregate import PricedEvent, Totals
+from quotameter.event_batch import position
 from quotameter.periods import BillingCalendar
 
 ALL_MODELS = "*"
@@ -104,12 +106,14 @@ class Delivered:
     """One decoded, priced event with where Kafka delivered it, and what the
     windows need of it computed once: its time, minute, model and totals."""
 
-    __slots__ = ("priced", "partition", "offset", "time_ms", "minute", "model", "delta")
+    __slots__ = ("priced", "partition", "offset", "index", "position", "time_ms", "minute", "model", "delta")
 
-    def __init__(self, priced: PricedEvent, partition: int, offset: int) -> None:
+    def __init__(self, priced: PricedEvent, partition: int, offset: int, index: int = 0) -> None:
         self.priced = priced
         self.partition = partition
         self.offset = offset
+        self.index = index  # within a record carrying a batch of events
+        self.position = position(offset, index)
         self.time_ms = priced.event.time_ms
         self.minute = self.time_ms // 60_000
         self.model = model_of(priced)
@@ -160,7 +164,7 @@ def seeds_needed(
     """Buckets the events would create in ``record`` that must first be seeded from the ledger."""
     index = GRANULARITIES.index(granularity)
     wm = record.wm
-    minutes = {d.minute for d in events if d.offset > wm.get(str(d.partition), -1)}
+    minutes = {d.minute for d in events if d.position > wm.get(str(d.partition), -1)}
     out: dict[str, Bucket] = {}
     for minute in minutes:
         bucket = buckets_of_minute(minute, calendar)[index]
@@ -176,9 +180,9 @@ def apply(
     seeds: Mapping[str, Seed],
     calendar: BillingCalendar,
 ) -> set[str]:
-    """Add the events not yet applied (by offset) to ``record``; return the
+    """Add the events not yet applied (by position) to ``record``; return the
     buckets they touched. ``events`` are new to the ledger (duplicates by id
-    are dropped before) and in offset order. A bucket listed in ``seeds``
+    are dropped before) and in position order. A bucket listed in ``seeds``
     starts from the ledger's totals instead of zero."""
     return apply_all({granularity: record}, events, {granularity: seeds}, calendar)[granularity]
 
@@ -200,8 +204,8 @@ def apply_all(
         mask = 0
         for index, _, record in grans:
             wm = record.wm
-            if d.offset > wm.get(key, -1):
-                wm[key] = d.offset  # applied before a crash or a rebalance: never twice
+            if d.position > wm.get(key, -1):
+                wm[key] = d.position  # applied before a crash or a rebalance: never twice
                 mask |= 1 << index
         if not mask:
             continue

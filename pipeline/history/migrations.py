@@ -162,6 +162,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         "attribution: end user, project, tags",
         _add_columns("end_user String DEFAULT ''", "project String DEFAULT ''", "tags Map(String, String)"),
     ),
+    # A record may carry a batch of events: a row's Kafka position is
+    # (partition, offset, index in the record); 0 for a record of one event.
+    Migration(4, "Kafka position: index within the record", _add_columns("kafka_index UInt32 DEFAULT 0 AFTER kafka_offset")),
 )
 LATEST = MIGRATIONS[-1].version
 

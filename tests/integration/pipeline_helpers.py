@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,14 +21,19 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from gateway_shim.kafka_records import kafka_records
+from gateway_shim.spool import SpoolRecord
 from pipeline.history.chdb_store import ChdbHistory
 from pipeline.history.reader import ledger_usage
 from pipeline.history.store import QueryRejected
+from pipeline.usage_agent import partition_of
 from quotameter.aggregate import format_usd, price_batch
 from quotameter.config import Config
 from quotameter.embedded.procs import ManagedProcess
 from quotameter.errors import QuotameterError
-from quotameter.events import RequestData, UsageEvent, encode_event
+from quotameter.delivery import delivery_headers, read_seqs
+from quotameter.event_batch import is_batch
+from quotameter.events import RequestData, UsageEvent, encode_event, traceparent_of
 from quotameter.pricing import PriceTable
 from quotameter.redis_keys import RedisKeys
 from quotameter.redis_pool import sync_redis
@@ -179,6 +185,34 @@ def as_strings(totals: dict[str, Any]) -> dict[str, str]:
     return {name: str(totals[name]) for name in ACME_TOTALS}
 
 
+def unpacked(records: Iterable[Any]) -> list[Any]:
+    """One record per event: a record carrying a batch (as the shim sends a
+    burst) becomes a copy per event, valued with that event's exact bytes,
+    keyed by its customer and with the headers (spool seq, trace context) a
+    record of its own would carry."""
+    out: list[Any] = []
+    for record in records:
+        if not isinstance(record.value, bytes) or not is_batch(record.value):
+            out.append(record)
+            continue
+        spool = read_seqs(record.headers)
+        text, decoder = record.value.decode(), json.JSONDecoder()
+        at, index = text.index("[") + 1, 0
+        while True:
+            at += len(text[at:]) - len(text[at:].lstrip(" ,\n\t"))
+            if text[at] == "]":
+                break
+            event, end = decoder.raw_decode(text, at)
+            value = text[at:end].encode()
+            headers = [] if spool is None else delivery_headers(spool[0].encode(), spool[1][index])
+            index += 1
+            if (traceparent := traceparent_of(value)) is not None:
+                headers.append(("traceparent", traceparent))
+            out.append(dataclasses.replace(record, value=value, key=event["subject"].encode(), headers=tuple(headers)))
+            at = end
+    return out
+
+
 async def read_topic(
     bootstrap: str, topic: str, count: int, timeout_s: float = 20.0, keys: set[bytes] | None = None
 ) -> list[Any]:
@@ -192,7 +226,7 @@ async def read_topic(
         while len(records) < count and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for partition_records in batch.values():
-                records.extend(r for r in partition_records if keys is None or r.key in keys)
+                records.extend(r for r in unpacked(partition_records) if keys is None or r.key in keys)
     finally:
         await consumer.stop()
     return records
@@ -217,7 +251,9 @@ def random_event(rng: random.Random, n: int) -> UsageEvent:
 
 
 class Traffic:
-    """Produces events until stopped, re-sending some (as a shim retrying after a lost ack)."""
+    """Produces events until stopped, re-sending some (as a shim retrying after a
+    lost ack); every other tick's events go as the shim sends a burst (one batch
+    record per partition, gateway_shim.kafka_records), the others one per record."""
 
     def __init__(self, config: Config, rate_per_s: float = 150) -> None:
         self.config = config
@@ -230,15 +266,30 @@ class Traffic:
         producer = AIOKafkaProducer(bootstrap_servers=self.config.services.kafka_bootstrap, linger_ms=5)
         await producer.start()
         try:
-            n = 0
+            n = ticks = 0
+            topic = self.config.services.events_topic
             while not self.stop.is_set():
+                ticks += 1
+                tick: list[UsageEvent] = []
                 for _ in range(int(self.rate_per_s / 10)):
                     event = random_event(rng, n) if n % 40 or not self.sent else rng.choice(self.sent[-500:])
                     n += 1
                     self.sent.append(event)
-                    await producer.send(
-                        self.config.services.events_topic, encode_event(event), key=event.customer_id.encode(), timestamp_ms=event.time_ms
-                    )
+                    tick.append(event)
+                if ticks % 2:
+                    count = len(await producer.partitions_for(topic))
+                    by_partition: dict[int, list[SpoolRecord]] = {}
+                    for seq, event in enumerate(tick, start=n - len(tick)):
+                        key = event.customer_id.encode()
+                        by_partition.setdefault(partition_of(key, count), []).append(
+                            SpoolRecord(seq, key, event.time_ms, encode_event(event)))
+                    for partition, spooled in by_partition.items():
+                        for r in kafka_records(b"traffic", spooled):
+                            await producer.send(topic, r.value, key=r.key, partition=partition,
+                                                timestamp_ms=r.timestamp_ms, headers=r.headers)
+                else:
+                    for event in tick:
+                        await producer.send(topic, encode_event(event), key=event.customer_id.encode(), timestamp_ms=event.time_ms)
                 await asyncio.sleep(0.1)
             await producer.flush()
         finally:

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer
 from quotameter.events import decode_event
 from quotameter.pricing import PriceTable
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.pipeline_helpers import unpacked
 
 QUOTA_TOKENS = 1500
 BUDGET_USD = "0.0002"  # 200 micro-USD; mock-large is priced at 1 + 4 USD per 1M below
@@ -47,7 +48,7 @@ async def _events(shim: Shim, count: int) -> list:
         records: list = []
         for _ in range(100):
             for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
+                records.extend(unpacked(batch))
             if len(records) >= count:
                 break
         return [decode_event(r.value) for r in records]

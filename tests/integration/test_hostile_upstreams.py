@@ -29,6 +29,7 @@ from quotameter.embedded.procs import free_port
 from quotameter.events import RequestData, UsageEvent, decode_event
 from tests.integration import hostile_upstream as h
 from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, Shim, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.pipeline_helpers import unpacked
 
 TIERS = {
     "roomy": {"monthly_tokens": 10**12},
@@ -161,11 +162,11 @@ async def events_of(shim: Shim, count: int, settle_s: float = 1.0) -> list[Usage
         deadline = time.monotonic() + 30
         while len(records) < count and time.monotonic() < deadline:
             for batch in (await consumer.getmany(timeout_ms=300, max_records=5000)).values():
-                records.extend(batch)
+                records.extend(unpacked(batch))
         until = time.monotonic() + settle_s
         while time.monotonic() < until:
             for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
+                records.extend(unpacked(batch))
         return [decode_event(r.value) for r in records]
     finally:
         await consumer.stop()

@@ -24,6 +24,7 @@ from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import UsageEvent, decode_event
 from quotameter.redis_keys import RedisKeys
 from tests.conftest import merge
+from tests.integration.pipeline_helpers import unpacked
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name some words."}]
 # Under o200k_base (mock-small's encoding), checked against tiktoken: 3 per
@@ -68,11 +69,11 @@ class Shim:
             deadline = time.monotonic() + timeout_s
             while len(records) < count and time.monotonic() < deadline:
                 for batch in (await consumer.getmany(timeout_ms=300)).values():
-                    records.extend(batch)
+                    records.extend(unpacked(batch))
             settle_until = time.monotonic() + settle_s
             while time.monotonic() < settle_until:
                 for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    records.extend(batch)
+                    records.extend(unpacked(batch))
             assert len(records) >= count, f"expected {count} events, got {len(records)}"
             return records
         finally:

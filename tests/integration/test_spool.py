@@ -42,6 +42,7 @@ from quotameter.embedded.broker import broker_process
 from quotameter.embedded.procs import ManagedProcess, free_port
 from quotameter.events import UsageEvent, decode_event
 from quotameter.redis_keys import RedisKeys
+from tests.integration.pipeline_helpers import unpacked
 
 MESSAGES = [{"role": "user", "content": "Count."}]
 UNLIMITED = {"tiers": {"unlimited": {}}}
@@ -139,7 +140,7 @@ class Collector:
     async def _run(self) -> None:
         while True:
             for batch in (await self.consumer.getmany(timeout_ms=100)).values():
-                self.events.extend(decode_event(record.value) for record in batch)
+                self.events.extend(decode_event(record.value) for record in unpacked(batch))
 
     async def until(self, count: int, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -109,19 +109,19 @@ def test_a_cluster_name_is_quoted_and_checked() -> None:
 def test_steps_run_once_and_record_their_version() -> None:
     ran: list[str] = []
     steps = migrations.apply(ran.append, None)
-    assert [m.version for m in steps] == [1, 2, 3] == [m.version for m in migrations.MIGRATIONS]
+    assert [m.version for m in steps] == [1, 2, 3, 4] == [m.version for m in migrations.MIGRATIONS]
     assert ran[:2] == migrations.bootstrap() and ran == list(migrations.script(None))
-    assert ran[-1] == "INSERT INTO quotameter.schema_migrations (version, name) VALUES (3, 'attribution: end user, project, tags')"
+    assert ran[-1] == "INSERT INTO quotameter.schema_migrations (version, name) VALUES (4, 'Kafka position: index within the record')"
     ran.clear()
-    assert migrations.apply(ran.append, 3) == [] and ran == []  # up to date: nothing runs
-    assert [m.version for m in migrations.apply(ran.append, 1)] == [2, 3]
+    assert migrations.apply(ran.append, 4) == [] and ran == []  # up to date: nothing runs
+    assert [m.version for m in migrations.apply(ran.append, 1)] == [2, 3, 4]
     assert not any(s.startswith("CREATE") for s in ran)  # the table exists: no bootstrap, no step 1
 
 
 def test_a_fresh_chdb_ledger_is_migrated_to_the_latest_version(tmp_path: Path) -> None:
     store = ChdbHistory(tmp_path / "history")
     try:
-        assert [m.version for m in store.migrated] == [1, 2, 3]
+        assert [m.version for m in store.migrated] == [1, 2, 3, 4]
         rows = store.query(f"SELECT version, name FROM {migrations.TABLE} ORDER BY version")
         assert rows == [{"version": m.version, "name": m.name} for m in migrations.MIGRATIONS]
     finally:
@@ -129,7 +129,7 @@ def test_a_fresh_chdb_ledger_is_migrated_to_the_latest_version(tmp_path: Path) -
     again = ChdbHistory(tmp_path / "history")  # reopened: nothing to do
     try:
         assert again.migrated == []
-        assert again.query(f"SELECT count() AS n FROM {migrations.TABLE}") == [{"n": 3}]
+        assert again.query(f"SELECT count() AS n FROM {migrations.TABLE}") == [{"n": 4}]
     finally:
         again.close()
 
@@ -160,11 +160,11 @@ def test_a_ledger_from_the_first_release_is_brought_forward_with_its_rows(tmp_pa
 
     store = ChdbHistory(old)
     try:
-        assert [m.version for m in store.migrated] == [1, 2, 3]
+        assert [m.version for m in store.migrated] == [1, 2, 3, 4]
         row = store.query(f"SELECT id, input_tokens, output_tokens, toString(cost_usd) AS cost, cache_write_tokens, "
-                          f"late, kafka_partition, kafka_offset, end_user, project, tags FROM {schema.EVENTS}")
+                          f"late, kafka_partition, kafka_offset, kafka_index, end_user, project, tags FROM {schema.EVENTS}")
         assert row == [{"id": "old-1", "input_tokens": 1000, "output_tokens": 250, "cost": "0.001750000001",
-                        "cache_write_tokens": 0, "late": False, "kafka_partition": -1, "kafka_offset": -1,
+                        "cache_write_tokens": 0, "late": False, "kafka_partition": -1, "kafka_offset": -1, "kafka_index": 0,
                         "end_user": "", "project": "", "tags": {}}]
         # No clean-close marker in a directory from then: its last month's
         # rollups were rebuilt from the ledger, the old row included.

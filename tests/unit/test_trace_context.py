@@ -4,8 +4,9 @@ and on its Kafka record, and the spool's age gauge: no services."""
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway_shim.emitter import EventEmitter
+from gateway_shim.kafka_records import kafka_records
 from gateway_shim.spool import Spool, SpoolRecord
+from quotameter.event_batch import decode_record
 from quotameter.events import (
     Decision,
     RequestData,
@@ -61,11 +62,17 @@ def test_records_carry_the_traceparent_header_also_from_an_old_spool(tmp_path: P
     spool.append(b"acme", 1, _fast(None))  # as a spool written before trace contexts existed
     spool.append(b"acme", 2, _fast(TRACEPARENT))
     spool.close()
-    emitter = EventEmitter("127.0.0.1:9", "events", Spool(tmp_path, max_bytes=1 << 20).open())
-    old, new = emitter.spool.read(0, 2)
-    assert "traceparent" not in dict(emitter._headers(old))
-    assert dict(emitter._headers(new))["traceparent"] == TRACEPARENT.encode()
-    emitter.spool.close()
+    again = Spool(tmp_path, max_bytes=1 << 20).open()
+    old, new = again.read(0, 2)
+    # A record of one event carries its request's trace context as a header;
+    # a batch does not (its events carry theirs, linked from the event).
+    [old_record] = kafka_records(again.spool_id, [old])
+    [new_record] = kafka_records(again.spool_id, [new])
+    assert "traceparent" not in dict(old_record.headers)
+    assert dict(new_record.headers)["traceparent"] == TRACEPARENT.encode()
+    [both] = kafka_records(again.spool_id, [old, new])
+    assert "traceparent" not in dict(both.headers) and decode_record(both.value)[1].traceparent == TRACEPARENT
+    again.close()
 
 
 def test_the_spool_age_is_its_oldest_undelivered_event(tmp_path: Path) -> None:
