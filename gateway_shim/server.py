@@ -8,6 +8,7 @@ flush the Kafka producer, and only then close Redis and the upstream pool.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -143,6 +144,7 @@ async def _serve(config: Config) -> None:
                            max_headers=shim.max_headers)
     await runner.setup()
     await web.TCPSite(runner, config.shim.host, config.shim.port, backlog=config.shim.listen_backlog).start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,6 +156,15 @@ async def _serve(config: Config) -> None:
     await runner.cleanup()
     setup.shutdown()  # the last spans and metrics out to the collector
     log.info("stopped")
+
+
+def freeze_startup_heap() -> None:
+    """Move what startup made (modules, config, clients: ~90k objects, all living as
+    long as the process) out of the garbage collector's sight. Each full collection
+    walked all of them, ~85 ms here, stalling every request in flight; now it walks
+    only what requests made since."""
+    gc.collect()
+    gc.freeze()
 
 
 def serve(config: Config) -> None:
