@@ -4,7 +4,7 @@ separate instant mock model, a tier with every limit kind set (requests/min,
 tokens/min, concurrency, monthly tokens, budget: all high enough to admit
 everything), open-loop load from bench/loadgen.py in its own process.
 
-    .venv/bin/python bench/shim_cost.py                     # ~1.5 minutes
+    .venv/bin/python bench/shim_cost.py                     # ~3 minutes
     .venv/bin/python bench/shim_cost.py --rates 500 --duration 20 --hold   # then profile the shim's PID
 
 For each cell (JSON and streaming, each rate) it reports direct (the mock)
