@@ -39,7 +39,11 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        # No cookie jar: one session serves every customer, and a jar would send a
+        # cookie the model server set in one customer's answer with the next
+        # customer's request. A Set-Cookie still reaches the client it was meant for.
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                              cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:
