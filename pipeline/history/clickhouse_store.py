@@ -37,6 +37,9 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -129,15 +132,46 @@ def parse_history_url(url: str) -> ServerAddress:
     )
 
 
-def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_receive_timeout_s: float = 300) -> Any:
-    """A clickhouse-connect HTTP client. The import is here: the package is an
-    optional extra."""
+class PooledClient:
+    """A clickhouse-connect client with a connection pool of its own, closed
+    with it.
+
+    Before each request clickhouse-connect clears its pool of connections
+    older than ``max_connection_age`` (10 min), including those another
+    thread is in the middle of using: on its process-wide default pool, a
+    client in one thread took the socket from under another thread's query
+    ("Bad file descriptor"). ``ClickHouseHistory`` lends each client to one
+    thread at a time. The pool is ours, not ``dedicated_pool=True``: that
+    one's close fails under urllib3-future (which grafana-client's niquests
+    installs as ``urllib3``) and leaves its sockets open."""
+
+    def __init__(self, client: Any, pool: Any) -> None:
+        self.client = client
+        self.pool = pool
+
+    def command(self, cmd: str, parameters: Any = None, data: Any = None, settings: Any = None) -> Any:
+        return self.client.command(cmd, parameters=parameters, data=data, settings=settings)
+
+    def raw_query(self, query: str, parameters: Any = None, settings: Any = None, fmt: str | None = None) -> bytes:
+        return self.client.raw_query(query, parameters=parameters, settings=settings, fmt=fmt)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.pool.clear()
+
+
+def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_receive_timeout_s: float = 300) -> PooledClient:
+    """A clickhouse-connect HTTP client on a pool of its own (``PooledClient``)."""
     try:
         import clickhouse_connect
+        from clickhouse_connect.driver.httputil import get_pool_manager
     except ImportError:
         raise HistoryError(f"services.history_url needs the clickhouse-connect package: {INSTALL_HINT}") from None
+    pool = get_pool_manager()
     try:
-        return clickhouse_connect.get_client(
+        client = clickhouse_connect.get_client(
             host=address.host,
             port=address.port,
             username=address.username,
@@ -145,15 +179,17 @@ def connect(address: ServerAddress, *, connect_timeout_s: float = 10, send_recei
             secure=address.secure,
             connect_timeout=connect_timeout_s,
             send_receive_timeout=send_receive_timeout_s,
-            # No session: AsyncHistory's writer and reader threads share this
-            # client, and two queries at once in one session are refused (by
-            # the client, else by the server). The store keeps no session state.
+            # No session: the store keeps no session state, and two queries
+            # at once in one session are refused.
             autogenerate_session_id=False,
+            pool_mgr=pool,
         )
     except Exception as exc:  # clickhouse_connect raises its own tree plus OSError
+        pool.clear()
         # get_client asks the server its version: credentials are checked here.
         known = _known(address.display, exc)
         raise known or HistoryError(f"cannot reach the ClickHouse ledger at {address.display}: {_first_line(exc)}") from None
+    return PooledClient(client, pool)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -210,14 +246,26 @@ def dedup_token(chunk: Sequence[PricedEvent]) -> str:
 
 
 class ClickHouseHistory:
-    """``HistoryStore`` over a clickhouse-connect client. ``AsyncHistory``'s
-    writer and reader threads call it at once: the client is thread-safe and
-    sessionless (see ``connect``)."""
+    """``HistoryStore`` over clickhouse-connect clients. ``AsyncHistory``'s
+    writer and reader threads call it at once: each call borrows a client no
+    other thread is using (``more_clients`` opens another when all are out),
+    because a client's pool may be cleared under a query by a call in
+    another thread (see ``connect``)."""
 
-    def __init__(self, client: ClientLike, *, where: str = "ClickHouse", read_only: bool = False) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: ClientLike,
+        *,
+        where: str = "ClickHouse",
+        read_only: bool = False,
+        more_clients: Callable[[], ClientLike] | None = None,
+    ) -> None:
         self.where = where
         self.read_only = read_only
+        self._more_clients = more_clients
+        self._lock = threading.Lock()
+        self._idle = [client]
+        self._opened = [client]
         self.schema_version = self._require_schema()
 
     @classmethod
@@ -226,10 +274,31 @@ class ClickHouseHistory:
         address = parse_history_url(url)
         client = connect(address, **timeouts)
         try:
-            return cls(client, where=address.display, read_only=read_only)
+            return cls(client, where=address.display, read_only=read_only,
+                       more_clients=lambda: connect(address, **timeouts))
         except BaseException:
             client.close()
             raise
+
+    @contextmanager
+    def _client(self) -> Iterator[ClientLike]:
+        """A client for this thread alone until the block ends (without
+        ``more_clients``, the one given client is shared)."""
+        with self._lock:
+            if not self._opened:
+                raise HistoryError(f"the ClickHouse ledger at {self.where} was closed")
+            shared = self._more_clients is None
+            client = self._opened[0] if shared else self._idle.pop() if self._idle else None
+        if client is None:
+            client = self._call(self._more_clients)
+            with self._lock:
+                self._opened.append(client)
+        try:
+            yield client
+        finally:
+            if not shared:
+                with self._lock:
+                    self._idle.append(client)
 
     def _require_schema(self) -> int:
         """The schema is the operator's (``quotameter migrate``): a ledger
@@ -248,6 +317,11 @@ class ClickHouseHistory:
     def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         return call(self.where, method, *args, **kwargs)
 
+    def _run(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """``client.<name>(*args, **kwargs)`` on a borrowed client."""
+        with self._client() as client:
+            return self._call(getattr(client, name), *args, **kwargs)
+
     def insert_events(self, batch: Sequence[PricedEvent]) -> None:
         if not batch:
             return
@@ -258,8 +332,8 @@ class ClickHouseHistory:
             body = schema.ledger_lines(chunk).encode()
             # A failure mid-batch leaves earlier chunks in: the caller retries
             # the whole batch, and those chunks dedupe (token, then FINAL).
-            self._call(
-                self.client.command,
+            self._run(
+                "command",
                 schema.INSERT_ROWS,
                 data=body,
                 settings=INSERT | {"insert_deduplication_token": dedup_token(chunk)},
@@ -285,14 +359,14 @@ class ClickHouseHistory:
 
     def explain_ast(self, sql: str) -> str:
         """The server's parse tree of ``sql`` (parsed, never run): ``sql_guard`` reads it."""
-        raw = self._call(self.client.raw_query, f"EXPLAIN AST {sql}", settings=READ_ONLY, fmt="TSVRaw")
+        raw = self._run("raw_query", f"EXPLAIN AST {sql}", settings=READ_ONLY, fmt="TSVRaw")
         text = raw.decode() if isinstance(raw, bytes) else raw
         # clickhouse-connect appends "FORMAT TSVRaw", which the server parses into
         # the statement's tree; ``sql`` has no FORMAT of its own (read_only_select).
         return text.rstrip("\n").removesuffix("\n Identifier TSVRaw") + "\n"
 
     def _select(self, sql: str, params: dict[str, str] | None, **settings: Any) -> bytes:
-        return self._call(self.client.raw_query, sql, parameters=params, settings=READ_ONLY | settings, fmt="JSONEachRow")
+        return self._run("raw_query", sql, parameters=params, settings=READ_ONLY | settings, fmt="JSONEachRow")
 
     @staticmethod
     def _json_rows(raw: bytes | str) -> list[dict[str, Any]]:
@@ -300,7 +374,10 @@ class ClickHouseHistory:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:  # closing a broken connection: nothing left to do
-            pass
+        with self._lock:
+            opened, self._opened, self._idle = self._opened, [], []
+        for client in opened:
+            try:
+                client.close()
+            except Exception:  # closing a broken connection: nothing left to do
+                pass

@@ -111,3 +111,16 @@ def shim_factory(config_factory, cli_process) -> ShimFactory:
         return Shim(config, process, path)
 
     return start
+
+
+async def until_a_slot_is_free(client: openai.AsyncOpenAI, timeout_s: float = 5.0) -> None:
+    """Send a one-token request until the concurrency limit admits it: a slot is
+    given back when a stream's end is settled, just after its client saw it."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
+            return
+        except openai.RateLimitError:
+            assert asyncio.get_running_loop().time() < deadline, "the stream's slot was never given back"
+            await asyncio.sleep(0.02)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import openai
 import pytest
 
-from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS, ShimFactory, shim_factory  # noqa: F401
+from tests.integration.enforcement_helpers import (  # noqa: F401
+    MESSAGES,
+    PROMPT_TOKENS,
+    ShimFactory,
+    shim_factory,
+    until_a_slot_is_free,
+)
 
 TIERS = {
     "metered": {
@@ -102,14 +106,7 @@ async def test_concurrency_limit(shim_factory: ShimFactory) -> None:
         _ = [chunk async for chunk in stream]
         # The slot is given back when the stream's end is settled, just after
         # the client saw it: wait for that, not for a slot's expiry.
-        deadline = asyncio.get_running_loop().time() + 5
-        while True:
-            try:
-                await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
-                break
-            except openai.RateLimitError:
-                assert asyncio.get_running_loop().time() < deadline, "the stream's slot was never given back"
-                await asyncio.sleep(0.02)
+        await until_a_slot_is_free(client)
 
 
 async def test_period_quota_and_budget(shim_factory: ShimFactory) -> None:

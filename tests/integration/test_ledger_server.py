@@ -22,6 +22,7 @@ from pathlib import Path
 
 import clickhouse_connect
 import pytest
+from clickhouse_connect import common as clickhouse_common
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
@@ -178,13 +179,18 @@ def test_a_bad_query_raises_history_error_with_clickhouse_message(ledger: Ledger
 
 
 def test_parallel_clients_all_land(ledger: Ledger, unique: str) -> None:
+    """Two stores, and one store shared by two threads (the worker's
+    AsyncHistory: a writer and a reader thread). Connections expire after a
+    second here instead of ten minutes: a request that clears expired
+    connections from a pool another thread is using takes the socket from
+    under that thread's query."""
     errors: list[BaseException] = []
     shared = ClickHouseHistory.from_url(ledger.url)
 
     def write(name: str, store: ClickHouseHistory | None) -> None:
         own = store or ClickHouseHistory.from_url(ledger.url)
         try:
-            for n in range(10):
+            for n in range(20):  # several seconds: connections expire under the other threads
                 own.insert_events(priced(5, f"{name}-{unique}", start=5 * n))
                 own.usage(f"{name}-{unique}", "2025-03", UTC_MONTHS)  # reads interleaved with the other's writes
         except BaseException as exc:  # reported below, not lost in the thread
@@ -193,19 +199,22 @@ def test_parallel_clients_all_land(ledger: Ledger, unique: str) -> None:
             if store is None:
                 own.close()
 
-    # Two clients, then one client shared by two threads (the worker's
-    # AsyncHistory: a writer and a reader thread on one store).
     threads = [threading.Thread(target=write, args=(name, store))
                for name, store in (("a", None), ("b", None), ("c", shared), ("d", shared))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    age = clickhouse_common.get_setting("max_connection_age")
+    clickhouse_common.set_setting("max_connection_age", 1)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        clickhouse_common.set_setting("max_connection_age", age)
     try:
         assert errors == []
         for name in "abcd":
             usage = shared.usage(f"{name}-{unique}", "2025-03", UTC_MONTHS)
-            assert (usage["events"], usage["input_tokens"]) == (50, 500)
+            assert (usage["events"], usage["input_tokens"]) == (100, 1000)
     finally:
         shared.close()
 

@@ -24,7 +24,11 @@ from gateway_shim.shared_queue import SharedQueue
 from quotameter.export import redis_totals, run_export
 from quotameter.pricing import PriceTable
 from quotameter.redis_pool import redis_client, warm
-from tests.integration.enforcement_helpers import MESSAGES, PROMPT_TOKENS
+from tests.integration.enforcement_helpers import (
+    MESSAGES,
+    PROMPT_TOKENS,
+    until_a_slot_is_free,
+)
 from tests.integration.pipeline_helpers import http_json, wait_for
 from tests.integration.redis_cluster import (  # noqa: F401
     RedisCluster,
@@ -158,14 +162,7 @@ async def test_period_quota_budget_and_concurrency(stack: Stack, redis_cluster: 
             await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
         assert "1 concurrent requests (in flight: 1)" in refused.value.message
         _ = [chunk async for chunk in stream]
-        deadline = asyncio.get_running_loop().time() + 5
-        while True:  # the slot comes back when the stream's end is settled
-            try:
-                await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=1)
-                break
-            except openai.RateLimitError:
-                assert asyncio.get_running_loop().time() < deadline, "the stream's slot was never given back"
-                await asyncio.sleep(0.02)
+        await until_a_slot_is_free(client)  # the slot comes back when the stream's end is settled
 
 
 async def test_revocation_holds_at_once_and_keys_from_before_still_work(stack: Stack, redis_cluster: RedisCluster) -> None:

@@ -262,6 +262,7 @@ def test_connect_passes_the_address_and_maps_failures(monkeypatch: pytest.Monkey
     with pytest.raises(HistoryError) as info:
         ClickHouseHistory.from_url("clickhouses://qm:topsecret@db/quotameter")
     assert "clickhouses://qm@db:8443" in str(info.value) and "topsecret" not in str(info.value)
+    assert seen.pop("pool_mgr") is not clickhouse_connect.driver.httputil.default_pool_manager()
     assert seen | {"connect_timeout": 0, "send_receive_timeout": 0} == {
         "host": "db", "port": 8443, "username": "qm", "password": "topsecret", "secure": True,
         "connect_timeout": 0, "send_receive_timeout": 0, "autogenerate_session_id": False}
@@ -293,7 +294,8 @@ def engine_store(path: Path) -> ClickHouseHistory:
     checker = clickhouse_connect.get_client(interface="chdb", path=str(path))
     assert [m.version for m in ServerSchema(checker, "chdb").migrate()] == [m.version for m in migrations.MIGRATIONS]
     store = ClickHouseHistory(checker, where="chdb")
-    store.client = clickhouse_connect.get_client(interface="chdb", path=str(path))
+    checker.close()
+    store._opened[:] = [clickhouse_connect.get_client(interface="chdb", path=str(path))]
     return store
 
 
@@ -301,7 +303,7 @@ def test_the_same_calls_on_the_real_engine_through_clickhouse_connect(tmp_path: 
     """clickhouse-connect's chDB backend: the real engine behind the real
     client API (command with data, raw_query with server-side binds, settings)."""
     store = engine_store(tmp_path / "engine")
-    client = store.client
+    client = store._opened[0]
     try:
         batch = priced(3) + priced(2, customer="other")
         store.insert_events(batch)
