@@ -408,8 +408,8 @@ class StreamObserver:
 
     def end(self) -> bytes:
         """The stream is over (ended, cut, failed or abandoned): record its usage and
-        return its closing bytes (the held [DONE], or the cut's ending), to be sent
-        after ``finish``."""
+        return its closing bytes (the held usage chunk and [DONE], or the cut's
+        ending), to be sent after ``finish``."""
         exchange, tally = self._exchange, self.tally
         meter, proxied = exchange.meter, exchange.proxied
         assert proxied is not None
@@ -422,7 +422,7 @@ class StreamObserver:
                 input_tokens=usage.input_tokens, text=tally.text, message=self._forward.cut_message,
                 sequence_number=tally.events, last_event=tally.last_event))
         elif not self._client_gone:
-            ending = tally.held
+            ending = tally.held_usage + tally.held
         if not tally.done and meter.reason is None:
             meter.reason = "upstream_stream_cut"  # ended without its terminal event ([DONE])
         if tally.dropped:

@@ -153,7 +153,7 @@ async def _relay_body(
 async def _relay_stream(
     request: web.Request, upstream: aiohttp.ClientResponse, exchange: Exchange, forward: Forward, head: bytes = b""
 ) -> web.StreamResponse:
-    """The stream's closing bytes ([DONE], or the cut's ending) go out only after
+    """The stream's closing bytes (the usage chunk and [DONE], or the cut's ending) go out only after
     ``finish`` (settle, emit): a client that read the whole answer was billed,
     whenever the shim is killed. The other order would leave a window, the
     settle's Redis round trip long, in which a SIGKILL serves a stream unbilled."""

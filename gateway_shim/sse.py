@@ -85,6 +85,10 @@ class StreamTally:
         # write once the request's event is spooled (see proxy._relay_stream).
         self.hold_done = hold_done
         self.held = b""
+        # With hold_done, the usage chunk too (OpenAI's last, choices empty): a
+        # client that has it holds the whole answer and counts it as served.
+        # Released before any event that follows it after all.
+        self.held_usage = b""
         self.cut_at = cut_at
         self.cut = False
         self._counted = 0  # exact tokens of the texts counted so far
@@ -149,7 +153,7 @@ class StreamTally:
             start = end.end()
             forwarded = self._observe(event)
             if forwarded:
-                out.append(forwarded)
+                out.append(self._released(forwarded))
         self._pending = buffer[start:]
         return b"".join(out)
 
@@ -196,7 +200,7 @@ class StreamTally:
                 else:
                     forwarded = self._observe(piece + b"\n\n")
             if forwarded:
-                out.append(forwarded)
+                out.append(self._released(forwarded))
         if run:
             out.append(self._forward_run(run))
         self._pending = tail
@@ -204,7 +208,13 @@ class StreamTally:
 
     def _forward_run(self, run: list[bytes]) -> bytes:
         events = b"\n\n".join(run) + b"\n\n"
-        return _NULL_USAGE.sub(b"", events) if self.hide_usage else events
+        return self._released(_NULL_USAGE.sub(b"", events) if self.hide_usage else events)
+
+    def _released(self, events: bytes) -> bytes:
+        """``events``, after a usage chunk held back before them (more came after it)."""
+        if self.held_usage:
+            events, self.held_usage = self.held_usage + events, b""
+        return events
 
     def _observe(self, event: bytes) -> bytes | None:
         lines = [line for line in _LINE_END.split(event) if line]
@@ -290,9 +300,13 @@ class StreamTally:
                 self.cut = True
                 return None
             self._texts.append(text)
-        if self.hide_usage:
-            if usage is not None and chunk.get("choices") == []:
+        if usage is not None and chunk.get("choices") == []:
+            if self.hide_usage:
                 return None
+            if self.hold_done:
+                self.held_usage += event
+                return None
+        if self.hide_usage:
             return _NULL_USAGE.sub(b"", event)
         return event
 

@@ -108,6 +108,7 @@ async def start_hostile(port: int) -> Hostile:
         "sse-big-event": _sse_big_event, "sse-reset": _sse_reset, "sse-as-json": _sse_as_json,
         "stream-json": _stream_json, "sse-keepalive-forever": _sse_keepalive_forever,
         "sse-silent-forever": _sse_silent_forever, "sse-data-forever": _sse_data_forever,
+        "sse-stall-before-done": _sse_stall_before_done,
     }
 
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -204,6 +205,20 @@ async def _normal_stream(request: web.Request, model: str, prompt: int, include_
     await response.write(b"".join(chunk(model, piece) for piece in pieces) + chunk(model, finish="stop"))
     if include_usage:
         await response.write(usage_chunk(model, usage(prompt, len(pieces))))
+    await response.write(DONE)
+    return response
+
+
+STALL_BEFORE_DONE_S = 1.5
+
+
+async def _sse_stall_before_done(request: web.Request, model: str, prompt: int, include_usage: bool) -> web.StreamResponse:
+    """The whole answer and its usage, then a pause before [DONE] (a slow server's last write)."""
+    response = await _sse(request)
+    pieces = completion_pieces(PIECES)
+    await response.write(b"".join(chunk(model, piece) for piece in pieces) + chunk(model, finish="stop")
+                         + usage_chunk(model, usage(prompt, len(pieces))))
+    await asyncio.sleep(STALL_BEFORE_DONE_S)
     await response.write(DONE)
     return response
 

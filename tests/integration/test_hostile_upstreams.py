@@ -278,3 +278,34 @@ async def test_the_openai_client_gets_clear_answers_counted_and_settled(
 ) -> None:
     shim = await _shim(shim_factory, hostile)
     await _run_all(shim, lambda key, model, e: _sdk(shim, key, model, e), "sdk-")
+
+
+async def test_the_usage_chunk_reaches_the_client_only_after_the_event_is_spooled(
+    shim_factory: ShimFactory, hostile: h.Hostile
+) -> None:
+    """OpenAI's client takes a stream whose usage chunk arrived as served, even
+    if the connection breaks before [DONE]. The upstream here pauses between
+    its usage chunk and [DONE]; the shim is SIGKILLed in that pause, its event
+    not spooled yet. The client must not have the usage chunk: the shim holds
+    it back with [DONE] until the request's event is spooled."""
+    shim = await _shim(shim_factory, hostile)
+    client = shim.client(shim.new_key("stall-co", "roomy"))
+    texts: list[str] = []
+    usage = None
+    stream = await client.chat.completions.create(
+        model="sse-stall-before-done", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    killed_at = None
+    try:
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices and chunk.choices[0].finish_reason == "stop" and killed_at is None:
+                await asyncio.sleep(h.STALL_BEFORE_DONE_S / 3)  # the usage chunk, sent after this one, would be here by now
+                killed_at = time.monotonic()
+                shim.process.kill()
+            elif chunk.choices and chunk.choices[0].delta.content:
+                texts.append(chunk.choices[0].delta.content)
+    except openai.APIConnectionError:
+        pass
+    assert killed_at is not None and "".join(texts) == SIX, texts
+    assert usage is None, f"the client had the usage chunk ({usage}) before the shim had spooled the request's event"

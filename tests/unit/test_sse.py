@@ -217,6 +217,30 @@ def test_done_is_held_back_for_the_relay_to_write_after_billing(newline: bytes) 
     assert plain.feed(chunk + done) == chunk + done and plain.held == b""
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_the_usage_chunk_is_held_back_with_done(newline: bytes) -> None:
+    """OpenAI's client takes a stream whose usage chunk arrived as whole,
+    even if the connection breaks before [DONE]: that chunk too goes out
+    only after the request's event is spooled."""
+    end = newline * 2
+    chunk = b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}' + end
+    usage = b'data: {"id":"c1","model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}' + end
+    done = b"data: [DONE]" + end
+    for parts in ([chunk + usage + done], [chunk, usage, done], [chunk + usage, done]):
+        tally = StreamTally(model="m", hold_done=True)
+        assert b"".join(tally.feed(part) for part in parts) == chunk
+        assert (tally.held_usage, tally.held) == (usage, done)
+        assert tally.usage is not None and tally.usage.output_tokens == 1
+    # An event after the usage chunk (not what OpenAI sends) takes it along, in order.
+    tally = StreamTally(model="m", hold_done=True)
+    assert tally.feed(chunk + usage) == chunk
+    assert tally.feed(chunk) == usage + chunk and tally.held_usage == b""
+    # Without hold_done, and with the usage hidden from the client, as before.
+    assert StreamTally(model="m").feed(chunk + usage + done) == chunk + usage + done
+    hidden = StreamTally(model="m", hold_done=True, hide_usage=True)
+    assert hidden.feed(chunk + usage + done) == chunk and hidden.held_usage == b""
+
+
 def test_only_data_event_lines_and_comments_reach_the_client() -> None:
     # After an "id:", the official client reads every keep-alive as an empty event and fails on it.
     chunk = json.dumps(_chunk("x")).encode()
