@@ -205,7 +205,7 @@ class _Relay:
         self.observer.end()
 
     async def _end_stream(self, send: Send, out: bytes = b"", more: bool = False) -> None:
-        """The stream's last bytes (the held [DONE], or the cut's ending) leave after settle and emit."""
+        """The stream's last bytes (the held usage chunk and [DONE], or the cut's ending) leave after settle and emit."""
         observer = self.observer
         assert observer is not None
         self.ended = True

@@ -173,7 +173,7 @@ class _Phases:
         if observer.cut or end_of_stream:
             self._ended = True
             exchange.upstream_done()
-            closing = observer.end()  # the held terminal event ([DONE]), or the cut's ending
+            closing = observer.end()  # the held usage chunk and terminal event ([DONE]), or the cut's ending
             await self._finish(exchange)  # billed before they leave
             out += closing
         return messages.response_body(None if out == chunk else out)
