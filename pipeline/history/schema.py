@@ -23,12 +23,14 @@ for what no whole UTC hour covers (``dashboards.sources.usage``).
 
 from __future__ import annotations
 
-import re
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from quotameter.aggregate import PricedEvent, format_usd
 from quotameter.periods import BillingCalendar
@@ -142,13 +144,27 @@ LEDGER_COLUMNS = (
 INSERT_ROWS = f"INSERT INTO {EVENTS} ({', '.join(LEDGER_COLUMNS)}) FORMAT JSONCompactEachRow\n"
 
 
+_SECONDS: dict[int, str] = {}  # Unix second -> its text: a batch's events share a few seconds
+
+
+def _row_time(moment: datetime) -> str:
+    """``_clickhouse_time`` of an event's time, the text of its second kept."""
+    second = int(moment.timestamp())  # whole seconds: exact here, whatever the float's last bits
+    text = _SECONDS.get(second)
+    if text is None:
+        if len(_SECONDS) > 10_000:
+            _SECONDS.clear()
+        text = _SECONDS[second] = moment.strftime("%Y-%m-%d %H:%M:%S.")
+    return f"{text}{moment.microsecond // 1000:03d}"
+
+
 def ledger_values(priced: PricedEvent) -> list[Any]:
     """One ledger row, in LEDGER_COLUMNS order."""
     event, data = priced.event, priced.event.data
     upstream_cost = data.upstream_cost_usd
     return [
         event.id,
-        _clickhouse_time(event.time),
+        _row_time(event.time),
         event.customer_id,
         data.api_key_id,
         data.tier,
@@ -190,7 +206,14 @@ def ledger_row(priced: PricedEvent) -> dict[str, Any]:
 
 def ledger_lines(batch: Sequence[PricedEvent]) -> str:
     """The body of an INSERT_ROWS: one JSON array per line."""
-    return "\n".join([json.dumps(ledger_values(priced), separators=(",", ":")) for priced in batch])
+    lines = []
+    for priced in batch:
+        values = ledger_values(priced)
+        try:
+            lines.append(orjson.dumps(values))
+        except TypeError:  # a lone surrogate in some text: json escapes it
+            lines.append(json.dumps(values, separators=(",", ":")).encode())
+    return b"\n".join(lines).decode()
 
 
 def usage_params(customer: str, period: str, calendar: BillingCalendar) -> dict[str, str]:
