@@ -115,18 +115,16 @@ class PricedEvent:
 
     @property
     def totals(self) -> Totals:
+        return Totals.from_vector(self.vector())
+
+    def vector(self) -> list[Any]:
+        """``totals.to_vector()`` without the Totals (the windows sum these for every event)."""
         data = self.event.data
         admitted = data.decision is Decision.ADMITTED
-        return Totals(
-            requests=int(admitted),
-            refused=int(not admitted),
-            input_tokens=data.input_tokens,
-            output_tokens=data.output_tokens,
-            cached_tokens=data.cached_tokens,
-            reasoning_tokens=data.reasoning_tokens,
-            cost_usd=self.cost.usd,
-            events=1,
-        )
+        return [
+            int(admitted), int(not admitted), data.input_tokens, data.output_tokens,
+            data.cached_tokens, data.reasoning_tokens, self.cost.usd, 1,
+        ]
 
 
 def price_event(

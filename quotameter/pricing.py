@@ -43,6 +43,7 @@ class PriceTable:
         for versions in self._by_name.values():
             versions.sort(key=lambda p: p.effective_from, reverse=True)
         self._found: dict[tuple[str | None, date], ModelPrice | None] = {}  # the table never changes: lookups are kept
+        self._rates: dict[tuple[str | None, date], _InForce | None] = {}
 
     def lookup(self, model: str | None, on: date) -> ModelPrice | None:
         key = (model, on)
@@ -66,28 +67,75 @@ class PriceTable:
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> Cost:
-        price = self.lookup(model, on)
-        if price is not None:
-            rates: Rates = price
-            version = price.version
-        elif self._default is not None:
-            rates, version = self._default, DEFAULT_PRICE_VERSION
-        else:
+        found = self._in_force(model, on)
+        if found is None:
             return Cost(Decimal(0), UNPRICED)
         # The sub-kinds are parts of their parent count; clamp so a bad report
         # can never price a negative remainder.
         cached = min(cached_tokens, input_tokens)
         cache_write = min(cache_write_tokens, input_tokens - cached)
         reasoning = min(reasoning_tokens, output_tokens)
-        input_rate, output_rate = rates.input_per_million_usd, rates.output_per_million_usd
+        plain_input, plain_output = input_tokens - cached - cache_write, output_tokens - reasoning
+        if found.pico_rates is not None:
+            # Whole pico-USD per token: integer arithmetic, the same value
+            # (and the same exponent) as the Decimal sum below, quantized.
+            p_input, p_cached, p_write, p_output, p_reasoning = found.pico_rates
+            pico = (plain_input * p_input + cached * p_cached + cache_write * p_write
+                    + plain_output * p_output + reasoning * p_reasoning)
+            if -_MAX_PICO < pico < _MAX_PICO:
+                return Cost(Decimal(pico).scaleb(-12), found.version)
+        input_rate, cached_rate, write_rate, output_rate, reasoning_rate = found.rates
         micro = (
-            (input_tokens - cached - cache_write) * input_rate
-            + cached * _or(rates.cached_input_per_million_usd, input_rate)
-            + cache_write * _or(rates.cache_write_per_million_usd, input_rate)
-            + (output_tokens - reasoning) * output_rate
-            + reasoning * _or(rates.reasoning_per_million_usd, output_rate)
+            plain_input * input_rate + cached * cached_rate + cache_write * write_rate
+            + plain_output * output_rate + reasoning * reasoning_rate
         )
-        return Cost((micro / _PER_TOKEN).quantize(COST_QUANTUM), version)
+        return Cost((micro / _PER_TOKEN).quantize(COST_QUANTUM), found.version)
+
+    def _in_force(self, model: str | None, on: date) -> _InForce | None:
+        key = (model, on)
+        try:
+            return self._rates[key]
+        except KeyError:
+            pass
+        price = self.lookup(model, on)
+        found: _InForce | None
+        if price is not None:
+            found = _InForce.of(price, price.version)
+        elif self._default is not None:
+            found = _InForce.of(self._default, DEFAULT_PRICE_VERSION)
+        else:
+            found = None
+        if len(self._rates) < 100_000:  # bounded: models × days seen
+            self._rates[key] = found
+        return found
+
+
+_MAX_PICO = 10**28  # the Decimal context's precision: below it scaleb is exact
+
+
+@dataclass(frozen=True, slots=True)
+class _InForce:
+    """A price's rates per kind (input, cached, cache write, output,
+    reasoning: USD per million tokens), and per token in whole pico-USD when
+    every rate has at most six decimals (else None)."""
+
+    version: str
+    rates: tuple[Decimal, ...]
+    pico_rates: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, rates: Rates, version: str) -> _InForce:
+        input_rate, output_rate = rates.input_per_million_usd, rates.output_per_million_usd
+        per_kind = (
+            input_rate,
+            _or(rates.cached_input_per_million_usd, input_rate),
+            _or(rates.cache_write_per_million_usd, input_rate),
+            output_rate,
+            _or(rates.reasoning_per_million_usd, output_rate),
+        )
+        pico = [rate * _PER_TOKEN for rate in per_kind]  # USD per million tokens = pico-USD per token / 10**6
+        whole = all(value == value.to_integral_value() for value in pico)
+        return cls(version, per_kind, tuple(int(value) for value in pico) if whole else None)
 
 
 def _or(rate: Decimal | None, fallback: Decimal) -> Decimal:

@@ -117,7 +117,7 @@ class Delivered:
         self.time_ms = priced.event.time_ms
         self.minute = self.time_ms // 60_000
         self.model = model_of(priced)
-        self.delta = priced.totals.to_vector()
+        self.delta = priced.vector()
 
 
 @dataclass(slots=True)

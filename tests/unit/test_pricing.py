@@ -83,3 +83,30 @@ def test_default_price_covers_unknown_models_and_says_so():
     table = PriceTable(PRICES, default=Rates(input_per_million_usd=Decimal("1"), output_per_million_usd=Decimal("2")))
     cost = table.cost("mystery", date(2026, 1, 1), input_tokens=1_000_000, output_tokens=1_000_000)
     assert cost.usd == Decimal("3") and cost.price_version == DEFAULT_PRICE_VERSION
+
+
+def test_whole_pico_rates_and_finer_rates_price_alike():
+    # Rates of up to six decimals are priced in integers, finer ones in
+    # Decimal: both give the quantized Decimal of the exact sum.
+    import random
+
+    rng = random.Random(7)
+    for decimals in (0, 2, 6, 9, 12):
+        rates = [Decimal(rng.randrange(0, 10**8)).scaleb(-decimals) for _ in range(5)]
+        price = ModelPrice(
+            model="m", input_per_million_usd=rates[0], output_per_million_usd=rates[1],
+            cached_input_per_million_usd=rates[2], cache_write_per_million_usd=rates[3],
+            reasoning_per_million_usd=rates[4],
+        )
+        table = PriceTable([price])
+        for _ in range(200):
+            tokens = [rng.randrange(0, 10**rng.randrange(1, 9)) for _ in range(5)]
+            cost = table.cost("m", date(2025, 1, 1), input_tokens=tokens[0], output_tokens=tokens[1],
+                              cached_tokens=tokens[2], cache_write_tokens=tokens[3], reasoning_tokens=tokens[4])
+            cached = min(tokens[2], tokens[0])
+            write = min(tokens[3], tokens[0] - cached)
+            reasoning = min(tokens[4], tokens[1])
+            micro = ((tokens[0] - cached - write) * rates[0] + cached * rates[2] + write * rates[3]
+                     + (tokens[1] - reasoning) * rates[1] + reasoning * rates[4])
+            expected = (micro / Decimal(1_000_000)).quantize(Decimal("1e-12"))
+            assert str(cost.usd) == str(expected), (decimals, rates, tokens)
