@@ -5,7 +5,8 @@ flushed batches: the new rows, and the duplicates and redeliveries the
 ledger already had. Each record that came from a shim's spool carries its
 spool id and the sequence number of each of its events as headers; each
 event's bit is set in that spool's
-bitmap (layout and reasons: quotameter/delivery.py), one BITFIELD per block.
+bitmap (layout and reasons: quotameter/delivery.py), one BITFIELD per block,
+consecutive bits set together as one field of ones.
 
 A crash or a Redis error before the bits are set loses nothing: the shim
 keeps the events and sends them again after ``shim.redeliver_after_ms``; the
@@ -22,12 +23,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from quotameter.delivery import MARK_TTL_S, marks_by_block, read_seqs
+from quotameter.delivery import MARK_TTL_S, bit_runs, marks_by_block, read_seqs
 from quotameter.redis_keys import RedisKeys
 
 log = logging.getLogger(__name__)
 
-_BITS_PER_CALL = 2000  # SET subcommands per BITFIELD
+_RUNS_PER_CALL = 2000  # SET subcommands (runs of bits) per BITFIELD
 
 
 class LedgerMarks:
@@ -51,10 +52,11 @@ class LedgerMarks:
                 for spool_id, seqs in by_spool.items():
                     for block, bits in marks_by_block(seqs).items():
                         key = self.names.ledgered(spool_id, block)
-                        for start in range(0, len(bits), _BITS_PER_CALL):
+                        runs = bit_runs(bits)
+                        for start in range(0, len(runs), _RUNS_PER_CALL):
                             args: list[Any] = []
-                            for bit in bits[start : start + _BITS_PER_CALL]:
-                                args += ["SET", "u1", bit, 1]
+                            for first, length in runs[start : start + _RUNS_PER_CALL]:
+                                args += ["SET", f"u{length}", first, (1 << length) - 1]
                             pipe.execute_command("BITFIELD", key, *args)
                         pipe.expire(key, MARK_TTL_S)
                 await pipe.execute()

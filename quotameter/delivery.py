@@ -62,6 +62,27 @@ def marks_by_block(seqs: Iterable[int]) -> dict[int, list[int]]:
     return out
 
 
+MAX_RUN_BITS = 63  # the widest unsigned field BITFIELD sets (u63)
+
+
+def bit_runs(bits: Iterable[int]) -> list[tuple[int, int]]:
+    """``bits`` as runs of consecutive offsets, (first, length), each at most
+    MAX_RUN_BITS long: setting a run's field to all ones sets exactly those
+    bits, one BITFIELD subcommand for up to 63 events instead of one each."""
+    runs: list[tuple[int, int]] = []
+    first = length = 0
+    for bit in sorted(set(bits)):
+        if length and bit == first + length and length < MAX_RUN_BITS:
+            length += 1
+            continue
+        if length:
+            runs.append((first, length))
+        first, length = bit, 1
+    if length:
+        runs.append((first, length))
+    return runs
+
+
 def set_bits(data: bytes, first_bit: int) -> Iterator[int]:
     """The offsets (``first_bit`` + position) of the set bits in ``data``,
     where ``data[0]`` holds bits ``first_bit`` .. ``first_bit + 7``."""

@@ -47,3 +47,15 @@ def test_headers_that_name_no_spool_event_are_ignored() -> None:
     assert read_headers([("quotameter-spool", b"ab"), ("quotameter-seq", b"x")]) is None
     assert read_headers([("quotameter-spool", b"ab"), ("quotameter-seq", b"-1")]) is None
     assert read_headers([("quotameter-spool", b"a:b*"), ("quotameter-seq", b"1")]) is None  # no key injection
+
+
+def test_bit_runs_cover_exactly_the_bits() -> None:
+    from quotameter.delivery import MAX_RUN_BITS, bit_runs
+
+    bits = [9, 3, 4, 5, 5, *range(100, 100 + 2 * MAX_RUN_BITS + 1), 7]
+    runs = bit_runs(bits)
+    assert runs[:3] == [(3, 3), (7, 1), (9, 1)]
+    assert runs[3:] == [(100, MAX_RUN_BITS), (100 + MAX_RUN_BITS, MAX_RUN_BITS), (100 + 2 * MAX_RUN_BITS, 1)]
+    covered = [first + i for first, length in runs for i in range(length)]
+    assert covered == sorted(set(bits))
+    assert bit_runs([]) == []
