@@ -184,14 +184,18 @@ class WindowTables:
 
     def _touched_periods(self, result: BatchResult, customer: str, record: WindowRecord, events: list[Delivered]) -> None:
         period_index = GRANULARITIES.index(Granularity.PERIOD)
+        period_of: dict[int, str] = {}  # minute -> its period: a batch's events share a few minutes
         for delivered in events:
-            event = delivered.priced.event
-            period = buckets_of_minute(delivered.minute, self.calendar)[period_index].name
-            key = (customer, period)
-            result.ids.setdefault(key, []).append(event.id)
+            minute = delivered.minute
+            period = period_of.get(minute)
+            if period is None:
+                period = period_of[minute] = buckets_of_minute(minute, self.calendar)[period_index].name
+            result.ids.setdefault((customer, period), []).append(delivered.priced.event.id)
+        for period in dict.fromkeys(period_of.values()):
             if period in record.buckets:  # else pruned: too old to enforce on
-                result.periods[key] = record.totals(period)
-            result.tiers[customer] = event.data.tier
+                result.periods[(customer, period)] = record.totals(period)
+        if events:
+            result.tiers[customer] = events[-1].priced.event.data.tier  # the last one in offset order
 
     async def _seeds(
         self, records: dict[tuple[Granularity, str], WindowRecord], by_customer: dict[str, list[Delivered]]
