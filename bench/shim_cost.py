@@ -7,10 +7,15 @@ everything), open-loop load from bench/loadgen.py in its own process.
     .venv/bin/python bench/shim_cost.py                     # ~3 minutes
     .venv/bin/python bench/shim_cost.py --rates 500 --duration 20 --hold   # then profile the shim's PID
 
-For each cell (JSON and streaming, each rate) it reports direct (the mock)
-and through the shim p50 / p99 to the last byte, what the shim adds, the
-errors, and the shim process's CPU time per request (user + system, read
-from /proc before and after the cell). Every process is stopped by PID.
+For each cell (JSON and streaming, each rate) it reports direct (the mock),
+through a bare pass-through on the shim's HTTP stack (bench/bare_proxy.py)
+and through the shim, p50 / p99 to the last byte, what the shim adds over
+the bare proxy, the errors, and the CPU time per request (user + system,
+from /proc and getrusage before and after each cell) of every process the
+shim's cell keeps busy: the load generator, the mock, the shim, and the rest
+of the stack (redis-server, broker, worker); the bare proxy's from its own
+cell. Their sum says what a request costs the machine, and so which rate
+this machine's cores can serve at all. Every process is stopped by PID.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -49,6 +55,49 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def _children_cpu_s() -> float:
+    """CPU time of this script's waited-for children (the load generators)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process under ``root``."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent:
+                found.append(pid)
+                frontier.append(pid)
+    return found
+
+
+def _name(pid: int) -> str:
+    """A process's short name: `quotameter worker` is "worker", a binary its file's name."""
+    argv = [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if arg]
+    if len(argv) > 2 and argv[1:3] == ["-m", "quotameter"]:
+        return argv[3] if len(argv) > 3 else "quotameter"
+    return f"{Path(argv[0]).name.split('-')[0]}:{pid}" if argv else str(pid)
+
+
+def _cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += _cpu_s(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return total
 
 
 def _child_running(parent: int, last_arg: str) -> int:
@@ -113,6 +162,18 @@ def _load(url: str, key: str, rate: int, duration_s: float, stream: bool) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cell(url: str, key: str, rate: int, duration_s: float, stream: bool,
+          watched: dict[str, list[int]]) -> tuple[dict[str, object], dict[str, float]]:
+    """One open-loop cell and the CPU µs per request of each watched group of processes."""
+    before = {name: _cpu_of(pids) for name, pids in watched.items()}
+    load0 = _children_cpu_s()
+    result = _load(url, key, rate, duration_s, stream)
+    requests = int(result["count"]) + 20  # + the warm-up
+    cpu = {name: (_cpu_of(pids) - before[name]) / requests * 1e6 for name, pids in watched.items()}
+    cpu["load"] = (_children_cpu_s() - load0) / requests * 1e6
+    return result, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="The shim's added latency and CPU per request, as users run it.")
     parser.add_argument("--rates", default="200,500")
@@ -123,35 +184,54 @@ def main() -> None:
     rates = [int(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory(prefix="qm-shimcost-") as tmp:
         work = Path(tmp)
-        mock_port = free_port()
+        mock_port, bare_port = free_port(), free_port()
         mock = ManagedProcess("mock", [sys.executable, "-m", "quotameter", "mock-llm", "--port", str(mock_port)],
                               work / "mock.log", env={"PYTHONPATH": str(ROOT)}).start()
+        bare = ManagedProcess("bare", [sys.executable, str(ROOT / "bench" / "bare_proxy.py"), "--port", str(bare_port),
+                                       "--upstream", f"http://127.0.0.1:{mock_port}"],
+                              work / "bare.log", env={"PYTHONPATH": str(ROOT)}).start()
         up = None
         try:
             mock.wait_port("127.0.0.1", mock_port, timeout_s=30)
+            bare.wait_port("127.0.0.1", bare_port, timeout_s=30)
             up, base, key = _up(work, _config(work, mock_port), mock_port)
             shim_pid = _child_running(up.pid, "proxy")
+            stack = [up.pid, *(pid for pid in _descendants(up.pid) if pid != shim_pid)]  # up supervises
+            parts = {_name(pid): [pid] for pid in stack}
+            assert mock.pid is not None and bare.pid is not None
+            watched = {"mock": [mock.pid], "shim": [shim_pid], "stack": stack, **parts}
             print(f"shim pid {shim_pid}; {os.cpu_count()} cores shared by load, mock, shim, redis, broker, worker; "
                   f"{args.duration:g} s per cell, tier with every limit kind", flush=True)
             if args.hold:
                 time.sleep(5)
-            print(f"{'mode':<7}{'rate':>6} | {'direct p50':>10}{'p99':>8} | {'shim p50':>9}{'p99':>8} | "
-                  f"{'added p50':>9}{'p99':>8} | {'errors':>6} | {'shim CPU µs/req':>15}")
+            print(f"{'':13} | {'p50 / p99 ms to the last byte':^44} | {'added over bare':^15} |        | "
+                  f"{'CPU µs per request':^38}")
+            print(f"{'mode':<7}{'rate':>6} | {'direct':>13} {'bare':>14} {'shim':>14} | {'p50':>7} {'p99':>7} | "
+                  f"{'errors':>6} | {'load':>6} {'mock':>6} {'bare':>6} {'shim':>6} {'stack':>6} {'sum':>6}")
             for mode in args.modes.split(","):
                 stream = mode == "stream"
                 for rate in rates:
-                    direct = _load(f"http://127.0.0.1:{mock_port}/v1/chat/completions", "none", rate,
-                                   args.duration, stream)
-                    cpu0 = _cpu_s(shim_pid)
-                    shim = _load(f"{base}/chat/completions", key, rate, args.duration, stream)
-                    cpu_us = (_cpu_s(shim_pid) - cpu0) / (int(shim["count"]) + 20) * 1e6  # + the warm-up
-                    errors = int(direct["errors"]) + int(shim["errors"])
-                    print(f"{mode:<7}{rate:>6} | {direct['p50_ms']:>10.2f}{direct['p99_ms']:>8.2f} | "
-                          f"{shim['p50_ms']:>9.2f}{shim['p99_ms']:>8.2f} | "
-                          f"{shim['p50_ms'] - direct['p50_ms']:>+9.2f}{shim['p99_ms'] - direct['p99_ms']:>+8.2f} | "
-                          f"{errors:>6} | {cpu_us:>15.0f}", flush=True)
-                    if shim.get("failures"):
-                        print(f"    shim failures: {shim['failures']}")
+                    direct, _ = _cell(f"http://127.0.0.1:{mock_port}/v1/chat/completions", "none", rate,
+                                      args.duration, stream, {})
+                    through_bare, bare_cpu = _cell(f"http://127.0.0.1:{bare_port}/v1/chat/completions", "none",
+                                                   rate, args.duration, stream, {"bare": [bare.pid]})
+                    shim, cpu = _cell(f"{base}/chat/completions", key, rate, args.duration, stream, watched)
+                    errors = sum(int(cell["errors"]) for cell in (direct, through_bare, shim))
+                    total = cpu["load"] + cpu["mock"] + cpu["shim"] + cpu["stack"]
+                    print(f"{mode:<7}{rate:>6} | {direct['p50_ms']:>6.2f} /{direct['p99_ms']:>6.2f} "
+                          f"{through_bare['p50_ms']:>6.2f} /{through_bare['p99_ms']:>6.2f} "
+                          f"{shim['p50_ms']:>6.2f} /{shim['p99_ms']:>6.2f} | "
+                          f"{shim['p50_ms'] - through_bare['p50_ms']:>+7.2f} "
+                          f"{shim['p99_ms'] - through_bare['p99_ms']:>+7.2f} | {errors:>6} | "
+                          f"{cpu['load']:>6.0f} {cpu['mock']:>6.0f} {bare_cpu['bare']:>6.0f} {cpu['shim']:>6.0f} "
+                          f"{cpu['stack']:>6.0f} {total:>6.0f}", flush=True)
+                    print("      the stack's part: " + ", ".join(
+                        f"{name} {cpu[name]:.0f}" for name in sorted(parts, key=lambda n: -cpu[n]) if cpu[name] >= 1))
+                    for name, cell in (("bare", through_bare), ("shim", shim)):
+                        if cell.get("failures"):
+                            print(f"    {name} failures: {cell['failures']}")
+            print("sum: load + mock + shim + stack, what one request through the shim costs the machine "
+                  f"({os.cpu_count()} cores: at most {os.cpu_count()} s of CPU per second)")
         finally:
             if up is not None:
                 up.send_signal(signal.SIGINT)  # drains every part it started
@@ -160,6 +240,7 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     up.send_signal(signal.SIGINT)  # a second Ctrl-C kills what is left
                     up.wait(timeout=30)
+            bare.stop()
             mock.stop()
 
 

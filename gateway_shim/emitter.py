@@ -82,7 +82,6 @@ from quotameter.redis_keys import RedisKeys
 
 log = logging.getLogger("gateway_shim.emitter")
 
-_LINGER_S = 0.005  # the sender gathers events this long between turns: at most 5 ms between response and broker
 _PRODUCER_OPTIONS = {
     "acks": "all",
     "linger_ms": 5,  # for send(); the sender's own batches are closed, so they go out at once
@@ -108,6 +107,7 @@ class EventEmitter:
         spool: Spool,
         *,
         fsync_interval_ms: int = 10,
+        linger_ms: int = 50,
         refuse_when_full: bool = True,
         retry_s: float = 1.0,
         max_in_flight: int = 20_000,
@@ -123,6 +123,7 @@ class EventEmitter:
         self.topic = topic
         self.spool = spool
         self.fsync_interval_s = fsync_interval_ms / 1000
+        self.linger_s = linger_ms / 1000  # between the sender's turns (shim.event_linger_ms)
         self.refuse_when_full = refuse_when_full
         self.retry_s = retry_s
         self.max_in_flight = max_in_flight
@@ -166,6 +167,7 @@ class EventEmitter:
             config.services.events_topic,
             Spool(shim.spool_dir, shim.spool_max_bytes, durable=shim.spool_fsync_interval_ms > 0),
             fsync_interval_ms=shim.spool_fsync_interval_ms,
+            linger_ms=shim.event_linger_ms,
             refuse_when_full=shim.spool_full == "refuse",
             delivery=shim.delivery,
             confirmations=confirmations,
@@ -305,7 +307,7 @@ class EventEmitter:
             if len(batch) < _BATCH:
                 # Let the next events gather for a linger: one producer batch per partition
                 # and turn, not a turn (and a produce request) per event loop iteration.
-                await asyncio.sleep(_LINGER_S)
+                await asyncio.sleep(self.linger_s)
 
     async def _take(self, limit: int) -> list[SpoolRecord]:
         recent = self._recent

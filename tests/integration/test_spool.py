@@ -130,6 +130,7 @@ class Collector:
             metadata_max_age_ms=500,
         )
         self.events: list[UsageEvent] = []
+        self.records = 0  # Kafka records, each carrying one event or a batch of them
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> Collector:
@@ -140,6 +141,7 @@ class Collector:
     async def _run(self) -> None:
         while True:
             for batch in (await self.consumer.getmany(timeout_ms=100)).values():
+                self.records += len(batch)
                 self.events.extend(decode_event(record.value) for record in unpacked(batch))
 
     async def until(self, count: int, timeout_s: float = 20.0) -> None:
@@ -162,6 +164,34 @@ def _check_delivered(events: list[UsageEvent], sent: set[tuple[str, int]]) -> in
     assert len(unique) == len(sent), f"{len(unique)} distinct event ids for {len(sent)} requests"
     assert {(e.subject, e.data.output_tokens) for e in unique.values()} == sent
     return len(events) - len(unique)
+
+
+@pytest.mark.parametrize("linger_ms", [0, 400])
+async def test_events_gather_for_the_linger_into_few_records(
+    cli_process, config_factory, broker: Broker, linger_ms: int
+) -> None:
+    """shim.event_linger_ms: the sender waits that long between turns, so the
+    events of requests answered meanwhile go out together, as one record of the
+    customer's partition. Without the wait, each turn takes the one or two
+    events spooled since the last."""
+    broker.start()
+    config, _, shim = await _start(cli_process, config_factory, broker, {"shim": {"delivery": "broker", "event_linger_ms": linger_ms}})
+    key = _key(config, "lingerer")
+    collector = await Collector(broker.bootstrap, config.services.events_topic).start()
+    base = f"http://{config.shim.host}:{config.shim.port}/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=10) as client:
+        for n in range(1, 31):  # one after the other, about 30 ms apart: ~1 s of answers
+            await client.chat.completions.create(model="mock-small", messages=MESSAGES, max_tokens=n)
+            await asyncio.sleep(0.03)
+    await collector.until(30)
+    await asyncio.sleep(0.5)
+    await collector.stop()
+    assert sorted(event.data.output_tokens for event in collector.events) == list(range(1, 31))
+    if linger_ms:  # ~1 s of answers in turns of 400 ms: a first lone event, then about one record per turn
+        assert collector.records <= 5, collector.records
+    else:
+        assert collector.records >= 20, collector.records
+    assert await asyncio.to_thread(shim.stop) == 0
 
 
 async def test_broker_stopped_mid_traffic_loses_no_event(
