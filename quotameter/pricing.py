@@ -7,13 +7,17 @@ decimals; nothing is rounded until an invoice line is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from typing import TypeVar
 
 from quotameter.config import ModelPrice, Rates
 
 COST_QUANTUM = Decimal("1e-12")
+Key = TypeVar("Key")
+Value = TypeVar("Value")
 _PER_TOKEN = Decimal(1_000_000)
 
 
@@ -46,15 +50,9 @@ class PriceTable:
         self._rates: dict[tuple[str | None, date], _InForce | None] = {}
 
     def lookup(self, model: str | None, on: date) -> ModelPrice | None:
-        key = (model, on)
-        try:
-            return self._found[key]
-        except KeyError:
-            pass
-        found = next((p for p in self._by_name.get(model or "", ()) if p.effective_from <= on), None)
-        if len(self._found) < 100_000:  # bounded: models × days seen
-            self._found[key] = found
-        return found
+        return _remembered(
+            self._found, (model, on), lambda: next((p for p in self._by_name.get(model or "", ()) if p.effective_from <= on), None)
+        )
 
     def cost(
         self,
@@ -92,22 +90,27 @@ class PriceTable:
         return Cost((micro / _PER_TOKEN).quantize(COST_QUANTUM), found.version)
 
     def _in_force(self, model: str | None, on: date) -> _InForce | None:
-        key = (model, on)
-        try:
-            return self._rates[key]
-        except KeyError:
-            pass
+        return _remembered(self._rates, (model, on), lambda: self._find_in_force(model, on))
+
+    def _find_in_force(self, model: str | None, on: date) -> _InForce | None:
         price = self.lookup(model, on)
-        found: _InForce | None
         if price is not None:
-            found = _InForce.of(price, price.version)
-        elif self._default is not None:
-            found = _InForce.of(self._default, DEFAULT_PRICE_VERSION)
-        else:
-            found = None
-        if len(self._rates) < 100_000:  # bounded: models × days seen
-            self._rates[key] = found
-        return found
+            return _InForce.of(price, price.version)
+        if self._default is not None:
+            return _InForce.of(self._default, DEFAULT_PRICE_VERSION)
+        return None
+
+
+def _remembered(cache: dict[Key, Value], key: Key, find: Callable[[], Value]) -> Value:
+    """``find()``, kept in ``cache`` (bounded: models × days seen)."""
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    found = find()
+    if len(cache) < 100_000:
+        cache[key] = found
+    return found
 
 
 _MAX_PICO = 10**28  # the Decimal context's precision: below it scaleb is exact
