@@ -96,6 +96,8 @@ class Estimate:
     fallback_budget_micro_usd: int = -1
     fallback_input_micro_usd: int = 0
     fallback_output_rate: str = "0"
+    # input_tokens is the body's size, not its count (a bound: see estimates.py)
+    bounded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,11 +152,22 @@ class Enforcer:
             recalled = self.refusals.recall(key.customer, request_scopes(_request_rule_scopes(policy)))
             if recalled is not None:
                 admission, wait_ms = recalled
+                if estimate.bounded:  # the refusal names what the request needs
+                    estimate = self.estimator.counted(estimate, policy, proxied)
                 headers.update(self._headers(admission, int(time.time() * 1000)))
                 raise self._refusal(admission, wait_ms, estimate, meter)
         admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued, user=user)
         if admission.revoked:
             raise KeyRevoked("revoked")
+        if estimate.bounded and (admission.reason in _TOKEN_REASONS or admission.fallback
+                                 or admission.output_tokens < estimate.output_tokens):
+            # The prompt's size did not fit (estimates.py): count it, and ask with the count.
+            if admission.admitted:
+                await self._release(key, policy, meter.event_id, estimate, admission, user)
+            estimate = self.estimator.counted(estimate, policy, proxied)
+            admission = await self._decide(key, policy, meter.event_id, estimate, meter, batch=queued, user=user)
+            if admission.revoked:
+                raise KeyRevoked("revoked")
         if not admission.admitted and queued and await self._may_free(key, admission):
             admission = await self._wait_in_queue(key, policy, estimate, meter, admission, user)
         headers.update(self._headers(admission, int(time.time() * 1000)))
@@ -175,6 +186,27 @@ class Enforcer:
         return Ticket(key, policy, self.period(now_ms)[0], meter.event_id, admission,
                       (estimate.input_tokens, admission.output_tokens), model, user, self.day(now_ms)[0],
                       self._marks_running(policy, admission))
+
+    async def _release(self, key: KeyRecord, policy: Policy, event_id: str, estimate: Estimate,
+                       admission: Admission, user: EndUser | None) -> None:
+        """Give back all that ``admission`` reserved, before the same request asks again."""
+        if admission.local:
+            self.fail_modes.local.release(key, policy, event_id)
+            if policy.reserves:
+                self.fail_modes.local.settle(event_id, 0, 0)
+            return
+        now_ms = int(time.time() * 1000)
+        period = self.period(now_ms)[0]
+        if not self.admitter.needs_settle(key, policy, period, user):
+            return
+        try:
+            await self.admitter.settle(
+                key, policy, period, event_id, now_ms, reserved=(estimate.input_tokens, admission.output_tokens),
+                used=(0, 0), used_micro_usd=0, settled_ttl_ms=int(policy.tier.settled_ttl_s * 1000), user=user,
+                day=self.day(now_ms)[0],
+            )
+        except (RedisPoolExhausted, *REDIS_DOWN) as exc:
+            log.error("cannot release %s's bound (%s): its reservation expires after its TTL", event_id, exc)
 
     def _marks_running(self, policy: Policy, admission: Admission) -> bool:
         return self.replicas is not None and policy.queue is not None and policy.reserves and not admission.local
@@ -342,6 +374,11 @@ class Enforcer:
             if ticket.running:  # after the settle: wakes the customer's waiters on every shim
                 assert self.replicas is not None
                 await self.replicas.settled(key.customer, ticket.event_id)
+
+
+# Refusals that a prompt's size (instead of its count) can cause.
+_TOKEN_REASONS = frozenset((Reason.TOKENS, Reason.TOO_LARGE, Reason.QUOTA_TOKENS, Reason.QUOTA_BUDGET,
+                            Reason.USER_QUOTA_TOKENS, Reason.USER_TOKENS))
 
 
 def _request_rule_scopes(policy: Policy) -> tuple[str, ...]:
