@@ -251,6 +251,13 @@ def _misplaced(message: Any, subject: str, batch: bool, partitions: int | None) 
 
 
 def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: int, batch_max_wait_ms: int) -> None:
+    # A batch being applied when partitions are revoked finishes, and its rows reach
+    # the ledger, before the revocation returns (and so before another worker takes
+    # those partitions and looks their events up in the ledger). Without it, rows it
+    # buffered after the flush below were inserted by both workers, and the rollups,
+    # which sum every inserted row, counted them twice.
+    applying = asyncio.Lock()
+
     @parts.app.agent(parts.events_topic, name="usage")
     async def usage(stream: faust.StreamT) -> None:
         async def ack(event: Any) -> None:
@@ -261,7 +268,8 @@ def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: i
 
         sink.ledger.ack = ack
         async for events in stream.noack_take(batch_max_events, within=batch_max_wait_ms / 1000):
-            await sink.process(events)
+            async with applying:
+                await sink.process(events)
 
     @parts.app.timer(0.05)
     async def flush_ledger() -> None:
@@ -271,11 +279,12 @@ def register_usage_agent(parts: FaustParts, sink: UsageSink, batch_max_events: i
         # A rebalance re-reads the tables from their changelog, which may lack
         # a record this process wrote: from here on only the ledger (with the
         # position of each row) answers "seen before?", never the window.
-        sink.guard.take_over_gaps(parts.app.consumer)
-        await sink.ledger.flush()
-        sink.dedupe.recent.clear()
-        sink.windows.distrust()
-        sink.guard.reset()
+        async with applying:
+            sink.guard.take_over_gaps(parts.app.consumer)
+            await sink.ledger.flush()
+            sink.dedupe.recent.clear()
+            sink.windows.distrust()
+            sink.guard.reset()
 
     parts.app.on_partitions_revoked.connect(on_rebalance, weak=False)
     parts.app.on_partitions_assigned.connect(on_rebalance, weak=False)
