@@ -135,9 +135,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--api", choices=["chat", "responses"], default="chat", help="the body's API shape")
+    parser.add_argument("--prompt-kb", type=float, default=0, help="a prompt of about this many KB of English")
     args = parser.parse_args()
-    global API
+    global API, MESSAGES
     API = args.api
+    if args.prompt_kb:
+        words = "the quota of each customer holds while the gateway meters every token it serves. "
+        MESSAGES = [{"role": "user", "content": (words * (int(args.prompt_kb * 1024) // len(words) + 1))}]
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         if args.mode == "open":

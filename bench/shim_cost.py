@@ -154,8 +154,13 @@ def _up(work: Path, config: Path, mock_port: int) -> tuple[subprocess.Popen[str]
     return up, base, key
 
 
+PROMPT_KB = 0.0  # --prompt-kb
+
+
 def _load(url: str, key: str, rate: int, duration_s: float, stream: bool) -> dict[str, object]:
     flags = ["--stream"] if stream else []
+    if PROMPT_KB:
+        flags += ["--prompt-kb", str(PROMPT_KB)]
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "open", "--url", url, "--key", key,
                           "--rate", str(rate), "--duration", str(duration_s), *flags],
                          capture_output=True, text=True, timeout=300, check=True)
@@ -180,7 +185,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per open-loop cell")
     parser.add_argument("--modes", default="json,stream")
     parser.add_argument("--hold", action="store_true", help="print the shim's PID and wait 5 s before the load")
+    parser.add_argument("--prompt-kb", type=float, default=0, help="prompts of about this many KB (default: 5 words)")
     args = parser.parse_args()
+    global PROMPT_KB
+    PROMPT_KB = args.prompt_kb
     rates = [int(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory(prefix="qm-shimcost-") as tmp:
         work = Path(tmp)
