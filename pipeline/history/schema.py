@@ -99,8 +99,11 @@ WHERE customer = {{customer:String}}
 USAGE_INT_FIELDS = ("requests", "refused", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "events")
 
 
+_SECOND = "%Y-%m-%d %H:%M:%S."  # then the milliseconds: DateTime64(3) text
+
+
 def _clickhouse_time(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+    return moment.strftime(_SECOND) + f"{moment.microsecond // 1000:03d}"
 
 
 LEDGER_COLUMNS = (
@@ -154,7 +157,7 @@ def _row_time(moment: datetime) -> str:
     if text is None:
         if len(_SECONDS) > 10_000:
             _SECONDS.clear()
-        text = _SECONDS[second] = moment.strftime("%Y-%m-%d %H:%M:%S.")
+        text = _SECONDS[second] = moment.strftime(_SECOND)
     return f"{text}{moment.microsecond // 1000:03d}"
 
 
