@@ -21,7 +21,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Usage meteri
 keys_app = typer.Typer(no_args_is_help=True, help="Create, revoke and list API keys.")
 app.add_typer(keys_app, name="keys")
 
-err = Console(stderr=True)
+# Errors are never folded: a path or URL split across lines cannot be searched for or pasted.
+err = Console(stderr=True, soft_wrap=True)
 # A period is named for the month it starts in (billing.anchor_day, billing.timezone).
 PERIOD_HELP = (
     "Billing period YYYY-MM, named for the month it starts in: with billing.anchor_day 15, "
