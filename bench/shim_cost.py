@@ -6,6 +6,7 @@ everything), open-loop load from bench/loadgen.py in its own process.
 
     .venv/bin/python bench/shim_cost.py                     # ~3 minutes
     .venv/bin/python bench/shim_cost.py --rates 500 --duration 20 --hold   # then profile the shim's PID
+    .venv/bin/python bench/shim_cost.py --modes json --rates 500 --ceiling 64     # and the most it serves
 
 For each cell (JSON and streaming, each rate) it reports direct (the mock),
 through a bare pass-through on the shim's HTTP stack (bench/bare_proxy.py)
@@ -15,7 +16,11 @@ from /proc and getrusage before and after each cell) of every process the
 shim's cell keeps busy: the load generator, the mock, the shim, and the rest
 of the stack (redis-server, broker, worker); the bare proxy's from its own
 cell. Their sum says what a request costs the machine, and so which rate
-this machine's cores can serve at all. Every process is stopped by PID.
+this machine's cores can serve at all. With ``--ceiling N`` it then finds
+that rate: N connections in a closed loop (each sends its next request when
+its answer ends) for ``--duration`` seconds, direct, through the bare proxy
+and through the shim, with the requests/s served, the failures, and how
+many cores the shim's process used. Every process is stopped by PID.
 """
 
 from __future__ import annotations
@@ -167,6 +172,18 @@ def _load(url: str, key: str, rate: int, duration_s: float, stream: bool) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _closed(url: str, key: str, connections: int, duration_s: float, stream: bool,
+            watched: dict[str, list[int]]) -> tuple[dict[str, object], dict[str, float]]:
+    """A closed-loop run: what it served, and the CPU seconds of each watched group of processes."""
+    before = {name: _cpu_of(pids) for name, pids in watched.items()}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "closed", "--url", url, "--key", key,
+                          "--connections", str(connections), "--duration", str(duration_s),
+                          *(["--stream"] if stream else [])],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return (json.loads(out.stdout.strip().splitlines()[-1]),
+            {name: _cpu_of(pids) - before[name] for name, pids in watched.items()})
+
+
 def _cell(url: str, key: str, rate: int, duration_s: float, stream: bool,
           watched: dict[str, list[int]]) -> tuple[dict[str, object], dict[str, float]]:
     """One open-loop cell and the CPU µs per request of each watched group of processes."""
@@ -186,6 +203,8 @@ def main() -> None:
     parser.add_argument("--modes", default="json,stream")
     parser.add_argument("--hold", action="store_true", help="print the shim's PID and wait 5 s before the load")
     parser.add_argument("--prompt-kb", type=float, default=0, help="prompts of about this many KB (default: 5 words)")
+    parser.add_argument("--ceiling", type=int, default=0, metavar="N",
+                        help="then the most requests/s served, N connections in a closed loop")
     args = parser.parse_args()
     global PROMPT_KB
     PROMPT_KB = args.prompt_kb
@@ -240,6 +259,18 @@ def main() -> None:
                             print(f"    {name} failures: {cell['failures']}")
             print("sum: load + mock + shim + stack, what one request through the shim costs the machine "
                   f"({os.cpu_count()} cores: at most {os.cpu_count()} s of CPU per second)")
+            if args.ceiling:
+                print(f"\nceiling: {args.ceiling} connections in a closed loop, {args.duration:g} s each")
+                for mode in args.modes.split(","):
+                    stream = mode == "stream"
+                    for name, url, cell_key in (("direct", f"http://127.0.0.1:{mock_port}/v1/chat/completions", "none"),
+                                                ("bare", f"http://127.0.0.1:{bare_port}/v1/chat/completions", "none"),
+                                                ("shim", f"{base}/chat/completions", key)):
+                        result, cpu_s = _closed(url, cell_key, args.ceiling, args.duration, stream,
+                                                {"bare": [bare.pid], "shim": [shim_pid]})
+                        busy = cpu_s[name] / args.duration if name in cpu_s else float("nan")
+                        print(f"{mode:<7}{name:<7} {float(result['rps']):>7.0f} requests/s  {result['errors']} failed"
+                              + (f"  (its process used {busy:.2f} cores)" if name != "direct" else ""), flush=True)
         finally:
             if up is not None:
                 up.send_signal(signal.SIGINT)  # drains every part it started
