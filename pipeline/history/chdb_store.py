@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from pipeline.history import migrations, schema
 from pipeline.history.store import HistoryError, QueryRejected, UsageRow
 from quotameter.aggregate import PricedEvent
@@ -79,6 +81,10 @@ class ChdbHistory:
         # readonly=1, not the 2 of mode=ro alone: no settings changes, no table
         # functions (file(), url()…), besides no writes.
         self._ro = _session(f"{self.path}?mode=ro&readonly=1")
+        # The dedupe lookups' own session: they hand their ids to the engine as
+        # a column through chDB's Python() table function, which readonly=1
+        # refuses. Only ``known_ids`` uses it, with its fixed statement.
+        self._lookups = None if self._rw is None else _session(str(self.path))
 
     repaired_months: list[int] = []
     migrated: list[migrations.Migration] = []
@@ -114,6 +120,29 @@ class ChdbHistory:
         with self._lock:
             self._run(self._rw, schema.INSERT_ROWS + body)
 
+    def known_ids(self, customers: Sequence[str], ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Of ``ids`` (events of ``customers``), those the ledger holds, with
+        the Kafka (partition, offset) their row was written from.
+
+        The ids travel as an Arrow column read by ``Python(_known_ids)``, not
+        as literals in the statement: parsing and analysing thousands of
+        literals cost the engine more than the lookup itself."""
+        if not ids:
+            return {}
+        if self._lookups is None:
+            text = self._run(self._ro, schema.known_ids(customers, ids), fmt="JSONCompactEachRow")
+        else:
+            import pyarrow  # noqa: PLC0415 - shipped with chDB
+
+            _known_ids = pyarrow.table({"id": pyarrow.array(ids, pyarrow.string())})  # noqa: F841 - read by name
+            sql = schema.known_ids_in(customers, "SELECT id FROM Python(_known_ids)")
+            text = self._run(self._lookups, sql, fmt="JSONCompactEachRow")
+        known: dict[str, tuple[int, int]] = {}
+        for line in text.splitlines():
+            event_id, partition, offset = orjson.loads(line)
+            known[event_id] = (int(partition), int(offset))
+        return known
+
     def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
         params = schema.usage_params(customer, period, calendar)
         rows = self._json_rows(self._run(self._ro, schema.USAGE, params, fmt="JSONEachRow"))
@@ -141,9 +170,9 @@ class ChdbHistory:
     def close(self) -> None:
         with self._lock:
             clean = self._rw is not None
-            for session in (self._ro, self._rw):
+            for session in (self._lookups, self._ro, self._rw):
                 if session is not None:
                     session.close()
-            self._ro = self._rw = None
+            self._lookups = self._ro = self._rw = None
             if clean:
                 (self.path / CLEAN_MARKER).touch()

@@ -259,9 +259,15 @@ def sql_string(value: str) -> str:
 def known_ids(customers: Sequence[str], ids: Sequence[str]) -> str:
     """The ids among ``ids`` the ledger holds, with the Kafka position of the
     delivery that wrote each (a primary-key lookup)."""
+    return known_ids_in(customers, ", ".join(map(sql_string, ids)))
+
+
+def known_ids_in(customers: Sequence[str], ids_source: str) -> str:
+    """``known_ids`` with the ids read from ``ids_source``: a list of literals,
+    or a subquery (chDB's ``Python()`` table function, see ``chdb_store``)."""
     return (
         f"SELECT id, any(kafka_partition) AS p, any(kafka_offset) AS o FROM {EVENTS} WHERE customer IN ({', '.join(map(sql_string, customers))})"
-        f" AND id IN ({', '.join(map(sql_string, ids))}) GROUP BY id"
+        f" AND id IN ({ids_source}) GROUP BY id"
     )
 
 
