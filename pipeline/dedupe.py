@@ -25,7 +25,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
-from pipeline.history import schema
 from pipeline.history.store import AsyncHistory
 from quotameter.windows import Delivered
 
@@ -102,7 +101,6 @@ class Deduplicator:
             chunk = ask[start : start + LOOKUP_CHUNK]
             customers = sorted({d.priced.event.customer_id for d in chunk})
             ids = [d.priced.event.id for d in chunk]
-            rows = await self.history.query(schema.known_ids(customers, ids))
+            known.update(await self.history.known_ids(customers, ids))
             self.ledger_lookups += 1
-            known.update((row["id"], (int(row["p"]), int(row["o"]))) for row in rows)
         return known

@@ -339,6 +339,14 @@ class ClickHouseHistory:
                 settings=INSERT | {"insert_deduplication_token": dedup_token(chunk)},
             )
 
+    def known_ids(self, customers: Sequence[str], ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Of ``ids`` (events of ``customers``), those the ledger holds, with
+        the Kafka (partition, offset) their row was written from."""
+        if not ids:
+            return {}
+        rows = self._json_rows(self._select(schema.known_ids(customers, ids), None))
+        return {row["id"]: (int(row["p"]), int(row["o"])) for row in rows}
+
     def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
         params = schema.usage_params(customer, period, calendar)
         rows = self._json_rows(self._select(schema.USAGE, params))

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -161,13 +161,23 @@ def _row_time(moment: datetime) -> str:
     return f"{text}{moment.microsecond // 1000:03d}"
 
 
-def ledger_values(priced: PricedEvent) -> list[Any]:
-    """One ledger row, in LEDGER_COLUMNS order."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def _row_ms(moment: datetime) -> int:
+    """An event's time in whole Unix milliseconds, in integers (as ``_row_time`` cuts it)."""
+    return (moment - _EPOCH) // _MILLISECOND
+
+
+def ledger_values(priced: PricedEvent, time: Callable[[datetime], Any] = _row_time) -> list[Any]:
+    """One ledger row, in LEDGER_COLUMNS order; ``time`` gives the time's form
+    (DateTime64 text; ``_row_ms`` for ``ledger_columns``)."""
     event, data = priced.event, priced.event.data
     upstream_cost = data.upstream_cost_usd
     return [
         event.id,
-        _row_time(event.time),
+        time(event.time),
         event.customer_id,
         data.api_key_id,
         data.tier,
@@ -219,6 +229,30 @@ def ledger_lines(batch: Sequence[PricedEvent]) -> str:
     return b"\n".join(lines).decode()
 
 
+# Columns read from a table of ``ledger_columns`` (chDB's Python() table
+# function, ``chdb_store``) and the expression that gives the ledger's type:
+# time in Unix milliseconds, money as the same exact text as above.
+_FROM_COLUMNS = {
+    "time": "fromUnixTimestamp64Milli(time, 'UTC')",
+    "cost_usd": "toDecimal128(cost_usd, 12)",
+    "upstream_cost_usd": "CAST(upstream_cost_usd AS Nullable(Decimal(38, 12)))",
+}
+
+
+def insert_from(source: str) -> str:
+    """INSERT of the ledger rows that ``source`` (a table function) reads, one
+    column per LEDGER_COLUMNS name as ``ledger_columns`` makes them."""
+    return (
+        f"INSERT INTO {EVENTS} ({', '.join(LEDGER_COLUMNS)})"
+        f" SELECT {', '.join(_FROM_COLUMNS.get(name, name) for name in LEDGER_COLUMNS)} FROM {source}"
+    )
+
+
+def ledger_columns(batch: Sequence[PricedEvent]) -> list[tuple[Any, ...]]:
+    """The rows of ``batch`` as columns, in LEDGER_COLUMNS order (for ``insert_from``)."""
+    return list(zip(*(ledger_values(priced, _row_ms) for priced in batch), strict=True))
+
+
 def usage_params(customer: str, period: str, calendar: BillingCalendar) -> dict[str, str]:
     """The bound parameters of USAGE: the period's UTC bounds, never a calendar month."""
     start, end = calendar.bounds(period)
@@ -259,9 +293,15 @@ def sql_string(value: str) -> str:
 def known_ids(customers: Sequence[str], ids: Sequence[str]) -> str:
     """The ids among ``ids`` the ledger holds, with the Kafka position of the
     delivery that wrote each (a primary-key lookup)."""
+    return known_ids_in(customers, ", ".join(map(sql_string, ids)))
+
+
+def known_ids_in(customers: Sequence[str], ids_source: str) -> str:
+    """``known_ids`` with the ids read from ``ids_source``: a list of literals,
+    or a subquery (chDB's ``Python()`` table function, see ``chdb_store``)."""
     return (
         f"SELECT id, any(kafka_partition) AS p, any(kafka_offset) AS o FROM {EVENTS} WHERE customer IN ({', '.join(map(sql_string, customers))})"
-        f" AND id IN ({', '.join(map(sql_string, ids))}) GROUP BY id"
+        f" AND id IN ({ids_source}) GROUP BY id"
     )
 
 

@@ -34,6 +34,10 @@ class HistoryStore(Protocol):
         """Write one row per event. Idempotent by event id: a retried batch
         never changes a total (the table is deduplicated by id)."""
 
+    def known_ids(self, customers: Sequence[str], ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Of ``ids`` (events of ``customers``), those the ledger holds, each
+        with the Kafka (partition, offset) its row was written from."""
+
     def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
         """Exact totals of the unique events of ``customer`` in billing ``period``."""
 
@@ -61,6 +65,9 @@ class AsyncHistory:
 
     async def insert_events(self, batch: Sequence[PricedEvent]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.insert_events, batch)
+
+    async def known_ids(self, customers: Sequence[str], ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.known_ids, customers, ids)
 
     async def usage(self, customer: str, period: str, calendar: BillingCalendar) -> UsageRow:
         return await asyncio.get_running_loop().run_in_executor(self._reader, self.store.usage, customer, period, calendar)
