@@ -55,10 +55,6 @@ def _first_line(exc: BaseException) -> str:
 
 _INSERT_ARROW = schema.insert_from("Python(_ledger_rows)")
 _ARROW_TYPES: dict[str, Any] = {}  # LEDGER_COLUMNS name -> Arrow type, filled on first use
-_STRINGS = {"id", "customer", "api_key_id", "tier", "route", "decision", "reason", "model_requested", "model_served",
-            "upstream", "cost_usd", "price_version", "upstream_cost_usd", "usage_source", "source", "end_user", "project"}
-_FLOATS = {"latency_ms", "ttft_ms"}
-_BOOLS = {"streamed", "late"}
 _UINT16_MAX = 65_535
 
 
@@ -67,10 +63,9 @@ def _arrow_types() -> dict[str, Any]:
         import pyarrow as pa  # noqa: PLC0415 - shipped with chDB
 
         for name in schema.LEDGER_COLUMNS:
-            _ARROW_TYPES[name] = (
-                pa.string() if name in _STRINGS else pa.float64() if name in _FLOATS else pa.bool_() if name in _BOOLS
-                else pa.map_(pa.string(), pa.string()) if name == "tags" else pa.int64()
-            )
+            _ARROW_TYPES[name] = {
+                "text": pa.string(), "float": pa.float64(), "bool": pa.bool_(), "map": pa.map_(pa.string(), pa.string()),
+            }.get(schema.column_kind(name), pa.int64())
     return _ARROW_TYPES
 
 

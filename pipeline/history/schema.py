@@ -239,6 +239,26 @@ _FROM_COLUMNS = {
 }
 
 
+# How ``ledger_columns`` carries each column that is not an integer (chdb_store
+# makes the Arrow types from these): the time goes as integer milliseconds and
+# money as text, read back by _FROM_COLUMNS above.
+_COLUMN_KINDS = {
+    **dict.fromkeys(("id", "customer", "api_key_id", "tier", "route", "decision", "reason", "model_requested",
+                     "model_served", "upstream", "cost_usd", "price_version", "upstream_cost_usd", "usage_source",
+                     "source", "end_user", "project"), "text"),
+    "latency_ms": "float",
+    "ttft_ms": "float",
+    "streamed": "bool",
+    "late": "bool",
+    "tags": "map",
+}
+
+
+def column_kind(name: str) -> str:
+    """``text``, ``float``, ``bool``, ``map`` or ``int``: the form of column ``name`` in ``ledger_columns``."""
+    return _COLUMN_KINDS.get(name, "int")
+
+
 def insert_from(source: str) -> str:
     """INSERT of the ledger rows that ``source`` (a table function) reads, one
     column per LEDGER_COLUMNS name as ``ledger_columns`` makes them."""
