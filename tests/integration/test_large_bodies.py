@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.integration.enforcement_helpers import ShimFactory, shim_factory  # noqa: F401
 from tests.integration.test_hostile_requests import CHAT, _chat, _post
+
+pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
 
 
 async def _loop_stall(shim: Any, body: bytes) -> tuple[float, int]:

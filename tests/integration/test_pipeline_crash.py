@@ -11,7 +11,11 @@ import random
 import signal
 import time
 
+import pytest
+
 from tests.integration.pipeline_helpers import FAST_REJOIN, Traffic, assert_exact, start_worker
+
+pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
 
 
 async def test_five_sigkills_while_events_flow_leave_every_total_exact(config_factory, cli_process) -> None:

@@ -15,11 +15,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
+import pytest
 import redis
 
 from gateway_shim.keystore import create_key
 from quotameter.tokens import count_prompt
 from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
 
 CLIENTS = 1000
 BURST_TIMEOUT_S = 45  # the whole burst, answers read to the end
