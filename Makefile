@@ -42,9 +42,11 @@ debian-deps:
 run: $(STAMP)
 	$(BIN)/quotameter up
 
-## Unit and integration tests against real services started by the fixtures.
+## Unit and integration tests against real services started by the fixtures: the
+## tests that load the whole machine run alone, after the rest (pyproject.toml).
 test: $(STAMP) debian-deps
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not whole_machine"
+	$(BIN)/pytest -m whole_machine -n 0
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

@@ -8,7 +8,6 @@ other's data while sharing one redis-server and one broker.
 from __future__ import annotations
 
 import copy
-import fcntl
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,19 +46,6 @@ def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
     proc.wait_port("127.0.0.1", port, timeout_s=30)
     yield f"127.0.0.1:{port}"
     proc.stop()
-
-
-@pytest.fixture
-def machine_to_itself(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """For tests that load the whole machine (a burst of a thousand clients,
-    SIGKILLs while traffic flows): they run one at a time across the suite's
-    xdist workers. Two of them side by side on two cores measure the machine's
-    starvation, not the product (the burst test's 2 s wait for a Redis
-    connection ran out only beside the chaos and crash tests)."""
-    shared = tmp_path_factory.getbasetemp().parent  # every xdist worker's base dir is inside it
-    with open(shared / "machine-to-itself.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from quotameter.config import load_config
 from tests.integration.pipeline_helpers import wait_for
 from tests.integration.stack_helpers import RunningStack, alive, descendants, stack_config, start_stack
 
-pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
+pytestmark = pytest.mark.whole_machine  # run alone by make test (pyproject.toml)
 
 CUSTOMERS = {"chaos-pro": "pro", "chaos-ent": "enterprise"}
 ROLES = {  # how each part's command line is recognised

@@ -23,7 +23,7 @@ from tests.integration import hostile_upstream as h
 from tests.integration.enforcement_helpers import Shim, ShimFactory, shim_factory  # noqa: F401
 from tests.integration.test_hostile_upstreams import EXPECT, _raw, _shim, events_of, hostile, inflight  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
+pytestmark = pytest.mark.whole_machine  # run alone by make test (pyproject.toml)
 
 # The leak check's mix: every quick misbehaviour alike, and a few of the slow
 # ones (10 MB answers, never-ending streams) in each run.

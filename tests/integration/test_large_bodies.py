@@ -16,7 +16,7 @@ import pytest
 from tests.integration.enforcement_helpers import ShimFactory, shim_factory  # noqa: F401
 from tests.integration.test_hostile_requests import CHAT, _chat, _post
 
-pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
+pytestmark = pytest.mark.whole_machine  # run alone by make test (pyproject.toml)
 
 
 async def _loop_stall(shim: Any, body: bytes) -> tuple[float, int]:

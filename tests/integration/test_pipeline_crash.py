@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.pipeline_helpers import FAST_REJOIN, Traffic, assert_exact, start_worker
 
-pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
+pytestmark = pytest.mark.whole_machine  # run alone by make test (pyproject.toml)
 
 
 async def test_five_sigkills_while_events_flow_leave_every_total_exact(config_factory, cli_process) -> None:

@@ -22,7 +22,7 @@ from gateway_shim.keystore import create_key
 from quotameter.tokens import count_prompt
 from tests.integration.enforcement_helpers import MESSAGES, Shim, ShimFactory, shim_factory  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("machine_to_itself")  # tests/conftest.py
+pytestmark = pytest.mark.whole_machine  # run alone by make test (pyproject.toml)
 
 CLIENTS = 1000
 BURST_TIMEOUT_S = 45  # the whole burst, answers read to the end
