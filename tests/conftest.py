@@ -8,6 +8,7 @@ other's data while sharing one redis-server and one broker.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,10 +20,27 @@ import yaml
 
 from quotameter.config import DEFAULT_CONFIG, Config, load_config
 from quotameter.embedded.broker import broker_process
-from quotameter.embedded.procs import ManagedProcess, free_port
+from quotameter.embedded.procs import PORTS_ENV, ManagedProcess, free_port
 from quotameter.embedded.redis_server import redis_process
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _worker_ports() -> None:
+    """Each pytest-xdist worker takes its ports from a range of its own, below
+    the kernel's ephemeral range: tests pick ports seconds before their services
+    bind them (a worker restarted on its port, a shim started after its config),
+    and from the shared range another worker could take one in between."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker is None or count is None:
+        return
+    low, high = 10_000, 32_000  # 32768 is where Linux's ephemeral range starts
+    span = (high - low) // int(count)
+    index = int(worker.removeprefix("gw"))
+    os.environ[PORTS_ENV] = f"{low + index * span}-{low + (index + 1) * span - 1}"
+
+
+_worker_ports()
 
 
 @pytest.fixture(scope="session")

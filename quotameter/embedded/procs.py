@@ -13,10 +13,45 @@ from pathlib import Path
 from quotameter.errors import ServiceError
 
 
+PORTS_ENV = "QUOTAMETER_PORTS"  # "LO-HI": the range free_port() takes its ports from
+_next_port: int | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, for a service started a little later.
+
+    By default the kernel's pick (bind to port 0), from the ephemeral range.
+    With ``QUOTAMETER_PORTS=LO-HI``, the next free port of that range, never
+    one this process handed out before, until the range wraps. Processes that
+    each pick ports ahead of starting their services (the suite's parallel
+    workers, each with its own range) then cannot pick the same one: from the
+    kernel's shared range they can, in the time between the pick and the bind,
+    and the loser's health check then reaches the winner's service.
+    """
+    span = os.environ.get(PORTS_ENV)
+    if not span:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    try:
+        low, high = (int(end) for end in span.split("-"))
+    except ValueError:
+        raise ServiceError(f"{PORTS_ENV}={span!r}: expected LO-HI, e.g. 20000-26999") from None
+    if not 0 < low <= high < 65536:
+        raise ServiceError(f"{PORTS_ENV}={span!r}: expected 0 < LO <= HI < 65536")
+    global _next_port
+    if _next_port is None or not low <= _next_port <= high:
+        # A child given the same range (a bench script a test runs) starts elsewhere in it.
+        _next_port = low + os.getpid() % (high - low + 1)
+    for _ in range(high - low + 1):
+        port, _next_port = _next_port, low if _next_port == high else _next_port + 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: listened on, or still held by a closed connection
+            return port
+    raise ServiceError(f"{PORTS_ENV}={span}: no free port in the range")
 
 
 def port_open(host: str, port: int) -> bool:
