@@ -114,7 +114,8 @@ async def test_stopped_worker_leaves_the_ledger_readable_and_a_restart_finds_it(
     worker = start_worker(cli_process, config, path, "worker-2")
     assert subset(worker_usage(config, "acme")) == ACME_TOTALS
     await produce(config, [make_event("acme-4", "acme", input_tokens=10, output_tokens=5)])
-    usage = wait_for(ledger_has(config, "acme", 4), what="the new event in the ledger")
+    # Its partitions may come only once worker-1's session has expired: up to 10 s more.
+    usage = wait_for(ledger_has(config, "acme", 4), timeout_s=45, what="the new event in the ledger")
     assert (usage["requests"], usage["input_tokens"], usage["cost_usd"]) == (3, 3010, "0.000625500000")
     # Redis continues from the recovered tables: exactly the ledger's totals.
     client = redis.Redis.from_url(config.services.redis_url, decode_responses=True)
