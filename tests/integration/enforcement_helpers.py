@@ -7,8 +7,8 @@ where a test needs a customer's state without running a worker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -40,6 +40,9 @@ class Shim:
     config: Config
     process: ManagedProcess
     config_path: Path
+    # The clients handed out, closed at the test's end while the event loop still
+    # runs: one left to the collector warns of its sockets at whatever runs then.
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -61,7 +64,9 @@ class Shim:
             client.close()
 
     def client(self, key: str, timeout: float = 20) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
+        self.clients.append(client)
+        return client
 
     def period(self) -> str:
         return self.config.billing.calendar.current(datetime.now(UTC))
@@ -98,7 +103,9 @@ ShimFactory = Callable[..., Awaitable[Shim]]
 
 
 @pytest.fixture
-def shim_factory(config_factory, cli_process) -> ShimFactory:
+async def shim_factory(config_factory, cli_process) -> AsyncIterator[ShimFactory]:
+    shims: list[Shim] = []
+
     async def start(tiers: dict[str, Any], token_delay_ms: float = 0, **overrides: Any) -> Shim:
         mock_port = free_port()
         mock = cli_process("mock", "mock-llm", "--port", str(mock_port), "--token-delay-ms", str(token_delay_ms))
@@ -108,9 +115,12 @@ def shim_factory(config_factory, cli_process) -> ShimFactory:
         process = cli_process("shim", "proxy", config_path=path)
         await asyncio.to_thread(mock.wait_port, "127.0.0.1", mock_port)
         await asyncio.to_thread(process.wait_port, config.shim.host, config.shim.port)
-        return Shim(config, process, path)
+        shims.append(Shim(config, process, path))
+        return shims[-1]
 
-    return start
+    yield start
+    for client in (client for shim in shims for client in shim.clients):
+        await client.close()
 
 
 async def until_a_slot_is_free(client: openai.AsyncOpenAI, timeout_s: float = 5.0) -> None:
