@@ -5,9 +5,10 @@ clients send chat completions, JSON and streamed, for two customers on tiers
 with real limits, billed in periods that start on the 15th in Auckland. One after another, each part of the stack is SIGKILLed
 (the shim, the worker, the broker, Redis, the mock model) and the stack's
 supervisor restarts it; then the whole process tree is SIGKILLed at once and
-``quotameter up`` is started again on the same data directory. At the end,
-for every customer, the ledger's raw rows, Redis's period totals and the
-billing export equal what the clients were served, to the token.
+``quotameter up`` is started again on the same data directory. In a second
+test, Ctrl-C stops ``quotameter up`` in the middle of the same traffic and it
+is started again. At the end, for every customer, the ledger's raw rows and
+Redis's period totals equal what the clients were served, to the token.
 
 What a client was served: a JSON answer with its usage, a stream that ended
 with its usage chunk, or a stream the upstream cut (the mock was killed),
@@ -41,7 +42,7 @@ import openai
 import pytest
 import yaml
 
-from quotameter.config import load_config
+from quotameter.config import Config, load_config
 from tests.integration.pipeline_helpers import wait_for
 from tests.integration.stack_helpers import RunningStack, alive, descendants, stack_config, start_stack
 
@@ -214,31 +215,99 @@ def _answers_that_differ(served: Counter[tuple[int, int, bool]], billed: Counter
             f"billed, not served: { {(*k, sources.get(k)): n for k, n in (plain - served).items()} }")
 
 
-def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(tmp_path: Path) -> None:
-    config_path = stack_config(tmp_path)
+def _billed_as_served(config: Config, config_path: Path, clients: list[Client], served: dict[str, Ledger],
+                      shim_deaths: int) -> None:
+    """Once the shim's spool is empty: for each customer the ledger's rows, Redis's
+    period totals and what the clients were served agree, to the token, but for
+    at most one answer per shim death (``_cut_at_the_shims_death``)."""
+    # Every spooled event reaches the ledger; then the three views must agree.
+    health = wait_for(
+        lambda: (h := _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz")).get("events", {})
+        .get("spool", {}).get("depth") == 0 and h, 90, "the shim's spool to drain into the ledger",
+    )
+    expected = {c: {"ok": s.requests, "ok_input": s.input_tokens, "ok_output": s.output_tokens} for c, s in served.items()}
+    prompt = {c: next(k.prompt_tokens for k in clients if k.served is served[c] and k.prompt_tokens) for c in CUSTOMERS}
+    broken = {c: sorted(mt for k in clients if k.served is served[c] for mt in k.broken) for c in CUSTOMERS}
+    deadline = time.monotonic() + 30  # for the ledger to hold every served request; the checks below say what lacks
+    while time.monotonic() < deadline and not all(
+            _ledger_rows(config.services.worker_url).get(c, {}).get("ok", 0) >= e["ok"] for c, e in expected.items()):
+        time.sleep(0.2)
+    time.sleep(2)  # anything more would be a duplicate or an unserved request: let it land, then look
+    ledger = _ledger_rows(config.services.worker_url)
+    for customer, seen in served.items():
+        print(f"{customer}: served {seen.requests} requests ({dict(seen.outcomes)}), "
+              f"{seen.input_tokens} input / {seen.output_tokens} output tokens; ledger {ledger.get(customer)}")
+    print(f"spool: {health['events']}")
+    billed = {}  # what Redis must hold: the ledger's totals
+    for customer, want in expected.items():
+        rows = ledger[customer]
+        assert rows["rows"] == rows["ids"], f"{customer}: duplicate rows in the ledger: {rows}"
+        assert rows["unserved_tokens"] == 0, f"{customer}: tokens billed on refused or failed requests: {rows}"
+        assert sum(seen for how, seen in served[customer].outcomes.items() if how != "failed") == want["ok"]
+        extra = {k: rows[k] - want[k] for k in want}
+        assert _cut_at_the_shims_death(extra, prompt[customer], broken[customer], shim_deaths), (
+            f"{customer}: ledger {rows} != served {want}; answers cut by a broken connection: {broken[customer]}; "
+            + _answers_that_differ(served[customer].answers, _billed_answers(config.services.worker_url, customer)))
+        if extra["ok"]:
+            print(f"{customer}: {extra['ok']} answer(s) billed as the shim died sending their end: {extra}")
+        billed[customer] = rows
+
+    # Redis's period totals, as `quotameter usage` shows them beside the ledger's.
+    for customer, want in expected.items():
+        report = wait_for(lambda: (r := json.loads(_cli(config_path, "usage", "--customer", customer, "--json")))["in_sync"] and r,
+                       30, f"{customer}'s quota state to match the ledger")
+        redis_side = report["redis"]
+        assert (int(redis_side["input_tokens"]), int(redis_side["output_tokens"])) == (
+            billed[customer]["ok_input"], billed[customer]["ok_output"]), report
+
+
+def _chaos_config(directory: Path) -> tuple[Path, Config]:
+    config_path = stack_config(directory)
     document = yaml.safe_load(config_path.read_text())
     document["shim"]["redeliver_after_ms"] = 3000
     document["pipeline"] = {**document.get("pipeline", {}), "session_timeout_s": 4}
     # Billing periods as a user in New Zealand with mid-month invoices has them.
     document["billing"] = {**document.get("billing", {}), "timezone": "Pacific/Auckland", "anchor_day": 15}
     config_path.write_text(yaml.safe_dump(document, sort_keys=False))
-    config = load_config(config_path)
+    return config_path, load_config(config_path)
+
+
+def _start_clients(stack: RunningStack, config_path: Path, served: dict[str, Ledger]) -> list[Client]:
+    """Two clients per customer, one of them streaming, sending until stopped."""
+    base_url = stack.wait_for(r"quotameter ready on (http://\S+/v1)").group(1)
+    stack.wait_for(r"Ctrl-C stops everything")
+    keys = {c: _cli(config_path, "keys", "create", "--customer", c, "--tier", tier).strip() for c, tier in CUSTOMERS.items()}
+    time.sleep(1.5)  # Redis's append-only file is synced every second: the keys survive its SIGKILL
+    lock = threading.Lock()
+    clients = [Client(base_url, keys[customer], served[customer], lock, stream=n in (1, 2), n=n)
+               for n, customer in enumerate(list(CUSTOMERS) * 2)]
+    for client in clients:
+        client.start()
+    return clients
+
+
+def _stop(stack: RunningStack, clients: list[Client]) -> None:
+    for client in clients:
+        client.stop.set()
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGINT)
+        try:
+            stack.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            for pid in [stack.proc.pid, *descendants(stack.proc.pid)]:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(tmp_path: Path) -> None:
+    config_path, config = _chaos_config(tmp_path)
     data_dir = tmp_path / "var"
     began = time.monotonic()
 
     stack = start_stack(config_path, data_dir)
     clients: list[Client] = []
     served = {customer: Ledger() for customer in CUSTOMERS}
-    lock = threading.Lock()
     try:
-        base_url = stack.wait_for(r"quotameter ready on (http://\S+/v1)").group(1)
-        stack.wait_for(r"Ctrl-C stops everything")
-        keys = {c: _cli(config_path, "keys", "create", "--customer", c, "--tier", tier).strip() for c, tier in CUSTOMERS.items()}
-        time.sleep(1.5)  # Redis's append-only file is synced every second: the keys survive its SIGKILL
-        for n, customer in enumerate(list(CUSTOMERS) * 2):
-            clients.append(Client(base_url, keys[customer], served[customer], lock, stream=n in (1, 2), n=n))
-        for client in clients:
-            client.start()
+        clients = _start_clients(stack, config_path, served)
 
         for role in KILL_ORDER:
             time.sleep(3)
@@ -270,53 +339,40 @@ def test_sigkill_of_each_part_then_of_everything_bills_every_served_token_once(t
         for client in clients:
             client.join(30)
 
-        # Every spooled event reaches the ledger; then the three views must agree.
-        health = wait_for(
-            lambda: (h := _get_json(f"http://{config.shim.host}:{config.shim.port}/healthz")).get("events", {})
-            .get("spool", {}).get("depth") == 0 and h, 90, "the shim's spool to drain into the ledger",
-        )
-        expected = {c: {"ok": s.requests, "ok_input": s.input_tokens, "ok_output": s.output_tokens} for c, s in served.items()}
-        prompt = {c: next(k.prompt_tokens for k in clients if k.served is served[c] and k.prompt_tokens) for c in CUSTOMERS}
-        broken = {c: sorted(mt for k in clients if k.served is served[c] for mt in k.broken) for c in CUSTOMERS}
-        deadline = time.monotonic() + 30  # for the ledger to hold every served request; the checks below say what lacks
-        while time.monotonic() < deadline and not all(
-                _ledger_rows(config.services.worker_url).get(c, {}).get("ok", 0) >= e["ok"] for c, e in expected.items()):
-            time.sleep(0.2)
-        time.sleep(2)  # anything more would be a duplicate or an unserved request: let it land, then look
-        ledger = _ledger_rows(config.services.worker_url)
-        for customer, seen in served.items():
-            print(f"{customer}: served {seen.requests} requests ({dict(seen.outcomes)}), "
-                  f"{seen.input_tokens} input / {seen.output_tokens} output tokens; ledger {ledger.get(customer)}")
-        print(f"spool: {health['events']}")
-        billed = {}  # what Redis must hold: the ledger's totals
-        for customer, want in expected.items():
-            rows = ledger[customer]
-            assert rows["rows"] == rows["ids"], f"{customer}: duplicate rows in the ledger: {rows}"
-            assert rows["unserved_tokens"] == 0, f"{customer}: tokens billed on refused or failed requests: {rows}"
-            assert sum(seen for how, seen in served[customer].outcomes.items() if how != "failed") == want["ok"]
-            extra = {k: rows[k] - want[k] for k in want}
-            assert _cut_at_the_shims_death(extra, prompt[customer], broken[customer], SHIM_DEATHS), (
-                f"{customer}: ledger {rows} != served {want}; answers cut by a broken connection: {broken[customer]}; "
-                + _answers_that_differ(served[customer].answers, _billed_answers(config.services.worker_url, customer)))
-            if extra["ok"]:
-                print(f"{customer}: {extra['ok']} answer(s) billed as the shim died sending their end: {extra}")
-            billed[customer] = rows
-
-        # Redis's period totals, as `quotameter usage` shows them beside the ledger's.
-        for customer, want in expected.items():
-            report = wait_for(lambda: (r := json.loads(_cli(config_path, "usage", "--customer", customer, "--json")))["in_sync"] and r,
-                           30, f"{customer}'s quota state to match the ledger")
-            redis_side = report["redis"]
-            assert (int(redis_side["input_tokens"]), int(redis_side["output_tokens"])) == (
-                billed[customer]["ok_input"], billed[customer]["ok_output"]), report
+        _billed_as_served(config, config_path, clients, served, SHIM_DEATHS)
         print(f"exact after 5 single kills and one of the whole tree; {time.monotonic() - began:.0f}s")
     finally:
+        _stop(stack, clients)
+
+
+def test_ctrl_c_in_the_middle_of_traffic_then_a_restart_bills_every_served_token_once(tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it, to ``quotameter up`` while clients send;
+    then ``up`` again on the same data directory. A stop that is asked for
+    finishes what it answers: nothing served is lost, nothing unserved billed."""
+    config_path, config = _chaos_config(tmp_path)
+    data_dir = tmp_path / "var"
+    stack = start_stack(config_path, data_dir)
+    clients: list[Client] = []
+    served = {customer: Ledger() for customer in CUSTOMERS}
+    try:
+        clients = _start_clients(stack, config_path, served)
+        time.sleep(4)
+        before = sum(s.requests for s in served.values())
+        stack.proc.send_signal(signal.SIGINT)
+        assert stack.proc.wait(90) == 0, stack.output
+        stack.wait_for("quotameter: stopped everything")
+        assert before > 0, "nothing was served before Ctrl-C"
+        stack = start_stack(config_path, data_dir)
+        stack.wait_for(r"quotameter ready on ")
+        time.sleep(4)  # the same clients, on the stack again
         for client in clients:
             client.stop.set()
-        if stack.proc.poll() is None:
-            stack.proc.send_signal(signal.SIGINT)
-            try:
-                stack.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                for pid in [stack.proc.pid, *descendants(stack.proc.pid)]:
-                    os.kill(pid, signal.SIGKILL)
+        for client in clients:
+            client.join(30)
+        after = sum(s.requests for s in served.values())
+        assert after > before, "no request was served after the restart"
+        print(f"served {before} before Ctrl-C, {after - before} after; "
+              f"failed meanwhile: {sum(s.outcomes['failed'] for s in served.values())}")
+        _billed_as_served(config, config_path, clients, served, shim_deaths=0)
+    finally:
+        _stop(stack, clients)
