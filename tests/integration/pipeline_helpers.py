@@ -110,7 +110,10 @@ def start_worker(cli_process: Callable[..., ManagedProcess], config: Config, pat
     return proc
 
 
-def wait_for(check: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
+def wait_for(check: Callable[[], Any], timeout_s: float = 45.0, what: str = "condition") -> Any:
+    """``check()``'s first truthy value, asked every 0.1 s. The default is
+    generous: a check that passes returns at once, and beside the suite's other
+    workers on two cores an event can take well over 15 s to reach the ledger."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
