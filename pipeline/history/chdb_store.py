@@ -15,6 +15,7 @@ written last are then recomputed from the ledger before anything else runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Sequence
@@ -54,19 +55,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 _INSERT_ARROW = schema.insert_from("Python(_ledger_rows)")
-_ARROW_TYPES: dict[str, Any] = {}  # LEDGER_COLUMNS name -> Arrow type, filled on first use
 _UINT16_MAX = 65_535
 
 
+@functools.cache
 def _arrow_types() -> dict[str, Any]:
-    if not _ARROW_TYPES:
-        import pyarrow as pa  # noqa: PLC0415 - shipped with chDB
+    """LEDGER_COLUMNS name -> the Arrow type of its column (``schema.column_kind``)."""
+    import pyarrow as pa  # noqa: PLC0415 - shipped with chDB
 
-        for name in schema.LEDGER_COLUMNS:
-            _ARROW_TYPES[name] = {
-                "text": pa.string(), "float": pa.float64(), "bool": pa.bool_(), "map": pa.map_(pa.string(), pa.string()),
-            }.get(schema.column_kind(name), pa.int64())
-    return _ARROW_TYPES
+    kinds = {"text": pa.string(), "float": pa.float64(), "bool": pa.bool_(), "map": pa.map_(pa.string(), pa.string())}
+    return {name: kinds.get(schema.column_kind(name), pa.int64()) for name in schema.LEDGER_COLUMNS}
 
 
 def _arrow_rows(batch: Sequence[PricedEvent]) -> Any:
